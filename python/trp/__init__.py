@@ -1,0 +1,4 @@
+"""Trained Rank Pruning for PyTorch."""
+from . import models
+
+__all__ = ["models"]

@@ -1,0 +1,26 @@
+"""Low-level ops of the TRP library: the batched low-rank projection and fused factorized convolutions.
+
+Each op is a torch.library custom op with a fake kernel; its kernels are the C++/CUDA ones of the compiled
+extension trp_kernels._C, Triton kernels, and the PyTorch reference (trp_kernels.reference), which is
+also the fallback when nothing was compiled."""
+from . import _extension, conv, project, reference
+from .conv import factorized_conv_channel, factorized_conv_spatial
+from .project import lowrank_project
+
+__all__ = ["lowrank_project", "factorized_conv_channel", "factorized_conv_spatial", "backend_info",
+           "reference"]
+
+
+def backend_info():
+    """Which backends were built and which one each op uses on CPU and CUDA tensors."""
+    import torch
+
+    return {
+        "extension_loaded": _extension.load(),
+        "extension_error": _extension.error(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "lowrank_project": project.backend_info(),
+        "factorized_conv": conv.backend_info(),
+    }
