@@ -1,0 +1,44 @@
+"""Helpers shared by the fused-conv Triton kernels: interpreter detection, tile-size arithmetic and
+autotune config pruning."""
+import os
+
+import torch
+
+# Tensor-core friendly minimum for tl.dot operands on Ampere/Hopper (M, N, K >= 16).
+MIN_DOT = 16
+# Largest padded rank the kernels keep on chip; beyond it the [pixels x r] accumulator no longer fits
+# in registers at a useful tile size, and two convolutions are the better plan anyway.
+MAX_RANK_PAD = {"channel": 256, "spatial": 128}
+# fp32 registers one program may hold in an accumulator (8 warps x 32 threads x 64 registers).
+MAX_ACC = 16384
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting():
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(v):
+    v = int(v)
+    return 1 if v <= 1 else 1 << (v - 1).bit_length()
+
+
+def rank_pad(r):
+    return max(MIN_DOT, next_pow2(r))
+
+
+def out_size(size, k, s, p_lo, p_hi, d):
+    return (size + p_lo + p_hi - d * (k - 1) - 1) // s + 1
+
+
+def precision(dtype):
+    # fp32 stays IEEE (no TF32) so that results match the two fp32 convolutions to rounding (1e-5 rel).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def named(named_args, kwargs):
+    d = dict(named_args)
+    d.update(kwargs)
+    return d

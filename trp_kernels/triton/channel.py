@@ -1,0 +1,144 @@
+"""Fused channel-bottleneck convolution: conv(kh x kw, c -> r) then conv(1 x 1, r -> n), one launch.
+
+Design (back-to-back GEMM): a program owns BLOCK_M output pixels (flattened over batch, rows, columns).
+GEMM 1 is an implicit-GEMM convolution: for every tap (i, j) and every block of BLOCK_C input channels it
+gathers the [BLOCK_M x BLOCK_C] input patch (zero outside the padded image) and multiplies it by the
+[BLOCK_C x R_PAD] slice of c_weight, accumulating the [BLOCK_M x R_PAD] rank-r intermediate in fp32
+registers. The intermediate is rounded to the input dtype (as the two-conv path stores it) and GEMM 2
+multiplies it by [R_PAD x BLOCK_N] blocks of p_weight, looping over all output channels inside the
+program, so the intermediate is computed once and never written to memory. Tensors are addressed through
+their strides, so NCHW and channels_last input/output need no copies; weights are read in place (no
+per-call packing kernels, which would cost launches at batch 1)."""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (MAX_ACC, interpreting, named, precision, rank_pad)
+
+
+@triton.jit
+def _channel_kernel(
+    X, W1, W2, B, Y,
+    C, H, W, R, NOUT, OH, OW, M,
+    sxn, sxc, sxh, sxw,
+    s1r, s1c, s1h, s1w,
+    s2o, s2r,
+    syn, syc, syh, syw,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    ow = offs_m % OW
+    tmp = offs_m // OW
+    oh = tmp % OH
+    n = tmp // OH
+    ih0 = oh * STRIDE_H - PAD_T
+    iw0 = ow * STRIDE_W - PAD_L
+    # batch offset in int64: a batch of large images can exceed 2**31 elements
+    x_img = X + n.to(tl.int64) * sxn
+
+    offs_r = tl.arange(0, R_PAD)
+    r_ok = offs_r < R
+    offs_c = tl.arange(0, BLOCK_C)
+
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        ih = ih0 + i * DIL_H
+        h_ok = m_ok & (ih >= 0) & (ih < H)
+        for j in tl.static_range(KW):
+            iw = iw0 + j * DIL_W
+            ok = h_ok & (iw >= 0) & (iw < W)
+            pix = x_img + ih * sxh + iw * sxw
+            w_tap = W1 + i * s1h + j * s1w
+            for c0 in range(0, C, BLOCK_C):
+                cc = c0 + offs_c
+                c_ok = cc < C
+                xt = tl.load(pix[:, None] + cc[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                wt = tl.load(w_tap + cc[:, None] * s1c + offs_r[None, :] * s1r,
+                             mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+
+    # round like the stored intermediate of the two-conv path; low precision also feeds the tensor cores
+    mid = acc.to(Y.dtype.element_ty)
+    y_pix = Y + n.to(tl.int64) * syn + oh * syh + ow * syw
+    for o0 in range(0, NOUT, BLOCK_N):
+        oo = o0 + tl.arange(0, BLOCK_N)
+        o_ok = oo < NOUT
+        w2 = tl.load(W2 + offs_r[:, None] * s2r + oo[None, :] * s2o,
+                     mask=r_ok[:, None] & o_ok[None, :], other=0.0)
+        out = tl.dot(mid, w2, input_precision=PRECISION)
+        if HAS_BIAS:
+            out += tl.load(B + oo, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_pix[:, None] + oo[None, :] * syc, out.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & o_ok[None, :])
+
+
+def _prune(configs, named_args, **kwargs):
+    a = named(named_args, kwargs)
+    r_pad, c, nout, m = a["R_PAD"], a["C"], a["NOUT"], a["M"]
+    keep = []
+    for cfg in configs:
+        k = cfg.kwargs
+        if k["BLOCK_M"] * r_pad > MAX_ACC or k["BLOCK_M"] * k["BLOCK_N"] > MAX_ACC:
+            continue
+        if k["BLOCK_C"] > max(16, triton.next_power_of_2(c)) or k["BLOCK_N"] > max(16, triton.next_power_of_2(nout)):
+            continue
+        if k["BLOCK_M"] > max(32, triton.next_power_of_2(m)):
+            continue
+        keep.append(cfg)
+    return keep or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"])]
+
+
+def _gpu_configs():
+    # A short list (autotuning compiles each one per shape): tiles for small CIFAR layers up to the wide
+    # ResNet-50 ones; _prune drops those whose accumulators exceed the register budget for the rank.
+    shapes = [(32, 16, 16, 4, 2), (32, 32, 32, 4, 3), (32, 64, 64, 4, 3), (64, 16, 32, 4, 3),
+              (64, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3), (128, 32, 64, 8, 3),
+              (128, 64, 64, 8, 3), (128, 32, 128, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_N": bn}, num_warps=wp, num_stages=st)
+            for bm, bc, bn, wp, st in shapes]
+
+
+_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
+                 "KH", "KW", "syc"]
+_tuned = None
+
+
+def _kernel():
+    """Autotuned kernel on the GPU; under the interpreter a single small config (autotuning there would
+    run every config serially on the CPU)."""
+    global _tuned
+    if interpreting():
+        return _channel_kernel, {"BLOCK_M": 64, "BLOCK_C": 16, "BLOCK_N": 16}
+    if _tuned is None:
+        _tuned = triton.autotune(configs=_gpu_configs(), key=_AUTOTUNE_KEY,
+                                 prune_configs_by={"early_config_prune": _prune})(_channel_kernel)
+    return _tuned, {}
+
+
+def factorized_conv_channel(x, c_weight, p_weight, bias, stride, padding, dilation):
+    nb, c, h, w = x.shape
+    r, _, kh, kw = c_weight.shape
+    nout = p_weight.shape[0]
+    oh = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+    y = torch.empty((nb, nout, oh, ow), device=x.device, dtype=x.dtype, memory_format=fmt)
+    m = nb * oh * ow
+    if y.numel() == 0:
+        return y
+    kernel, fixed = _kernel()
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    kernel[grid](
+        x, c_weight, p_weight, bias if bias is not None else y, y,
+        c, h, w, r, nout, oh, ow, m,
+        *x.stride(), *c_weight.stride(), p_weight.stride(0), p_weight.stride(1), *y.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, R_PAD=rank_pad(r), PRECISION=precision(x.dtype),
+        **fixed)
+    return y

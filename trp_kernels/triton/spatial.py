@@ -1,0 +1,181 @@
+"""Fused spatial-separable convolution: conv(kh x 1, c -> r) then conv(1 x kw, r -> n), one launch.
+
+Design: a program owns ROWS output rows (flattened over batch and output rows) x OUT_W output columns.
+GEMM 1 (the vertical conv) computes the intermediate for those rows over SPAN consecutive intermediate
+columns: every column the tile's horizontal taps touch, i.e. the tile plus its horizontal halo
+((kw - 1) * dilation columns, stride included). When a whole row fits (the common case: CIFAR and
+ResNet-50 widths) the span is the image row itself, so padding columns, which are zero in the
+intermediate, are never computed. GEMM 2 (the horizontal conv) then, for every tap j, picks the
+intermediate column each output pixel needs with an on-chip tl.gather of the [ROWS*SPAN x R_PAD]
+intermediate and multiplies it by the [R_PAD x BLOCK_N] slice of h_weight. Nothing but the output is
+written. Strides of x and y are honoured, so NCHW and channels_last work without copies."""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import MAX_ACC, interpreting, named, next_pow2, precision, rank_pad
+
+# A row whose padded width exceeds this is split into column tiles with a halo.
+MAX_SINGLE_SPAN = 128
+
+
+@triton.jit
+def _spatial_kernel(
+    X, WV, WH, B, Y,
+    C, H, W, R, NOUT, OH, OW, NROWS, VALID_W,
+    sxn, sxc, sxh, sxw,
+    svr, svc, svh,
+    sho, shr, shw,
+    syn, syc, syh, syw,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr, SPAN: tl.constexpr, OUT_W: tl.constexpr, SINGLE: tl.constexpr,
+    M_TARGET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    ROWS: tl.constexpr = (M_TARGET + OUT_W - 1) // OUT_W  # >= 1 even for a row wider than M_TARGET
+    pid_row = tl.program_id(0)
+    pid_col = tl.program_id(1)
+    ow0 = pid_col * VALID_W
+    if SINGLE:
+        cs = 0
+    else:
+        cs = ow0 * STRIDE_W - PAD_L
+
+    # ---- GEMM 1: vertical conv over ROWS x SPAN intermediate positions
+    m1 = tl.arange(0, ROWS * SPAN)
+    row1 = pid_row * ROWS + m1 // SPAN
+    col1 = cs + m1 % SPAN
+    ok1 = (row1 < NROWS) & (col1 >= 0) & (col1 < W)
+    oh1 = row1 % OH
+    x_col = X + (row1 // OH).to(tl.int64) * sxn + col1 * sxw
+    offs_r = tl.arange(0, R_PAD)
+    r_ok = offs_r < R
+    offs_c = tl.arange(0, BLOCK_C)
+    acc1 = tl.zeros((ROWS * SPAN, R_PAD), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        ih = oh1 * STRIDE_H - PAD_T + i * DIL_H
+        ok = ok1 & (ih >= 0) & (ih < H)
+        pix = x_col + ih * sxh
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + offs_c
+            c_ok = cc < C
+            xt = tl.load(pix[:, None] + cc[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wt = tl.load(WV + i * svh + cc[:, None] * svc + offs_r[None, :] * svr,
+                         mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+            acc1 = tl.dot(xt, wt, acc1, input_precision=PRECISION)
+    mid = acc1.to(Y.dtype.element_ty)
+
+    # ---- GEMM 2: horizontal conv, taps gathered from the on-chip intermediate
+    m2 = tl.arange(0, ROWS * OUT_W)
+    rl2 = m2 // OUT_W
+    wl2 = m2 % OUT_W
+    row2 = pid_row * ROWS + rl2
+    ow = ow0 + wl2
+    ok2 = (row2 < NROWS) & (wl2 < VALID_W) & (ow < OW)
+    y_pix = Y + (row2 // OH).to(tl.int64) * syn + (row2 % OH) * syh + ow * syw
+    for o0 in range(0, NOUT, BLOCK_N):
+        oo = o0 + tl.arange(0, BLOCK_N)
+        o_ok = oo < NOUT
+        acc2 = tl.zeros((ROWS * OUT_W, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(KW):
+            col = ow * STRIDE_W - PAD_L + j * DIL_W
+            # columns outside the image are the conv's zero padding of the intermediate
+            valid = ok2 & (col >= 0) & (col < W)
+            idx = rl2 * SPAN + tl.where(valid, col - cs, 0)
+            g = tl.gather(mid, tl.broadcast_to(idx[:, None], (ROWS * OUT_W, R_PAD)), 0)
+            g = tl.where(valid[:, None], g, tl.zeros_like(g))
+            wt = tl.load(WH + j * shw + offs_r[:, None] * shr + oo[None, :] * sho,
+                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)
+            acc2 = tl.dot(g, wt, acc2, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc2 += tl.load(B + oo, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_pix[:, None] + oo[None, :] * syc, acc2.to(Y.dtype.element_ty),
+                 mask=ok2[:, None] & o_ok[None, :])
+
+
+def _prune(configs, named_args, **kwargs):
+    a = named(named_args, kwargs)
+    r_pad, span, out_w, c, nout = a["R_PAD"], a["SPAN"], a["OUT_W"], a["C"], a["NOUT"]
+    keep = []
+    for cfg in configs:
+        k = cfg.kwargs
+        rows = -(-k["M_TARGET"] // out_w)
+        if rows * span * r_pad > MAX_ACC or rows * out_w * k["BLOCK_N"] > MAX_ACC:
+            continue
+        if k["BLOCK_C"] > max(16, triton.next_power_of_2(c)) or k["BLOCK_N"] > max(16, triton.next_power_of_2(nout)):
+            continue
+        keep.append(cfg)
+    return keep or [min(configs, key=lambda cfg: cfg.kwargs["M_TARGET"] * cfg.kwargs["BLOCK_N"])]
+
+
+def _gpu_configs():
+    shapes = [(16, 16, 16, 4, 2), (32, 16, 32, 4, 2), (32, 32, 64, 4, 2), (64, 16, 32, 4, 2),
+              (64, 32, 64, 4, 2), (64, 64, 64, 4, 2), (128, 32, 64, 8, 2), (128, 32, 128, 8, 2),
+              (128, 64, 64, 8, 2)]
+    return [triton.Config({"M_TARGET": mt, "BLOCK_C": bc, "BLOCK_N": bn}, num_warps=wp, num_stages=st)
+            for mt, bc, bn, wp, st in shapes]
+
+
+_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "NROWS", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
+                 "KH", "KW", "SPAN", "OUT_W", "syc"]
+_tuned = None
+
+
+def _kernel(out_w):
+    global _tuned
+    if interpreting():
+        return _spatial_kernel, {"M_TARGET": max(32, out_w), "BLOCK_C": 16, "BLOCK_N": 16}
+    if _tuned is None:
+        _tuned = triton.autotune(configs=_gpu_configs(), key=_AUTOTUNE_KEY,
+                                 prune_configs_by={"early_config_prune": _prune})(_spatial_kernel)
+    return _tuned, {}
+
+
+def tile_plan(w, ow, kw, stride_w, dil_w, max_single_span=None, multi_span=None):
+    """(SPAN, OUT_W, VALID_W, SINGLE): intermediate columns computed per tile, output column slots, output
+    columns actually produced per tile, and whether one tile covers a whole row. max_single_span and
+    multi_span override the defaults (tests use them to exercise column tiles on tiny images)."""
+    max_single_span = MAX_SINGLE_SPAN if max_single_span is None else max_single_span
+    span = max(16, next_pow2(w))
+    if span <= max_single_span:
+        return span, next_pow2(ow), ow, True
+    halo = (kw - 1) * dil_w + 1
+    if multi_span is not None:
+        span = multi_span
+    else:
+        # the tile's halo wastes (halo - stride) / span of GEMM 1: keep spans >= 4x the halo
+        span = 64
+        while span < 4 * halo or (span - halo) // stride_w + 1 < 16:
+            span *= 2
+    valid = (span - halo) // stride_w + 1
+    if valid < 1:
+        raise ValueError(f"column tile of {span} too small for a {kw}-tap dilation-{dil_w} halo")
+    return span, next_pow2(valid), valid, False
+
+
+def factorized_conv_spatial(x, v_weight, h_weight, bias, stride, padding, dilation, max_single_span=None,
+                            multi_span=None):
+    nb, c, h, w = x.shape
+    r, _, kh, _ = v_weight.shape
+    nout, _, _, kw = h_weight.shape
+    oh = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+    y = torch.empty((nb, nout, oh, ow), device=x.device, dtype=x.dtype, memory_format=fmt)
+    if y.numel() == 0:
+        return y
+    span, out_w, valid_w, single = tile_plan(w, ow, kw, stride[1], dilation[1], max_single_span, multi_span)
+    nrows = nb * oh
+    kernel, fixed = _kernel(out_w)
+    grid = lambda meta: (triton.cdiv(nrows, triton.cdiv(meta["M_TARGET"], out_w)),  # noqa: E731
+                         triton.cdiv(ow, valid_w))
+    kernel[grid](
+        x, v_weight, h_weight, bias if bias is not None else y, y,
+        c, h, w, r, nout, oh, ow, nrows, valid_w,
+        *x.stride(), v_weight.stride(0), v_weight.stride(1), v_weight.stride(2),
+        h_weight.stride(0), h_weight.stride(1), h_weight.stride(3), *y.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, R_PAD=rank_pad(r), PRECISION=precision(x.dtype),
+        SPAN=span, OUT_W=out_w, SINGLE=single, **fixed)
+    return y
