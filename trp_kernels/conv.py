@@ -1,14 +1,25 @@
 """Factorized convolution ops: trp_kernels::factorized_conv_channel and factorized_conv_spatial.
 
 Each equals the two nn.functional.conv2d calls it replaces. Padding is (top, bottom, left, right) inside
-the op; the public functions also take an int or an (h, w) pair. Backward runs the two-convolution path."""
+the op; the public functions also take an int or an (h, w) pair. Backward runs the two-convolution path.
+
+Backends (env TRP_CONV_BACKEND, read at every call):
+- auto (default): CUDA tensors run the fused Triton kernel when it supports the call and, for that exact
+  call signature (shapes, strides, dtype, conv parameters), a one-time measurement in this process found it
+  faster than the two cuDNN convolutions; otherwise the two convolutions. CPU tensors: two convolutions
+  (oneDNN). While a CUDA graph is being captured nothing is measured: an unmeasured shape runs two convs.
+- triton: always the Triton kernel; on CPU tensors only under TRITON_INTERPRET=1, else RuntimeError.
+- torch: always the two convolutions (the reference)."""
+import os
+from typing import Optional
+
 import torch
 from torch import Tensor
-from typing import Optional
 
 from . import reference
 
 BACKEND_ENV = "TRP_CONV_BACKEND"
+BACKENDS = ("auto", "triton", "torch")
 
 
 def _pair(v, name):
@@ -53,8 +64,120 @@ def _check_common(name, x, w1, w2, bias, stride, dilation):
         raise ValueError(f"{name}: stride and dilation must be >= 1, got {stride}, {dilation}")
 
 
+def requested_backend():
+    """The TRP_CONV_BACKEND setting; ValueError for anything but auto, triton, torch."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    return choice
+
+
+_triton_state = {"module": None, "error": None, "tried": False}
+
+
+def _triton():
+    """trp_kernels.triton, imported on first use (None, with the error kept, when triton is missing)."""
+    if not _triton_state["tried"]:
+        _triton_state["tried"] = True
+        try:
+            from . import triton as mod
+            _triton_state["module"] = mod
+        except Exception as exc:  # triton absent or broken: the two-conv path still works
+            _triton_state["error"] = f"{type(exc).__name__}: {exc}"
+    return _triton_state["module"]
+
+
+_auto_choice = {}       # call signature -> "triton" | "torch", measured once per process
+_auto_timing = {}       # call signature -> (triton ms, torch ms) or the error that excluded Triton
+_last_backend = {"channel": None, "spatial": None}
+
+
+def _out_hw(kind, x, w1, w2, stride, padding, dilation):
+    kh = w1.shape[2]
+    kw = w1.shape[3] if kind == "channel" else w2.shape[3]
+    return (_out_size(x.shape[2], kh, stride[0], padding[0], padding[1], dilation[0]),
+            _out_size(x.shape[3], kw, stride[1], padding[2], padding[3], dilation[1]))
+
+
+def _signature(kind, x, w1, w2, bias, stride, padding, dilation):
+    return (kind, str(x.device), str(x.dtype), tuple(x.shape), tuple(x.stride()), tuple(w1.shape),
+            tuple(w2.shape), bias is not None, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _cuda_ms(fn, reps):
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / reps)
+    return best
+
+
+def _measure(kind, args, key):
+    """Time the fused kernel (its first call also autotunes it) against the two convolutions."""
+    tri = _triton()
+    fused = getattr(tri, f"factorized_conv_{kind}")
+    ref = getattr(reference, f"factorized_conv_{kind}")
+    try:
+        t_fused = _cuda_ms(lambda: fused(*args), 10)
+    except Exception as exc:  # a kernel that does not compile here must not break auto mode
+        _auto_timing[key] = f"triton failed: {type(exc).__name__}: {exc}"[:300]
+        return "torch"
+    t_ref = _cuda_ms(lambda: ref(*args), 10)
+    _auto_timing[key] = (round(t_fused, 4), round(t_ref, 4))
+    return "triton" if t_fused < t_ref else "torch"
+
+
+def choose_backend(kind, x, w1, w2, bias, stride, padding, dilation):
+    """"triton" or "torch" for this call under the current TRP_CONV_BACKEND (may measure, see module doc)."""
+    choice = requested_backend()
+    if choice == "torch":
+        return "torch"
+    out_hw = _out_hw(kind, x, w1, w2, stride, padding, dilation)
+    if choice == "triton":
+        tri = _triton()
+        if tri is None:
+            raise RuntimeError(f"{BACKEND_ENV}=triton but triton is unavailable: {_triton_state['error']}")
+        if x.device.type != "cuda" and not tri.interpreting():
+            raise RuntimeError(f"{BACKEND_ENV}=triton on {x.device.type} tensors needs TRITON_INTERPRET=1 "
+                               f"(set before triton is imported), or CUDA tensors")
+        if min(out_hw) <= 0:
+            return "torch"  # empty/invalid output: the reference raises the usual conv2d error
+        why = tri.supported(kind, x, w1, w2, bias, out_hw)
+        if why is not None:
+            raise RuntimeError(f"{BACKEND_ENV}=triton: factorized_conv_{kind} not supported here: {why}")
+        return "triton"
+    # auto (CPU tensors never import triton)
+    if x.device.type != "cuda" or min(out_hw) <= 0:
+        return "torch"
+    tri = _triton()
+    if tri is None:
+        return "torch"
+    if tri.supported(kind, x, w1, w2, bias, out_hw) is not None:
+        return "torch"
+    key = _signature(kind, x, w1, w2, bias, stride, padding, dilation)
+    hit = _auto_choice.get(key)
+    if hit is not None:
+        return hit
+    if torch.cuda.is_current_stream_capturing():
+        return "torch"  # cannot time (or autotune) inside a graph capture
+    hit = _auto_choice[key] = _measure(kind, (x, w1, w2, bias, stride, padding, dilation), key)
+    return hit
+
+
 def _run(kind, x, w1, w2, bias, stride, padding, dilation):
-    fn = reference.factorized_conv_channel if kind == "channel" else reference.factorized_conv_spatial
+    backend = choose_backend(kind, x, w1, w2, bias, stride, padding, dilation)
+    _last_backend[kind] = backend
+    if backend == "triton":
+        fn = getattr(_triton(), f"factorized_conv_{kind}")
+    else:
+        fn = getattr(reference, f"factorized_conv_{kind}")
     return fn(x, w1, w2, bias, stride, padding, dilation)
 
 
@@ -101,7 +224,7 @@ def _make_autograd(op, kind):
                   if t is not None else None
                   for t, need in zip((x, w1, w2, bias), ctx.needs_input_grad[:4])]
         with torch.enable_grad():
-            out = _run(kind, *leaves, *ctx.conv_args)
+            out = getattr(reference, f"factorized_conv_{kind}")(*leaves, *ctx.conv_args)
             wanted = [t for t in leaves if t is not None and t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else [])
         result = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
@@ -135,4 +258,31 @@ def factorized_conv_spatial(x, v_weight, h_weight, bias=None, stride=1, padding=
 
 
 def backend_info():
-    return {"cpu": "torch", "cuda": "torch" if torch.cuda.is_available() else None}
+    """What the factorized convs run: the setting, the plan per device, the last backend each op used and
+    the per-shape auto measurements (ms, fused vs two convolutions) of this process."""
+    try:
+        setting = requested_backend()
+    except ValueError as exc:
+        setting = f"invalid: {exc}"
+    tri = _triton()
+    interp = bool(tri is not None and tri.interpreting())
+    if setting == "triton":
+        cpu = "triton (interpreter)" if interp else "error: needs TRITON_INTERPRET=1"
+        cuda = "triton"
+    elif setting == "torch":
+        cpu, cuda = "torch (two convs)", "torch (two cuDNN convs)"
+    else:
+        cpu = "torch (two convs, oneDNN)"
+        cuda = ("auto: fused Triton where measured faster per shape, else two cuDNN convs"
+                if tri is not None else "torch (two cuDNN convs; triton unavailable)")
+    return {
+        "setting": setting,
+        "cpu": cpu,
+        "cuda": cuda if torch.cuda.is_available() else None,
+        "triton_available": tri is not None,
+        "triton_error": _triton_state["error"],
+        "triton_interpret": interp,
+        "last": dict(_last_backend),
+        "auto_choices": [{"signature": list(k), "backend": v, "ms_fused_vs_torch": _auto_timing.get(k)}
+                         for k, v in _auto_choice.items()],
+    }

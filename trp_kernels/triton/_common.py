@@ -15,9 +15,14 @@ MAX_ACC = 16384
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# triton.jit decides at decoration time (when this package is imported) whether kernels are interpreted
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting():
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when this package's kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1
+    was set when trp_kernels.triton was first imported)."""
+    return _INTERPRET
 
 
 def next_pow2(v):
