@@ -1,4 +1,20 @@
-"""Trained Rank Pruning for PyTorch."""
-from . import models
+"""Trained Rank Pruning for PyTorch (Xu et al., "Trained Rank Pruning for Efficient Deep Neural Networks").
 
-__all__ = ["models"]
+    pruner = trp.RankPruner(model, scheme="channel", energy=0.9, period=1, nuclear=3e-4)
+    ...  pruner.step() before each forward, pruner.regularize() after backward ...
+    compact = trp.decompose(model, scheme="channel", threshold=0.05)
+"""
+from . import models, modules, rank, schemes
+from .decompose import decompose, factorized_layers
+from .flops import count_flops, count_macs, count_params, macs_by_layer, measure_latency
+from .io import load, save
+from .modules import ChannelFactorizedConv2d, FactorizedLinear, SpatialFactorizedConv2d
+from .pruner import RankPruner
+from .report import Report, report
+from .schemes import SCHEMES
+from .selection import select_layers
+
+__all__ = ["models", "modules", "rank", "schemes", "SCHEMES", "RankPruner", "decompose", "factorized_layers",
+           "select_layers", "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "FactorizedLinear",
+           "save", "load", "count_macs", "count_flops", "count_params", "macs_by_layer", "measure_latency",
+           "report", "Report"]

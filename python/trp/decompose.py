@@ -1,0 +1,58 @@
+"""trp.decompose: a trained network -> a new network whose selected layers are factorized modules."""
+import copy
+
+import torch.nn as nn
+
+from . import rank as rank_rules
+from .modules import FACTORIZED, FactorizedLinear
+from .schemes import check_scheme
+from .selection import select_layers
+
+
+def dense_macs_per_output_pixel(module):
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features
+    kh, kw = module.kernel_size
+    return module.out_channels * module.in_channels * kh * kw // module.groups
+
+
+def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=None, rank=None):
+    """A deep copy of `model` whose selected layers are replaced by factorized modules (`model` is untouched).
+
+    scheme: "channel" or "spatial". Rank per layer by exactly one criterion: energy (fraction of squared
+    singular values kept, in (0, 1]), threshold (absolute singular-value cutoff, e.g. 0.05 after TRP
+    training) or rank (an int, or {layer name: int}). layers / exclude: as for RankPruner. A layer whose
+    factorized form would cost at least the dense multiply-adds stays dense. The SVD runs in float64 per
+    layer: deployment accuracy matters more than speed here."""
+    check_scheme(scheme)
+    kind, value = rank_rules.check_criterion(energy, threshold, rank)
+    selected = select_layers(model, scheme, layers, exclude)
+    if kind == "rank" and isinstance(value, dict):
+        unknown = set(value) - {n for n, _ in selected}
+        if unknown:
+            raise ValueError(f"rank= names layers that are not selected: {sorted(unknown)}")
+    compact = copy.deepcopy(model)
+    for name, _ in selected:
+        dense = compact.get_submodule(name)
+        layer_value = value.get(name) if isinstance(value, dict) else value
+        if layer_value is None:  # a per-layer rank map without this layer: keep it dense
+            continue
+        args = {kind: layer_value}
+        if isinstance(dense, nn.Linear):
+            factorized = FactorizedLinear.from_linear(dense, **args)
+        else:
+            factorized = FACTORIZED[scheme].from_conv(dense, **args)
+        if factorized.macs_per_output_pixel() >= dense_macs_per_output_pixel(dense):
+            continue  # no saving: the dense layer is cheaper and exact
+        factorized.train(dense.training)
+        compact.set_submodule(name, factorized)
+    return compact
+
+
+def factorized_layers(model):
+    """{name: module} of the factorized modules of a (decomposed) model."""
+    from .modules import FACTORIZED_TYPES
+    return {n: m for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)}
+
+
+__all__ = ["decompose", "factorized_layers", "dense_macs_per_output_pixel"]

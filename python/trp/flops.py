@@ -1,0 +1,178 @@
+"""Cost of a network: multiply-accumulates as the paper counts them, FLOPs, parameters, measured latency.
+
+count_macs counts the conv layers only (dense nn.Conv2d and the factorized convs), per forward pass of
+`input_size`, from the shapes seen in one forward pass; the paper's speed-up is the ratio of these counts
+(FC, BN and pooling ignored). count_flops uses torch.utils.flop_counter (so it agrees with it), with
+formulas registered for the trp_kernels factorized-conv ops."""
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils import flop_counter
+
+import trp_kernels  # noqa: F401  (registers the torch.ops.trp_kernels ops)
+
+from .modules import ChannelFactorizedConv2d, FactorizedLinear, SpatialFactorizedConv2d
+
+
+def _input_shape(input_size):
+    shape = tuple(int(s) for s in input_size)
+    if len(shape) == 3:
+        shape = (1,) + shape
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"input_size must be (C, H, W) or (N, C, H, W) with positive sizes, got {input_size}")
+    return shape
+
+
+def _conv_macs(module, x, y):
+    """Multiply-adds of one call, from the input x and output y."""
+    n = x.shape[0]
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return n * y.shape[1] * y.shape[2] * y.shape[3] * (module.in_channels // module.groups) * kh * kw
+    kh, kw = module.kernel_size
+    oh, ow = y.shape[2], y.shape[3]
+    r, c, m = module.rank, module.in_channels, module.out_channels
+    if isinstance(module, ChannelFactorizedConv2d):
+        return n * oh * ow * r * (c * kh * kw + m)
+    # spatial: the kh x 1 conv runs at horizontal stride 1 without horizontal padding, so its output is
+    # oh x (input width); the 1 x kw conv then makes oh x ow
+    return n * (oh * x.shape[3] * r * c * kh + oh * ow * m * r * kw)
+
+
+def macs_by_layer(model, input_size, linear=False):
+    """{module name: multiply-adds} for every conv (and, with linear=True, Linear) layer that ran in one
+    forward pass of zeros of `input_size`, in eval mode (BN statistics are not touched)."""
+    shape = _input_shape(input_size)
+    conv_types = (nn.Conv2d, ChannelFactorizedConv2d, SpatialFactorizedConv2d)
+    inside_factorized_linear = {id(m.first) for m in model.modules() if isinstance(m, FactorizedLinear)} | \
+        {id(m.second) for m in model.modules() if isinstance(m, FactorizedLinear)}
+    counts, handles = {}, []
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            if isinstance(module, nn.Linear):
+                macs = inputs[0].numel() // module.in_features * module.in_features * module.out_features
+            else:
+                macs = _conv_macs(module, inputs[0], output)
+            counts[name] = counts.get(name, 0) + int(macs)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, conv_types) or (linear and isinstance(module, nn.Linear)):
+            if isinstance(module, nn.Linear) and id(module) in inside_factorized_linear:
+                name = name.rsplit(".", 1)[0]  # report a FactorizedLinear under its own name
+            handles.append(module.register_forward_hook(hook_for(name)))
+    param = next(model.parameters(), None)
+    x = torch.zeros(shape, device=param.device if param is not None else "cpu",
+                    dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def count_macs(model, input_size, linear=False):
+    """Conv multiply-accumulates of one forward pass at input_size ((C, H, W) = one image, or (N, C, H, W)),
+    as the paper counts them; linear=True adds the Linear layers."""
+    return sum(macs_by_layer(model, input_size, linear).values())
+
+
+def _register_flop_formulas():
+    """Flop formulas for the trp_kernels factorized convs: 2 * the MACs of their two convolutions."""
+    conv = flop_counter.conv_flop_count
+
+    def channel(x_shape, c_shape, p_shape, bias, stride, padding, dilation, *args, out_shape=None, **kw):
+        mid = [x_shape[0], c_shape[0], out_shape[2], out_shape[3]]
+        return conv(x_shape, c_shape, mid) + conv(mid, p_shape, out_shape)
+
+    def spatial(x_shape, v_shape, h_shape, bias, stride, padding, dilation, *args, out_shape=None, **kw):
+        mid = [x_shape[0], v_shape[0], out_shape[2], x_shape[3]]  # kh x 1 conv: full input width
+        return conv(x_shape, v_shape, mid) + conv(mid, h_shape, out_shape)
+
+    for target, formula in ((torch.ops.trp_kernels.factorized_conv_channel, channel),
+                            (torch.ops.trp_kernels.factorized_conv_spatial, spatial)):
+        if target not in flop_counter.flop_registry:  # another module may have registered it already
+            flop_counter.register_flop_formula(target)(formula)
+
+
+_register_flop_formulas()
+
+
+def count_flops(model, input_size):
+    """Floating-point operations (2 x multiply-adds of convs, matmuls, ...) of one forward pass, counted by
+    torch.utils.flop_counter.FlopCounterMode, in eval mode with no_grad."""
+    shape = _input_shape(input_size)
+    param = next(model.parameters(), None)
+    x = torch.zeros(shape, device=param.device if param is not None else "cpu",
+                    dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), flop_counter.FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def count_params(model, trainable_only=False):
+    """Number of parameters (shared ones counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def measure_latency(model, input_size, warmup=10, repeats=50, device=None):
+    """Median wall-clock seconds of one forward pass (eval mode, no_grad) on `device` (default: the
+    model's). CUDA is timed with CUDA events after a synchronize; CPU with perf_counter."""
+    shape = _input_shape(input_size)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    param = next(model.parameters(), None)
+    device = torch.device(device) if device is not None else (param.device if param is not None
+                                                               else torch.device("cpu"))
+    if param is not None and param.device != device:
+        raise ValueError(f"the model is on {param.device}, not on device={device}; move it first")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.randn(shape, device=device, dtype=dtype)
+    was_training = model.training
+    times = []
+    try:
+        model.eval()
+        with torch.no_grad():
+            for _ in range(warmup):
+                model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                for _ in range(repeats):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    model(x)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) / 1e3)
+            else:
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    model(x)
+                    times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)
+
+
+__all__ = ["count_macs", "count_flops", "count_params", "measure_latency", "macs_by_layer"]

@@ -1,0 +1,260 @@
+"""Factorized layers that a decomposed network is made of.
+
+ChannelFactorizedConv2d  kh x kw conv c -> rank, then 1 x 1 conv rank -> n (+ bias)   ("channel")
+SpatialFactorizedConv2d  kh x 1 conv c -> rank, then 1 x kw conv rank -> n (+ bias)   ("spatial")
+FactorizedLinear         Linear in -> rank, then Linear rank -> out (+ bias)
+
+The convolutions forward through trp_kernels' fused factorized-conv ops. `from_conv` / `from_linear` build
+one from a dense layer by a float64 SVD of its scheme matrix M ~= A B, with A = U_k S_k^1/2 and
+B = S_k^1/2 V_k^T: splitting the singular values evenly gives both factors the same scale, which keeps them
+in range in half precision and balances their gradients when the compact network is fine-tuned (U_k S_k /
+V_k^T would put all the magnitude in one factor)."""
+import math
+
+import torch
+import torch.nn as nn
+
+import trp_kernels
+
+from . import rank as rank_rules
+from .schemes import to_matrix
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(i) for i in v)
+
+
+def conv_padding4(conv):
+    """(top, bottom, left, right) zero padding of an nn.Conv2d, resolving "same" and "valid". For even
+    kernels "same" is asymmetric: the extra row/column goes to the bottom/right, as in PyTorch."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = _pair(conv.padding)
+    return (ph, ph, pw, pw)
+
+
+def _padding4(padding):
+    if isinstance(padding, int):
+        return (padding,) * 4
+    p = tuple(int(i) for i in padding)
+    if len(p) == 2:
+        return (p[0], p[0], p[1], p[1])
+    if len(p) != 4 or min(p) < 0:
+        raise ValueError(f"padding must be an int >= 0, (h, w) or (top, bottom, left, right), got {padding}")
+    return p
+
+
+def _svd_factors(matrix, kind, value):
+    """Float64 SVD of `matrix`; returns (A [p, r], B [r, q], r, singular values) in float64."""
+    U, S, Vh = torch.linalg.svd(matrix.detach().to(torch.float64), full_matrices=False)
+    r = int(rank_rules.select_rank(S, kind, value))
+    root = S[:r].sqrt()
+    return U[:, :r] * root, root[:, None] * Vh[:r], r, S
+
+
+def _init_(weight, fan_in):
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    nn.init.uniform_(weight, -bound, bound)
+
+
+class _FactorizedConv2d(nn.Module):
+    scheme = None
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1,
+                 bias=True, device=None, dtype=None):
+        super().__init__()
+        rank = rank_rules.check_rank(rank)
+        self.in_channels, self.out_channels, self.rank = int(in_channels), int(out_channels), rank
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = _padding4(padding)
+        factory = {"device": device, "dtype": dtype}
+        w1, w2 = self._factor_shapes()
+        self.register_parameter(self._names[0], nn.Parameter(torch.empty(w1, **factory)))
+        self.register_parameter(self._names[1], nn.Parameter(torch.empty(w2, **factory)))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        first, second = self.factors()
+        _init_(first, first[0].numel())
+        _init_(second, second[0].numel())
+        if self.bias is not None:
+            _init_(self.bias, second[0].numel())
+
+    def factors(self):
+        return getattr(self, self._names[0]), getattr(self, self._names[1])
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}")
+
+    def config(self):
+        """Plain-data description (no tensors), enough to rebuild the module; used by trp.save."""
+        return {"type": self.scheme, "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "rank": self.rank, "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation),
+                "bias": self.bias is not None}
+
+    @classmethod
+    def from_config(cls, cfg, device=None, dtype=None):
+        return cls(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), cfg["rank"],
+                   tuple(cfg["stride"]), tuple(cfg["padding"]), tuple(cfg["dilation"]), cfg["bias"],
+                   device=device, dtype=dtype)
+
+    @classmethod
+    def from_conv(cls, conv, rank=None, *, energy=None, threshold=None):
+        """The factorized equivalent of an nn.Conv2d (groups=1, zero padding) at a rank given directly
+        or chosen by energy / absolute singular-value threshold; exact when the weight's rank <= rank."""
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"{cls.__name__}.from_conv needs an nn.Conv2d with groups=1 and "
+                             f"padding_mode='zeros', got {conv!r}")
+        kind, value = rank_rules.check_criterion(energy, threshold, rank)
+        A, B, r, _ = _svd_factors(to_matrix(conv.weight, cls.scheme), kind, value)
+        w = conv.weight
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, r, conv.stride,
+                     conv_padding4(conv), conv.dilation, conv.bias is not None, device=w.device, dtype=w.dtype)
+        module.load_factors(A, B)
+        if conv.bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(conv.bias)
+        return module
+
+    def load_factors(self, A, B):
+        """Sets the weights from M ~= A @ B (M the scheme matrix [p, q], A [p, rank], B [rank, q])."""
+        first, second = self.factors()
+        w1, w2 = self._factors_from_matrices(A, B)
+        with torch.no_grad():
+            first.copy_(w1)
+            second.copy_(w2)
+
+
+class ChannelFactorizedConv2d(_FactorizedConv2d):
+    """conv(kh x kw, in -> rank; stride, padding, dilation) then conv(1 x 1, rank -> out) with bias."""
+    scheme = "channel"
+    _names = ("c_weight", "p_weight")
+
+    def _factor_shapes(self):
+        kh, kw = self.kernel_size
+        return (self.rank, self.in_channels, kh, kw), (self.out_channels, self.rank, 1, 1)
+
+    def _factors_from_matrices(self, A, B):
+        # M = W.reshape(n, c*kh*kw) ~= A B: B's rows are the rank-k filters, A mixes them per output.
+        return B.reshape(self.c_weight.shape), A.reshape(self.p_weight.shape)
+
+    def dense_weight(self):
+        """The equivalent dense conv weight [out, in, kh, kw]."""
+        return (self.p_weight.flatten(1) @ self.c_weight.flatten(1)).reshape(
+            self.out_channels, self.in_channels, *self.kernel_size)
+
+    def macs_per_output_pixel(self):
+        kh, kw = self.kernel_size
+        return self.rank * (self.in_channels * kh * kw + self.out_channels)
+
+    def forward(self, x):
+        return trp_kernels.factorized_conv_channel(x, self.c_weight, self.p_weight, self.bias,
+                                                   self.stride, self.padding, self.dilation)
+
+
+class SpatialFactorizedConv2d(_FactorizedConv2d):
+    """conv(kh x 1, in -> rank; vertical stride/padding/dilation) then conv(1 x kw, rank -> out;
+    horizontal stride/padding/dilation) with bias."""
+    scheme = "spatial"
+    _names = ("v_weight", "h_weight")
+
+    def _factor_shapes(self):
+        kh, kw = self.kernel_size
+        return (self.rank, self.in_channels, kh, 1), (self.out_channels, self.rank, 1, kw)
+
+    def _factors_from_matrices(self, A, B):
+        # M[(c, i), (n, j)] = W[n, c, i, j] ~= A B: A's columns are vertical filters, B's rows horizontal.
+        kh, kw = self.kernel_size
+        v = A.T.reshape(self.rank, self.in_channels, kh, 1)
+        h = B.reshape(self.rank, self.out_channels, kw).permute(1, 0, 2).unsqueeze(2)
+        return v, h
+
+    def dense_weight(self):
+        kh, kw = self.kernel_size
+        v = self.v_weight.reshape(self.rank, self.in_channels, kh)
+        h = self.h_weight.reshape(self.out_channels, self.rank, kw)
+        return torch.einsum("rci,nrj->ncij", v, h)
+
+    def macs_per_output_pixel(self):
+        # the kh x 1 conv runs at horizontal stride 1, so with a horizontal stride s it computes about s
+        # intermediate pixels per output pixel
+        kh, kw = self.kernel_size
+        return self.rank * (self.in_channels * kh * self.stride[1] + self.out_channels * kw)
+
+    def forward(self, x):
+        return trp_kernels.factorized_conv_spatial(x, self.v_weight, self.h_weight, self.bias,
+                                                   self.stride, self.padding, self.dilation)
+
+
+class FactorizedLinear(nn.Module):
+    """Linear(in -> rank, no bias) then Linear(rank -> out, bias)."""
+    scheme = "linear"
+
+    def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
+        super().__init__()
+        rank = rank_rules.check_rank(rank)
+        self.in_features, self.out_features, self.rank = int(in_features), int(out_features), rank
+        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def bias(self):
+        return self.second.bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+    def config(self):
+        return {"type": "linear", "in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "bias": self.second.bias is not None}
+
+    @classmethod
+    def from_config(cls, cfg, device=None, dtype=None):
+        return cls(cfg["in_features"], cfg["out_features"], cfg["rank"], cfg["bias"], device=device,
+                   dtype=dtype)
+
+    @classmethod
+    def from_linear(cls, linear, rank=None, *, energy=None, threshold=None):
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"FactorizedLinear.from_linear needs an nn.Linear, got {linear!r}")
+        kind, value = rank_rules.check_criterion(energy, threshold, rank)
+        A, B, r, _ = _svd_factors(linear.weight, kind, value)
+        w = linear.weight
+        module = cls(linear.in_features, linear.out_features, r, linear.bias is not None,
+                     device=w.device, dtype=w.dtype)
+        module.load_factors(A, B)
+        if linear.bias is not None:
+            with torch.no_grad():
+                module.second.bias.copy_(linear.bias)
+        return module
+
+    def load_factors(self, A, B):
+        with torch.no_grad():
+            self.first.weight.copy_(B)
+            self.second.weight.copy_(A)
+
+    def dense_weight(self):
+        return self.second.weight @ self.first.weight
+
+    def macs_per_output_pixel(self):
+        return self.rank * (self.in_features + self.out_features)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+FACTORIZED = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedConv2d, "linear": FactorizedLinear}
+FACTORIZED_TYPES = tuple(FACTORIZED.values())
+
+__all__ = ["ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "FactorizedLinear", "conv_padding4",
+           "FACTORIZED", "FACTORIZED_TYPES"]

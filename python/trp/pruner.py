@@ -1,0 +1,208 @@
+"""RankPruner: Trained Rank Pruning in any training loop (PAPER.md eq. 1 and eqs. 4-5).
+
+    pruner = trp.RankPruner(model, scheme="channel", energy=0.9, period=1, nuclear=3e-4)
+    for x, y in loader:
+        pruner.step()          # every `period` calls (the first one included): W <- D(W), in place
+        loss = criterion(model(x), y)
+        optimizer.zero_grad(); loss.backward()
+        pruner.regularize()    # W.grad += nuclear * U_k V_k^T
+        optimizer.step()
+
+The selected layers are grouped by (matrix shape, dtype, device); each group is one batched
+trp_kernels.lowrank_project call, which also returns the nuclear-norm subgradient U_k V_k^T."""
+import math
+
+import torch
+
+import trp_kernels
+
+from .rank import check_energy
+from .schemes import check_scheme, from_matrix, layer_matrix_shape, to_matrix
+from .selection import select_layers
+
+NUCLEAR_EVERY = ("projection", "step")
+
+
+def _check_config(scheme, energy, period, nuclear, nuclear_every):
+    check_scheme(scheme)
+    check_energy(energy)
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"period must be an int >= 1 (project every `period` steps), got {period!r}")
+    if isinstance(nuclear, bool) or not isinstance(nuclear, (int, float)) or not math.isfinite(nuclear) \
+            or nuclear < 0:
+        raise ValueError(f"nuclear must be a finite number >= 0 (the nuclear-norm weight), got {nuclear!r}")
+    if nuclear_every not in NUCLEAR_EVERY:
+        raise ValueError(f"unknown nuclear_every {nuclear_every!r}; valid choices: "
+                         f"{', '.join(map(repr, NUCLEAR_EVERY))}")
+
+
+class _Group:
+    """Layers sharing one matrix shape, dtype and device: projected by one batched call."""
+
+    def __init__(self, names, params):
+        self.names, self.params = names, params
+        self.shape = tuple(params[0].shape)
+        self.rank = None  # int64 [B] on the device, from the last projection
+        self.G = None     # [B, p, q] nuclear subgradient from the last projection, or None
+
+
+class RankPruner:
+    """Periodic low-rank projection of the selected layers plus the nuclear-norm subgradient.
+
+    scheme: "channel" or "spatial" (PAPER.md). energy: fraction of squared singular values each projection
+    keeps, in (0, 1] (the released code's T = 0.9). period: project every `period` calls of step(), the
+    first call included (m in the paper). nuclear: weight lambda of the nuclear-norm term, >= 0.
+    layers / exclude: module names, regexes or types (default: every non-1x1 Conv2d but the first conv).
+    nuclear_every: "projection" (the released code: the subgradient is added on projection iterations
+    only) or "step" (every iteration, with U_k V_k^T of the latest projection).
+    max_rank: optional cap on every layer's rank."""
+
+    def __init__(self, model, scheme="channel", energy=0.9, period=1, nuclear=3e-4, layers=None,
+                 exclude=None, nuclear_every="projection", max_rank=None):
+        _check_config(scheme, energy, period, nuclear, nuclear_every)
+        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
+                                     or max_rank < 1):
+            raise ValueError(f"max_rank must be None or an int >= 1, got {max_rank!r}")
+        self.scheme, self.energy, self.period = scheme, float(energy), period
+        self.nuclear, self.nuclear_every, self.max_rank = float(nuclear), nuclear_every, max_rank
+        self.layers = select_layers(model, scheme, layers, exclude)
+        if not self.layers:
+            raise ValueError("RankPruner: no layer selected (the model has no Conv2d with a kernel other "
+                             "than 1x1 besides its first conv); pass layers=")
+        groups = {}
+        for name, module in self.layers:
+            w = module.weight
+            key = (layer_matrix_shape(module, scheme), tuple(w.shape), w.dtype, w.device)
+            groups.setdefault(key, ([], []))
+            groups[key][0].append(name)
+            groups[key][1].append(w)
+        self._groups = [_Group(names, params) for names, params in groups.values()]
+        self.steps = 0                 # number of step() calls so far
+        self.last_projected = False    # whether the latest step() projected
+
+    @property
+    def layer_names(self):
+        return [n for n, _ in self.layers]
+
+    @property
+    def ranks(self):
+        """{layer name: rank after the latest projection} (None before the first projection)."""
+        out = {n: None for n in self.layer_names}
+        for g in self._groups:
+            if g.rank is not None:
+                out.update(zip(g.names, g.rank.tolist()))
+        return out
+
+    def _matrices(self, group):
+        return to_matrix(torch.stack([p.detach() for p in group.params]), self.scheme)
+
+    @torch.no_grad()
+    def project(self):
+        """Projects every selected layer on its energy-rule low-rank approximation now (in place).
+
+        All groups are checked and computed before any weight is written: if a layer holds NaN/Inf, a
+        ValueError names it and no layer is modified."""
+        stacks = [self._matrices(g) for g in self._groups]
+        bad = []
+        for g, W in zip(self._groups, stacks):
+            finite = torch.isfinite(W).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                bad += [n for n, ok in zip(g.names, finite.tolist()) if not ok]
+        if bad:
+            raise ValueError(f"RankPruner: non-finite weights (NaN or Inf) in layer(s) {', '.join(bad)}; "
+                             "no layer was modified")
+        want_g = self.nuclear > 0
+        results = []
+        for W in stacks:
+            # The projection keeps the weights' dtype whatever autocast region step() is called from.
+            with torch.autocast(W.device.type, enabled=False):
+                results.append(trp_kernels.lowrank_project(W, self.energy, max_rank=self.max_rank,
+                                                           subgradient=want_g))
+        for g, (W_low, rank, G) in zip(self._groups, results):
+            torch._foreach_copy_(g.params, list(from_matrix(W_low, self.scheme, g.shape).unbind(0)))
+            g.rank, g.G = rank, G
+
+    def step(self):
+        """Call once per training iteration, before the forward pass. Projects on the first call and
+        then every `period` calls; returns whether it projected."""
+        self.last_projected = self.steps % self.period == 0
+        if self.last_projected:
+            self.project()
+        self.steps += 1
+        return self.last_projected
+
+    @torch.no_grad()
+    def regularize(self):
+        """Adds nuclear * U_k V_k^T (the nuclear-norm subgradient at the latest projection) to the
+        selected weights' .grad. Call after backward() and before optimizer.step() (with a GradScaler,
+        after scaler.unscale_(optimizer)). A no-op when nuclear=0, before the first projection, and, with
+        nuclear_every="projection", on iterations that did not project."""
+        if self.nuclear == 0 or (self.nuclear_every == "projection" and not self.last_projected):
+            return
+        for g in self._groups:
+            if g.G is None:
+                continue
+            sub = from_matrix(g.G, self.scheme, g.shape).unbind(0)
+            grads, updates = [], []
+            for p, s in zip(g.params, sub):
+                if not p.requires_grad:
+                    continue
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+                updates.append(s.to(p.grad.dtype))
+            if grads:
+                torch._foreach_add_(grads, updates, alpha=self.nuclear)
+
+    def nuclear_norm(self):
+        """sum over the selected layers of ||W_l||_* (float, for logging)."""
+        total = 0.0
+        for g in self._groups:
+            W = self._matrices(g).to(torch.float64)
+            total += float(torch.linalg.matrix_norm(W, ord="nuc").sum())
+        return total
+
+    def config(self):
+        return {"scheme": self.scheme, "energy": self.energy, "period": self.period,
+                "nuclear": self.nuclear, "nuclear_every": self.nuclear_every, "max_rank": self.max_rank,
+                "layers": self.layer_names}
+
+    def state_dict(self):
+        """Step counter, configuration and current ranks; the subgradients too when nuclear_every="step"
+        (they are needed by the iterations between projections), so that a resumed run continues exactly."""
+        state = {"steps": self.steps, "last_projected": self.last_projected, "config": self.config(),
+                 "ranks": self.ranks}
+        if self.nuclear_every == "step":
+            state["subgradients"] = {n: G for g in self._groups if g.G is not None
+                                     for n, G in zip(g.names, g.G.unbind(0))}
+        return state
+
+    def load_state_dict(self, state):
+        cfg = state["config"]
+        if cfg["scheme"] != self.scheme or list(cfg["layers"]) != self.layer_names:
+            raise ValueError("RankPruner.load_state_dict: the state was saved for another model or layer "
+                             f"selection (scheme {cfg['scheme']!r}, {len(cfg['layers'])} layers; this "
+                             f"pruner: {self.scheme!r}, {len(self.layer_names)} layers)")
+        _check_config(cfg["scheme"], cfg["energy"], cfg["period"], cfg["nuclear"], cfg["nuclear_every"])
+        self.energy, self.period, self.nuclear = float(cfg["energy"]), int(cfg["period"]), float(cfg["nuclear"])
+        self.nuclear_every, self.max_rank = cfg["nuclear_every"], cfg.get("max_rank")
+        self.steps, self.last_projected = int(state["steps"]), bool(state["last_projected"])
+        ranks, subs = state.get("ranks", {}), state.get("subgradients", {})
+        for g in self._groups:
+            device = g.params[0].device
+            if all(ranks.get(n) is not None for n in g.names):
+                g.rank = torch.tensor([ranks[n] for n in g.names], dtype=torch.int64, device=device)
+            else:
+                g.rank = None
+            if subs and all(n in subs for n in g.names):
+                g.G = torch.stack([subs[n] for n in g.names]).to(device=device, dtype=g.params[0].dtype)
+            else:
+                g.G = None
+
+    def __repr__(self):
+        return (f"RankPruner(scheme={self.scheme!r}, energy={self.energy}, period={self.period}, "
+                f"nuclear={self.nuclear}, nuclear_every={self.nuclear_every!r}, "
+                f"layers={len(self.layers)}, groups={len(self._groups)}, steps={self.steps})")
+
+
+__all__ = ["RankPruner", "NUCLEAR_EVERY"]

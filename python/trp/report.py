@@ -1,0 +1,95 @@
+"""trp.report(dense, compact, input_size): what decomposition bought, per layer and in total."""
+import torch
+import torch.nn as nn
+
+from .flops import count_params, macs_by_layer, measure_latency
+from .modules import FACTORIZED_TYPES, FactorizedLinear
+from .rank import energy_kept
+from .schemes import matrix_shape, to_matrix
+
+
+class Report:
+    """Per-layer rows and totals. str() is a markdown table; to_dict() plain data (JSON-ready)."""
+
+    def __init__(self, rows, totals):
+        self.rows, self.totals = rows, totals
+
+    def to_dict(self):
+        return {"layers": [dict(r) for r in self.rows], "totals": dict(self.totals)}
+
+    def __str__(self):
+        head = "| layer | matrix | rank | energy kept | MACs dense | MACs factorized |"
+        lines = [head, "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            matrix = "x".join(map(str, r["matrix"])) if r["matrix"] else "-"
+            rank = "dense" if r["rank"] is None else str(r["rank"])
+            energy = "-" if r["energy_kept"] is None else f"{r['energy_kept']:.4f}"
+            lines.append(f"| {r['layer']} | {matrix} | {rank} | {energy} | {_m(r['macs_dense'])} | "
+                         f"{_m(r['macs_factorized'])} |")
+        t = self.totals
+        lines.append("")
+        lines.append(f"conv MACs: {_m(t['macs_dense'])} -> {_m(t['macs_compact'])} "
+                     f"(speed-up {t['speedup']:.2f}x, as the paper counts)")
+        lines.append(f"params: {t['params_dense'] / 1e6:.3f}M -> {t['params_compact'] / 1e6:.3f}M "
+                     f"({t['params_ratio']:.2f}x fewer)")
+        if t.get("latency_dense_s") is not None:
+            lines.append(f"latency ({t['latency_device']}, median): {t['latency_dense_s'] * 1e3:.2f} ms -> "
+                         f"{t['latency_compact_s'] * 1e3:.2f} ms ({t['latency_ratio']:.2f}x)")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _m(macs):
+    return f"{macs / 1e6:.2f}M"
+
+
+def _layer_row(name, dense_layer, compact_layer, macs_dense, macs_compact):
+    row = {"layer": name, "type": "dense", "matrix": None, "rank": None, "energy_kept": None,
+           "macs_dense": macs_dense, "macs_factorized": macs_compact}
+    if isinstance(compact_layer, FACTORIZED_TYPES):
+        scheme = "channel" if isinstance(compact_layer, FactorizedLinear) else compact_layer.scheme
+        w = dense_layer.weight.detach()
+        sigma = torch.linalg.svdvals(to_matrix(w, scheme).to(torch.float64))
+        row.update(type=compact_layer.scheme, matrix=list(matrix_shape(tuple(w.shape), scheme)),
+                   rank=compact_layer.rank, energy_kept=energy_kept(sigma, compact_layer.rank))
+    return row
+
+
+def report(dense, compact, input_size, latency=True, warmup=3, repeats=10, device=None):
+    """Compares a dense model with its decomposition at input_size ((C, H, W) or (N, C, H, W)).
+
+    Rows: every conv layer (and factorized Linear) - matrix shape, rank, energy kept (fraction of the dense
+    weight's squared singular values that the rank keeps), MACs dense / factorized. Totals: conv MACs and
+    the paper's speed-up (their ratio), parameters, and with latency=True the median forward latency ratio."""
+    md = macs_by_layer(dense, input_size, linear=True)
+    mc = macs_by_layer(compact, input_size, linear=True)
+    dense_mods, compact_mods = dict(dense.named_modules()), dict(compact.named_modules())
+    rows = []
+    for name, macs in md.items():
+        c_layer = compact_mods.get(name)
+        d_layer = dense_mods[name]
+        if isinstance(d_layer, nn.Linear) and not isinstance(c_layer, FactorizedLinear):
+            continue  # dense FC: not part of the paper's count, not worth a row
+        rows.append(_layer_row(name, d_layer, c_layer, macs, mc.get(name, 0)))
+    conv_dense = sum(v for n, v in md.items() if not isinstance(dense_mods[n], nn.Linear))
+    conv_compact = sum(v for n, v in mc.items()
+                       if not isinstance(compact_mods[n], (nn.Linear, FactorizedLinear)))
+    p_dense, p_compact = count_params(dense), count_params(compact)
+    totals = {"macs_dense": conv_dense, "macs_compact": conv_compact,
+              "speedup": conv_dense / conv_compact if conv_compact else float("inf"),
+              "params_dense": p_dense, "params_compact": p_compact,
+              "params_ratio": p_dense / p_compact if p_compact else float("inf"),
+              "layers_factorized": sum(r["rank"] is not None for r in rows),
+              "latency_dense_s": None, "latency_compact_s": None, "latency_ratio": None,
+              "latency_device": None}
+    if latency:
+        ld = measure_latency(dense, input_size, warmup, repeats, device)
+        lc = measure_latency(compact, input_size, warmup, repeats, device)
+        param = next(compact.parameters(), None)
+        totals.update(latency_dense_s=ld, latency_compact_s=lc, latency_ratio=ld / lc,
+                      latency_device=str(device or (param.device if param is not None else "cpu")))
+    return Report(rows, totals)
+
+
+__all__ = ["report", "Report"]

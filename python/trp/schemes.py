@@ -1,0 +1,70 @@
+"""Reshape of layer weights to the matrices that TRP makes low-rank, and back (PAPER.md, eqs. 2-3).
+
+channel: conv weight [n, c, kh, kw] -> n x (c*kh*kw)   (Zhang et al.; kh x kw conv to rank k, then 1x1)
+spatial: conv weight [n, c, kh, kw] -> (c*kh) x (n*kw) (Jaderberg et al.; kh x 1 conv, then 1 x kw)
+Linear weight [out, in] is its own matrix out x in (channel scheme only).
+
+Every function also takes a leading batch dimension ([B, n, c, kh, kw] <-> [B, p, q]) so the pruner can
+reshape a stacked group in one call."""
+SCHEMES = ("channel", "spatial")
+
+
+def check_scheme(scheme):
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; valid choices: {', '.join(map(repr, SCHEMES))}")
+    return scheme
+
+
+def matrix_shape(weight_shape, scheme):
+    """(p, q) of the matrix of a weight of shape weight_shape ([n, c, kh, kw] or [out, in])."""
+    check_scheme(scheme)
+    if len(weight_shape) == 2:
+        if scheme != "channel":
+            raise ValueError("nn.Linear weights have only the out x in matrix: use scheme='channel'")
+        return tuple(weight_shape)
+    if len(weight_shape) != 4:
+        raise ValueError(f"expected a conv weight [n, c, kh, kw] or a linear weight [out, in], "
+                         f"got shape {tuple(weight_shape)}")
+    n, c, kh, kw = weight_shape
+    return (n, c * kh * kw) if scheme == "channel" else (c * kh, n * kw)
+
+
+def to_matrix(weight, scheme):
+    """Weight [..., n, c, kh, kw] (or [..., out, in]) -> matrix [..., p, q]. A view when possible."""
+    check_scheme(scheme)
+    if weight.dim() <= 3:  # [out, in] or a batch of them: already a matrix
+        matrix_shape(weight.shape[-2:], scheme)  # raises for spatial
+        return weight
+    lead = weight.shape[:-4]
+    n, c, kh, kw = weight.shape[-4:]
+    if scheme == "channel":
+        return weight.reshape(*lead, n, c * kh * kw)
+    nd = len(lead)
+    perm = tuple(range(nd)) + (nd + 1, nd + 2, nd, nd + 3)  # [c, kh, n, kw]
+    return weight.permute(perm).reshape(*lead, c * kh, n * kw)
+
+
+def from_matrix(matrix, scheme, weight_shape):
+    """Inverse of to_matrix: matrix [..., p, q] -> weight [..., *weight_shape] (weight_shape without
+    the batch dimension). For the spatial scheme the result is a permuted view (not contiguous)."""
+    check_scheme(scheme)
+    weight_shape = tuple(weight_shape)
+    lead = matrix.shape[:-2]
+    if len(weight_shape) == 2:
+        matrix_shape(weight_shape, scheme)
+        return matrix.reshape(*lead, *weight_shape)
+    n, c, kh, kw = weight_shape
+    if scheme == "channel":
+        return matrix.reshape(*lead, n, c, kh, kw)
+    nd = len(lead)
+    w = matrix.reshape(*lead, c, kh, n, kw)
+    perm = tuple(range(nd)) + (nd + 2, nd, nd + 1, nd + 3)  # back to [n, c, kh, kw]
+    return w.permute(perm)
+
+
+def layer_matrix_shape(module, scheme):
+    """Matrix shape for an nn.Conv2d or nn.Linear module under `scheme`."""
+    return matrix_shape(tuple(module.weight.shape), scheme)
+
+
+__all__ = ["SCHEMES", "check_scheme", "matrix_shape", "to_matrix", "from_matrix", "layer_matrix_shape"]
