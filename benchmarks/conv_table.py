@@ -1,0 +1,384 @@
+"""Fused factorized convolutions vs two cuDNN convolutions vs the dense conv, per layer and end to end.
+
+    python benchmarks/conv_table.py                      # everything this machine can run
+    python benchmarks/conv_table.py --part e2e --nets resnet20 resnet56 --batches 1 32   # CPU run
+    python benchmarks/conv_table.py --out results --budget-s 150                          # GPU suite
+
+Writes <out>/conv_layers_<device>.json and <out>/conv_e2e_<device>.json and prints markdown tables.
+
+Ranks. The benchmark has no TRP-trained checkpoints, so each 3x3 layer gets the rank that gives it the
+paper's network-level MAC speed-up (TRP+Nu, energy 0.9 / value cutoff): ResNet-20 channel 2.17x, spatial
+2.84x; ResNet-56 channel 2.31x (spatial: the ResNet-20 figure, 2.84x, as the paper has none); ResNet-50
+channel 1.80x. rank = round(dense MACs per output pixel / (speed-up * MACs per output pixel per unit of
+rank)), at least 1 (see `layer_rank`). ResNet-50 spatial is left out: its ranks at 1.8x (about 0.8 c)
+exceed what a fused kernel keeps on chip, and the paper reports channel only.
+
+Timing: CUDA events around back-to-back calls, best of two rounds ("eager": includes each framework's
+launch overhead, which dominates at batch 1), and the same calls replayed from one CUDA graph ("graph":
+GPU time only). float32 runs with cuDNN TF32 off, so that every contender computes in IEEE fp32 like the
+fused kernels do. On a CPU only the end-to-end part runs (two oneDNN convolutions vs dense)."""
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "python") not in sys.path:  # running from a checkout without an install
+    sys.path.insert(0, str(ROOT / "python"))
+
+import trp_kernels  # noqa: E402
+from trp_kernels import conv, reference  # noqa: E402
+
+SPEEDUP = {("resnet20", "channel"): 2.17, ("resnet20", "spatial"): 2.84,
+           ("resnet56", "channel"): 2.31, ("resnet56", "spatial"): 2.84,
+           ("resnet50", "channel"): 1.80}
+
+# distinct 3x3 layers: (name, in channels, out channels, input size, stride); padding 1
+CIFAR_LAYERS = [("st1 16->16 @32", 16, 16, 32, 1), ("st2.0 16->32 @32 s2", 16, 32, 32, 2),
+                ("st2 32->32 @16", 32, 32, 16, 1), ("st3.0 32->64 @16 s2", 32, 64, 16, 2),
+                ("st3 64->64 @8", 64, 64, 8, 1)]
+RESNET50_LAYERS = [("l1 64 @56", 64, 64, 56, 1), ("l2.0 128 @56 s2", 128, 128, 56, 2),
+                   ("l2 128 @28", 128, 128, 28, 1), ("l3.0 256 @28 s2", 256, 256, 28, 2),
+                   ("l3 256 @14", 256, 256, 14, 1), ("l4.0 512 @14 s2", 512, 512, 14, 2),
+                   ("l4 512 @7", 512, 512, 7, 1)]
+NET_LAYERS = {"resnet20": CIFAR_LAYERS, "resnet56": CIFAR_LAYERS, "resnet50": RESNET50_LAYERS}
+
+
+def per_rank_macs(scheme, c, n, k, stride):
+    """MACs per output pixel per unit of rank (as trp.flops counts them)."""
+    return c * k * k + n if scheme == "channel" else c * k * stride + n * k
+
+
+def layer_rank(scheme, c, n, k, stride, speedup):
+    return max(1, round(n * c * k * k / (speedup * per_rank_macs(scheme, c, n, k, stride))))
+
+
+# ------------------------------------------------------------------------------------------ timing
+def cuda_time_ms(fn, iters=20, graph=False):
+    """Mean ms per call of fn, best of two rounds of `iters` back-to-back calls (eager), or of one CUDA
+    graph holding `iters` calls (graph). None if the graph cannot be captured."""
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(iters):
+                    fn()
+            run = g.replay
+            per = iters
+        except Exception:
+            return None
+    else:
+        def run():
+            for _ in range(iters):
+                fn()
+        per = iters
+    run()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(2):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) / per)
+    return best
+
+
+class Budget:
+    def __init__(self, seconds):
+        self.end = time.monotonic() + seconds if seconds else None
+
+    def over(self):
+        return self.end is not None and time.monotonic() > self.end
+
+
+# ------------------------------------------------------------------------------------- per layer
+def layer_weights(scheme, c, n, k, r, dtype, device):
+    g = dict(dtype=dtype, device=device)
+    # scaled so that fp16 activations stay in range
+    if scheme == "channel":
+        w1 = torch.randn(r, c, k, k, **g) / (c * k * k) ** 0.5
+        w2 = torch.randn(n, r, 1, 1, **g) / r ** 0.5
+        dense = torch.einsum("nr,rcij->ncij", w2.flatten(1).float(), w1.float()).to(dtype)
+    else:
+        w1 = torch.randn(r, c, k, 1, **g) / (c * k) ** 0.5
+        w2 = torch.randn(n, r, 1, k, **g) / (r * k) ** 0.5
+        dense = torch.einsum("rci,nrj->ncij", w1[..., 0].float(), w2[:, :, 0].float()).to(dtype)
+    return w1, w2, dense
+
+
+def bench_layers(nets, batches, dtypes, iters, budget):
+    from trp_kernels import triton as tri
+    rows = []
+    for net in nets:
+        for scheme in ("channel", "spatial"):
+            if (net, scheme) not in SPEEDUP:
+                continue
+            for name, c, n, size, stride in NET_LAYERS[net]:
+                r = layer_rank(scheme, c, n, 3, stride, SPEEDUP[(net, scheme)])
+                for dtype in dtypes:
+                    for nb in batches:
+                        if budget.over():
+                            return rows, True
+                        rows.append(_bench_one(tri, net, scheme, name, c, n, size, stride, r, nb, dtype,
+                                               iters))
+                        print(json.dumps(rows[-1]), flush=True)
+    return rows, False
+
+
+def _bench_one(tri, net, scheme, name, c, n, size, stride, r, nb, dtype, iters):
+    dev = "cuda"
+    x = torch.randn(nb, c, size, size, device=dev, dtype=dtype)
+    w1, w2, dense = layer_weights(scheme, c, n, 3, r, dtype, dev)
+    st, pad, dil = [stride, stride], [1, 1, 1, 1], [1, 1]
+    fused = getattr(tri, f"factorized_conv_{scheme}")
+    two = getattr(reference, f"factorized_conv_{scheme}")
+    rec = {"net": net, "scheme": scheme, "layer": name, "c": c, "n": n, "size": size, "stride": stride,
+           "rank": r, "batch": nb, "dtype": str(dtype).replace("torch.", ""),
+           "mac_ratio": round(n * c * 9 / per_rank_macs(scheme, c, n, 3, stride) / r, 3)}
+    why = tri.supported(scheme, x, w1, w2, None, (0, 0))
+    calls = {"two_conv": lambda: two(x, w1, w2, None, st, pad, dil),
+             "dense": lambda: F.conv2d(x, dense, None, stride, 1)}
+    if why is None:
+        calls["fused"] = lambda: fused(x, w1, w2, None, st, pad, dil)
+    else:
+        rec["fused_unsupported"] = why
+    try:
+        if "fused" in calls:  # correctness guard: a fast wrong kernel must not make the table
+            exact = two(x.double(), w1.double(), w2.double(), None, st, pad, dil)
+            err_f = (calls["fused"]().double() - exact).abs().max().item()
+            err_t = (calls["two_conv"]().double() - exact).abs().max().item()
+            rec["max_err_fused"], rec["max_err_two_conv"] = err_f, err_t
+        for key, fn in calls.items():
+            rec[f"{key}_ms"] = round(cuda_time_ms(fn, iters), 5)
+            g = cuda_time_ms(fn, iters, graph=True)
+            rec[f"{key}_graph_ms"] = round(g, 5) if g is not None else None
+    except Exception as exc:  # one bad layer must not lose the rest of the table
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if rec.get("fused_ms") and rec.get("two_conv_ms"):
+        rec["fused_speedup_vs_two_conv"] = round(rec["two_conv_ms"] / rec["fused_ms"], 3)
+        rec["fused_speedup_vs_dense"] = round(rec["dense_ms"] / rec["fused_ms"], 3)
+    return rec
+
+
+# ----------------------------------------------------------------------------------- end to end
+def build_net(net, device):
+    import trp
+    if net == "resnet50":
+        model = trp.models.build("torchvision:resnet50", num_classes=1000)
+        size = (3, 224, 224)
+    else:
+        model = trp.models.build(net)
+        size = (3, 32, 32)
+    return model.to(device).eval(), size
+
+
+def decompose_at_paper_ranks(model, net, scheme):
+    """trp.decompose with the per-layer ranks of `layer_rank` (random weights have flat spectra, so an
+    energy rule would keep nearly full rank)."""
+    import trp
+    ranks = {}
+    for name, _ in trp.select_layers(model, scheme):
+        m = model.get_submodule(name)
+        if not isinstance(m, torch.nn.Conv2d):
+            continue
+        ranks[name] = layer_rank(scheme, m.in_channels, m.out_channels, m.kernel_size[0], m.stride[1],
+                                 SPEEDUP[(net, scheme)])
+    return trp.decompose(model, scheme, rank=ranks)
+
+
+def interleaved_latency(contenders, x, warmup, repeats):
+    """{name: median seconds of one forward} for contenders {name: (model, TRP_CONV_BACKEND or None)}.
+    Rounds alternate between the contenders (rotating the order), so that load from other processes and
+    clock drift hit all of them alike; the ratio of medians is what the tables report."""
+    names = list(contenders)
+    times = {k: [] for k in names}
+    cuda = x.is_cuda
+
+    def once(name):
+        model, be = contenders[name]
+        if be is None:
+            os.environ.pop(conv.BACKEND_ENV, None)
+        else:
+            os.environ[conv.BACKEND_ENV] = be
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            model(x)
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        t0 = time.perf_counter()
+        model(x)
+        return time.perf_counter() - t0
+
+    try:
+        with torch.no_grad():
+            for name in names:
+                for _ in range(warmup):  # also where auto mode measures and Triton autotunes each shape
+                    once(name)
+            if cuda:
+                torch.cuda.synchronize()
+            for i in range(repeats):
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    times[name].append(once(name))
+    finally:
+        os.environ.pop(conv.BACKEND_ENV, None)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def bench_e2e(nets, batches, device, dtypes, backends, budget, warmup, repeats):
+    import trp
+    rows = []
+    for net in nets:
+        try:
+            dense, size = build_net(net, device)
+        except Exception as exc:
+            rows.append({"net": net, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        for scheme in ("channel", "spatial"):
+            if (net, scheme) not in SPEEDUP:
+                continue
+            small = decompose_at_paper_ranks(dense, net, scheme).eval()
+            mac_ratio = trp.count_macs(dense, size) / trp.count_macs(small, size)
+            for dtype in dtypes:
+                d_m, s_m = dense.to(dtype), small.to(dtype)
+                for nb in batches:
+                    if budget.over():
+                        return rows, True
+                    rec = {"net": net, "scheme": scheme, "batch": nb, "dtype": str(dtype).replace("torch.", ""),
+                           "device": device, "mac_ratio": round(mac_ratio, 3)}
+                    x = torch.randn((nb,) + size, device=device, dtype=dtype)
+                    contenders = {"dense": (d_m, "torch")}
+                    contenders.update({be: (s_m, be) for be in backends})
+                    try:
+                        med = interleaved_latency(contenders, x, warmup, repeats)
+                        rec["dense_ms"] = round(1e3 * med["dense"], 4)
+                        for be in backends:
+                            rec[f"decomposed_{be}_ms"] = round(1e3 * med[be], 4)
+                            rec[f"latency_ratio_{be}"] = round(med["dense"] / med[be], 3)
+                            rec[f"latency_over_mac_ratio_{be}"] = round(med["dense"] / med[be] / mac_ratio, 3)
+                    except Exception as exc:
+                        rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    rows.append(rec)
+                    print(json.dumps(rec), flush=True)
+    return rows, False
+
+
+# ------------------------------------------------------------------------------------------ output
+def fmt(v, digits=3):
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def layer_markdown(rows):
+    out = ["| net | scheme | layer | rank | batch | dtype | MAC ratio | fused ms | two convs ms | dense ms | "
+           "fused vs two convs | fused vs dense | graph: fused / two convs / dense ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        graph = " / ".join(fmt(r.get(k), 4) for k in ("fused_graph_ms", "two_conv_graph_ms", "dense_graph_ms"))
+        fused = fmt(r.get("fused_ms"), 4) if "fused_unsupported" not in r else "unsupported"
+        out.append(f"| {r['net']} | {r['scheme']} | {r['layer']} | {r['rank']} | {r['batch']} | {r['dtype']} | "
+                   f"{r['mac_ratio']:.2f} | {fused} | {fmt(r.get('two_conv_ms'), 4)} | "
+                   f"{fmt(r.get('dense_ms'), 4)} | {fmt(r.get('fused_speedup_vs_two_conv'), 2)} | "
+                   f"{fmt(r.get('fused_speedup_vs_dense'), 2)} | {graph} |")
+    return "\n".join(out)
+
+
+def e2e_markdown(rows, backends):
+    head = "| net | scheme | device | dtype | batch | MAC speed-up | dense ms | " + \
+        " | ".join(f"decomposed ({b}) ms | latency speed-up ({b}) | latency / MAC speed-up ({b})"
+                   for b in backends) + " |"
+    out = [head, "|" + "---|" * (7 + 3 * len(backends))]
+    for r in rows:
+        if "error" in r or "dense_ms" not in r:
+            out.append(f"| {r['net']} | {r.get('scheme', '-')} | error: {r.get('error')} |")
+            continue
+        cells = " | ".join(f"{fmt(r.get(f'decomposed_{b}_ms'), 2)} | {fmt(r.get(f'latency_ratio_{b}'), 2)} | "
+                           f"{fmt(r.get(f'latency_over_mac_ratio_{b}'), 2)}" for b in backends)
+        out.append(f"| {r['net']} | {r['scheme']} | {r['device']} | {r['dtype']} | {r['batch']} | "
+                   f"{r['mac_ratio']:.2f} | {r['dense_ms']:.2f} | {cells} |")
+    return "\n".join(out)
+
+
+def meta(device, args):
+    m = {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "device": device,
+         "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
+         platform.machine(), "threads": torch.get_num_threads(), "args": vars(args),
+         "autotune": os.environ.get("TRP_TRITON_AUTOTUNE", "full"), "speedup_targets":
+         {f"{k[0]}/{k[1]}": v for k, v in SPEEDUP.items()}}
+    if device == "cuda":
+        m["gpu"] = torch.cuda.get_device_name()
+        m["cudnn"] = torch.backends.cudnn.version()
+        try:
+            import triton
+            m["triton"] = triton.__version__
+        except ImportError:
+            m["triton"] = None
+    return m
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["all", "layers", "e2e"], default="all")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--nets", nargs="+", default=None)
+    p.add_argument("--batches", nargs="+", type=int, default=None)
+    p.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--iters", type=int, default=20, help="calls per timing round (per layer)")
+    p.add_argument("--repeats", type=int, default=None, help="timed forwards per end-to-end point")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--budget-s", type=float, default=0, help="stop starting new points after this long")
+    p.add_argument("--out", default=str(ROOT / "results"))
+    args = p.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    budget = Budget(args.budget_s)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    on_gpu = device == "cuda"
+    dtypes = [getattr(torch, d) for d in (args.dtypes or (["float16", "float32"] if on_gpu else ["float32"]))]
+    torch.backends.cudnn.allow_tf32 = False  # IEEE fp32 for every contender (see module doc)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True    # cuDNN picks its fastest algorithm per shape, as in deployment
+    info = trp_kernels.backend_info()
+
+    if args.part in ("all", "layers"):
+        if not on_gpu:
+            print("per-layer table: needs CUDA (fused Triton vs cuDNN); skipped on this CPU")
+        else:
+            nets = args.nets or ["resnet20", "resnet56", "resnet50"]
+            rows, cut = bench_layers(nets, args.batches or [1, 32, 128], dtypes, args.iters, budget)
+            doc = {"meta": meta(device, args), "backend_info": info, "truncated_by_budget": cut, "rows": rows}
+            (out / f"conv_layers_{device}.json").write_text(json.dumps(doc, indent=1))
+            print("\n" + layer_markdown(rows))
+    if args.part in ("all", "e2e"):
+        nets = args.nets or (["resnet20", "resnet56", "resnet50"] if on_gpu else ["resnet20", "resnet56"])
+        backends = ["torch", "auto", "triton"] if on_gpu else ["torch"]
+        batches = args.batches or ([1, 32, 128] if on_gpu else [1, 32])
+        repeats = args.repeats or (30 if on_gpu else 15)
+        rows, cut = bench_e2e(nets, batches, device, dtypes, backends, budget, warmup=3 if on_gpu else 2,
+                              repeats=repeats)
+        doc = {"meta": meta(device, args), "backend_info": trp_kernels.backend_info(),
+               "truncated_by_budget": cut, "rows": rows}
+        (out / f"conv_e2e_{device}.json").write_text(json.dumps(doc, indent=1))
+        print("\n" + e2e_markdown(rows, backends))
+
+
+if __name__ == "__main__":
+    main()
