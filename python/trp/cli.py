@@ -90,6 +90,8 @@ def build_parser():
                    help="start over even if --out already holds a checkpoint")
     t.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     t.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
+    t.add_argument("--no-report", action="store_true", default=False,
+                   help="skip the end-of-training decomposition and report (run `trp report` later)")
 
     dc = sub.add_parser("decompose", help="checkpoint -> decomposed model file (trp.save format)")
     dc.add_argument("checkpoint")
@@ -160,6 +162,8 @@ def cmd_train(ns):
         saved = None
     run = train_mod.Run(cfg, resume=saved, log=_log, progress=not ns.no_progress)
     run.fit()
+    if ns.no_report:
+        return 0
     train_mod.final_report(run.model, run.bundle, run.test_loader, run.device, cfg.scheme,
                            **_criterion(cfg.energy, cfg.threshold), out=run.out, log=_log)
     return 0

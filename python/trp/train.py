@@ -95,6 +95,7 @@ class TrainConfig:
             check_scheme(self.scheme)
             check_energy(self.energy)
         data_mod.parse_spec(self.data)
+        models.check_name(self.model)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -238,7 +239,7 @@ class Run:
             out = model(x)
             loss = criterion(out, y)
             if not torch.isfinite(loss):
-                raise self._diverged(f"loss is {float(loss)} at epoch {self.epoch + 1}, step {step + 1}")
+                raise self._diverged(f"loss is {float(loss.detach())} at epoch {self.epoch + 1}, step {step + 1}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.pruner is not None:

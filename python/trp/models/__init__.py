@@ -13,6 +13,23 @@ def available():
     return sorted(CIFAR_DEPTHS) + ["torchvision:<name>"]
 
 
+def check_name(name):
+    """Validates a registry name without building the model (so bad names fail before any work)."""
+    if name in CIFAR_DEPTHS:
+        return name
+    if isinstance(name, str) and name.startswith("torchvision:"):
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise ValueError("torchvision models need torchvision installed (pip install torchvision)") from exc
+        tv_name = name.split(":", 1)[1]
+        names = torchvision.models.list_models(module=torchvision.models)
+        if tv_name not in names:
+            raise ValueError(f"unknown torchvision model {tv_name!r}; valid: {', '.join(sorted(names))}")
+        return name
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(available())}")
+
+
 def build(name, num_classes=10, in_channels=3, **kwargs):
     """A fresh model by registry name, e.g. "resnet20" or "torchvision:resnet50"."""
     if name in CIFAR_DEPTHS:
@@ -46,4 +63,4 @@ def build_from_arch(arch):
     return build(arch.pop("name"), **arch)
 
 
-__all__ = ["CifarResNet", "build", "build_from_arch", "available", "CIFAR_DEPTHS"]
+__all__ = ["CifarResNet", "build", "check_name", "build_from_arch", "available", "CIFAR_DEPTHS"]

@@ -1,0 +1,153 @@
+"""The `trp` command end to end on a tiny digits subset, and its handling of bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import trp
+from trp import checkpoint as ckpt
+from trp.cli import main
+
+TINY = ["--data", "digits", "--image-size", "8", "--subset", "48", "--batch-size", "16", "--seed", "1",
+        "--schedule", "1", "--no-progress"]
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny TRP run shared by the end-to-end tests (train is the slow part)."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_checkpoint_report_plot_and_model(trained):
+    assert {"checkpoint.pt", "report.json", "ranks.png", "decomposed.pt"} <= set(os.listdir(trained))
+    rep = json.loads((trained / "report.json").read_text())
+    for key in ("dense_acc", "decomposed_acc", "speedup", "params_dense", "params_decomposed",
+                "latency_dense_ms", "latency_decomposed_ms"):
+        assert isinstance(rep[key], (int, float)), key
+    assert rep["speedup"] > 1 and rep["params_decomposed"] < rep["params_dense"]
+    assert len(rep["report"]["layers"]) == 21  # 19 convs + 2 shortcut convs of ResNet-20
+    assert (trained / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    compact = trp.load(trained / "decomposed.pt")
+    assert len(trp.factorized_layers(compact)) > 0
+
+
+def test_decompose_eval_report(trained, tmp_path, capsys):
+    model_file = tmp_path / "compact.pt"
+    code, out, err = run_cli(capsys, "decompose", trained / "checkpoint.pt", "--out", model_file,
+                             "--energy", "0.8")
+    assert code == 0, err
+    assert "speed-up" in out and model_file.exists()
+    compact = trp.load(model_file)
+    assert len(trp.factorized_layers(compact)) > 0
+
+    # eval of the dense checkpoint (its own data config) and of the decomposed file (data given)
+    code, out, err = run_cli(capsys, "eval", trained / "checkpoint.pt")
+    assert code == 0, err
+    assert "dense checkpoint" in out and "48 test images" in out
+    code, out, err = run_cli(capsys, "eval", model_file, "--image-size", "8", "--subset", "48")
+    assert code == 0, err
+    assert "model file" in out and "accuracy" in out
+
+    report_dir = tmp_path / "rep"
+    code, out, err = run_cli(capsys, "report", trained / "checkpoint.pt", "--out", report_dir,
+                             "--threshold", "0.05")
+    assert code == 0, err
+    assert "decomposed accuracy" in out and "speed-up" in out and "| layer |" in out
+    rep = json.loads((report_dir / "report.json").read_text())
+    assert rep["threshold"] == 0.05 and (report_dir / "ranks.png").exists()
+
+
+def test_resume_continues_exactly(tmp_path, capsys):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(full), "--no-report"]) == 0
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(cut), "--no-report"]) == 0
+    assert not (cut / "report.json").exists()
+    code, out, err = run_cli(capsys, "train", "--resume", "--out", cut, "--epochs", "2", "--no-progress",
+                             "--no-report")
+    assert code == 0, err
+    assert "resuming" in out
+    a = ckpt.load_checkpoint(full / "checkpoint.pt")
+    b = ckpt.load_checkpoint(cut / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["pruner"]["steps"] == b["pruner"]["steps"]
+
+
+def test_help_via_subprocess():
+    r = subprocess.run([sys.executable, "-m", "trp.cli", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0
+    for cmd in ("train", "decompose", "eval", "report"):
+        assert cmd in r.stdout
+
+
+def _bad_cases(tmp):
+    other = tmp / "other"
+    return {
+        "unknown model": (["train", *TINY, "--model", "resnet21"], "unknown model 'resnet21'; valid: resnet110"),
+        "unknown data": (["train", *TINY, "--data", "mnist"], "unknown data set 'mnist'; valid: digits"),
+        "unknown scheme": (["train", *TINY, "--scheme", "vh"], "unknown scheme 'vh'.*'channel', 'spatial'"),
+        "unknown preset": (["train", *TINY, "--preset", "imagenet"], "unknown preset.*cifar10-paper"),
+        "no-trp with nuclear": (["train", *TINY, "--no-trp", "--nuclear", "1e-4"], "--no-trp.*--nuclear"),
+        "no-trp with period": (["train", *TINY, "--no-trp", "--period", "2"], "--no-trp.*--period"),
+        "missing cifar dir": (["train", "--data", f"cifar10:{tmp / 'nocifar'}"], "does not exist"),
+        "energy and threshold": (["decompose", "x.pt", "-o", "y.pt", "--energy", "0.9", "--threshold", "0.1"],
+                                 "not allowed with"),
+        "bad energy": (["train", *TINY, "--energy", "2"], "energy must be"),
+        "unknown command": (["fly"], "invalid choice"),
+        "bad epochs": (["train", "--epochs", "zero"], "expected an integer"),
+        "no cuda": (["train", *TINY, "--device", "cuda:7"], "CUDA is not available|cuda"),
+        "resume nothing": (["train", "--resume", "--out", str(other)], "no such file"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_cases(__import__("pathlib").Path("/nonexistent"))))
+def test_bad_input_one_line_exit_2_before_any_work(case, tmp_path, capsys):
+    args, match = _bad_cases(tmp_path)[case]
+    out_dir = tmp_path / "out"
+    if args[0] == "train" and "--out" not in args:
+        args = args + ["--out", out_dir]
+    if case == "no cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("trp: error:"), err
+    import re
+    assert re.search(match, err), err
+    assert not out_dir.exists()  # rejected before any work
+
+
+def test_corrupted_and_foreign_files(trained, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((trained / "checkpoint.pt").read_bytes()[:5000])  # truncated
+    for cmd in (["eval", bad], ["report", bad], ["decompose", bad, "-o", tmp_path / "o.pt"],
+                ["train", "--resume", bad]):
+        code, _, err = run_cli(capsys, *cmd)
+        assert code == 2 and "corrupted" in err and err.count("\n") == 1, (cmd, err)
+    # a decomposed model file is not a training checkpoint
+    code, _, err = run_cli(capsys, "report", trained / "decomposed.pt")
+    assert code == 2 and "not a `trp train` checkpoint" in err
+    # a checkpoint whose weights belong to another architecture
+    saved = ckpt.load_checkpoint(trained / "checkpoint.pt")
+    saved["arch"] = dict(saved["arch"], name="resnet32")
+    foreign = tmp_path / "foreign.pt"
+    torch.save(saved, foreign)
+    code, _, err = run_cli(capsys, "eval", foreign)
+    assert code == 2 and "do not fit its architecture" in err
+    # resume with another model than the checkpoint's, and an existing run without --resume/--force
+    code, _, err = run_cli(capsys, "train", "--resume", trained / "checkpoint.pt", "--model", "resnet32")
+    assert code == 2 and "model='resnet20'" in err
+    code, _, err = run_cli(capsys, "train", *TINY, "--out", trained)
+    assert code == 2 and "--resume" in err and "--force" in err
