@@ -32,7 +32,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 demo: build
-	$(VENV)/bin/trp train --model resnet20 --data digits --scheme channel --out runs/demo
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/trp train --model resnet20 --data digits --image-size 16 --scheme channel --energy 0.9 --nuclear 3e-4 --epochs 30 --lr 0.05 --out runs/demo --force
 
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-enable

@@ -5,6 +5,7 @@ line `trp: error: ...` on stderr and exit status 2, checked before any training 
 import argparse
 import os
 import sys
+import time
 
 from . import checkpoint as ckpt
 from . import data as data_mod
@@ -123,6 +124,7 @@ def _log(msg):
 
 
 def cmd_train(ns):
+    start = time.perf_counter()
     explicit = {k: getattr(ns, k) for k in TRAIN_KEYS if hasattr(ns, k)}
     if "threads" in ns:
         import torch
@@ -166,6 +168,7 @@ def cmd_train(ns):
         return 0
     train_mod.final_report(run.model, run.bundle, run.test_loader, run.device, cfg.scheme,
                            **_criterion(cfg.energy, cfg.threshold), out=run.out, log=_log)
+    _log(f"total time {time.perf_counter() - start:.0f} s")
     return 0
 
 
