@@ -2,6 +2,7 @@
 each factorized layer and a state_dict - read back with torch.load(weights_only=True), so no pickled code
 runs on load."""
 import copy
+import hashlib
 import os
 import tempfile
 
@@ -15,12 +16,24 @@ FORMAT = "trp.model"
 VERSION = 1
 
 
+def _digest(arch, layers, state_dict):
+    """SHA-256 over the config and every tensor's bytes: the zip container does not verify its CRCs on
+    load, so a flipped byte inside a tensor would otherwise load silently."""
+    h = hashlib.sha256(repr((arch, layers)).encode())
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save(model, path):
     """Writes `model` (dense or decomposed) to `path` atomically (temporary file, then rename)."""
     layers = {n: m.config() for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)}
     arch = getattr(model, "trp_arch", None)
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, "arch": copy.deepcopy(arch), "layers": layers,
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+               "state_dict": state_dict, "sha256": _digest(arch, layers, state_dict)}
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
@@ -53,6 +66,9 @@ def _read(path):
     for key, kind in (("layers", dict), ("state_dict", dict)):
         if not isinstance(payload.get(key), kind):
             raise ValueError(f"trp.load: {path} is damaged: missing {key!r}")
+    if payload.get("sha256") != _digest(payload.get("arch"), payload["layers"], payload["state_dict"]):
+        raise ValueError(f"trp.load: {path} is corrupted: its contents do not match the checksum "
+                         "written by trp.save")
     return payload
 
 

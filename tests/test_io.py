@@ -1,0 +1,117 @@
+"""trp.save / trp.load: round trip, architecture checks, damaged and missing files, atomic write."""
+import os
+
+import pytest
+import torch
+
+import trp
+
+
+@pytest.fixture(scope="module")
+def decomposed():
+    torch.manual_seed(0)
+    dense = trp.models.build("resnet20", num_classes=7)
+    return trp.decompose(dense, "channel", energy=0.6, layers=r"layer[12]\..*").eval()
+
+
+def test_round_trip_rebuilds_from_recorded_arch(decomposed, tmp_path):
+    path = tmp_path / "model.pt"
+    trp.save(decomposed, path)
+    loaded = trp.load(path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), decomposed(x))
+    assert repr(loaded) == repr(decomposed)
+    assert loaded.trp_arch == decomposed.trp_arch
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
+
+
+def test_round_trip_onto_given_base_leaves_base_untouched(decomposed, tmp_path):
+    path = tmp_path / "model.pt"
+    trp.save(decomposed, path)
+    base = trp.models.build("resnet20", num_classes=7)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    loaded = trp.load(path, base=base).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), decomposed(x))
+    assert isinstance(base.layer1[0].conv1, torch.nn.Conv2d)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_spatial_and_dense_models_round_trip(tmp_path):
+    dense = trp.models.build("resnet20").eval()
+    spatial = trp.decompose(dense, "spatial", rank=3, layers=[r"layer3\.0\.conv1", r"layer1\.0\.conv2"]).eval()
+    for model, name in ((dense, "dense.pt"), (spatial, "spatial.pt")):
+        trp.save(model, tmp_path / name)
+        loaded = trp.load(tmp_path / name).eval()
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+
+
+def test_other_architecture_is_a_clear_error(decomposed, tmp_path):
+    path = tmp_path / "model.pt"
+    trp.save(decomposed, path)
+    with pytest.raises(ValueError, match="architecture"):
+        trp.load(path, base=trp.models.build("resnet32", num_classes=7))
+    other = trp.models.build("resnet32", num_classes=7)
+    del other.trp_arch  # no record to compare: the layer shapes/state_dict must catch it
+    with pytest.raises(ValueError, match="another architecture"):
+        trp.load(path, base=other)
+    wrong_width = trp.models.build("resnet20", num_classes=3)
+    del wrong_width.trp_arch
+    with pytest.raises(ValueError, match="does not match"):
+        trp.load(path, base=wrong_width)
+    with pytest.raises(ValueError, match="nn.Module"):
+        trp.load(path, base="resnet20")
+
+
+def test_unrecorded_arch_needs_base(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3))
+    compact = trp.decompose(model, "channel", rank=1, layers=["1"])
+    trp.save(compact, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="base="):
+        trp.load(tmp_path / "m.pt")
+    loaded = trp.load(tmp_path / "m.pt", base=model)
+    x = torch.randn(1, 3, 9, 9)
+    assert torch.equal(loaded(x), compact(x))
+
+
+def test_damaged_and_missing_files(decomposed, tmp_path):
+    path = tmp_path / "model.pt"
+    trp.save(decomposed, path)
+    data = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        trp.load(tmp_path / "truncated.pt")
+    flipped = bytearray(data)
+    middle = len(flipped) // 3
+    flipped[middle:middle + 64] = bytes(64)
+    (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError):
+        trp.load(tmp_path / "flipped.pt")
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(256))
+    with pytest.raises(ValueError, match="not a readable"):
+        trp.load(tmp_path / "garbage.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a trp model file"):
+        trp.load(tmp_path / "foreign.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        trp.load(tmp_path / "missing.pt")
+
+
+def test_failed_save_keeps_previous_file(decomposed, tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    trp.save(decomposed, path)
+    good = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trp.save(decomposed, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
