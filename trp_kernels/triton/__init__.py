@@ -22,8 +22,9 @@ def supported(kind, x, w1, w2, bias, out_hw):
         return "all tensors must share one dtype"
     if any(t.device != x.device for t in tensors):
         return "all tensors must be on one device"
-    if rank_pad(w1.shape[0]) > MAX_RANK_PAD[kind]:
-        return f"rank {w1.shape[0]} above the on-chip limit {MAX_RANK_PAD[kind]}"
+    limit = MAX_RANK_PAD[(kind, x.dtype == torch.float32)]
+    if rank_pad(w1.shape[0]) > limit:
+        return f"rank {w1.shape[0]} above the on-chip limit {limit} for {x.dtype}"
     # per-image offsets are 32-bit inside the kernels (the batch offset is 64-bit)
     if _max_offset(x, 1) >= 2 ** 31 or w2.shape[0] * out_hw[0] * out_hw[1] >= 2 ** 31:
         return "image too large for 32-bit offsets"

@@ -7,8 +7,10 @@ import torch
 # Tensor-core friendly minimum for tl.dot operands on Ampere/Hopper (M, N, K >= 16).
 MIN_DOT = 16
 # Largest padded rank the kernels keep on chip; beyond it the [pixels x r] accumulator no longer fits
-# in registers at a useful tile size, and two convolutions are the better plan anyway.
-MAX_RANK_PAD = {"channel": 256, "spatial": 128}
+# in registers at a useful tile size, and two convolutions are the better plan anyway. fp32 (IEEE, FMA
+# instead of tensor cores, 2x the bytes) gets half: larger tiles exceed shared memory and compile slowly.
+MAX_RANK_PAD = {("channel", False): 256, ("spatial", False): 128,
+                ("channel", True): 128, ("spatial", True): 64}
 # fp32 registers one program may hold in an accumulator (8 warps x 32 threads x 64 registers).
 MAX_ACC = 16384
 
@@ -47,3 +49,16 @@ def named(named_args, kwargs):
     d = dict(named_args)
     d.update(kwargs)
     return d
+
+
+AUTOTUNE_ENV = "TRP_TRITON_AUTOTUNE"
+AUTOTUNE_MODES = ("full", "quick", "off")
+
+
+def autotune_mode():
+    """TRP_TRITON_AUTOTUNE: full (default; every config, tuned once per shape), quick (three configs: for
+    time-boxed benchmark runs), off (one config chosen by the tile rules, no tuning)."""
+    mode = os.environ.get(AUTOTUNE_ENV, "full").strip().lower() or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"{AUTOTUNE_ENV} must be one of {', '.join(AUTOTUNE_MODES)}, got {mode!r}")
+    return mode

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_ACC, interpreting, named, precision, rank_pad)
+from ._common import MAX_ACC, autotune_mode, interpreting, named, precision, rank_pad
 
 
 @triton.jit
@@ -46,21 +46,23 @@ def _channel_kernel(
     offs_c = tl.arange(0, BLOCK_C)
 
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for i in tl.static_range(KH):
+    # one flat loop over (tap, channel block): a single software-pipelined K loop on the GPU, and a small
+    # body (unrolling the taps made fp32 FMA kernels take minutes in ptxas)
+    n_cb = tl.cdiv(C, BLOCK_C)
+    for kb in range(0, KH * KW * n_cb):
+        tap = kb // n_cb
+        cc = (kb - tap * n_cb) * BLOCK_C + offs_c
+        i = tap // KW
+        j = tap - i * KW
         ih = ih0 + i * DIL_H
-        h_ok = m_ok & (ih >= 0) & (ih < H)
-        for j in tl.static_range(KW):
-            iw = iw0 + j * DIL_W
-            ok = h_ok & (iw >= 0) & (iw < W)
-            pix = x_img + ih * sxh + iw * sxw
-            w_tap = W1 + i * s1h + j * s1w
-            for c0 in range(0, C, BLOCK_C):
-                cc = c0 + offs_c
-                c_ok = cc < C
-                xt = tl.load(pix[:, None] + cc[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
-                wt = tl.load(w_tap + cc[:, None] * s1c + offs_r[None, :] * s1r,
-                             mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        iw = iw0 + j * DIL_W
+        ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c_ok = cc < C
+        xt = tl.load((x_img + ih * sxh + iw * sxw)[:, None] + cc[None, :] * sxc,
+                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        wt = tl.load(W1 + i * s1h + j * s1w + cc[:, None] * s1c + offs_r[None, :] * s1r,
+                     mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
 
     # round like the stored intermediate of the two-conv path; low precision also feeds the tensor cores
     mid = acc.to(Y.dtype.element_ty)
@@ -93,31 +95,34 @@ def _prune(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"])]
 
 
-def _gpu_configs():
+def _gpu_configs(mode):
     # A short list (autotuning compiles each one per shape): tiles for small CIFAR layers up to the wide
     # ResNet-50 ones; _prune drops those whose accumulators exceed the register budget for the rank.
     shapes = [(32, 16, 16, 4, 2), (32, 32, 32, 4, 3), (32, 64, 64, 4, 3), (64, 16, 32, 4, 3),
               (64, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3), (128, 32, 64, 8, 3),
               (128, 64, 64, 8, 3), (128, 32, 128, 8, 3)]
+    shapes = {"full": shapes,
+              "quick": [(32, 16, 16, 4, 2), (64, 32, 64, 4, 3), (128, 32, 64, 8, 3)],
+              "off": [(64, 32, 64, 4, 3)]}[mode]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_N": bn}, num_warps=wp, num_stages=st)
             for bm, bc, bn, wp, st in shapes]
 
 
 _AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
                  "KH", "KW", "syc"]
-_tuned = None
+_tuned = {}
 
 
 def _kernel():
     """Autotuned kernel on the GPU; under the interpreter a single small config (autotuning there would
     run every config serially on the CPU)."""
-    global _tuned
     if interpreting():
         return _channel_kernel, {"BLOCK_M": 64, "BLOCK_C": 16, "BLOCK_N": 16}
-    if _tuned is None:
-        _tuned = triton.autotune(configs=_gpu_configs(), key=_AUTOTUNE_KEY,
-                                 prune_configs_by={"early_config_prune": _prune})(_channel_kernel)
-    return _tuned, {}
+    mode = autotune_mode()
+    if mode not in _tuned:
+        _tuned[mode] = triton.autotune(configs=_gpu_configs(mode), key=_AUTOTUNE_KEY,
+                                       prune_configs_by={"early_config_prune": _prune})(_channel_kernel)
+    return _tuned[mode], {}
 
 
 def factorized_conv_channel(x, c_weight, p_weight, bias, stride, padding, dilation):

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_ACC, interpreting, named, next_pow2, precision, rank_pad
+from ._common import MAX_ACC, autotune_mode, interpreting, named, next_pow2, precision, rank_pad
 
 # A row whose padded width exceeds this is split into column tiles with a halo.
 MAX_SINGLE_SPAN = 128
@@ -52,17 +52,18 @@ def _spatial_kernel(
     r_ok = offs_r < R
     offs_c = tl.arange(0, BLOCK_C)
     acc1 = tl.zeros((ROWS * SPAN, R_PAD), dtype=tl.float32)
-    for i in tl.static_range(KH):
+    n_cb = tl.cdiv(C, BLOCK_C)
+    for kb in range(0, KH * n_cb):  # flat (tap, channel block) loop, as in the channel kernel
+        i = kb // n_cb
+        cc = (kb - i * n_cb) * BLOCK_C + offs_c
         ih = oh1 * STRIDE_H - PAD_T + i * DIL_H
         ok = ok1 & (ih >= 0) & (ih < H)
-        pix = x_col + ih * sxh
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + offs_c
-            c_ok = cc < C
-            xt = tl.load(pix[:, None] + cc[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
-            wt = tl.load(WV + i * svh + cc[:, None] * svc + offs_r[None, :] * svr,
-                         mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-            acc1 = tl.dot(xt, wt, acc1, input_precision=PRECISION)
+        c_ok = cc < C
+        xt = tl.load((x_col + ih * sxh)[:, None] + cc[None, :] * sxc, mask=ok[:, None] & c_ok[None, :],
+                     other=0.0)
+        wt = tl.load(WV + i * svh + cc[:, None] * svc + offs_r[None, :] * svr,
+                     mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+        acc1 = tl.dot(xt, wt, acc1, input_precision=PRECISION)
     mid = acc1.to(Y.dtype.element_ty)
 
     # ---- GEMM 2: horizontal conv, taps gathered from the on-chip intermediate
@@ -77,7 +78,7 @@ def _spatial_kernel(
         oo = o0 + tl.arange(0, BLOCK_N)
         o_ok = oo < NOUT
         acc2 = tl.zeros((ROWS * OUT_W, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(KW):
+        for j in range(KW):
             col = ow * STRIDE_W - PAD_L + j * DIL_W
             # columns outside the image are the conv's zero padding of the intermediate
             valid = ok2 & (col >= 0) & (col < W)
@@ -108,27 +109,30 @@ def _prune(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda cfg: cfg.kwargs["M_TARGET"] * cfg.kwargs["BLOCK_N"])]
 
 
-def _gpu_configs():
+def _gpu_configs(mode):
     shapes = [(16, 16, 16, 4, 2), (32, 16, 32, 4, 2), (32, 32, 64, 4, 2), (64, 16, 32, 4, 2),
               (64, 32, 64, 4, 2), (64, 64, 64, 4, 2), (128, 32, 64, 8, 2), (128, 32, 128, 8, 2),
               (128, 64, 64, 8, 2)]
+    shapes = {"full": shapes,
+              "quick": [(16, 16, 16, 4, 2), (64, 32, 64, 4, 2), (128, 32, 64, 8, 2)],
+              "off": [(64, 32, 64, 4, 2)]}[mode]
     return [triton.Config({"M_TARGET": mt, "BLOCK_C": bc, "BLOCK_N": bn}, num_warps=wp, num_stages=st)
             for mt, bc, bn, wp, st in shapes]
 
 
 _AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "NROWS", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
                  "KH", "KW", "SPAN", "OUT_W", "syc"]
-_tuned = None
+_tuned = {}
 
 
 def _kernel(out_w):
-    global _tuned
     if interpreting():
         return _spatial_kernel, {"M_TARGET": max(32, out_w), "BLOCK_C": 16, "BLOCK_N": 16}
-    if _tuned is None:
-        _tuned = triton.autotune(configs=_gpu_configs(), key=_AUTOTUNE_KEY,
-                                 prune_configs_by={"early_config_prune": _prune})(_spatial_kernel)
-    return _tuned, {}
+    mode = autotune_mode()
+    if mode not in _tuned:
+        _tuned[mode] = triton.autotune(configs=_gpu_configs(mode), key=_AUTOTUNE_KEY,
+                                       prune_configs_by={"early_config_prune": _prune})(_spatial_kernel)
+    return _tuned[mode], {}
 
 
 def tile_plan(w, ow, kw, stride_w, dil_w, max_single_span=None, multi_span=None):
