@@ -84,8 +84,8 @@ def build_extensions():
     # sm_80 and sm_90 only, so that a build fits in CI's time (override for other GPUs).
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    define_macros = []
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]  # torch 2.14 headers need C++20
+    define_macros = [("TRP_PYTHON_MODULE", "1")]
     if want_cuda and cuda_sources:
         print(f"trp_kernels: building CUDA kernels with toolkit {cuda_home}")
         ext = cpp_extension.CUDAExtension(
@@ -95,7 +95,7 @@ def build_extensions():
             define_macros=define_macros + [("TRP_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"],
+                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"],
             },
             extra_link_args=["-fopenmp"],
         )
@@ -113,5 +113,6 @@ def build_extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = build_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import find_cuda_home
+    ext_modules, cmdclass = build_extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -81,8 +81,8 @@ def _lowrank_project_op(W: Tensor, energy: float, max_rank: Optional[int],
 @_lowrank_project_op.register_fake
 def _(W, energy, max_rank, subgradient):
     rank = W.new_empty((W.shape[0],), dtype=torch.int64)
-    G = torch.empty_like(W) if subgradient else W.new_empty(0)
-    return torch.empty_like(W), rank, G
+    G = W.new_empty(W.shape) if subgradient else W.new_empty(0)
+    return W.new_empty(W.shape), rank, G  # the kernels return contiguous results
 
 
 def lowrank_project(W, energy, *, max_rank=None, subgradient=False):

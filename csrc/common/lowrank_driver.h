@@ -1,0 +1,75 @@
+// Host-side driver of the Gram route, shared by the CPU and CUDA kernels (ATen ops only, so the same
+// code issues MKL GEMMs on the CPU and cuBLAS GEMMs on the GPU). The device-specific parts, the
+// eigensolver and the rank selection, are passed in.
+//
+//   A = W in float64;  Gram = A A^T (p <= q) or A^T A (p > q), n = min(p, q);
+//   Gram = Q diag(lam) Q^T (lam descending, lam = s^2);  k = energy rule on lam;
+//   left:  W_low = Q_k (Q_k^T A),  G = Q_k S_k^-1 (Q_k^T A)   (= U_k V_k^T)
+//   right: W_low = (A Q_k) Q_k^T,  G = (A Q_k) S_k^-1 Q_k^T
+//
+// float64 throughout: the Gram matrix squares the condition number, and in float32 its rounding
+// (eps * s_1^2) would move the kept subspace by more than the 1e-5 relative tolerance on spectra
+// with a small gap; float32 inputs are exact in float64, so only the float64 rounding remains.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <optional>
+#include <tuple>
+
+namespace trp {
+
+// gram [B, n, n] float64 symmetric -> (evals [B, n] descending, evecs [B, n, n], eigenvectors as columns)
+using EighFn = std::function<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>;
+// evals -> (rank int64 [B], keep [B, n] 0/1, inv_s [B, n]) via energy_rank_select
+using RankFn = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, double energy, int64_t max_rank, double noise_rel)>;
+
+// Relative eigenvalue level (of lam_1) below which a kept direction gets no 1/s in the subgradient:
+// the Gram matrix's float64 rounding, eps * inner dimension, with a safety factor.
+inline double gram_noise_rel(int64_t p, int64_t q) { return 16.0 * 2.220446049250313e-16 * double(p > q ? p : q); }
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_gram(
+    const at::Tensor& W, double energy, std::optional<int64_t> max_rank, bool subgradient,
+    const EighFn& eigh, const RankFn& select_rank, bool truncate_on_host) {
+  TORCH_CHECK(W.dim() == 3, "lowrank_project: W must be 3-D [B, p, q], got ", W.sizes());
+  TORCH_CHECK(at::isFloatingType(W.scalar_type()), "lowrank_project: W must be floating point");
+  TORCH_CHECK(energy > 0.0 && energy <= 1.0, "lowrank_project: energy must be in (0, 1], got ", energy);
+  TORCH_CHECK(!max_rank.has_value() || *max_rank >= 1, "lowrank_project: max_rank must be >= 1");
+  const int64_t B = W.size(0), p = W.size(1), q = W.size(2);
+  auto rank_opts = W.options().dtype(at::kLong);
+  if (B == 0 || p == 0 || q == 0) {
+    at::Tensor G = subgradient ? at::zeros_like(W) : W.new_empty({0});
+    return {at::zeros_like(W), at::zeros({B}, rank_opts), G};
+  }
+  const at::Tensor A = W.to(at::kDouble).contiguous();
+  const bool left = p <= q;
+  at::Tensor gram = left ? at::bmm(A, A.transpose(1, 2)) : at::bmm(A.transpose(1, 2), A);
+  gram = (gram + gram.transpose(1, 2)).mul_(0.5);  // exactly symmetric for the eigensolver
+  auto [evals, evecs] = eigh(gram);
+  auto [rank, keep, inv_s] = select_rank(evals, energy, max_rank.value_or(-1), gram_noise_rel(p, q));
+  at::Tensor Q = evecs;
+  if (truncate_on_host) {  // CPU: only the columns that some matrix keeps take part in the GEMMs
+    const int64_t kmax = rank.max().item<int64_t>();
+    Q = Q.narrow(2, 0, kmax);
+    keep = keep.narrow(1, 0, kmax);
+    inv_s = inv_s.narrow(1, 0, kmax);
+  }
+  const at::Tensor Qk = Q * keep.unsqueeze(1);
+  at::Tensor W_low, G;
+  if (left) {
+    const at::Tensor C = at::bmm(Qk.transpose(1, 2), A);  // [B, k, q] = S_k V_k^T
+    W_low = at::bmm(Qk, C);
+    if (subgradient) G = at::bmm(Q * inv_s.unsqueeze(1), C);
+  } else {
+    const at::Tensor C = at::bmm(A, Qk);  // [B, p, k] = U_k S_k
+    W_low = at::bmm(C, Qk.transpose(1, 2));
+    if (subgradient) G = at::bmm(C, (Q * inv_s.unsqueeze(1)).transpose(1, 2));
+  }
+  W_low = W_low.to(W.scalar_type());
+  G = subgradient ? G.to(W.scalar_type()) : W.new_empty({0});
+  return {W_low, rank, G};
+}
+
+}  // namespace trp

@@ -1,0 +1,145 @@
+// trp_kernels_C: schemas and the CPU kernels of the batched low-rank projection.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "common/jacobi.h"
+#include "common/lowrank_driver.h"
+
+namespace trp {
+namespace {
+
+struct NoSync {
+  void operator()() const {}
+};
+
+// Largest Gram size for which the CPU runs the shared Jacobi solver instead of LAPACK. Measured on the
+// 2-core build machine (float64, batches of 18 as in ResNet-56): Jacobi with one matrix per thread is
+// faster than batched LAPACK syevd up to n = 32 and slower from n = 64 on (see README, "algorithm").
+constexpr int64_t kCpuJacobiMaxN = 8;
+// Up to this Gram size LAPACK runs one matrix per thread; above it one batched call lets MKL thread
+// each (large) matrix.
+constexpr int64_t kCpuPerMatrixMaxN = 128;
+
+// The shared Jacobi core run serially on one matrix: g (n x n, row-major) -> evals descending, evecs
+// as columns (row-major n x n).
+void jacobi_eigh_one(const double* g, int n, double* evals, double* evecs) {
+  std::vector<double> a(g, g + size_t(n) * n), vt(size_t(n) * n, 0.0);
+  for (int i = 0; i < n; ++i) vt[size_t(i) * n + i] = 1.0;
+  const int half = jacobi_players(n) / 2;
+  std::vector<int> pi(half), pj(half), perm(n);
+  std::vector<double> c(half), s(half), dii(half), djj(half);
+  JacobiRound<double> r{pi.data(), pj.data(), c.data(), s.data(), dii.data(), djj.data()};
+  double trace = 0.0;
+  for (int i = 0; i < n; ++i) trace += std::fabs(a[size_t(i) * n + i]);
+  int flag = 0;
+  jacobi_solve(a.data(), n, vt.data(), n, n, jacobi_floor(trace), r, &flag, 0, 1, NoSync{});
+  sort_desc(a.data(), n + 1, n, perm.data());
+  for (int j = 0; j < n; ++j) {
+    evals[j] = a[size_t(perm[j]) * (n + 1)];
+    for (int row = 0; row < n; ++row) evecs[size_t(row) * n + j] = vt[size_t(perm[j]) * n + row];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> jacobi_eigh_batched(const at::Tensor& gram) {
+  const at::Tensor g = gram.to(at::kDouble).contiguous();
+  const int64_t B = g.size(0), n = g.size(2);
+  at::Tensor evals = at::empty({B, n}, g.options());
+  at::Tensor evecs = at::empty({B, n, n}, g.options());
+  const double* gp = g.data_ptr<double>();
+  double* ep = evals.data_ptr<double>();
+  double* vp = evecs.data_ptr<double>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      jacobi_eigh_one(gp + b * n * n, int(n), ep + b * n, vp + b * n * n);
+  });
+  return {evals, evecs};
+}
+
+std::tuple<at::Tensor, at::Tensor> lapack_eigh_batched(const at::Tensor& gram) {
+  auto [evals, evecs] = at::linalg_eigh(gram);  // ascending
+  return {evals.flip(-1).contiguous(), evecs.flip(-1).contiguous()};
+}
+
+// LAPACK one matrix per task: at::parallel_for hands each thread whole matrices, and ATen/MKL run
+// single-threaded inside the parallel region, so small matrices use both cores without MKL's
+// per-call threading overhead.
+std::tuple<at::Tensor, at::Tensor> lapack_eigh_per_matrix(const at::Tensor& gram) {
+  const int64_t B = gram.size(0), n = gram.size(2);
+  at::Tensor evals = at::empty({B, n}, gram.options());
+  at::Tensor evecs = at::empty({B, n, n}, gram.options());
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      auto [e, v] = at::linalg_eigh(gram[b]);
+      evals[b].copy_(e.flip(-1));
+      evecs[b].copy_(v.flip(-1));
+    }
+  });
+  return {evals, evecs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rank_cpu(const at::Tensor& evals, double energy,
+                                                               int64_t max_rank, double noise_rel) {
+  const at::Tensor ev = evals.contiguous();
+  const int64_t B = ev.size(0), n = ev.size(1);
+  at::Tensor rank = at::empty({B}, ev.options().dtype(at::kLong));
+  at::Tensor keep = at::empty({B, n}, ev.options());
+  at::Tensor inv_s = at::empty({B, n}, ev.options());
+  const double* e = ev.data_ptr<double>();
+  int64_t* rk = rank.data_ptr<int64_t>();
+  double* kp = keep.data_ptr<double>();
+  double* ip = inv_s.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b)
+    rk[b] = energy_rank_select(e + b * n, int(n), energy, max_rank, noise_rel, kp + b * n, ip + b * n);
+  return {rank, keep, inv_s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_cpu_solver(
+    const at::Tensor& W, double energy, std::optional<int64_t> max_rank, bool subgradient,
+    const std::string& solver) {
+  TORCH_CHECK(solver == "auto" || solver == "jacobi" || solver == "lapack" || solver == "lapack_batched",
+              "lowrank_project: solver must be auto, jacobi, lapack or lapack_batched, got ", solver);
+  const int64_t n = W.dim() == 3 ? std::min(W.size(1), W.size(2)) : 0;
+  std::string choice = solver;
+  if (choice == "auto")
+    choice = n <= kCpuJacobiMaxN ? "jacobi" : (n <= kCpuPerMatrixMaxN ? "lapack" : "lapack_batched");
+  const EighFn eigh = choice == "jacobi" ? EighFn(jacobi_eigh_batched)
+                      : choice == "lapack" ? EighFn(lapack_eigh_per_matrix)
+                                           : EighFn(lapack_eigh_batched);
+  return lowrank_project_gram(W, energy, max_rank, subgradient, eigh, select_rank_cpu,
+                              /*truncate_on_host=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_cpu(const at::Tensor& W, double energy,
+                                                                   std::optional<int64_t> max_rank,
+                                                                   bool subgradient) {
+  return lowrank_project_cpu_solver(W, energy, max_rank, subgradient, "auto");
+}
+
+std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cpu(const at::Tensor& A) {
+  TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2), "jacobi_eigh: A must be [B, n, n], got ", A.sizes());
+  TORCH_CHECK(at::isFloatingType(A.scalar_type()), "jacobi_eigh: A must be floating point");
+  return jacobi_eigh_batched(A);
+}
+
+}  // namespace
+}  // namespace trp
+
+TORCH_LIBRARY(trp_kernels_C, m) {
+  m.def("lowrank_project(Tensor W, float energy, int? max_rank, bool subgradient) -> (Tensor, Tensor, Tensor)");
+  // The same with the eigensolver chosen explicitly ("auto", "jacobi", "lapack"; CUDA: "jacobi" is the
+  // shared-memory kernel for n <= 64, "lapack" ATen's solver): tests and benchmarks.
+  m.def("lowrank_project_solver(Tensor W, float energy, int? max_rank, bool subgradient, str solver) -> (Tensor, Tensor, Tensor)");
+  // The shared Jacobi core alone: symmetric A [B, n, n] -> (eigenvalues descending [B, n] float64,
+  // eigenvectors as columns [B, n, n] float64).
+  m.def("jacobi_eigh(Tensor A) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(trp_kernels_C, CPU, m) {
+  m.impl("lowrank_project", &trp::lowrank_project_cpu);
+  m.impl("lowrank_project_solver", &trp::lowrank_project_cpu_solver);
+  m.impl("jacobi_eigh", &trp::jacobi_eigh_cpu);
+}
