@@ -242,7 +242,7 @@ def interleaved_latency(contenders, x, warmup, repeats):
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def bench_e2e(nets, batches, device, dtypes, backends, budget, warmup, repeats):
+def bench_e2e(nets, batches, device, dtypes, backends, budget, warmup, repeats, channels_last=False):
     import trp
     rows = []
     for net in nets:
@@ -257,13 +257,14 @@ def bench_e2e(nets, batches, device, dtypes, backends, budget, warmup, repeats):
             small = decompose_at_paper_ranks(dense, net, scheme).eval()
             mac_ratio = trp.count_macs(dense, size) / trp.count_macs(small, size)
             for dtype in dtypes:
-                d_m, s_m = dense.to(dtype), small.to(dtype)
+                fmt_ = torch.channels_last if channels_last else torch.contiguous_format
+                d_m, s_m = dense.to(dtype, memory_format=fmt_), small.to(dtype, memory_format=fmt_)
                 for nb in batches:
                     if budget.over():
                         return rows, True
                     rec = {"net": net, "scheme": scheme, "batch": nb, "dtype": str(dtype).replace("torch.", ""),
-                           "device": device, "mac_ratio": round(mac_ratio, 3)}
-                    x = torch.randn((nb,) + size, device=device, dtype=dtype)
+                           "device": device, "channels_last": channels_last, "mac_ratio": round(mac_ratio, 3)}
+                    x = torch.randn((nb,) + size, device=device, dtype=dtype).to(memory_format=fmt_)
                     contenders = {"dense": (d_m, "torch")}
                     contenders.update({be: (s_m, be) for be in backends})
                     try:
@@ -300,17 +301,18 @@ def layer_markdown(rows):
 
 
 def e2e_markdown(rows, backends):
-    head = "| net | scheme | device | dtype | batch | MAC speed-up | dense ms | " + \
+    head = "| net | scheme | device | layout | dtype | batch | MAC speed-up | dense ms | " + \
         " | ".join(f"decomposed ({b}) ms | latency speed-up ({b}) | latency / MAC speed-up ({b})"
                    for b in backends) + " |"
-    out = [head, "|" + "---|" * (7 + 3 * len(backends))]
+    out = [head, "|" + "---|" * (8 + 3 * len(backends))]
     for r in rows:
         if "error" in r or "dense_ms" not in r:
             out.append(f"| {r['net']} | {r.get('scheme', '-')} | error: {r.get('error')} |")
             continue
         cells = " | ".join(f"{fmt(r.get(f'decomposed_{b}_ms'), 2)} | {fmt(r.get(f'latency_ratio_{b}'), 2)} | "
                            f"{fmt(r.get(f'latency_over_mac_ratio_{b}'), 2)}" for b in backends)
-        out.append(f"| {r['net']} | {r['scheme']} | {r['device']} | {r['dtype']} | {r['batch']} | "
+        layout = "NHWC" if r.get("channels_last") else "NCHW"
+        out.append(f"| {r['net']} | {r['scheme']} | {r['device']} | {layout} | {r['dtype']} | {r['batch']} | "
                    f"{r['mac_ratio']:.2f} | {r['dense_ms']:.2f} | {cells} |")
     return "\n".join(out)
 
@@ -341,6 +343,7 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--iters", type=int, default=20, help="calls per timing round (per layer)")
     p.add_argument("--repeats", type=int, default=None, help="timed forwards per end-to-end point")
+    p.add_argument("--channels-last", action="store_true", help="end to end: models and input in NHWC")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--budget-s", type=float, default=0, help="stop starting new points after this long")
     p.add_argument("--out", default=str(ROOT / "results"))
@@ -373,10 +376,11 @@ def main(argv=None):
         batches = args.batches or ([1, 32, 128] if on_gpu else [1, 32])
         repeats = args.repeats or (30 if on_gpu else 15)
         rows, cut = bench_e2e(nets, batches, device, dtypes, backends, budget, warmup=3 if on_gpu else 2,
-                              repeats=repeats)
+                              repeats=repeats, channels_last=args.channels_last)
         doc = {"meta": meta(device, args), "backend_info": trp_kernels.backend_info(),
                "truncated_by_budget": cut, "rows": rows}
-        (out / f"conv_e2e_{device}.json").write_text(json.dumps(doc, indent=1))
+        tag = "_channels_last" if args.channels_last else ""
+        (out / f"conv_e2e_{device}{tag}.json").write_text(json.dumps(doc, indent=1))
         print("\n" + e2e_markdown(rows, backends))
 
 
