@@ -274,7 +274,9 @@ def _lowp_check(kind, dtype, nb, c, h, w, r, n, k, stride, padding, dilation, ch
     multiple of the error PyTorch's own two convolutions make in the same precision."""
     tri = triton_mod()
     x, w1, w2, b = make(kind, nb, c, h, w, r, n, k, k, True, device="cuda")
-    x, w1, w2, b = [t / t[0].numel() ** 0.25 if t is x else t for t in (x, w1, w2, b)]
+    # unit-scale activations, so that float16 neither overflows nor underflows
+    w1 = w1 / (w1[0].numel() ** 0.5)
+    w2 = w2 / (w2[0].numel() ** 0.5)
     args = (stride, padding, dilation)
     exact = ref_fn(kind)(x.double(), w1.double(), w2.double(), b.double(), *args)
     lp = [t.to(dtype) for t in (x, w1, w2, b)]
@@ -322,8 +324,9 @@ def test_cuda_large_fp32(kind, shape):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["channel", "spatial"])
-def test_cuda_auto_picks_valid_backend(kind, backend):
+def test_cuda_auto_picks_valid_backend(kind, backend, monkeypatch):
     backend("auto")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # IEEE fp32 on both paths
     x, w1, w2, b = make(kind, 2, 32, 16, 16, 8, 32, 3, 3, True, device="cuda")
     y = public_fn(kind)(x, w1, w2, b, padding=1)
     first = conv._last_backend[kind]
@@ -331,7 +334,7 @@ def test_cuda_auto_picks_valid_backend(kind, backend):
     y2 = public_fn(kind)(x, w1, w2, b, padding=1)
     assert conv._last_backend[kind] == first  # the choice is cached per shape
     ref = ref_fn(kind)(x.double(), w1.double(), w2.double(), b.double(), [1, 1], [1] * 4, [1, 1])
-    assert rel_err(y, ref) <= 1e-5 and torch.equal(y, y2)
+    assert rel_err(y, ref) <= 1e-5 and rel_err(y2, y) <= 1e-6
     info = trp_kernels.backend_info()["factorized_conv"]
     assert any(c["backend"] == first for c in info["auto_choices"])
     # torch.compile over the op keeps the dispatch at run time
