@@ -282,6 +282,7 @@ def backend_info():
         "triton_available": tri is not None,
         "triton_error": _triton_state["error"],
         "triton_interpret": interp,
+        "triton_autotune": os.environ.get("TRP_TRITON_AUTOTUNE", "full"),
         "last": dict(_last_backend),
         "auto_choices": [{"signature": list(k), "backend": v, "ms_fused_vs_torch": _auto_timing.get(k)}
                          for k, v in _auto_choice.items()],
