@@ -173,6 +173,30 @@ def test_triton_forward_backward_matches_reference(kind, backend):
         assert rel_err(g_t, g_r) <= RTOL
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_trp_modules_run_the_fused_op(scheme, backend):
+    """The factorized modules of `trp` (what trp.decompose builds) go through these ops: forward and
+    backward with the Triton kernel equal the two-conv path."""
+    triton_mod()
+    trp = pytest.importorskip("trp")
+    dense = torch.nn.Conv2d(5, 6, 3, stride=2, padding=1, dilation=1, bias=True)
+    cls = trp.ChannelFactorizedConv2d if scheme == "channel" else trp.SpatialFactorizedConv2d
+    layer = cls.from_conv(dense, rank=3)
+    x = torch.randn(2, 5, 9, 8)
+    outs = {}
+    for name in ("triton", "torch"):
+        backend(name)
+        layer.zero_grad()
+        y = layer(x)
+        assert conv._last_backend[scheme] == name
+        y.square().sum().backward()
+        outs[name] = (y.detach(), [p.grad.clone() for p in layer.parameters()])
+    assert rel_err(outs["triton"][0], outs["torch"][0]) <= RTOL
+    for a, b in zip(outs["triton"][1], outs["torch"][1]):
+        assert rel_err(a, b) <= RTOL
+
+
 # ---- op registration
 @pytest.mark.parametrize("kind", ["channel", "spatial"])
 @pytest.mark.parametrize("name", ["torch", "triton"])
