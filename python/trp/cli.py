@@ -55,41 +55,41 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a model (with TRP by default), then decompose and report",
                        argument_default=S)
-    t.add_argument("--model", help=f"resnet20|32|44|56|110 or torchvision:NAME (default {d['model']})")
-    t.add_argument("--data", help="digits (embedded, default) | cifar10:DIR (python batches) | "
+    t.add_argument("--model", metavar="NAME", help=f"resnet20|32|44|56|110 or torchvision:NAME (default {d['model']})")
+    t.add_argument("--data", metavar="SPEC", help="digits (embedded, default) | cifar10:DIR (python batches) | "
                                   "imagefolder:DIR (DIR/train, DIR/val)")
-    t.add_argument("--image-size", type=_positive_int, help="input side for digits (default 16) and "
+    t.add_argument("--image-size", metavar="N", type=_positive_int, help="input side for digits (default 16) and "
                                                             "imagefolder (default 224)")
-    t.add_argument("--subset", type=_positive_int, help="use a fixed random N train and N test samples")
-    t.add_argument("--scheme", help="channel (default) or spatial")
-    t.add_argument("--energy", type=float, help=f"fraction of squared singular values each projection keeps "
+    t.add_argument("--subset", metavar="N", type=_positive_int, help="use a fixed random N train and N test samples")
+    t.add_argument("--scheme", metavar="NAME", help="channel (default) or spatial")
+    t.add_argument("--energy", metavar="E", type=float, help=f"fraction of squared singular values each projection keeps "
                                                 f"and the final decomposition uses (default {d['energy']})")
-    t.add_argument("--period", type=int, help=f"project every PERIOD iterations (default {d['period']})")
-    t.add_argument("--nuclear", type=float, help=f"nuclear-norm weight lambda (default {d['nuclear']})")
+    t.add_argument("--period", metavar="M", type=int, help=f"project every PERIOD iterations (default {d['period']})")
+    t.add_argument("--nuclear", metavar="L", type=float, help=f"nuclear-norm weight lambda (default {d['nuclear']})")
     t.add_argument("--no-trp", action="store_true", default=False, help="train the plain baseline")
-    t.add_argument("--epochs", type=_positive_int, help=f"default {d['epochs']}")
+    t.add_argument("--epochs", metavar="N", type=_positive_int, help=f"default {d['epochs']}")
     t.add_argument("--lr", type=float, help=f"initial learning rate (default {d['lr']})")
     t.add_argument("--schedule", type=_positive_int, nargs="+", metavar="EPOCH",
                    help="epochs after which the lr is multiplied by --lr-decay (default: 50%% and 75%% of "
                         "--epochs)")
-    t.add_argument("--lr-decay", type=float, help=f"default {d['lr_decay']}")
-    t.add_argument("--weight-decay", type=float, help=f"default {d['weight_decay']}")
-    t.add_argument("--momentum", type=float, help=f"default {d['momentum']}")
-    t.add_argument("--batch-size", type=_positive_int, help=f"default {d['batch_size']}")
-    t.add_argument("--seed", type=int, help=f"default {d['seed']}")
-    t.add_argument("--device", help="cpu (default), cuda, cuda:N or auto")
-    t.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
-    t.add_argument("--threshold", type=float, help="decompose at the end by this absolute singular-value "
+    t.add_argument("--lr-decay", metavar="F", type=float, help=f"default {d['lr_decay']}")
+    t.add_argument("--weight-decay", metavar="WD", type=float, help=f"default {d['weight_decay']}")
+    t.add_argument("--momentum", metavar="MU", type=float, help=f"default {d['momentum']}")
+    t.add_argument("--batch-size", metavar="N", type=_positive_int, help=f"default {d['batch_size']}")
+    t.add_argument("--seed", metavar="N", type=int, help=f"default {d['seed']}")
+    t.add_argument("--device", metavar="DEV", help="cpu (default), cuda, cuda:N or auto")
+    t.add_argument("--workers", metavar="N", type=int, help="DataLoader worker processes (default 0)")
+    t.add_argument("--threshold", metavar="T", type=float, help="decompose at the end by this absolute singular-value "
                                                    "cutoff instead of --energy")
-    t.add_argument("--out", help=f"run directory: checkpoint.pt, report.json, ranks.png, decomposed.pt "
+    t.add_argument("--out", metavar="DIR", help=f"run directory: checkpoint.pt, report.json, ranks.png, decomposed.pt "
                                  f"(default {d['out']})")
-    t.add_argument("--preset", help=f"a published recipe: {', '.join(sorted(train_mod.PRESETS))} "
+    t.add_argument("--preset", metavar="NAME", help=f"a published recipe: {', '.join(sorted(train_mod.PRESETS))} "
                                     "(explicit options override it)")
     t.add_argument("--resume", nargs="?", const="", metavar="CKPT",
                    help="continue the run in --out (or the checkpoint CKPT) exactly where it stopped")
     t.add_argument("--force", action="store_true", default=False,
                    help="start over even if --out already holds a checkpoint")
-    t.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    t.add_argument("--threads", metavar="N", type=_positive_int, help="torch CPU threads")
     t.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
     t.add_argument("--no-report", action="store_true", default=False,
                    help="skip the end-of-training decomposition and report (run `trp report` later)")
@@ -151,8 +151,7 @@ def cmd_train(ns):
                                                  if k not in RESUME_CHANGEABLE})
         values = dict(saved["config"])
         values.update({k: v for k, v in explicit.items() if k in RESUME_CHANGEABLE})
-        values.setdefault("out", os.path.dirname(os.path.abspath(path)))
-        if "out" not in explicit:
+        if "out" not in explicit:  # the run continues where its checkpoint lies
             values["out"] = os.path.dirname(os.path.abspath(path))
         cfg = train_mod.TrainConfig.from_dict(values)
     else:
