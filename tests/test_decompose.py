@@ -85,15 +85,24 @@ def test_decompose_linear_is_exact_on_low_rank_weights(fin, fout, r, bias, seed)
         assert r * (fin + fout) >= fin * fout
 
 
+@pytest.fixture
+def one_thread():
+    # MKL's multi-threaded SVD slows down up to 40x when other jobs hold the cores of a small CI machine
+    # (its threads wait at barriers for descheduled peers); one thread keeps this test at a few seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
-def test_decompose_torchvision_resnet18_exact(scheme):
-    # The SVDs of the 256- and 512-channel layers take many seconds on a loaded 2-core CPU: layer4 and
-    # layer3 after its first block stay dense here; every kind of layer (stride-2 convs, downsample
-    # paths, 64-256 channels) is still covered.
+def test_decompose_torchvision_resnet18_exact(scheme, one_thread):
+    # The SVDs of the 512 x 512 x 3 x 3 layers take seconds each on a 2-core CPU: those three stay dense
+    # here; every other conv (stride-2 convs, downsample paths, 64-512 channels) is decomposed.
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(num_classes=10).to(torch.float64).eval()
     gen = torch.Generator().manual_seed(1)
-    exclude = r"layer4\..*|layer3\.[1-9]\..*"
+    exclude = r"layer4\.0\.conv2|layer4\.1\..*"
     selected = trp.select_layers(model, scheme, exclude=exclude)
     ranks = {}
     for name, conv in selected:

@@ -103,14 +103,17 @@ class RankPruner:
         All groups are checked and computed before any weight is written: if a layer holds NaN/Inf, a
         ValueError names it and no layer is modified."""
         stacks = [self._matrices(g) for g in self._groups]
+        # NaN/Inf propagate into the per-matrix sums: one cheap reduction per group and one host sync per
+        # device; only a non-finite sum (or an overflow of huge finite weights) pays for the exact check.
+        flags = {}
+        for i, W in enumerate(stacks):
+            flags.setdefault(W.device, []).append((i, torch.isfinite(W.sum(dim=(1, 2))).all()))
+        suspects = [i for items in flags.values() if not bool(torch.stack([f for _, f in items]).all())
+                    for i, _ in items]
         bad = []
-        for g, W in zip(self._groups, stacks):
-            # NaN/Inf propagate into the per-matrix sums: one cheap reduction per group; only a
-            # non-finite sum (or an overflow of huge finite weights) pays for the exact element check.
-            if bool(torch.isfinite(W.sum(dim=(1, 2))).all()):
-                continue
-            finite = torch.isfinite(W).flatten(1).all(dim=1)
-            bad += [n for n, ok in zip(g.names, finite.tolist()) if not ok]
+        for i in suspects:
+            finite = torch.isfinite(stacks[i]).flatten(1).all(dim=1)
+            bad += [n for n, ok in zip(self._groups[i].names, finite.tolist()) if not ok]
         if bad:
             raise ValueError(f"RankPruner: non-finite weights (NaN or Inf) in layer(s) {', '.join(bad)}; "
                              "no layer was modified")
