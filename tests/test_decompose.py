@@ -178,6 +178,7 @@ def test_selection_errors():
         trp.select_layers(net, layers=[3])
 
 
+@pytest.mark.filterwarnings("ignore:TRP skips layers")
 def test_decompose_bad_criteria():
     net = Net()
     with pytest.raises(ValueError, match="exactly one"):
