@@ -135,6 +135,10 @@ def test_against_svd(backend, kind, shape):
     for energy in ENERGIES:
         W_low, rank, G = CPU_BACKENDS[backend](W, energy, subgradient=True)
         check_projection(W, energy, W_low, rank, G)
+        # without the subgradient the CPU kernel may project on the discarded directions instead
+        W_low2, rank2, G2 = CPU_BACKENDS[backend](W, energy)
+        assert G2 is None and torch.equal(rank2, rank)
+        check_projection(W, energy, W_low2, rank2)
         assert torch.equal(W, W_in)
 
 
@@ -222,6 +226,13 @@ def test_bad_input(backend, monkeypatch):
     with pytest.raises(ValueError):
         trp_kernels.lowrank_project([[[1.0]]], 0.9)
     assert torch.equal(W, make_batch(4, 5, 6, "decay"))
+
+
+def test_large_finite_values_are_not_rejected():
+    W = torch.full((2, 3, 4), 3e38)  # finite, but each matrix's sum overflows float32
+    W[1] = make_batch(1, 3, 4, "decay")[0]
+    W_low, rank, _ = trp_kernels.lowrank_project(W, 0.9)
+    assert int(rank[0]) == 1 and torch.isfinite(W_low[1]).all()
 
 
 # --- torch.library integration --------------------------------------------------------------------------
