@@ -1,0 +1,245 @@
+"""The paper's central experiment on the embedded digits data (issue: TRP vs data-free decomposition).
+
+Trains, with the same seeds, epochs and schedule:
+  baseline (no TRP); TRP channel; TRP + nuclear channel; TRP spatial; TRP + nuclear spatial
+and evaluates, with no fine-tuning:
+  - the baseline undecomposed, and decomposed data-free at energy e ("Zhang et al." channel row,
+    "Jaderberg et al." spatial row), and decomposed data-free at the ranks that TRP + nuclear reached (the
+    same speed-up as the TRP row: the paper's Table 2 comparison);
+  - every TRP model decomposed at the energy it was trained with.
+Each row: accuracy before / after decomposition, the paper's speed-up (conv MAC ratio), parameters, CPU
+latency ratio (batch 32), as mean and spread over the seeds. Then an energy sweep: TRP + nuclear (channel)
+trained and decomposed at several energies, against data-free decomposition of the baseline at the same
+energies. Writes results/paper_table.json, results/paper_table.md and results/paper_table.png.
+
+    python benchmarks/paper_table.py                 # the README's table (about 25 minutes, 2-core CPU)
+    python benchmarks/paper_table.py --quick         # a smoke run (seconds), not for the README
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import trp
+from trp.decompose import factorized_layers
+from trp.train import Run, TrainConfig, evaluate
+
+TRAINED = {  # row key -> (label, TrainConfig overrides)
+    "baseline": ("Baseline", dict(trp=False, nuclear=0.0)),
+    "trp_channel": ("TRP channel", dict(scheme="channel", nuclear=0.0)),
+    "trp_nu_channel": ("TRP+Nu channel", dict(scheme="channel")),
+    "trp_spatial": ("TRP spatial", dict(scheme="spatial", nuclear=0.0)),
+    "trp_nu_spatial": ("TRP+Nu spatial", dict(scheme="spatial")),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--energy", type=float, default=0.9)
+    p.add_argument("--nuclear", type=float, default=3e-4)
+    p.add_argument("--sweep", type=float, nargs="*", default=[0.7, 0.8, 0.9, 0.95, 0.98])
+    p.add_argument("--latency-batch", type=int, default=32)
+    p.add_argument("--out", default="results")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: 1 seed, 1 epoch, 128 samples")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.sweep, args.subset = args.seeds[:1], 1, [0.8, 0.9], 128
+    else:
+        args.subset = None
+    return args
+
+
+def train(args, key, seed, energy, workdir):
+    label, overrides = TRAINED[key]
+    settings = dict(model=args.model, data="digits", image_size=args.image_size, subset=args.subset,
+                    energy=energy, nuclear=args.nuclear, epochs=args.epochs, lr=args.lr,
+                    batch_size=args.batch_size, seed=seed, device="cpu",
+                    out=os.path.join(workdir, f"{key}_e{energy}_s{seed}"))
+    cfg = TrainConfig(**{**settings, **overrides})
+    t0 = time.perf_counter()
+    run = Run(cfg, log=lambda msg: None, progress=False).fit()
+    print(f"  trained {label:16s} energy {energy} seed {seed}: test {run.history[-1]['test_acc']:.2f}% "
+          f"in {time.perf_counter() - t0:.0f}s", flush=True)
+    return run
+
+
+def measure(args, dense, compact, test_loader, input_size):
+    """Accuracy after decomposition, speed-up, params, latency ratio of one decomposed model."""
+    rep = trp.report(dense, compact, input_size, latency=False)
+    lat_size = (args.latency_batch, *input_size)
+    lat_dense = trp.measure_latency(dense, lat_size, warmup=3, repeats=15)
+    lat_compact = trp.measure_latency(compact, lat_size, warmup=3, repeats=15)
+    t = rep.totals
+    return {"acc_after": evaluate(compact, test_loader, "cpu"), "speedup": t["speedup"],
+            "params": t["params_compact"], "latency_ratio": lat_dense / lat_compact}
+
+
+def ranks_of(compact):
+    return {name: m.rank for name, m in factorized_layers(compact).items()}
+
+
+def run_table(args, workdir):
+    rows = {}  # row key -> list of per-seed dicts
+
+    def add(key, **values):
+        rows.setdefault(key, []).append(values)
+
+    for seed in args.seeds:
+        runs = {key: train(args, key, seed, args.energy, workdir) for key in TRAINED}
+        base = runs["baseline"]
+        input_size = tuple(base.bundle.input_size)[-3:]  # (C, H, W)
+        loader = base.test_loader
+        dense_acc = evaluate(base.model, loader, "cpu")
+        add("baseline", acc_before=dense_acc, acc_after=dense_acc, speedup=1.0,
+            params=trp.count_params(base.model), latency_ratio=1.0)
+        for scheme in ("channel", "spatial"):
+            compact = trp.decompose(base.model, scheme, energy=args.energy)
+            add(f"datafree_{scheme}", acc_before=dense_acc,
+                **measure(args, base.model, compact, loader, input_size))
+            trp_compact = trp.decompose(runs[f"trp_nu_{scheme}"].model, scheme, energy=args.energy)
+            matched = trp.decompose(base.model, scheme, rank=ranks_of(trp_compact))
+            add(f"datafree_{scheme}_matched", acc_before=dense_acc,
+                **measure(args, base.model, matched, loader, input_size))
+        for key in TRAINED:
+            if key == "baseline":
+                continue
+            model = runs[key].model
+            scheme = TRAINED[key][1]["scheme"]
+            compact = trp.decompose(model, scheme, energy=args.energy)
+            add(key, acc_before=evaluate(model, loader, "cpu"),
+                **measure(args, model, compact, loader, input_size))
+        if seed == args.seeds[0]:
+            sweep = run_sweep(args, workdir, seed, base, runs["trp_nu_channel"], input_size)
+    return rows, sweep
+
+
+def run_sweep(args, workdir, seed, base, trp_run_at_default, input_size):
+    """TRP + nuclear channel trained and decomposed at each energy vs data-free baseline decomposition."""
+    points = []
+    for energy in args.sweep:
+        trained = trp_run_at_default if energy == args.energy else train(args, "trp_nu_channel", seed,
+                                                                         energy, workdir)
+        loader = base.test_loader
+        trp_compact = trp.decompose(trained.model, "channel", energy=energy)
+        free_compact = trp.decompose(base.model, "channel", energy=energy)
+        points.append({"energy": energy,
+                       "trp_nu": measure(args, trained.model, trp_compact, loader, input_size),
+                       "datafree": measure(args, base.model, free_compact, loader, input_size)})
+    return points
+
+
+LABELS = {
+    "baseline": "Baseline (no decomposition)",
+    "datafree_channel": "Baseline, data-free channel (Zhang et al.)",
+    "datafree_channel_matched": "Baseline, data-free channel at TRP+Nu ranks",
+    "datafree_spatial": "Baseline, data-free spatial (Jaderberg et al.)",
+    "datafree_spatial_matched": "Baseline, data-free spatial at TRP+Nu ranks",
+    "trp_channel": "TRP channel",
+    "trp_nu_channel": "TRP+Nu channel",
+    "trp_spatial": "TRP spatial",
+    "trp_nu_spatial": "TRP+Nu spatial",
+}
+
+
+def summarize(per_seed):
+    out = {}
+    for field in per_seed[0]:
+        vals = [r[field] for r in per_seed]
+        out[field] = {"mean": statistics.fmean(vals),
+                      "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": vals}
+    return out
+
+
+def _ms(stat, fmt="{:.2f}"):
+    return (fmt.format(stat["mean"]) + (" ± " + fmt.format(stat["std"]) if stat["std"] else ""))
+
+
+def markdown(summary, sweep, args):
+    lines = ["| row | acc before (%) | acc after, no fine-tuning (%) | speed-up (conv MACs) | params | "
+             f"CPU latency ratio (batch {args.latency_batch}) |", "|---|---|---|---|---|---|"]
+    for key, label in LABELS.items():
+        s = summary[key]
+        lines.append(f"| {label} | {_ms(s['acc_before'])} | {_ms(s['acc_after'])} | "
+                     f"{_ms(s['speedup'])}x | {s['params']['mean'] / 1e6:.3f}M | "
+                     f"{_ms(s['latency_ratio'])}x |")
+    lines += ["", "| energy | TRP+Nu channel: acc after / speed-up | baseline data-free channel: "
+              "acc after / speed-up |", "|---|---|---|"]
+    for pt in sweep:
+        a, b = pt["trp_nu"], pt["datafree"]
+        lines.append(f"| {pt['energy']} | {a['acc_after']:.2f}% / {a['speedup']:.2f}x | "
+                     f"{b['acc_after']:.2f}% / {b['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(summary, sweep, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    for key, label in LABELS.items():
+        s = summary[key]
+        ax1.errorbar(s["speedup"]["mean"], s["acc_after"]["mean"], xerr=s["speedup"]["std"],
+                     yerr=s["acc_after"]["std"], fmt="s" if key.startswith("trp") else "o", capsize=3,
+                     label=label)
+    ax1.set_xlabel("speed-up (conv MAC ratio)")
+    ax1.set_ylabel("test accuracy after decomposition, no fine-tuning (%)")
+    ax1.set_title("TRP vs data-free decomposition (mean ± std over seeds)")
+    ax1.legend(fontsize=7)
+    ax1.grid(alpha=0.3)
+    for key, label in (("trp_nu", "TRP+Nu channel"), ("datafree", "baseline, data-free channel")):
+        xs = [pt[key]["speedup"] for pt in sweep]
+        ys = [pt[key]["acc_after"] for pt in sweep]
+        ax2.plot(xs, ys, "o-", label=label)
+        for pt, x, y in zip(sweep, xs, ys):
+            ax2.annotate(f"e={pt['energy']}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax2.set_xlabel("speed-up (conv MAC ratio)")
+    ax2.set_ylabel("test accuracy after decomposition (%)")
+    ax2.set_title("energy sweep (channel scheme)")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="trp_paper_") as workdir:
+        rows, sweep = run_table(args, workdir)
+    summary = {key: summarize(rows[key]) for key in LABELS}
+    elapsed = time.perf_counter() - t0
+    table = markdown(summary, sweep, args)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"model": args.model, "data": "digits", "image_size": args.image_size, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "energy": args.energy, "nuclear": args.nuclear,
+            "seeds": args.seeds, "quick": args.quick, "seconds": elapsed,
+            "date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads()}
+    stem = "paper_table_quick" if args.quick else "paper_table"
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump({"meta": meta, "rows": summary, "sweep": sweep}, f, indent=1)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(table + "\n")
+    plot(summary, sweep, os.path.join(args.out, stem + ".png"))
+    print(table)
+    print(f"\n{args.model} on digits {args.image_size}x{args.image_size}, {args.epochs} epochs, seeds "
+          f"{args.seeds}, energy {args.energy}: {elapsed / 60:.1f} min; wrote {args.out}/{stem}.json/.md/.png")
+    return 0 if all(math.isfinite(s["acc_after"]["mean"]) for s in summary.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
