@@ -13,7 +13,6 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -na
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.14.1" "triton==3.8.0" "torchvision==0.29.1" numpy tqdm \
 		scikit-learn matplotlib pytest pytest-benchmark hypothesis ninja "setuptools>=69" wheel
 	touch $@
