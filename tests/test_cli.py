@@ -151,3 +151,20 @@ def test_corrupted_and_foreign_files(trained, tmp_path, capsys):
     assert code == 2 and "model='resnet20'" in err
     code, _, err = run_cli(capsys, "train", *TINY, "--out", trained)
     assert code == 2 and "--resume" in err and "--force" in err
+
+
+def test_init_loads_weights_and_rejects_foreign_ones(trained, tmp_path, capsys):
+    start = ckpt.load_checkpoint(trained / "checkpoint.pt")["model"]
+    weights = tmp_path / "pretrained.pt"
+    torch.save(start, weights)  # a plain state_dict file, as torchvision checkpoints are
+    out = tmp_path / "finetune"
+    code, _, err = run_cli(capsys, "train", *TINY, "--no-trp", "--epochs", "1", "--lr", "1e-12",
+                           "--weight-decay", "0", "--init", weights, "--no-report", "--out", out)
+    assert code == 0, err
+    tuned = ckpt.load_checkpoint(out / "checkpoint.pt")["model"]
+    assert torch.allclose(tuned["layer1.0.conv1.weight"], start["layer1.0.conv1.weight"], atol=1e-6)
+    foreign = tmp_path / "resnet32.pt"
+    torch.save(trp.models.build("resnet32").state_dict(), foreign)
+    code, _, err = run_cli(capsys, "train", *TINY, "--init", foreign, "--out", tmp_path / "bad")
+    assert code == 2 and "do not fit resnet20" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()

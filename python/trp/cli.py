@@ -14,7 +14,7 @@ from . import train as train_mod
 # train options whose defaults come from train.DEFAULTS / --preset; argparse leaves them out when not given
 TRAIN_KEYS = ("model", "data", "image_size", "subset", "scheme", "energy", "period", "nuclear", "epochs", "lr",
               "schedule", "lr_decay", "weight_decay", "momentum", "batch_size", "seed", "device", "workers",
-              "threshold", "out")
+              "threshold", "init", "out")
 RESUME_CHANGEABLE = ("epochs", "device", "threshold", "out")
 
 
@@ -83,6 +83,8 @@ def build_parser():
                                                    "cutoff instead of --energy")
     t.add_argument("--out", metavar="DIR", help=f"run directory: checkpoint.pt, report.json, ranks.png, decomposed.pt "
                                  f"(default {d['out']})")
+    t.add_argument("--init", metavar="FILE", help="initial weights: a state_dict file (e.g. a torchvision "
+                                                  "checkpoint) or a trp checkpoint, for TRP fine-tuning")
     t.add_argument("--preset", metavar="NAME", help=f"a published recipe: {', '.join(sorted(train_mod.PRESETS))} "
                                     "(explicit options override it)")
     t.add_argument("--resume", nargs="?", const="", metavar="CKPT",
