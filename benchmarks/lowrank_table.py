@@ -2,7 +2,7 @@
 against (a) the per-layer loop of the released TRP code (one torch.linalg.svd per layer, rank chosen per
 layer, reconstruction) and (b) batched torch.linalg.svd per shape group, in one process.
 
-    .venv/bin/python benchmarks/lowrank_table.py [--repeats N] [--out results/lowrank_project_cpu.json]
+    .venv/bin/python benchmarks/lowrank_table.py [--device cpu|cuda] [--repeats-scale F] [--out FILE]
 
 Writes the JSON and prints a markdown table (median wall time of the repeats, ratios against (a)).
 TRP layers: every Conv2d with a kernel other than 1x1 except the network's first conv.
@@ -81,20 +81,34 @@ def per_layer_loop(mats):
 
 
 def batched_svd(groups):
-    """(b) One batched torch.linalg.svd per shape group (the reference implementation)."""
-    return [reference.lowrank_project(W, ENERGY) for W in groups.values()]
+    """(b) One batched torch.linalg.svd per shape group in the weights' dtype, rank and reconstruction
+    batched too (the reference runs its SVD in float64 for accuracy, which would not be a fair baseline)."""
+    out = []
+    for W in groups.values():
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        rank = reference.energy_rank(S, ENERGY)
+        keep = (torch.arange(S.shape[-1], device=W.device) < rank[:, None]).to(W.dtype)
+        out.append((U * (S * keep).unsqueeze(-2)) @ Vh)
+    return out
 
 
 def ours(groups):
     return [trp_kernels.lowrank_project(W, ENERGY) for W in groups.values()]
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeats):
     fn()  # warm-up (allocations, LAPACK workspaces)
+    _sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
 
@@ -106,12 +120,12 @@ CASES = [
 ]
 
 
-def run(repeats_scale=1.0, weights_kinds=("init", "trp"), cases=CASES):
+def run(repeats_scale=1.0, weights_kinds=("init", "trp"), cases=CASES, device="cpu"):
     rows = []
     for model_name, scheme, repeats in cases:
         repeats = max(1, int(round(repeats * repeats_scale)))
         for weights in weights_kinds:
-            mats = workload(model_name, scheme, weights)
+            mats = [M.to(device) for M in workload(model_name, scheme, weights)]
             groups = group(mats)
             fractions = [float(r) / min(W.shape[1:]) for W in groups.values()
                          for r in trp_kernels.lowrank_project(W, ENERGY)[1]]
@@ -149,10 +163,15 @@ def markdown(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats-scale", type=float, default=1.0)
-    parser.add_argument("--out", default=os.path.join(ROOT, "results", "lowrank_project_cpu.json"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = os.path.join(ROOT, "results", f"lowrank_project_{args.device}.json")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is available")
     info = trp_kernels.backend_info()
-    rows = run(args.repeats_scale)
+    rows = run(args.repeats_scale, device=args.device)
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -162,8 +181,10 @@ def main():
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "energy": ENERGY, "backend": info["lowrank_project"]["cpu"],
-        "command": "python benchmarks/lowrank_table.py", "rows": rows,
+        "torch": torch.__version__, "energy": ENERGY, "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "backend": info["lowrank_project"][args.device],
+        "command": f"python benchmarks/lowrank_table.py --device {args.device}", "rows": rows,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
