@@ -25,6 +25,13 @@ def _input_shape(input_size):
     return shape
 
 
+def _probe_input(model, shape):
+    """A zero input of `shape` on the model's device, in its parameters' floating dtype."""
+    param = next(model.parameters(), None)
+    return torch.zeros(shape, device=param.device if param is not None else "cpu",
+                       dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+
+
 def _conv_macs(module, x, y):
     """Multiply-adds of one call, from the input x and output y."""
     n = x.shape[0]
@@ -64,9 +71,7 @@ def macs_by_layer(model, input_size, linear=False):
             if isinstance(module, nn.Linear) and id(module) in inside_factorized_linear:
                 name = name.rsplit(".", 1)[0]  # report a FactorizedLinear under its own name
             handles.append(module.register_forward_hook(hook_for(name)))
-    param = next(model.parameters(), None)
-    x = torch.zeros(shape, device=param.device if param is not None else "cpu",
-                    dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+    x = _probe_input(model, shape)
     was_training = model.training
     try:
         model.eval()
@@ -110,9 +115,7 @@ def count_flops(model, input_size):
     """Floating-point operations (2 x multiply-adds of convs, matmuls, ...) of one forward pass, counted by
     torch.utils.flop_counter.FlopCounterMode, in eval mode with no_grad."""
     shape = _input_shape(input_size)
-    param = next(model.parameters(), None)
-    x = torch.zeros(shape, device=param.device if param is not None else "cpu",
-                    dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+    x = _probe_input(model, shape)
     was_training = model.training
     try:
         model.eval()

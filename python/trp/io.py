@@ -4,12 +4,12 @@ runs on load."""
 import copy
 import hashlib
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
 
 from . import models
+from .checkpoint import atomic_save
 from .modules import FACTORIZED, FACTORIZED_TYPES
 
 FORMAT = "trp.model"
@@ -34,19 +34,7 @@ def save(model, path):
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, "arch": copy.deepcopy(arch), "layers": layers,
                "state_dict": state_dict, "sha256": _digest(arch, layers, state_dict)}
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_save(payload, os.fspath(path))
 
 
 def _read(path):
