@@ -33,6 +33,9 @@ test: build
 demo: build
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/trp train --model resnet20 --data digits --image-size 16 --scheme channel --energy 0.9 --nuclear 3e-4 --epochs 30 --lr 0.05 --out runs/demo --force
 
+paper: build
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/paper_table.py
+
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-enable
 
