@@ -17,8 +17,9 @@ struct NoSync {
 };
 
 // Largest Gram size for which the CPU runs the shared Jacobi solver instead of LAPACK. Measured on the
-// 2-core build machine (float64, batches of 18 as in ResNet-56): Jacobi with one matrix per thread is
-// faster than batched LAPACK syevd up to n = 32 and slower from n = 64 on (see README, "algorithm").
+// 2-core build machine (float64, batches of 18 as in ResNet-56): Jacobi wins only for tiny matrices
+// (n = 8: 0.17 vs 0.25 ms) and loses from n = 16 on (16: 1.95 vs 1.0 ms; 64: 120 vs 27 ms); README,
+// "Batched low-rank projection", has the table.
 constexpr int64_t kCpuJacobiMaxN = 8;
 // Up to this Gram size LAPACK runs one matrix per thread; above it one batched call lets MKL thread
 // each (large) matrix.
