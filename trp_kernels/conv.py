@@ -199,16 +199,13 @@ def _out_size(size, k, s, p_lo, p_hi, d):
 
 @_channel_op.register_fake
 def _(x, c_weight, p_weight, bias, stride, padding, dilation):
-    kh, kw = c_weight.shape[2:]
-    oh = _out_size(x.shape[2], kh, stride[0], padding[0], padding[1], dilation[0])
-    ow = _out_size(x.shape[3], kw, stride[1], padding[2], padding[3], dilation[1])
+    oh, ow = _out_hw("channel", x, c_weight, p_weight, stride, padding, dilation)
     return x.new_empty((x.shape[0], p_weight.shape[0], oh, ow))
 
 
 @_spatial_op.register_fake
 def _(x, v_weight, h_weight, bias, stride, padding, dilation):
-    oh = _out_size(x.shape[2], v_weight.shape[2], stride[0], padding[0], padding[1], dilation[0])
-    ow = _out_size(x.shape[3], h_weight.shape[3], stride[1], padding[2], padding[3], dilation[1])
+    oh, ow = _out_hw("spatial", x, v_weight, h_weight, stride, padding, dilation)
     return x.new_empty((x.shape[0], h_weight.shape[0], oh, ow))
 
 
