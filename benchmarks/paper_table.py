@@ -104,20 +104,17 @@ def run_table(args, workdir):
         dense_acc = evaluate(base.model, loader, "cpu")
         add("baseline", acc_before=dense_acc, acc_after=dense_acc, speedup=1.0,
             params=trp.count_params(base.model), latency_ratio=1.0)
+        trp_compacts = {key: trp.decompose(runs[key].model, TRAINED[key][1]["scheme"], energy=args.energy)
+                        for key in TRAINED if key != "baseline"}
         for scheme in ("channel", "spatial"):
             compact = trp.decompose(base.model, scheme, energy=args.energy)
             add(f"datafree_{scheme}", acc_before=dense_acc,
                 **measure(args, base.model, compact, loader, input_size))
-            trp_compact = trp.decompose(runs[f"trp_nu_{scheme}"].model, scheme, energy=args.energy)
-            matched = trp.decompose(base.model, scheme, rank=ranks_of(trp_compact))
+            matched = trp.decompose(base.model, scheme, rank=ranks_of(trp_compacts[f"trp_nu_{scheme}"]))
             add(f"datafree_{scheme}_matched", acc_before=dense_acc,
                 **measure(args, base.model, matched, loader, input_size))
-        for key in TRAINED:
-            if key == "baseline":
-                continue
+        for key, compact in trp_compacts.items():
             model = runs[key].model
-            scheme = TRAINED[key][1]["scheme"]
-            compact = trp.decompose(model, scheme, energy=args.energy)
             add(key, acc_before=evaluate(model, loader, "cpu"),
                 **measure(args, model, compact, loader, input_size))
         if seed == args.seeds[0]:
