@@ -27,7 +27,7 @@ LAYERS = [("resnet20", "channel", ct.CIFAR_LAYERS[0]), ("resnet20", "channel", c
 @pytest.mark.parametrize("batch", [1, 32])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("net,scheme,layer", LAYERS, ids=lambda v: v[0] if isinstance(v, tuple) else str(v))
-def test_layer(benchmark, net, scheme, layer, dtype, batch, impl):
+def test_layer(benchmark, rounds, net, scheme, layer, dtype, batch, impl):
     from trp_kernels import triton as tri
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
@@ -51,11 +51,11 @@ def test_layer(benchmark, net, scheme, layer, dtype, batch, impl):
     def call():
         fn()
         torch.cuda.synchronize()
-    benchmark.pedantic(call, rounds=30, iterations=5, warmup_rounds=2)
+    benchmark.pedantic(call, rounds=rounds(30), iterations=5, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("model", ["dense", "channel", "spatial"])
-def test_e2e_cpu_resnet20(benchmark, model, monkeypatch):
+def test_e2e_cpu_resnet20(benchmark, rounds, model, monkeypatch):
     """ResNet-20, batch 1, CPU: dense vs decomposed at the paper's ranks (two oneDNN convs per layer)."""
     pytest.importorskip("trp")
     monkeypatch.setenv(conv.BACKEND_ENV, "torch")
@@ -68,7 +68,7 @@ def test_e2e_cpu_resnet20(benchmark, model, monkeypatch):
     torch.set_num_threads(1)  # one thread: stable numbers on a shared CPU
     try:
         with torch.no_grad():
-            out = benchmark.pedantic(lambda: net(x), rounds=10, iterations=1, warmup_rounds=2)
+            out = benchmark.pedantic(lambda: net(x), rounds=rounds(10), iterations=1, warmup_rounds=2)
     finally:
         torch.set_num_threads(threads)
     assert out.shape == (1, 10) and torch.isfinite(out).all()

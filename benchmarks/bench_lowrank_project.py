@@ -15,7 +15,9 @@ WORKLOADS = [("resnet56", "channel"), ("torchvision:resnet50", "channel"),
 _cache = {}
 
 
-def _workload(model_name, scheme):
+def _workload(model_name, scheme, smoke):
+    if smoke:  # the smallest network with the same code path
+        model_name = "resnet20"
     key = (model_name, scheme)
     if key not in _cache:
         mats = lt.workload(model_name, scheme, "init")
@@ -25,18 +27,18 @@ def _workload(model_name, scheme):
 
 @pytest.mark.parametrize("model_name,scheme", WORKLOADS, ids=["r56-channel", "r50-channel", "r50-spatial"])
 @pytest.mark.parametrize("method", ["per_layer_loop", "batched_svd", "lowrank_project"])
-def test_project_all_layers(benchmark, model_name, scheme, method):
-    mats, groups = _workload(model_name, scheme)
+def test_project_all_layers(benchmark, smoke, rounds, model_name, scheme, method):
+    mats, groups = _workload(model_name, scheme, smoke)
     benchmark.group = f"{model_name} {scheme}"
-    rounds = 3 if "resnet50" in model_name else 10
+    timing = dict(rounds=rounds(3 if "resnet50" in model_name else 10), warmup_rounds=0 if smoke else 1)
     if method == "per_layer_loop":
-        out = benchmark.pedantic(lt.per_layer_loop, args=(mats,), rounds=rounds, warmup_rounds=1)
+        out = benchmark.pedantic(lt.per_layer_loop, args=(mats,), **timing)
         assert len(out) == len(mats)
     elif method == "batched_svd":
-        out = benchmark.pedantic(lt.batched_svd, args=(groups,), rounds=rounds, warmup_rounds=1)
+        out = benchmark.pedantic(lt.batched_svd, args=(groups,), **timing)
         assert len(out) == len(groups)
     else:
-        out = benchmark.pedantic(lt.ours, args=(groups,), rounds=rounds, warmup_rounds=1)
+        out = benchmark.pedantic(lt.ours, args=(groups,), **timing)
         assert len(out) == len(groups)
         for (W_low, rank, _), W in zip(out, groups.values()):
             assert W_low.shape == W.shape and (rank >= 1).all()

@@ -30,14 +30,14 @@ def _setup(period):
 
 
 @pytest.mark.parametrize("period", [0, 1, 5, 20], ids=["no-trp", "period1", "period5", "period20"])
-def test_train_step(benchmark, period):
+def test_train_step(benchmark, rounds, period):
     benchmark.group = "resnet20 train step (batch 32, CPU)"
     step = _setup(period)
     step()  # warm-up (oneDNN primitives, first SVD)
-    benchmark.pedantic(step, rounds=5, iterations=1)
+    benchmark.pedantic(step, rounds=rounds(5), iterations=1)
 
 
-def test_projection_only(benchmark):
+def test_projection_only(benchmark, rounds):
     benchmark.group = "projection"
     pruner = trp.RankPruner(trp.models.build("resnet20"), "channel", energy=0.9)
-    benchmark.pedantic(pruner.project, rounds=5, iterations=1)
+    benchmark.pedantic(pruner.project, rounds=rounds(5), iterations=1)

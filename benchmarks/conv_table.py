@@ -18,21 +18,15 @@ launch overhead, which dominates at batch 1), and the same calls replayed from o
 GPU time only). float32 runs with cuDNN TF32 off, so that every contender computes in IEEE fp32 like the
 fused kernels do. On a CPU only the end-to-end part runs (two oneDNN convolutions vs dense)."""
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "python") not in sys.path:  # running from a checkout without an install
-    sys.path.insert(0, str(ROOT / "python"))
-
+import harness  # first: puts the checkout on sys.path
 import trp_kernels  # noqa: E402
 from trp_kernels import conv, reference  # noqa: E402
 
@@ -60,53 +54,6 @@ def layer_rank(scheme, c, n, k, stride, speedup):
     return max(1, round(n * c * k * k / (speedup * per_rank_macs(scheme, c, n, k, stride))))
 
 
-# ------------------------------------------------------------------------------------------ timing
-def cuda_time_ms(fn, iters=20, graph=False):
-    """Mean ms per call of fn, best of two rounds of `iters` back-to-back calls (eager), or of one CUDA
-    graph holding `iters` calls (graph). None if the graph cannot be captured."""
-    fn()
-    torch.cuda.synchronize()
-    if graph:
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(iters):
-                    fn()
-            run = g.replay
-            per = iters
-        except Exception:
-            return None
-    else:
-        def run():
-            for _ in range(iters):
-                fn()
-        per = iters
-    run()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(2):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b) / per)
-    return best
-
-
-class Budget:
-    def __init__(self, seconds):
-        self.end = time.monotonic() + seconds if seconds else None
-
-    def over(self):
-        return self.end is not None and time.monotonic() > self.end
-
-
 # ------------------------------------------------------------------------------------- per layer
 def layer_weights(scheme, c, n, k, r, dtype, device):
     g = dict(dtype=dtype, device=device)
@@ -122,9 +69,9 @@ def layer_weights(scheme, c, n, k, r, dtype, device):
     return w1, w2, dense
 
 
-def bench_layers(nets, batches, dtypes, iters, budget):
+def bench_layers(results, nets, batches, dtypes, iters, budget):
+    """Adds a row per (layer, dtype, batch) to `results`; False when the budget cut the table short."""
     from trp_kernels import triton as tri
-    rows = []
     for net in nets:
         for scheme in ("channel", "spatial"):
             if (net, scheme) not in SPEEDUP:
@@ -134,11 +81,11 @@ def bench_layers(nets, batches, dtypes, iters, budget):
                 for dtype in dtypes:
                     for nb in batches:
                         if budget.over():
-                            return rows, True
-                        rows.append(_bench_one(tri, net, scheme, name, c, n, size, stride, r, nb, dtype,
-                                               iters))
-                        print(json.dumps(rows[-1]), flush=True)
-    return rows, False
+                            return False
+                        row = results.add(_bench_one(tri, net, scheme, name, c, n, size, stride, r, nb, dtype,
+                                                     iters))
+                        print(json.dumps(row), flush=True)
+    return True
 
 
 def _bench_one(tri, net, scheme, name, c, n, size, stride, r, nb, dtype, iters):
@@ -165,8 +112,8 @@ def _bench_one(tri, net, scheme, name, c, n, size, stride, r, nb, dtype, iters):
             err_t = (calls["two_conv"]().double() - exact).abs().max().item()
             rec["max_err_fused"], rec["max_err_two_conv"] = err_f, err_t
         for key, fn in calls.items():
-            rec[f"{key}_ms"] = round(cuda_time_ms(fn, iters), 5)
-            g = cuda_time_ms(fn, iters, graph=True)
+            rec[f"{key}_ms"] = round(harness.cuda_time_ms(fn, iters), 5)
+            g = harness.cuda_time_ms(fn, iters, graph=True)
             rec[f"{key}_graph_ms"] = round(g, 5) if g is not None else None
     except Exception as exc:  # one bad layer must not lose the rest of the table
         rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -242,14 +189,14 @@ def interleaved_latency(contenders, x, warmup, repeats):
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def bench_e2e(nets, batches, device, dtypes, backends, budget, warmup, repeats, channels_last=False):
+def bench_e2e(results, nets, batches, device, dtypes, backends, budget, warmup, repeats, channels_last=False):
+    """Adds a row per (net, scheme, dtype, batch) to `results`; False when the budget cut it short."""
     import trp
-    rows = []
     for net in nets:
         try:
             dense, size = build_net(net, device)
         except Exception as exc:
-            rows.append({"net": net, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            results.add({"net": net, "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
         for scheme in ("channel", "spatial"):
             if (net, scheme) not in SPEEDUP:
@@ -261,7 +208,7 @@ def bench_e2e(nets, batches, device, dtypes, backends, budget, warmup, repeats, 
                 d_m, s_m = dense.to(dtype, memory_format=fmt_), small.to(dtype, memory_format=fmt_)
                 for nb in batches:
                     if budget.over():
-                        return rows, True
+                        return False
                     rec = {"net": net, "scheme": scheme, "batch": nb, "dtype": str(dtype).replace("torch.", ""),
                            "device": device, "channels_last": channels_last, "mac_ratio": round(mac_ratio, 3)}
                     x = torch.randn((nb,) + size, device=device, dtype=dtype).to(memory_format=fmt_)
@@ -276,9 +223,9 @@ def bench_e2e(nets, batches, device, dtypes, backends, budget, warmup, repeats, 
                             rec[f"latency_over_mac_ratio_{be}"] = round(med["dense"] / med[be] / mac_ratio, 3)
                     except Exception as exc:
                         rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    rows.append(rec)
+                    results.add(rec)
                     print(json.dumps(rec), flush=True)
-    return rows, False
+    return True
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -317,23 +264,6 @@ def e2e_markdown(rows, backends):
     return "\n".join(out)
 
 
-def meta(device, args):
-    m = {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "device": device,
-         "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
-         platform.machine(), "threads": torch.get_num_threads(), "args": vars(args),
-         "autotune": os.environ.get("TRP_TRITON_AUTOTUNE", "full"), "speedup_targets":
-         {f"{k[0]}/{k[1]}": v for k, v in SPEEDUP.items()}}
-    if device == "cuda":
-        m["gpu"] = torch.cuda.get_device_name()
-        m["cudnn"] = torch.backends.cudnn.version()
-        try:
-            import triton
-            m["triton"] = triton.__version__
-        except ImportError:
-            m["triton"] = None
-    return m
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=["all", "layers", "e2e"], default="all")
@@ -346,42 +276,49 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true", help="end to end: models and input in NHWC")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--budget-s", type=float, default=0, help="stop starting new points after this long")
-    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--smoke", action="store_true",
+                   help="end to end only, ResNet-20, batch 1, 2 repeats (fp32 on a CPU): checks that the script works")
+    p.add_argument("--out", default=str(harness.ROOT / "results"), help="directory of the JSON files")
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    budget = Budget(args.budget_s)
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is available")
+    if args.smoke:
+        args.part, args.nets, args.batches, args.repeats = "e2e", ["resnet20"], [1], 2
+        args.dtypes = args.dtypes if device == "cuda" else ["float32"]
+    budget = harness.Budget(args.budget_s)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     on_gpu = device == "cuda"
     dtypes = [getattr(torch, d) for d in (args.dtypes or (["float16", "float32"] if on_gpu else ["float32"]))]
     torch.backends.cudnn.allow_tf32 = False  # IEEE fp32 for every contender (see module doc)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark = True    # cuDNN picks its fastest algorithm per shape, as in deployment
-    info = trp_kernels.backend_info()
+    settings = {"args": vars(args), "autotune": os.environ.get("TRP_TRITON_AUTOTUNE", "full"),
+                "speedup_targets": {f"{k[0]}/{k[1]}": v for k, v in SPEEDUP.items()}}
 
     if args.part in ("all", "layers"):
         if not on_gpu:
             print("per-layer table: needs CUDA (fused Triton vs cuDNN); skipped on this CPU")
         else:
-            nets = args.nets or ["resnet20", "resnet56", "resnet50"]
-            rows, cut = bench_layers(nets, args.batches or [1, 32, 128], dtypes, args.iters, budget)
-            doc = {"meta": meta(device, args), "backend_info": info, "truncated_by_budget": cut, "rows": rows}
-            (out / f"conv_layers_{device}.json").write_text(json.dumps(doc, indent=1))
-            print("\n" + layer_markdown(rows))
+            results = harness.Results(out / f"conv_layers_{device}.json", "conv_layers", device, **settings)
+            done = bench_layers(results, args.nets or ["resnet20", "resnet56", "resnet50"],
+                                args.batches or [1, 32, 128], dtypes, args.iters, budget)
+            results.finish(truncated_by_budget=not done, backend_info=trp_kernels.backend_info())
+            print("\n" + layer_markdown(results.rows))
     if args.part in ("all", "e2e"):
         nets = args.nets or (["resnet20", "resnet56", "resnet50"] if on_gpu else ["resnet20", "resnet56"])
         backends = ["torch", "auto", "triton"] if on_gpu else ["torch"]
         batches = args.batches or ([1, 32, 128] if on_gpu else [1, 32])
         repeats = args.repeats or (30 if on_gpu else 15)
-        rows, cut = bench_e2e(nets, batches, device, dtypes, backends, budget, warmup=3 if on_gpu else 2,
-                              repeats=repeats, channels_last=args.channels_last)
-        doc = {"meta": meta(device, args), "backend_info": trp_kernels.backend_info(),
-               "truncated_by_budget": cut, "rows": rows}
         tag = "_channels_last" if args.channels_last else ""
-        (out / f"conv_e2e_{device}{tag}.json").write_text(json.dumps(doc, indent=1))
-        print("\n" + e2e_markdown(rows, backends))
+        results = harness.Results(out / f"conv_e2e_{device}{tag}.json", "conv_e2e", device, **settings)
+        done = bench_e2e(results, nets, batches, device, dtypes, backends, budget, warmup=3 if on_gpu else 2,
+                         repeats=repeats, channels_last=args.channels_last)
+        # which backend `auto` chose per shape, with its measurements (and Triton's tuned configs)
+        results.finish(truncated_by_budget=not done, backend_info=trp_kernels.backend_info())
+        print("\n" + e2e_markdown(results.rows, backends))
 
 
 if __name__ == "__main__":

@@ -10,46 +10,26 @@ Weights: "init" = the model's random initialisation; "trp" = TRP-like weights, e
 once at energy 0.9 and then perturbed by Gaussian noise of 5% of its entries' RMS (what the weights
 look like a few SGD steps after a projection: a dominant low-rank part and a small full-rank tail)."""
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
-sys.path.insert(0, ROOT)
-
+import harness  # first: puts the checkout on sys.path
+import trp  # noqa: E402
 import trp_kernels  # noqa: E402
+from trp.schemes import to_matrix  # noqa: E402
 from trp_kernels import reference  # noqa: E402
 
 ENERGY = 0.9
 
 
-def trp_layers(model):
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    return [m for m in convs[1:] if tuple(m.kernel_size) != (1, 1)]
-
-
-def to_matrix(w, scheme):
-    n, c, kh, kw = w.shape
-    if scheme == "channel":
-        return w.reshape(n, -1)
-    return w.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
-
-
 def workload(model_name, scheme, weights, seed=0):
     """The per-layer matrices of the model's TRP layers (in model order)."""
-    import trp.models
-
     torch.manual_seed(seed)
     kwargs = {"num_classes": 1000} if model_name.startswith("torchvision:") else {}
     model = trp.models.build(model_name, **kwargs)
-    mats = [to_matrix(m.weight.detach().float(), scheme).contiguous() for m in trp_layers(model)]
+    layers = [model.get_submodule(name) for name, _ in trp.select_layers(model, scheme, warn=False)]
+    mats = [to_matrix(m.weight.detach().float(), scheme).contiguous() for m in layers]
     if weights == "trp":
         gen = torch.Generator().manual_seed(seed + 1)
         out = []
@@ -96,23 +76,6 @@ def ours(groups):
     return [trp_kernels.lowrank_project(W, ENERGY) for W in groups.values()]
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def median_time(fn, repeats):
-    fn()  # warm-up (allocations, LAPACK workspaces)
-    _sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
 CASES = [
     ("resnet56", "channel", 9),
     ("torchvision:resnet50", "channel", 5),
@@ -120,18 +83,32 @@ CASES = [
 ]
 
 
-def run(repeats_scale=1.0, weights_kinds=("init", "trp"), cases=CASES, device="cpu"):
-    rows = []
+def ours_solver(groups, solver):
+    """lowrank_project's compiled kernel with a forced eigensolver ("jacobi": the shared-memory Jacobi
+    kernel, n <= 64 on CUDA; "lapack": LAPACK on the CPU, cuSOLVER through ATen on CUDA)."""
+    op = torch.ops.trp_kernels_C.lowrank_project_solver
+    return [op(W, ENERGY, None, False, solver) for W in groups.values()]
+
+
+SMOKE_CASES = [("resnet20", "channel", 1)]
+
+
+def run(results, repeats_scale=1.0, weights_kinds=("init", "trp"), cases=CASES, device="cpu", budget=None):
+    """Measures every case and adds one row per (case, weights) to `results` (written at once)."""
+    solvers = ("jacobi", "lapack") if device == "cuda" and \
+        trp_kernels.backend_info()["lowrank_project"]["compiled_cuda"] else ()
     for model_name, scheme, repeats in cases:
         repeats = max(1, int(round(repeats * repeats_scale)))
         for weights in weights_kinds:
+            if budget is not None and budget.over():
+                return False
             mats = [M.to(device) for M in workload(model_name, scheme, weights)]
             groups = group(mats)
             fractions = [float(r) / min(W.shape[1:]) for W in groups.values()
                          for r in trp_kernels.lowrank_project(W, ENERGY)[1]]
-            t_loop, all_loop = median_time(lambda: per_layer_loop(mats), repeats)
-            t_bsvd, all_bsvd = median_time(lambda: batched_svd(groups), repeats)
-            t_ours, all_ours = median_time(lambda: ours(groups), repeats)
+            t_loop, all_loop = harness.median_time(lambda: per_layer_loop(mats), repeats, device)
+            t_bsvd, all_bsvd = harness.median_time(lambda: batched_svd(groups), repeats, device)
+            t_ours, all_ours = harness.median_time(lambda: ours(groups), repeats, device)
             row = {
                 "model": model_name, "scheme": scheme, "weights": weights, "layers": len(mats),
                 "groups": {"x".join(map(str, s)): int(W.shape[0]) for s, W in groups.items()},
@@ -140,60 +117,57 @@ def run(repeats_scale=1.0, weights_kinds=("init", "trp"), cases=CASES, device="c
                 "speedup_vs_loop": t_loop / t_ours, "speedup_vs_batched_svd": t_bsvd / t_ours,
                 "repeats": repeats, "raw": {"loop": all_loop, "batched_svd": all_bsvd, "ours": all_ours},
             }
-            rows.append(row)
+            for solver in solvers:  # Jacobi kernel vs cuSOLVER (the Jacobi one applies to n <= 64 only)
+                if solver == "jacobi" and max(min(W.shape[1:]) for W in groups.values()) > 64:
+                    continue
+                row[f"ours_{solver}_s"] = harness.median_time(lambda: ours_solver(groups, solver), repeats,
+                                                              device)[0]
+            results.add(row)
             print(f"{model_name} {scheme} {weights}: loop {t_loop*1e3:.1f} ms, batched svd "
                   f"{t_bsvd*1e3:.1f} ms, ours {t_ours*1e3:.1f} ms -> {row['speedup_vs_loop']:.1f}x",
                   file=sys.stderr, flush=True)
-    return rows
+    return True
 
 
 def markdown(rows):
+    solvers = [k for k in ("ours_jacobi_s", "ours_lapack_s") if any(k in r for r in rows)]
+    names = {"ours_jacobi_s": "Jacobi kernel", "ours_lapack_s": "cuSOLVER/LAPACK eigh"}
     lines = ["| network | scheme | weights | layers (groups) | mean rank / n | (a) per-layer SVD loop | "
-             "(b) batched SVD | lowrank_project | vs (a) | vs (b) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(b) batched SVD | lowrank_project | vs (a) | vs (b) |" + "".join(f" {names[k]} |" for k in solvers),
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(solvers)]
     for r in rows:
+        extra = "".join(f" {r[k]*1e3:.2f} ms |" if k in r else " - |" for k in solvers)
         lines.append(
             f"| {r['model'].replace('torchvision:', '')} | {r['scheme']} | {r['weights']} | {r['layers']} "
             f"({len(r['groups'])}) | {r['mean_rank_fraction']:.2f} | {r['loop_s']*1e3:.1f} ms | "
             f"{r['batched_svd_s']*1e3:.1f} ms | {r['ours_s']*1e3:.1f} ms | {r['speedup_vs_loop']:.1f}x | "
-            f"{r['speedup_vs_batched_svd']:.1f}x |")
+            f"{r['speedup_vs_batched_svd']:.1f}x |" + extra)
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats-scale", type=float, default=1.0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--budget-s", type=float, default=0, help="start no new case after this long")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny case, one repeat: checks that the script works (dry runs, CI)")
     parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.out is None:
-        args.out = os.path.join(ROOT, "results", f"lowrank_project_{args.device}.json")
+        args.out = str(harness.ROOT / "results" / f"lowrank_project_{args.device}.json")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is available")
-    info = trp_kernels.backend_info()
-    rows = run(args.repeats_scale, device=args.device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "energy": ENERGY, "device": args.device,
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-        "backend": info["lowrank_project"][args.device],
-        "command": f"python benchmarks/lowrank_table.py --device {args.device}", "rows": rows,
-    }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
-    print(f"{result['date']}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"energy {ENERGY}, backend {result['backend']}\n")
-    print(markdown(rows))
+    results = harness.Results(args.out, "lowrank_project", args.device, energy=ENERGY,
+                              backend=trp_kernels.backend_info()["lowrank_project"][args.device])
+    cases = SMOKE_CASES if args.smoke else CASES
+    done = run(results, 1.0 if args.smoke else args.repeats_scale, ("trp",) if args.smoke else ("init", "trp"),
+               cases, args.device, harness.Budget(args.budget_s))
+    results.finish(truncated_by_budget=not done)
+    m = results.doc["machine"]
+    print(f"{results.doc['date']}, {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+          f"energy {ENERGY}, backend {results.doc['backend']}\n")
+    print(markdown(results.rows))
 
 
 if __name__ == "__main__":

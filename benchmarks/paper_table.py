@@ -16,7 +16,6 @@ energies. Writes results/paper_table.json, results/paper_table.md and results/pa
     python benchmarks/paper_table.py --quick         # a smoke run (seconds), not for the README
 """
 import argparse
-import json
 import math
 import os
 import statistics
@@ -26,9 +25,10 @@ import time
 
 import torch
 
-import trp
-from trp.decompose import factorized_layers
-from trp.train import Run, TrainConfig, evaluate
+import harness  # first: puts the checkout on sys.path
+import trp  # noqa: E402
+from trp.decompose import factorized_layers  # noqa: E402
+from trp.train import Run, TrainConfig, evaluate  # noqa: E402
 
 TRAINED = {  # row key -> (label, TrainConfig overrides)
     "baseline": ("Baseline", dict(trp=False, nuclear=0.0)),
@@ -222,13 +222,14 @@ def main(argv=None):
     elapsed = time.perf_counter() - t0
     table = markdown(summary, sweep, args)
     os.makedirs(args.out, exist_ok=True)
-    meta = {"model": args.model, "data": "digits", "image_size": args.image_size, "epochs": args.epochs,
-            "batch_size": args.batch_size, "lr": args.lr, "energy": args.energy, "nuclear": args.nuclear,
-            "seeds": args.seeds, "quick": args.quick, "seconds": elapsed,
-            "date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads()}
+    settings = {"model": args.model, "data": "digits", "image_size": args.image_size, "epochs": args.epochs,
+                "batch_size": args.batch_size, "lr": args.lr, "energy": args.energy, "nuclear": args.nuclear,
+                "seeds": args.seeds, "quick": args.quick}
     stem = "paper_table_quick" if args.quick else "paper_table"
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({"meta": meta, "rows": summary, "sweep": sweep}, f, indent=1)
+    results = harness.Results(os.path.join(args.out, stem + ".json"), "paper_table", "cpu", settings=settings)
+    for key, row in summary.items():
+        results.rows.append({"key": key, **row})
+    results.finish(seconds=round(elapsed, 1), sweep=sweep)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(table + "\n")
     plot(summary, sweep, os.path.join(args.out, stem + ".png"))

@@ -1,0 +1,63 @@
+"""benchmarks/gpu_suite.sh --dry-run: the device suite's script, step selections and table scripts work, so a
+GPU slot is never spent on a broken suite. Also the shared results schema of the table scripts."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["backend_info", "lowrank_tests", "racecheck", "conv_tests", "lowrank_table", "pruner_overhead",
+         "conv_layers", "conv_e2e"]
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run(tmp_path):
+    out = tmp_path / "suite"
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)  # as on the GPU machine; the suite's own pytest runs set what they need
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--dry-run", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    suite = json.loads((out / "suite.json").read_text())
+    assert suite["dry_run"] is True
+    assert [s["step"] for s in suite["steps"]] == STEPS
+    assert all(s["rc"] == 0 for s in suite["steps"]), suite["steps"]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files  # the device tool returns at most 8 files
+    for name in ("lowrank_project_cpu.json", "pruner_overhead_cpu.json", "conv_e2e_cpu.json"):
+        doc = json.loads((out / name).read_text())
+        assert {"name", "date", "command", "machine", "complete", "rows"} <= set(doc), name
+        assert doc["complete"] and doc["rows"], name
+        assert doc["machine"]["torch"] and doc["date"].endswith("+00:00")
+    assert "n=64" in (out / "sanitizer.log").read_text()
+
+
+def _bench_functions():
+    """Every test function defined in benchmarks/bench_*.py, as (file name, function name)."""
+    import ast
+    found = set()
+    for path in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        tree = ast.parse(path.read_text())
+        found |= {(path.name, node.name) for node in tree.body
+                  if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+    return found
+
+
+@pytest.mark.slow
+def test_make_bench_collects_and_runs_every_benchmark():
+    """`make bench` runs `pytest benchmarks`: every benchmark is collected, and each runs once (--smoke)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks",
+                           "--smoke", "--benchmark-disable", "-rs"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    collect = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                              "benchmarks"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ids = [line for line in collect.stdout.splitlines() if "::" in line]
+    collected = {(line.split("::")[0].rsplit("/", 1)[-1], line.split("::")[1].split("[")[0]) for line in ids}
+    expected = _bench_functions()
+    assert expected and expected <= collected, sorted(expected - collected)
+    recipe = (ROOT / "Makefile").read_text().split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    assert "pytest" in recipe and "benchmarks" in recipe
