@@ -194,6 +194,9 @@ def test_decompose_bad_criteria():
         trp.decompose(net, "svd", energy=0.9)
     with pytest.raises(ValueError, match="not selected"):
         trp.decompose(net, "channel", rank={"point": 2})
+    for bad in ("x", None, Net):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+            trp.decompose(bad, "channel", energy=0.9)
 
 
 def test_decompose_keeps_full_rank_layers_dense_and_copies():

@@ -261,3 +261,38 @@ def test_bad_arguments_name_valid_choices():
     with pytest.raises(ValueError, match="no layer selected"):
         trp.RankPruner(nn.Sequential(nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, 1)))
     assert "RankPruner(scheme='channel'" in repr(trp.RankPruner(model))
+
+
+def test_model_must_be_a_module():
+    for bad in (None, "resnet20", SmallNet):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+            trp.RankPruner(bad)
+
+
+def test_load_state_dict_rejects_malformed_states_and_changes_nothing():
+    model = SmallNet()
+    pruner = trp.RankPruner(model, "channel", energy=0.5, period=2)
+    pruner.step()
+    before = (pruner.steps, pruner.energy, pruner.period, pruner.ranks)
+    good = trp.RankPruner(SmallNet(), "channel", energy=0.8, period=3).state_dict()
+    bad_states = [{}, None, [], {"config": good["config"]}, dict(good, steps="x"),
+                  dict(good, config=dict(good["config"], energy=2.0)),
+                  dict(good, config={k: v for k, v in good["config"].items() if k != "period"}),
+                  dict(good, ranks={"a": 1}, steps=-1)]
+    for state in bad_states:
+        with pytest.raises(ValueError, match="RankPruner.load_state_dict"):
+            pruner.load_state_dict(state)
+        assert (pruner.steps, pruner.energy, pruner.period, pruner.ranks) == before
+
+
+def test_finiteness_is_checked_once_per_step(monkeypatch):
+    """The pruner checks every group (one host sync per device) and tells the op not to check again."""
+    from trp_kernels import project
+    calls = []
+    real = project.check_finite
+    monkeypatch.setattr(project, "check_finite", lambda W: calls.append(W.shape) or real(W))
+    pruner = trp.RankPruner(SmallNet(), "channel")
+    pruner.step()
+    assert calls == []
+    trp_kernels.lowrank_project(torch.randn(2, 3, 4), 0.9)  # the public op still checks by itself
+    assert calls == [(2, 3, 4)]

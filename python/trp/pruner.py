@@ -10,12 +10,12 @@
 
 The selected layers are grouped by (matrix shape, dtype, device); each group is one batched
 trp_kernels.lowrank_project call, which also returns the nuclear-norm subgradient U_k V_k^T."""
-import math
-
 import torch
 
 import trp_kernels
+from trp_kernels.project import check_max_rank, finite_flag, finite_rows
 
+from . import checks
 from .rank import check_energy
 from .schemes import check_scheme, from_matrix, layer_matrix_shape, to_matrix
 from .selection import select_layers
@@ -23,14 +23,20 @@ from .selection import select_layers
 NUCLEAR_EVERY = ("projection", "step")
 
 
-def _check_config(scheme, energy, period, nuclear, nuclear_every):
+def check_period(period, name="period"):
+    return checks.integer(period, name, 1, what=" (project every `period` steps)")
+
+
+def check_nuclear(nuclear, name="nuclear"):
+    return checks.real(nuclear, name, 0.0, what=" (the nuclear-norm weight)")
+
+
+def _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank=None):
     check_scheme(scheme)
     check_energy(energy)
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"period must be an int >= 1 (project every `period` steps), got {period!r}")
-    if isinstance(nuclear, bool) or not isinstance(nuclear, (int, float)) or not math.isfinite(nuclear) \
-            or nuclear < 0:
-        raise ValueError(f"nuclear must be a finite number >= 0 (the nuclear-norm weight), got {nuclear!r}")
+    check_period(period)
+    check_nuclear(nuclear)
+    check_max_rank(max_rank)
     if nuclear_every not in NUCLEAR_EVERY:
         raise ValueError(f"unknown nuclear_every {nuclear_every!r}; valid choices: "
                          f"{', '.join(map(repr, NUCLEAR_EVERY))}")
@@ -59,10 +65,7 @@ class RankPruner:
 
     def __init__(self, model, scheme="channel", energy=0.9, period=1, nuclear=3e-4, layers=None,
                  exclude=None, nuclear_every="projection", max_rank=None):
-        _check_config(scheme, energy, period, nuclear, nuclear_every)
-        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
-                                     or max_rank < 1):
-            raise ValueError(f"max_rank must be None or an int >= 1, got {max_rank!r}")
+        _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank)
         self.scheme, self.energy, self.period = scheme, float(energy), period
         self.nuclear, self.nuclear_every, self.max_rank = float(nuclear), nuclear_every, max_rank
         self.layers = select_layers(model, scheme, layers, exclude)
@@ -103,17 +106,16 @@ class RankPruner:
         All groups are checked and computed before any weight is written: if a layer holds NaN/Inf, a
         ValueError names it and no layer is modified."""
         stacks = [self._matrices(g) for g in self._groups]
-        # NaN/Inf propagate into the per-matrix sums: one cheap reduction per group and one host sync per
-        # device; only a non-finite sum (or an overflow of huge finite weights) pays for the exact check.
+        # The op's cheap per-group flag, but one host sync per device for all groups; only a suspect device
+        # pays for the exact test. The op is then told not to check (and sync) again.
         flags = {}
         for i, W in enumerate(stacks):
-            flags.setdefault(W.device, []).append((i, torch.isfinite(W.sum(dim=(1, 2))).all()))
+            flags.setdefault(W.device, []).append((i, finite_flag(W)))
         suspects = [i for items in flags.values() if not bool(torch.stack([f for _, f in items]).all())
                     for i, _ in items]
         bad = []
         for i in suspects:
-            finite = torch.isfinite(stacks[i]).flatten(1).all(dim=1)
-            bad += [n for n, ok in zip(self._groups[i].names, finite.tolist()) if not ok]
+            bad += [n for n, ok in zip(self._groups[i].names, finite_rows(stacks[i]).tolist()) if not ok]
         if bad:
             raise ValueError(f"RankPruner: non-finite weights (NaN or Inf) in layer(s) {', '.join(bad)}; "
                              "no layer was modified")
@@ -123,7 +125,7 @@ class RankPruner:
             # The projection keeps the weights' dtype whatever autocast region step() is called from.
             with torch.autocast(W.device.type, enabled=False):
                 results.append(trp_kernels.lowrank_project(W, self.energy, max_rank=self.max_rank,
-                                                           subgradient=want_g))
+                                                           subgradient=want_g, check_finite=False))
         for g, (W_low, rank, G) in zip(self._groups, results):
             torch._foreach_copy_(g.params, list(from_matrix(W_low, self.scheme, g.shape).unbind(0)))
             g.rank, g.G = rank, G
@@ -184,26 +186,49 @@ class RankPruner:
         return state
 
     def load_state_dict(self, state):
-        cfg = state["config"]
-        if cfg["scheme"] != self.scheme or list(cfg["layers"]) != self.layer_names:
-            raise ValueError("RankPruner.load_state_dict: the state was saved for another model or layer "
-                             f"selection (scheme {cfg['scheme']!r}, {len(cfg['layers'])} layers; this "
-                             f"pruner: {self.scheme!r}, {len(self.layer_names)} layers)")
-        _check_config(cfg["scheme"], cfg["energy"], cfg["period"], cfg["nuclear"], cfg["nuclear_every"])
-        self.energy, self.period, self.nuclear = float(cfg["energy"]), int(cfg["period"]), float(cfg["nuclear"])
-        self.nuclear_every, self.max_rank = cfg["nuclear_every"], cfg.get("max_rank")
-        self.steps, self.last_projected = int(state["steps"]), bool(state["last_projected"])
-        ranks, subs = state.get("ranks", {}), state.get("subgradients", {})
-        for g in self._groups:
-            device = g.params[0].device
-            if all(ranks.get(n) is not None for n in g.names):
-                g.rank = torch.tensor([ranks[n] for n in g.names], dtype=torch.int64, device=device)
-            else:
-                g.rank = None
-            if subs and all(n in subs for n in g.names):
-                g.G = torch.stack([subs[n] for n in g.names]).to(device=device, dtype=g.params[0].dtype)
-            else:
-                g.G = None
+        """Restores what state_dict() saved. A state of another model or layer selection, or a malformed
+        one, raises ValueError and leaves the pruner as it was."""
+        where = "RankPruner.load_state_dict"
+        try:
+            cfg, steps, last = state["config"], state["steps"], state["last_projected"]
+            scheme, layers = cfg["scheme"], list(cfg["layers"])
+            config = (cfg["energy"], cfg["period"], cfg["nuclear"], cfg["nuclear_every"], cfg.get("max_rank"))
+            ranks, subs = state.get("ranks") or {}, state.get("subgradients") or {}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{where}: not a RankPruner state (missing or malformed {exc})") from None
+        if scheme != self.scheme or layers != self.layer_names:
+            raise ValueError(f"{where}: the state was saved for another model or layer selection (scheme "
+                             f"{scheme!r}, {len(layers)} layers; this pruner: {self.scheme!r}, "
+                             f"{len(self.layer_names)} layers)")
+        try:
+            _check_config(scheme, *config)
+            checks.integer(steps, "steps", 0)
+            if not isinstance(last, bool):
+                raise ValueError(f"last_projected must be a bool, got {last!r}")
+            restored = [self._restore_group(g, ranks, subs) for g in self._groups]
+        except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        # everything checked: now change the pruner
+        self.energy, self.period, self.nuclear = float(config[0]), int(config[1]), float(config[2])
+        self.nuclear_every, self.max_rank = config[3], config[4]
+        self.steps, self.last_projected = steps, last
+        for g, (rank, G) in zip(self._groups, restored):
+            g.rank, g.G = rank, G
+
+    def _restore_group(self, g, ranks, subs):
+        """(rank, G) of group g from a saved state's per-layer ranks and subgradients."""
+        w = g.params[0]
+        rank = G = None
+        if all(ranks.get(n) is not None for n in g.names):
+            rank = torch.tensor([checks.integer(ranks[n], f"ranks[{n!r}]", 0) for n in g.names],
+                                dtype=torch.int64, device=w.device)
+        if subs and all(n in subs for n in g.names):
+            G = torch.stack([subs[n] for n in g.names]).to(device=w.device, dtype=w.dtype)
+            expected = (len(g.names), *to_matrix(w.detach(), self.scheme).shape)
+            if tuple(G.shape) != expected:
+                raise ValueError(f"subgradients of {', '.join(g.names)} have shape {tuple(G.shape)}, "
+                                 f"expected {expected}")
+        return rank, G
 
     def __repr__(self):
         return (f"RankPruner(scheme={self.scheme!r}, energy={self.energy}, period={self.period}, "

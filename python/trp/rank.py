@@ -6,33 +6,20 @@
   for TRP-trained models, 0.05 there); at least 1.
 - fixed: a given rank, capped by the matrix size.
 All take singular values in descending order ([K] or [B, K]) and return int64 ranks of the leading shape."""
-import math
-
 import torch
 
+from trp_kernels.project import check_energy  # the op's rule: one home for it
 from trp_kernels.reference import energy_rank as _energy_rank
 
-
-def check_energy(energy, name="energy"):
-    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or math.isnan(energy) \
-            or not 0.0 < energy <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1] (the fraction of squared singular values "
-                         f"kept), got {energy!r}")
-    return float(energy)
+from . import checks
 
 
-def check_threshold(threshold):
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0 (an absolute singular-value cutoff), "
-                         f"got {threshold!r}")
-    return float(threshold)
+def check_threshold(threshold, name="threshold"):
+    return checks.real(threshold, name, 0.0, what=" (an absolute singular-value cutoff)")
 
 
-def check_rank(rank):
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    return rank
+def check_rank(rank, name="rank"):
+    return checks.integer(rank, name, 1)
 
 
 def energy_rank(sigma, energy):

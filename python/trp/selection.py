@@ -15,6 +15,13 @@ from .schemes import check_scheme
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+def check_module(model, name="model"):
+    if not isinstance(model, nn.Module):
+        what = f"the class {model.__name__} (instantiate it)" if isinstance(model, type) else type(model).__name__
+        raise TypeError(f"{name} must be a torch.nn.Module, got {what}")
+    return model
+
+
 def _as_list(spec, arg):
     if spec is None:
         return []
@@ -67,6 +74,7 @@ def _unsupported(module):
 
 def select_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
     """[(name, module)] of the layers to prune/decompose, in registration order."""
+    check_module(model)
     check_scheme(scheme)
     named = [(n, m) for n, m in model.named_modules() if isinstance(m, _CONV_TYPES + (nn.Linear,))]
     by_name = dict(named)
@@ -102,4 +110,4 @@ def select_layers(model, scheme="channel", layers=None, exclude=None, warn=True)
     return sorted(result, key=lambda nm: order[nm[0]])
 
 
-__all__ = ["select_layers"]
+__all__ = ["select_layers", "check_module"]

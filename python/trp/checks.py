@@ -1,0 +1,37 @@
+"""Number rules shared by the API (RankPruner, rank criteria) and the `trp train` options, so that each rule
+and its wording live in one place. (trp_kernels keeps the op's own energy / max_rank rules: it cannot
+import trp; trp reuses those.)"""
+import math
+
+
+def _bound(x):
+    if isinstance(x, int) and x > 2 ** 16 and x & (x - 1) == 0:
+        return f"2**{x.bit_length() - 1}"
+    return f"{x:g}"
+
+
+def _bounds(low, high, low_open, high_open):
+    if high == math.inf:
+        return f"{'>' if low_open else '>='} {_bound(low)}"
+    return f"in {'(' if low_open else '['}{_bound(low)}, {_bound(high)}{')' if high_open else ']'}"
+
+
+def real(value, name, low=-math.inf, high=math.inf, low_open=False, high_open=False, what=""):
+    """float(value) if it is a finite number (not a bool) within the bounds, else ValueError naming `name`;
+    `what` says what the value means."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {_bounds(low, high, low_open, high_open)}{what}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def integer(value, name, low, high=math.inf, what=""):
+    """`value` if it is an int (not a bool) in [low, high), else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
+        raise ValueError(f"{name} must be an int {_bounds(low, high, False, True)}{what}, got {value!r}")
+    return value
+
+
+__all__ = ["real", "integer"]
