@@ -1,8 +1,9 @@
 """Builds trp_kernels._C: the C++ CPU kernels always, the CUDA kernels when possible.
 
-TRP_KERNELS_CUDA=auto (default): CUDA sources are compiled when torch has CUDA and nvcc is found.
+TRP_KERNELS_CUDA=auto (default): CUDA sources are compiled when torch has CUDA and a toolkit is found.
 TRP_KERNELS_CUDA=0: CPU only.  TRP_KERNELS_CUDA=1: CUDA is required; failing to build it is an error.
-A CPU-only build never fails because CUDA is missing.
+A CPU-only build never fails because CUDA is missing. Build with `pip install --no-build-isolation`: the
+extension links against the torch that is installed.
 """
 import glob
 import os
@@ -12,36 +13,32 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+ARCH_FILE = os.path.join(ROOT, "csrc", "cuda_arches.txt")  # also read by CMakeLists.txt
 
 
-def _has_cudart(home):
-    return any(
-        glob.glob(os.path.join(home, sub, "libcudart.so*"))
-        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")
-    )
+def cuda_arch_list():
+    """TORCH_CUDA_ARCH_LIST, else the list in csrc/cuda_arches.txt (e.g. "8.0;9.0+PTX")."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    with open(ARCH_FILE) as f:
+        return next(line.strip() for line in f if line.strip() and not line.startswith("#"))
 
 
-def find_cuda_home():
-    """The toolkit directory: nvcc on PATH may be a wrapper script or link outside the toolkit, so
-    the answer is the candidate whose lib64 holds libcudart and whose bin holds nvcc."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+def _is_toolkit(home):
+    return bool(home) and all(os.path.isfile(os.path.join(home, *p))
+                              for p in (("bin", "nvcc"), ("include", "cuda_runtime.h")))
+
+
+def cuda_toolkit(torch_guess):
+    """The CUDA toolkit to compile with. `torch_guess` is torch.utils.cpp_extension.CUDA_HOME: $CUDA_HOME
+    or $CUDA_PATH when set (then the only candidate), else the directory above nvcc's bin/. Where nvcc on PATH
+    is a link or wrapper script outside the toolkit (/usr/local/bin/nvcc), that guess is /usr/local, which
+    holds no CUDA headers: then the link's target, else /usr/local/cuda. None: no toolkit."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return torch_guess if _is_toolkit(torch_guess) else None
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-        try:  # a wrapper script such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
-            with open(nvcc, "rb") as f:
-                head = f.read(4096).decode("utf-8", "ignore")
-            for token in head.split():
-                token = token.strip("'\"")
-                if token.endswith("/bin/nvcc"):
-                    candidates.append(os.path.dirname(os.path.dirname(token)))
-        except OSError:
-            pass
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for home in candidates:
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and _has_cudart(home):
-            return os.path.realpath(home)
-    return None
+    target = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    return next((h for h in (torch_guess, target, "/usr/local/cuda") if _is_toolkit(h)), None)
 
 
 def _cuda_mode():
@@ -57,18 +54,12 @@ def _pip_cuda_includes():
     import importlib.util
 
     spec = importlib.util.find_spec("nvidia")
-    dirs = []
-    for base in (spec.submodule_search_locations or []) if spec else []:
-        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
-        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
+    bases = (spec.submodule_search_locations or []) if spec else []
+    return sorted({d for base in bases for d in glob.glob(os.path.join(base, "*", "include")) if os.path.isdir(d)})
 
 
 def build_extensions():
     mode = _cuda_mode()
-    cuda_home = find_cuda_home() if mode != "0" else None
-    if cuda_home:
-        os.environ["CUDA_HOME"] = cuda_home  # must be set before cpp_extension is imported
     import torch
     from torch.utils import cpp_extension
 
@@ -76,18 +67,19 @@ def build_extensions():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     if not cpu_sources:
         return [], {}
-    want_cuda = mode == "1" or (mode == "auto" and torch.version.cuda is not None and cuda_home)
-    if mode == "1" and (torch.version.cuda is None or not cuda_home):
+    cuda_home = cuda_toolkit(cpp_extension.CUDA_HOME) if mode != "0" and torch.version.cuda else None
+    if mode == "1" and not cuda_home:
         sys.exit("TRP_KERNELS_CUDA=1 but CUDA cannot be built: "
-                 f"torch.version.cuda={torch.version.cuda}, CUDA toolkit={cuda_home}")
+                 f"torch.version.cuda={torch.version.cuda}, CUDA toolkit={cuda_home} (set CUDA_HOME)")
     os.environ.setdefault("MAX_JOBS", "2")
-    # sm_80 and sm_90 only, so that a build fits in CI's time (override for other GPUs).
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]  # torch 2.14 headers need C++20
     define_macros = [("TRP_PYTHON_MODULE", "1")]
-    if want_cuda and cuda_sources:
-        print(f"trp_kernels: building CUDA kernels with toolkit {cuda_home}")
+    if cuda_home and cuda_sources:
+        # cpp_extension reads its module-level CUDA_HOME when it compiles (nvcc, include and library paths).
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+        print(f"trp_kernels: building CUDA kernels with toolkit {cuda_home} for {cuda_arch_list()}")
         ext = cpp_extension.CUDAExtension(
             "trp_kernels._C",
             cpu_sources + cuda_sources,
@@ -113,6 +105,6 @@ def build_extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import find_cuda_home
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import its functions
     ext_modules, cmdclass = build_extensions()
     setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,10 +1,6 @@
 """trp_kernels.lowrank_project: every built backend against float64 SVD, bad input, opcheck, compile,
-the shared Jacobi core, backend selection and fallback, and CUDA toolkit discovery."""
-import importlib.util
+the shared Jacobi core, backend selection and fallback (CUDA toolkit discovery: test_packaging.py)."""
 import math
-import os
-import shutil
-import stat
 import warnings
 
 import pytest
@@ -13,7 +9,6 @@ import torch
 import trp_kernels
 from trp_kernels import _extension, project, reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CPP = _extension.has_kernel("lowrank_project", "CPU")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="trp_kernels._C not built")
 ENERGIES = (0.5, 0.9, 0.99, 1.0)
@@ -381,43 +376,3 @@ def test_cuda_jacobi_core_matches_cpu(n):
     assert float((ev_gpu.cpu() - ev_ref).abs().max()) <= 1e-12 * float(A.abs().max()) * n
     V = V_gpu.cpu()
     assert float((A @ V - V * ev_gpu.cpu().unsqueeze(1)).abs().max()) <= 1e-12 * float(A.abs().max()) * n
-
-
-# --- build: CUDA toolkit discovery --------------------------------------------------------------------------
-
-def _setup_module():
-    spec = importlib.util.spec_from_file_location("trp_setup", os.path.join(ROOT, "setup.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # setup() itself only runs as __main__
-    return module
-
-
-def test_find_cuda_home_through_wrapper_script(tmp_path, monkeypatch):
-    toolkit = tmp_path / "toolkit"
-    (toolkit / "bin").mkdir(parents=True)
-    (toolkit / "lib64").mkdir()
-    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
-    (toolkit / "lib64" / "libcudart.so.13").write_text("")
-    wrapbin = tmp_path / "wrapbin"
-    wrapbin.mkdir()
-    wrapper = wrapbin / "nvcc"
-    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
-    for f in (wrapper, toolkit / "bin" / "nvcc"):
-        f.chmod(f.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", str(wrapbin))
-    monkeypatch.delenv("CUDA_HOME", raising=False)
-    monkeypatch.delenv("CUDA_PATH", raising=False)
-    assert _setup_module().find_cuda_home() == os.path.realpath(toolkit)
-
-
-@pytest.mark.skipif(not os.path.exists("/usr/local/bin/nvcc") and shutil.which("nvcc") is None,
-                    reason="no nvcc")
-def test_find_cuda_home_real_toolkit(monkeypatch):
-    monkeypatch.delenv("CUDA_HOME", raising=False)
-    monkeypatch.delenv("CUDA_PATH", raising=False)
-    if os.path.exists("/usr/local/bin/nvcc"):
-        monkeypatch.setenv("PATH", "/usr/local/bin:" + os.environ.get("PATH", ""))
-    home = _setup_module().find_cuda_home()
-    assert home is not None and os.path.isfile(os.path.join(home, "bin", "nvcc"))
-    assert any(f.startswith("libcudart.so") for sub in ("lib64", "lib", "targets/x86_64-linux/lib")
-               if os.path.isdir(os.path.join(home, sub)) for f in os.listdir(os.path.join(home, sub)))
