@@ -4,24 +4,23 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+PINS   := requirements/pinned.txt
+# [build-system] requires of pyproject.toml: installed before the project, whose extension is built with
+# --no-build-isolation against the torch installed here.
+BUILD_REQS := "setuptools>=69" wheel ninja torch
 export MAX_JOBS ?= 2
 export TRP_KERNELS_CUDA ?= auto
 
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null) setup.py
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.txt' 2>/dev/null) setup.py
 
-.PHONY: venv build test demo paper bench clean
+.PHONY: build test demo paper bench compat clean
 
-$(VENV)/.deps: pyproject.toml
+# The project's own dev extras at the versions of $(PINS) (the one place that pins them), as an editable
+# install: trp_kernels/_C*.so is built in place (CUDA kernels too when nvcc and torch's CUDA allow).
+$(VENV)/.built: pyproject.toml $(PINS) $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "torch==2.14.1" "triton==3.8.0" "torchvision==0.29.1" numpy tqdm \
-		scikit-learn matplotlib pytest pytest-benchmark hypothesis ninja "setuptools>=69" wheel
-	touch $@
-
-venv: $(VENV)/.deps
-
-# Editable install: builds trp_kernels/_C*.so in place (CUDA kernels too when nvcc and torch's CUDA allow).
-$(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PIP) install -q -c $(PINS) $(BUILD_REQS)
+	$(PIP) install -q -c $(PINS) --no-build-isolation -e ".[dev]"
 	touch $@
 
 build: $(VENV)/.built
@@ -38,6 +37,24 @@ paper: build
 
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-enable
+
+# The oldest supported stack ($(COMPAT_PINS): the GPU machine's) in its own environment, C++ CPU kernels
+# only unless COMPAT_CUDA=auto. Installed from an sdist, which pip builds in a temporary directory, so that
+# nothing in the tree is rebuilt (.venv's editable trp_kernels/_C*.so stays as it is); the tests run from
+# inside $(COMPAT)/, where the tree's trp_kernels/ does not shadow the installed package. Not in `make test`.
+COMPAT      := .venv-compat
+COMPAT_PINS := requirements/compat-torch2.11.txt
+COMPAT_CUDA ?= 0
+compat: export TRP_KERNELS_CUDA = $(COMPAT_CUDA)
+compat:
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q -c $(COMPAT_PINS) $(BUILD_REQS) build
+	rm -rf $(COMPAT)/dist
+	$(COMPAT)/bin/python -m build -q --sdist --no-isolation --outdir $(COMPAT)/dist . && rm -rf trp.egg-info
+	$(COMPAT)/bin/pip uninstall -q -y trp
+	$(COMPAT)/bin/pip install -q -c $(COMPAT_PINS) --no-build-isolation "$$(ls $(COMPAT)/dist/trp-*.tar.gz)[dev]"
+	cd $(COMPAT) && bin/python -c "import sys, json, trp_kernels as t; assert t.__file__.startswith(sys.prefix), t.__file__; print(json.dumps(t.backend_info()))"
+	cd $(COMPAT) && bin/python -m pytest -q -p no:cacheprovider $(CURDIR)/tests
 
 clean:
 	rm -rf build *.egg-info trp_kernels/_C*.so $(VENV)/.built
