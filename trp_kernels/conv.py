@@ -10,42 +10,24 @@ Backends (env TRP_CONV_BACKEND, read at every call):
   (oneDNN). While a CUDA graph is being captured nothing is measured: an unmeasured shape runs two convs.
 - triton: always the Triton kernel; on CPU tensors only under TRITON_INTERPRET=1, else RuntimeError.
 - torch: always the two convolutions (the reference)."""
+import contextlib
 import os
+import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import geometry, reference
 
 BACKEND_ENV = "TRP_CONV_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 
 
-def _pair(v, name):
-    if isinstance(v, int):
-        return [v, v]
-    v = [int(i) for i in v]
-    if len(v) == 1:
-        return v * 2
-    if len(v) != 2:
-        raise ValueError(f"{name} must be an int or a pair, got {v}")
-    return v
-
-
-def _padding4(padding):
-    """int -> all sides; (h, w) -> symmetric; (top, bottom, left, right) as given."""
-    if isinstance(padding, int):
-        p = [padding] * 4
-    else:
-        p = [int(i) for i in padding]
-        if len(p) == 2:
-            p = [p[0], p[0], p[1], p[1]]
-        elif len(p) != 4:
-            raise ValueError(f"padding must be an int, (h, w) or (top, bottom, left, right), got {p}")
-    if min(p) < 0:
-        raise ValueError(f"padding must be >= 0, got {p}")
-    return p
+def _conv_args(stride, padding, dilation):
+    """The op's list arguments: stride and dilation pairs, padding (top, bottom, left, right)."""
+    return (list(geometry.pair(stride, "stride")), list(geometry.pair(dilation, "dilation")),
+            list(geometry.padding4(padding)))
 
 
 def _check_common(name, x, w1, w2, bias, stride, dilation):
@@ -89,14 +71,27 @@ def _triton():
 
 _auto_choice = {}       # call signature -> "triton" | "torch", measured once per process
 _auto_timing = {}       # call signature -> (triton ms, torch ms) or the error that excluded Triton
+# Serialises measure-and-store: threads sharing a model must not time (and autotune) the same signature
+# at once; timing two signatures concurrently would also disturb both measurements.
+_auto_lock = threading.Lock()
 _last_backend = {"channel": None, "spatial": None}
 
 
-def _out_hw(kind, x, w1, w2, stride, padding, dilation):
-    kh = w1.shape[2]
-    kw = w1.shape[3] if kind == "channel" else w2.shape[3]
-    return (_out_size(x.shape[2], kh, stride[0], padding[0], padding[1], dilation[0]),
-            _out_size(x.shape[3], kw, stride[1], padding[2], padding[3], dilation[1]))
+def _on_device(device):
+    """Makes a CUDA tensor's device current: Triton launches, autotuning and CUDA-event timing all use the
+    current device, which need not be the tensor's (tensors on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _measured_choice(key, measure):
+    """The cached choice for key; on a miss, measure() runs once per process however many threads ask."""
+    hit = _auto_choice.get(key)
+    if hit is None:
+        with _auto_lock:
+            hit = _auto_choice.get(key)
+            if hit is None:
+                hit = _auto_choice[key] = measure()
+    return hit
 
 
 def _signature(kind, x, w1, w2, bias, stride, padding, dilation):
@@ -139,7 +134,7 @@ def choose_backend(kind, x, w1, w2, bias, stride, padding, dilation):
     choice = requested_backend()
     if choice == "torch":
         return "torch"
-    out_hw = _out_hw(kind, x, w1, w2, stride, padding, dilation)
+    out_hw = geometry.out_hw(kind, x.shape, w1.shape, w2.shape, stride, padding, dilation)
     if choice == "triton":
         tri = _triton()
         if tri is None:
@@ -162,23 +157,24 @@ def choose_backend(kind, x, w1, w2, bias, stride, padding, dilation):
     if tri.supported(kind, x, w1, w2, bias, out_hw) is not None:
         return "torch"
     key = _signature(kind, x, w1, w2, bias, stride, padding, dilation)
-    hit = _auto_choice.get(key)
-    if hit is not None:
-        return hit
-    if torch.cuda.is_current_stream_capturing():
+    if key not in _auto_choice and torch.cuda.is_current_stream_capturing():
         return "torch"  # cannot time (or autotune) inside a graph capture
-    hit = _auto_choice[key] = _measure(kind, (x, w1, w2, bias, stride, padding, dilation), key)
-    return hit
+    return _measured_choice(key, lambda: _measure(kind, (x, w1, w2, bias, stride, padding, dilation), key))
 
 
 def _run(kind, x, w1, w2, bias, stride, padding, dilation):
-    backend = choose_backend(kind, x, w1, w2, bias, stride, padding, dilation)
-    _last_backend[kind] = backend
-    if backend == "triton":
-        fn = getattr(_triton(), f"factorized_conv_{kind}")
-    else:
-        fn = getattr(reference, f"factorized_conv_{kind}")
-    return fn(x, w1, w2, bias, stride, padding, dilation)
+    # the measurement (with its autotuning) and the launch both run on x's device
+    with _on_device(x.device):
+        backend = choose_backend(kind, x, w1, w2, bias, stride, padding, dilation)
+        _last_backend[kind] = backend
+        if backend == "triton":
+            fn = getattr(_triton(), f"factorized_conv_{kind}")
+        else:
+            fn = getattr(reference, f"factorized_conv_{kind}")
+        y = fn(x, w1, w2, bias, stride, padding, dilation)
+    # conv2d may pick another layout than the rule in corner cases (ambiguous strides): the fake kernel
+    # promises geometry.output_memory_format, so every backend returns it (a no-op when it already is)
+    return y.contiguous(memory_format=geometry.output_memory_format(x, w1, w2))
 
 
 @torch.library.custom_op("trp_kernels::factorized_conv_channel", mutates_args=())
@@ -193,20 +189,14 @@ def _spatial_op(x: Tensor, v_weight: Tensor, h_weight: Tensor, bias: Optional[Te
     return _run("spatial", x, v_weight, h_weight, bias, stride, padding, dilation)
 
 
-def _out_size(size, k, s, p_lo, p_hi, d):
-    return (size + p_lo + p_hi - d * (k - 1) - 1) // s + 1
-
-
 @_channel_op.register_fake
 def _(x, c_weight, p_weight, bias, stride, padding, dilation):
-    oh, ow = _out_hw("channel", x, c_weight, p_weight, stride, padding, dilation)
-    return x.new_empty((x.shape[0], p_weight.shape[0], oh, ow))
+    return geometry.empty_output("channel", x, c_weight, p_weight, stride, padding, dilation)
 
 
 @_spatial_op.register_fake
 def _(x, v_weight, h_weight, bias, stride, padding, dilation):
-    oh, ow = _out_hw("spatial", x, v_weight, h_weight, stride, padding, dilation)
-    return x.new_empty((x.shape[0], h_weight.shape[0], oh, ow))
+    return geometry.empty_output("spatial", x, v_weight, h_weight, stride, padding, dilation)
 
 
 def _make_autograd(op, kind):
@@ -234,10 +224,39 @@ _make_autograd(_channel_op, "channel")
 _make_autograd(_spatial_op, "spatial")
 
 
+def _register_autocast(lib, name, device_type):
+    """conv2d's autocast rule (a lower-precision op) for one op and device type: in an autocast region the
+    op's floating-point tensors on that device type (float64 excepted) are cast to the region's dtype and
+    the op runs with autocast off, so eager, fake and every backend agree with the two convolutions.
+    torch.library.register_autocast would cast to one fixed dtype, not to the region's (e.g. bfloat16 on
+    CUDA), hence this kernel; it is what that function registers otherwise."""
+    key = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}[device_type]
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    op = getattr(torch.ops.trp_kernels, name).default
+
+    def cast(t, dtype):
+        eligible = (isinstance(t, Tensor) and t.is_floating_point() and t.device.type == device_type
+                    and t.dtype != torch.float64)
+        return t.to(dtype) if eligible else t
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*(cast(a, dtype) for a in args))
+
+    lib.impl(name, kernel, key, with_keyset=True)
+
+
+_autocast_lib = torch.library.Library("trp_kernels", "FRAGMENT")  # kept alive: owns the registrations
+for _name in ("factorized_conv_channel", "factorized_conv_spatial"):
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_autocast_lib, _name, _device_type)
+
+
 def factorized_conv_channel(x, c_weight, p_weight, bias=None, stride=1, padding=0, dilation=1):
     """conv2d(x, c_weight, stride, padding, dilation) [kh x kw, c -> r] then conv2d(., p_weight, bias)
     [1 x 1, r -> n], as one op. padding: int, (h, w) or (top, bottom, left, right)."""
-    stride, dilation, padding = _pair(stride, "stride"), _pair(dilation, "dilation"), _padding4(padding)
+    stride, dilation, padding = _conv_args(stride, padding, dilation)
     _check_common("factorized_conv_channel", x, c_weight, p_weight, bias, stride, dilation)
     if p_weight.shape[2:] != (1, 1):
         raise ValueError("factorized_conv_channel: p_weight must be a 1 x 1 conv weight [n, r, 1, 1]")
@@ -247,7 +266,7 @@ def factorized_conv_channel(x, c_weight, p_weight, bias=None, stride=1, padding=
 def factorized_conv_spatial(x, v_weight, h_weight, bias=None, stride=1, padding=0, dilation=1):
     """conv2d with v_weight [r, c, kh, 1] then with h_weight [n, r, 1, kw] and bias, as one op.
     stride/dilation: (vertical, horizontal); padding: int, (h, w) or (top, bottom, left, right)."""
-    stride, dilation, padding = _pair(stride, "stride"), _pair(dilation, "dilation"), _padding4(padding)
+    stride, dilation, padding = _conv_args(stride, padding, dilation)
     _check_common("factorized_conv_spatial", x, v_weight, h_weight, bias, stride, dilation)
     if v_weight.shape[3] != 1 or h_weight.shape[2] != 1:
         raise ValueError("factorized_conv_spatial: v_weight must be [r, c, kh, 1] and h_weight [n, r, 1, kw]")
@@ -263,6 +282,8 @@ def backend_info():
         setting = f"invalid: {exc}"
     tri = _triton()
     interp = bool(tri is not None and tri.interpreting())
+    with _auto_lock:  # a snapshot: another thread may be adding a measurement
+        choices = list(_auto_choice.items())
     if setting == "triton":
         cpu = "triton (interpreter)" if interp else "error: needs TRITON_INTERPRET=1"
         cuda = "triton"
@@ -282,5 +303,5 @@ def backend_info():
         "triton_autotune": os.environ.get("TRP_TRITON_AUTOTUNE", "full"),
         "last": dict(_last_backend),
         "auto_choices": [{"signature": list(k), "backend": v, "ms_fused_vs_torch": _auto_timing.get(k)}
-                         for k, v in _auto_choice.items()],
+                         for k, v in choices],
     }

@@ -15,39 +15,16 @@ import torch
 import torch.nn as nn
 
 import trp_kernels
+from trp_kernels import geometry
 
 from . import rank as rank_rules
 from .schemes import to_matrix
 
 
-def _pair(v):
-    return (int(v), int(v)) if isinstance(v, int) else tuple(int(i) for i in v)
-
-
 def conv_padding4(conv):
     """(top, bottom, left, right) zero padding of an nn.Conv2d, resolving "same" and "valid". For even
     kernels "same" is asymmetric: the extra row/column goes to the bottom/right, as in PyTorch."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0, 0, 0)
-        pads = []
-        for k, d in zip(conv.kernel_size, conv.dilation):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return tuple(pads)
-    ph, pw = _pair(conv.padding)
-    return (ph, ph, pw, pw)
-
-
-def _padding4(padding):
-    if isinstance(padding, int):
-        return (padding,) * 4
-    p = tuple(int(i) for i in padding)
-    if len(p) == 2:
-        return (p[0], p[0], p[1], p[1])
-    if len(p) != 4 or min(p) < 0:
-        raise ValueError(f"padding must be an int >= 0, (h, w) or (top, bottom, left, right), got {padding}")
-    return p
+    return geometry.resolve_padding(conv.padding, conv.kernel_size, conv.dilation)
 
 
 def _svd_factors(matrix, kind, value):
@@ -71,8 +48,10 @@ class _FactorizedConv2d(nn.Module):
         super().__init__()
         rank = rank_rules.check_rank(rank)
         self.in_channels, self.out_channels, self.rank = int(in_channels), int(out_channels), rank
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        self.padding = _padding4(padding)
+        self.kernel_size = geometry.pair(kernel_size, "kernel_size")
+        self.stride, self.dilation = geometry.pair(stride, "stride"), geometry.pair(dilation, "dilation")
+        # also "same" / "valid", as nn.Conv2d takes them
+        self.padding = geometry.resolve_padding(padding, self.kernel_size, self.dilation, self.stride)
         factory = {"device": device, "dtype": dtype}
         w1, w2 = self._factor_shapes()
         self.register_parameter(self._names[0], nn.Parameter(torch.empty(w1, **factory)))

@@ -25,10 +25,16 @@ def supported(kind, x, w1, w2, bias, out_hw):
     limit = MAX_RANK_PAD[(kind, x.dtype == torch.float32)]
     if rank_pad(w1.shape[0]) > limit:
         return f"rank {w1.shape[0]} above the on-chip limit {limit} for {x.dtype}"
-    # per-image offsets are 32-bit inside the kernels (the batch offset is 64-bit)
+    # Index arithmetic inside the kernels is 32-bit except for the batch offset: the flattened output-pixel
+    # index (N * OH * OW, plus the overrun of the last tile) and per-image element offsets must fit.
+    if x.shape[0] * out_hw[0] * out_hw[1] + _TILE_OVERRUN >= 2 ** 31:
+        return "N * OH * OW output pixels too many for 32-bit indices"
     if _max_offset(x, 1) >= 2 ** 31 or w2.shape[0] * out_hw[0] * out_hw[1] >= 2 ** 31:
         return "image too large for 32-bit offsets"
     return None
+
+
+_TILE_OVERRUN = 1024  # above any tile's pixel count: a program's indices may run past the last pixel
 
 
 def _max_offset(t, first_dim):

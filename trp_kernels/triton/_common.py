@@ -1,8 +1,11 @@
 """Helpers shared by the fused-conv Triton kernels: interpreter detection, tile-size arithmetic and
 autotune config pruning."""
 import os
+import threading
 
 import torch
+import triton
+import triton.language as tl
 
 # Tensor-core friendly minimum for tl.dot operands on Ampere/Hopper (M, N, K >= 16).
 MIN_DOT = 16
@@ -11,8 +14,15 @@ MIN_DOT = 16
 # instead of tensor cores, 2x the bytes) gets half: larger tiles exceed shared memory and compile slowly.
 MAX_RANK_PAD = {("channel", False): 256, ("spatial", False): 128,
                 ("channel", True): 128, ("spatial", True): 64}
-# fp32 registers one program may hold in an accumulator (8 warps x 32 threads x 64 registers).
-MAX_ACC = 16384
+# Accumulator budget in fp32 elements per thread (a config's live accumulator elements / (num_warps * 32)),
+# the largest that compiles without register spills for sm_80 and sm_90 (tests/test_triton_compile.py
+# checks every config that survives pruning). fp32 runs IEEE FMA dots, whose operand tiles also live in
+# registers, so it gets a smaller budget than the tensor-core dtypes.
+ACC_PER_THREAD = {False: 128, True: 32}
+
+# The autotuner keeps per-call state on the kernel object (its arguments, the chosen config): launches of
+# one autotuned kernel from several threads must not interleave.
+LAUNCH_LOCK = threading.Lock()
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -36,8 +46,23 @@ def rank_pad(r):
     return max(MIN_DOT, next_pow2(r))
 
 
-def out_size(size, k, s, p_lo, p_hi, d):
-    return (size + p_lo + p_hi - d * (k - 1) - 1) // s + 1
+def acc_fits(elements, num_warps, dtype):
+    """Whether `elements` live fp32 accumulator elements per program fit the per-thread budget."""
+    return elements <= ACC_PER_THREAD[dtype == torch.float32] * num_warps * 32
+
+
+def interpreter_consts(**counts):
+    """Loop-bound arguments passed a second time, as constexprs <NAME>_CONST, under the interpreter only.
+    Triton 3.6's interpreter cannot run `range` up to a runtime scalar: it holds scalars (and every value
+    assigned in a kernel) as 1-element arrays, which its tensor __index__ cannot convert. Compiled kernels
+    get 0, i.e. the runtime argument (see loop_bound), so they are neither changed nor specialised."""
+    return {f"{name}_CONST": (int(v) if _INTERPRET else 0) for name, v in counts.items()}
+
+
+@triton.jit
+def loop_bound(runtime, CONST: tl.constexpr):
+    # use inline in range(...): assigning the result to a variable would make it an array again there
+    return CONST if CONST > 0 else runtime
 
 
 def precision(dtype):

@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_ACC, autotune_mode, interpreting, named, precision, rank_pad
+from .. import geometry
+from ._common import (LAUNCH_LOCK, acc_fits, autotune_mode, interpreter_consts, interpreting, loop_bound, named,
+                      precision, rank_pad)
 
 
 @triton.jit
@@ -26,7 +28,7 @@ def _channel_kernel(
     syn, syc, syh, syw,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, C_CONST: tl.constexpr, NOUT_CONST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -49,7 +51,7 @@ def _channel_kernel(
     # one flat loop over (tap, channel block): a single software-pipelined K loop on the GPU, and a small
     # body (unrolling the taps made fp32 FMA kernels take minutes in ptxas)
     n_cb = tl.cdiv(C, BLOCK_C)
-    for kb in range(0, KH * KW * n_cb):
+    for kb in range(0, KH * KW * tl.cdiv(loop_bound(C, C_CONST), BLOCK_C)):  # = KH * KW * n_cb
         tap = kb // n_cb
         cc = (kb - tap * n_cb) * BLOCK_C + offs_c
         i = tap // KW
@@ -67,7 +69,7 @@ def _channel_kernel(
     # round like the stored intermediate of the two-conv path; low precision also feeds the tensor cores
     mid = acc.to(Y.dtype.element_ty)
     y_pix = Y + n.to(tl.int64) * syn + oh * syh + ow * syw
-    for o0 in range(0, NOUT, BLOCK_N):
+    for o0 in range(0, loop_bound(NOUT, NOUT_CONST), BLOCK_N):
         oo = o0 + tl.arange(0, BLOCK_N)
         o_ok = oo < NOUT
         w2 = tl.load(W2 + offs_r[:, None] * s2r + oo[None, :] * s2o,
@@ -79,20 +81,28 @@ def _channel_kernel(
                  mask=m_ok[:, None] & o_ok[None, :])
 
 
+def live_acc(r_pad, block_m, block_n, dtype):
+    """fp32 accumulator elements live at once: the [BLOCK_M x R_PAD] intermediate during GEMM 1; during
+    GEMM 2 the intermediate (in the input dtype) plus the [BLOCK_M x BLOCK_N] output block."""
+    mid = block_m * r_pad * dtype.itemsize // 4
+    return max(block_m * r_pad, mid + block_m * block_n)
+
+
 def _prune(configs, named_args, **kwargs):
     a = named(named_args, kwargs)
-    r_pad, c, nout, m = a["R_PAD"], a["C"], a["NOUT"], a["M"]
+    r_pad, c, nout, m, dtype = a["R_PAD"], a["C"], a["NOUT"], a["M"], a["X"].dtype
     keep = []
     for cfg in configs:
         k = cfg.kwargs
-        if k["BLOCK_M"] * r_pad > MAX_ACC or k["BLOCK_M"] * k["BLOCK_N"] > MAX_ACC:
+        if not acc_fits(live_acc(r_pad, k["BLOCK_M"], k["BLOCK_N"], dtype), cfg.num_warps, dtype):
             continue
         if k["BLOCK_C"] > max(16, triton.next_power_of_2(c)) or k["BLOCK_N"] > max(16, triton.next_power_of_2(nout)):
             continue
         if k["BLOCK_M"] > max(32, triton.next_power_of_2(m)):
             continue
         keep.append(cfg)
-    return keep or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"])]
+    return keep or [min(configs, key=lambda cfg: live_acc(r_pad, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"],
+                                                          dtype) / cfg.num_warps)]
 
 
 def _gpu_configs(mode):
@@ -125,25 +135,28 @@ def _kernel():
     return _tuned[mode], {}
 
 
-def factorized_conv_channel(x, c_weight, p_weight, bias, stride, padding, dilation):
+def launch_args(x, c_weight, p_weight, bias, stride, padding, dilation, y):
+    """(grid, positional arguments, untuned constexprs) of the kernel for one call writing y (the wrapper
+    and the compile-only test, tests/test_triton_compile.py, build launches from them)."""
     nb, c, h, w = x.shape
     r, _, kh, kw = c_weight.shape
-    nout = p_weight.shape[0]
-    oh = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
-    y = torch.empty((nb, nout, oh, ow), device=x.device, dtype=x.dtype, memory_format=fmt)
+    _, nout, oh, ow = y.shape
+    args = (x, c_weight, p_weight, bias if bias is not None else y, y,
+            c, h, w, r, nout, oh, ow, nb * oh * ow,
+            *x.stride(), *c_weight.stride(), p_weight.stride(0), p_weight.stride(1), *y.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+    consts = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, R_PAD=rank_pad(r), PRECISION=precision(x.dtype),
+                  **interpreter_consts(C=c, NOUT=nout))
     m = nb * oh * ow
+    return (lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)), args, consts
+
+
+def factorized_conv_channel(x, c_weight, p_weight, bias, stride, padding, dilation):
+    y = geometry.empty_output("channel", x, c_weight, p_weight, stride, padding, dilation)
     if y.numel() == 0:
         return y
+    grid, args, consts = launch_args(x, c_weight, p_weight, bias, stride, padding, dilation, y)
     kernel, fixed = _kernel()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    kernel[grid](
-        x, c_weight, p_weight, bias if bias is not None else y, y,
-        c, h, w, r, nout, oh, ow, m,
-        *x.stride(), *c_weight.stride(), p_weight.stride(0), p_weight.stride(1), *y.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, R_PAD=rank_pad(r), PRECISION=precision(x.dtype),
-        **fixed)
+    with LAUNCH_LOCK:
+        kernel[grid](*args, **consts, **fixed)
     return y

@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_ACC, autotune_mode, interpreting, named, next_pow2, precision, rank_pad
+from .. import geometry
+from ._common import (LAUNCH_LOCK, acc_fits, autotune_mode, interpreter_consts, interpreting, loop_bound, named,
+                      next_pow2, precision, rank_pad)
 
 # A row whose padded width exceeds this is split into column tiles with a halo.
 MAX_SINGLE_SPAN = 128
@@ -30,6 +32,7 @@ def _spatial_kernel(
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
     PRECISION: tl.constexpr, SPAN: tl.constexpr, OUT_W: tl.constexpr, SINGLE: tl.constexpr,
+    C_CONST: tl.constexpr, NOUT_CONST: tl.constexpr,
     M_TARGET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     ROWS: tl.constexpr = (M_TARGET + OUT_W - 1) // OUT_W  # >= 1 even for a row wider than M_TARGET
@@ -53,7 +56,8 @@ def _spatial_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     acc1 = tl.zeros((ROWS * SPAN, R_PAD), dtype=tl.float32)
     n_cb = tl.cdiv(C, BLOCK_C)
-    for kb in range(0, KH * n_cb):  # flat (tap, channel block) loop, as in the channel kernel
+    # flat (tap, channel block) loop, as in the channel kernel
+    for kb in range(0, KH * tl.cdiv(loop_bound(C, C_CONST), BLOCK_C)):  # = KH * n_cb
         i = kb // n_cb
         cc = (kb - i * n_cb) * BLOCK_C + offs_c
         ih = oh1 * STRIDE_H - PAD_T + i * DIL_H
@@ -74,7 +78,7 @@ def _spatial_kernel(
     ow = ow0 + wl2
     ok2 = (row2 < NROWS) & (wl2 < VALID_W) & (ow < OW)
     y_pix = Y + (row2 // OH).to(tl.int64) * syn + (row2 % OH) * syh + ow * syw
-    for o0 in range(0, NOUT, BLOCK_N):
+    for o0 in range(0, loop_bound(NOUT, NOUT_CONST), BLOCK_N):
         oo = o0 + tl.arange(0, BLOCK_N)
         o_ok = oo < NOUT
         acc2 = tl.zeros((ROWS * OUT_W, BLOCK_N), dtype=tl.float32)
@@ -94,19 +98,31 @@ def _spatial_kernel(
                  mask=ok2[:, None] & o_ok[None, :])
 
 
+def live_acc(r_pad, span, out_w, m_target, block_n, dtype):
+    """fp32 accumulator elements live at once: the [ROWS*SPAN x R_PAD] intermediate during GEMM 1; during
+    GEMM 2 the intermediate and one gathered tap [ROWS*OUT_W x R_PAD] (both in the input dtype) plus the
+    [ROWS*OUT_W x BLOCK_N] output block."""
+    rows = -(-m_target // out_w)
+    lowp = dtype.itemsize / 4
+    return max(rows * span * r_pad, (rows * span + rows * out_w) * r_pad * lowp + rows * out_w * block_n)
+
+
 def _prune(configs, named_args, **kwargs):
     a = named(named_args, kwargs)
-    r_pad, span, out_w, c, nout = a["R_PAD"], a["SPAN"], a["OUT_W"], a["C"], a["NOUT"]
+    r_pad, span, out_w, c, nout, dtype = a["R_PAD"], a["SPAN"], a["OUT_W"], a["C"], a["NOUT"], a["X"].dtype
+
+    def acc(cfg):
+        return live_acc(r_pad, span, out_w, cfg.kwargs["M_TARGET"], cfg.kwargs["BLOCK_N"], dtype)
+
     keep = []
     for cfg in configs:
         k = cfg.kwargs
-        rows = -(-k["M_TARGET"] // out_w)
-        if rows * span * r_pad > MAX_ACC or rows * out_w * k["BLOCK_N"] > MAX_ACC:
+        if not acc_fits(acc(cfg), cfg.num_warps, dtype):
             continue
         if k["BLOCK_C"] > max(16, triton.next_power_of_2(c)) or k["BLOCK_N"] > max(16, triton.next_power_of_2(nout)):
             continue
         keep.append(cfg)
-    return keep or [min(configs, key=lambda cfg: cfg.kwargs["M_TARGET"] * cfg.kwargs["BLOCK_N"])]
+    return keep or [min(configs, key=lambda cfg: acc(cfg) / cfg.num_warps)]
 
 
 def _gpu_configs(mode):
@@ -157,29 +173,35 @@ def tile_plan(w, ow, kw, stride_w, dil_w, max_single_span=None, multi_span=None)
     return span, next_pow2(valid), valid, False
 
 
-def factorized_conv_spatial(x, v_weight, h_weight, bias, stride, padding, dilation, max_single_span=None,
-                            multi_span=None):
+def launch_args(x, v_weight, h_weight, bias, stride, padding, dilation, y, max_single_span=None,
+                multi_span=None):
+    """(grid, positional arguments, untuned constexprs) of the kernel for one call writing y (the wrapper
+    and the compile-only test, tests/test_triton_compile.py, build launches from them)."""
     nb, c, h, w = x.shape
     r, _, kh, _ = v_weight.shape
-    nout, _, _, kw = h_weight.shape
-    oh = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
-    y = torch.empty((nb, nout, oh, ow), device=x.device, dtype=x.dtype, memory_format=fmt)
+    _, nout, oh, ow = y.shape
+    kw = h_weight.shape[3]
+    span, out_w, valid_w, single = tile_plan(w, ow, kw, stride[1], dilation[1], max_single_span, multi_span)
+    args = (x, v_weight, h_weight, bias if bias is not None else y, y,
+            c, h, w, r, nout, oh, ow, nb * oh, valid_w,
+            *x.stride(), v_weight.stride(0), v_weight.stride(1), v_weight.stride(2),
+            h_weight.stride(0), h_weight.stride(1), h_weight.stride(3), *y.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+    consts = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, R_PAD=rank_pad(r), PRECISION=precision(x.dtype),
+                  SPAN=span, OUT_W=out_w, SINGLE=single, **interpreter_consts(C=c, NOUT=nout))
+    grid = lambda meta: (triton.cdiv(nb * oh, triton.cdiv(meta["M_TARGET"], out_w)),  # noqa: E731
+                         triton.cdiv(ow, valid_w))
+    return grid, args, consts
+
+
+def factorized_conv_spatial(x, v_weight, h_weight, bias, stride, padding, dilation, max_single_span=None,
+                            multi_span=None):
+    y = geometry.empty_output("spatial", x, v_weight, h_weight, stride, padding, dilation)
     if y.numel() == 0:
         return y
-    span, out_w, valid_w, single = tile_plan(w, ow, kw, stride[1], dilation[1], max_single_span, multi_span)
-    nrows = nb * oh
-    kernel, fixed = _kernel(out_w)
-    grid = lambda meta: (triton.cdiv(nrows, triton.cdiv(meta["M_TARGET"], out_w)),  # noqa: E731
-                         triton.cdiv(ow, valid_w))
-    kernel[grid](
-        x, v_weight, h_weight, bias if bias is not None else y, y,
-        c, h, w, r, nout, oh, ow, nrows, valid_w,
-        *x.stride(), v_weight.stride(0), v_weight.stride(1), v_weight.stride(2),
-        h_weight.stride(0), h_weight.stride(1), h_weight.stride(3), *y.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, R_PAD=rank_pad(r), PRECISION=precision(x.dtype),
-        SPAN=span, OUT_W=out_w, SINGLE=single, **fixed)
+    grid, args, consts = launch_args(x, v_weight, h_weight, bias, stride, padding, dilation, y, max_single_span,
+                                     multi_span)
+    kernel, fixed = _kernel(consts["OUT_W"])
+    with LAUNCH_LOCK:
+        kernel[grid](*args, **consts, **fixed)
     return y
