@@ -13,6 +13,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 
 #include <functional>
 #include <optional>
@@ -39,6 +40,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_gram(
   TORCH_CHECK(at::isFloatingType(W.scalar_type()), "lowrank_project: W must be floating point");
   TORCH_CHECK(energy > 0.0 && energy <= 1.0, "lowrank_project: energy must be in (0, 1], got ", energy);
   TORCH_CHECK(!max_rank.has_value() || *max_rank >= 1, "lowrank_project: max_rank must be >= 1");
+  // The float32 projection GEMMs below stay IEEE float32 whatever the global TF32 setting
+  // (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision("high")): TF32 rounds the inputs
+  // to 10 mantissa bits (relative error ~5e-4), far outside the 1e-5 contract. cuBLAS handles read this
+  // thread-local guard when ATen fetches them. (On the CPU only oneDNN's bf16 mode for float32, on CPUs
+  // with bf16 units and set_float32_matmul_precision("medium"), would bypass it.)
+  at::NoTF32Guard no_tf32;
   const int64_t B = W.size(0), p = W.size(1), q = W.size(2);
   auto rank_opts = W.options().dtype(at::kLong);
   if (B == 0 || p == 0 || q == 0) {
