@@ -1,4 +1,5 @@
 """The `trp` command end to end on a tiny digits subset, and its handling of bad input."""
+import datetime
 import json
 import os
 import subprocess
@@ -11,14 +12,7 @@ import trp
 from trp import checkpoint as ckpt
 from trp.cli import main
 
-TINY = ["--data", "digits", "--image-size", "8", "--subset", "48", "--batch-size", "16", "--seed", "1",
-        "--schedule", "1", "--no-progress"]
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_helpers import TINY, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +104,25 @@ def _bad_cases(tmp):
         "bad epochs": (["train", "--epochs", "zero"], "expected an integer"),
         "no cuda": (["train", *TINY, "--device", "cuda:7"], "CUDA is not available|cuda"),
         "resume nothing": (["train", "--resume", "--out", str(other)], "no such file"),
+        # every option is validated before any work (finite, in range)
+        "inf threshold": (["train", *TINY, "--threshold", "inf"], "--threshold must be a finite number >= 0"),
+        "negative threshold": (["train", *TINY, "--threshold", "-1"], "--threshold must be"),
+        "inf weight decay": (["train", *TINY, "--weight-decay", "inf"], "--weight-decay must be a finite"),
+        "nan momentum": (["train", *TINY, "--momentum", "nan"], "--momentum must be"),
+        "nan lr decay": (["train", *TINY, "--lr-decay", "nan"], "--lr-decay must be"),
+        "inf lr": (["train", *TINY, "--lr", "inf"], "--lr must be"),
+        "inf nuclear": (["train", *TINY, "--nuclear", "inf"], "nuclear must be a finite"),
+        "nan energy": (["train", *TINY, "--energy", "nan"], "energy must be"),
+        "zero period": (["train", *TINY, "--period", "0"], "period must be an int >= 1"),
+        "negative workers": (["train", *TINY, "--workers", "-1"], "--workers must be"),
+        "huge seed": (["train", *TINY, "--seed", str(2 ** 70)], r"--seed must be an int in \[0, 2\*\*63\)"),
+        "negative seed": (["train", *TINY, "--seed", "-1"], "--seed must be"),
+        "tiny image": (["train", *TINY, "--image-size", "2"], "image size must be an int >= 4"),
+        "cifar image size": (["train", "--data", f"cifar10:{tmp}", "--image-size", "16"], "32x32"),
+        "missing init": (["train", *TINY, "--init", str(tmp / "nothing.pt")], "nothing.pt: no such file"),
+        "out is a file": (["train", *TINY, "--out", str(tmp / "afile")], "afile is a file, not a directory"),
+        "init with resume": (["train", "--resume", str(tmp / "x.pt"), "--init", "w.pt"],
+                             "--init.*--resume|--resume.*--init"),
     }
 
 
@@ -117,6 +130,7 @@ def _bad_cases(tmp):
 def test_bad_input_one_line_exit_2_before_any_work(case, tmp_path, capsys):
     args, match = _bad_cases(tmp_path)[case]
     out_dir = tmp_path / "out"
+    (tmp_path / "afile").write_text("not a directory")
     if args[0] == "train" and "--out" not in args:
         args = args + ["--out", out_dir]
     if case == "no cuda" and torch.cuda.is_available():
@@ -127,6 +141,7 @@ def test_bad_input_one_line_exit_2_before_any_work(case, tmp_path, capsys):
     import re
     assert re.search(match, err), err
     assert not out_dir.exists()  # rejected before any work
+    assert (tmp_path / "afile").read_text() == "not a directory"
 
 
 def test_corrupted_and_foreign_files(trained, tmp_path, capsys):
@@ -143,7 +158,7 @@ def test_corrupted_and_foreign_files(trained, tmp_path, capsys):
     saved = ckpt.load_checkpoint(trained / "checkpoint.pt")
     saved["arch"] = dict(saved["arch"], name="resnet32")
     foreign = tmp_path / "foreign.pt"
-    torch.save(saved, foreign)
+    ckpt.save_checkpoint(saved, foreign)  # sealed: intact, but of another architecture
     code, _, err = run_cli(capsys, "eval", foreign)
     assert code == 2 and "do not fit its architecture" in err
     # resume with another model than the checkpoint's, and an existing run without --resume/--force
@@ -167,4 +182,52 @@ def test_init_loads_weights_and_rejects_foreign_ones(trained, tmp_path, capsys):
     torch.save(trp.models.build("resnet32").state_dict(), foreign)
     code, _, err = run_cli(capsys, "train", *TINY, "--init", foreign, "--out", tmp_path / "bad")
     assert code == 2 and "do not fit resnet20" in err and err.count("\n") == 1, err
+    assert "unexpected keys layer1.3.conv1.weight" in err, err  # names what does not fit
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+    partial = {k: v for k, v in start.items() if not k.startswith("fc.")}
+    partial["layer1.0.conv1.weight"] = partial["layer1.0.conv1.weight"][:, :4]
+    torch.save(partial, weights)
+    code, _, err = run_cli(capsys, "train", *TINY, "--init", weights, "--out", tmp_path / "bad")
+    assert code == 2 and "missing keys fc.weight, fc.bias" in err, err
+    assert "layer1.0.conv1.weight: shape (16, 4, 3, 3) in the file, (16, 16, 3, 3) in the model" in err, err
+
+
+def test_file_messages(trained, tmp_path, capsys):
+    """A directory is not a missing file; a file that safe loading refuses is named as such, never with
+    advice to load it unsafely; a directory given as an output file fails before any work."""
+    code, _, err = run_cli(capsys, "eval", tmp_path)
+    assert code == 2 and f"{tmp_path} is a directory, not a file" in err, err
+    code, _, err = run_cli(capsys, "decompose", trained / "checkpoint.pt", "-o", tmp_path)
+    assert code == 2 and f"{tmp_path} is a directory" in err, err
+
+    torch.save({"model": datetime.date(2024, 1, 1)}, tmp_path / "pickle.pt")
+    for cmd in (["eval"], ["report"], ["train", "--resume"]):
+        code, _, err = run_cli(capsys, *cmd, tmp_path / "pickle.pt")
+        assert code == 2 and err.count("\n") == 1, err
+        assert "not a trp/torch checkpoint or holds disallowed objects" in err, err
+        assert "weights_only" not in err and "can still be loaded" not in err, err
+
+
+def test_written_files_have_the_umask_mode(trained):
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("checkpoint.pt", "report.json", "ranks.png", "decomposed.pt"):
+        assert os.stat(trained / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_train_options_have_one_declaration():
+    """DEFAULTS, the resume rules, the parser and the README all follow the TrainConfig fields."""
+    import dataclasses
+    import pathlib
+    from trp import cli, config, train
+    fields = [f.name for f in dataclasses.fields(train.TrainConfig)]
+    assert list(train.DEFAULTS) == fields
+    assert set(config.RESUME_FIXED) | set(config.RESUME_CHANGEABLE) == set(fields)
+    assert set(config.RESUME_CHANGEABLE) == {"epochs", "device", "threshold", "out"}
+    train_parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {s for a in train_parser._actions for s in a.option_strings}
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    for f in dataclasses.fields(train.TrainConfig):
+        flag = f.metadata["flag"]
+        assert flag in flags, flag
+        assert f"`{flag}" in readme, f"README does not list {flag}"

@@ -1,4 +1,6 @@
 """trp.save / trp.load: round trip, architecture checks, damaged and missing files, atomic write."""
+import copy
+import datetime
 import os
 
 import pytest
@@ -115,3 +117,53 @@ def test_failed_save_keeps_previous_file(decomposed, tmp_path, monkeypatch):
         trp.save(decomposed, path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_is_kept(decomposed, dtype, tmp_path):
+    model = copy.deepcopy(decomposed).to(dtype)
+    trp.save(model, tmp_path / "m.pt")
+    loaded = trp.load(tmp_path / "m.pt")
+    for (k, v), (k2, w) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and v.dtype == w.dtype and torch.equal(v, w), k
+    # onto a given base: the file's dtype, the base's device
+    loaded = trp.load(tmp_path / "m.pt", base=trp.models.build("resnet20", num_classes=7))
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+
+
+def test_state_dict_metadata_is_kept(tmp_path):
+    """torchvision's MNASNet reads the state_dict version from _metadata in _load_from_state_dict."""
+    pytest.importorskip("torchvision")
+    model = trp.models.build("torchvision:mnasnet0_5").eval()
+    trp.save(model, tmp_path / "mnasnet.pt")
+    payload = torch.load(tmp_path / "mnasnet.pt", weights_only=True)  # plain data, safe loading
+    assert payload["metadata"][""]["version"] == 2
+    loaded = trp.load(tmp_path / "mnasnet.pt")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_model_files_of_the_first_format_still_load(decomposed, tmp_path):
+    """Version 1 files (no metadata) carry a SHA-256 over (arch, layers) and the tensors: still verified."""
+    from trp.integrity import digest
+    trp.save(decomposed, tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    del payload["metadata"]
+    payload.update(version=1, sha256=digest((payload["arch"], payload["layers"]), payload["state_dict"]))
+    torch.save(payload, tmp_path / "v1.pt")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(trp.load(tmp_path / "v1.pt").eval()(x), decomposed(x))
+    payload["state_dict"]["fc.bias"][0] += 1
+    torch.save(payload, tmp_path / "v1.pt")
+    with pytest.raises(ValueError, match="corrupted"):
+        trp.load(tmp_path / "v1.pt")
+
+
+def test_directory_and_refused_objects_have_clear_messages(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory, not a file"):
+        trp.load(tmp_path)
+
+    torch.save({"format": "trp.model", "x": datetime.date(2024, 1, 1)}, tmp_path / "pickle.pt")
+    with pytest.raises(ValueError, match="not a trp/torch checkpoint or holds disallowed objects") as info:
+        trp.load(tmp_path / "pickle.pt")
+    assert "weights_only" not in str(info.value) and "can still be loaded" not in str(info.value)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trp import checkpoint as ckpt
-from trp import train
+from trp import runlock, train
 
 
 def tiny(out, **kw):
@@ -72,7 +72,8 @@ def test_checkpoint_never_half_written(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert ckpt.load_checkpoint(path)["epoch"] == 1
-    assert sorted(os.listdir(tmp_path)) == [train.CHECKPOINT]  # no temporary file left behind
+    # no temporary file left behind (the run lock's file stays: only its flock matters)
+    assert sorted(os.listdir(tmp_path)) == sorted([runlock.LOCK_NAME, train.CHECKPOINT])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -114,6 +115,12 @@ def test_preset_and_explicit_options():
     ({"energy": 1.5}, "energy"), ({"period": 0}, "period"), ({"nuclear": -1.0}, "nuclear"),
     ({"data": "mnist"}, "unknown data set 'mnist'; valid: digits"),
     ({"schedule": [5, 2]}, "schedule"), ({"lr": 0.0}, "lr"),
+    ({"threshold": float("inf")}, "threshold"), ({"weight_decay": float("inf")}, "weight-decay"),
+    ({"weight_decay": -1.0}, "weight-decay"), ({"momentum": float("nan")}, "momentum"),
+    ({"lr_decay": float("nan")}, "lr-decay"), ({"lr": float("inf")}, "lr"), ({"seed": 2 ** 70}, "seed"),
+    ({"seed": 1.5}, "seed"), ({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch-size"),
+    ({"subset": 0}, "subset"), ({"workers": -1}, "workers"), ({"image_size": 3}, "image size"),
+    ({"device": "tpu"}, "device"), ({"trp": "yes"}, "trp"), ({"model": None}, "model"),
 ])
 def test_bad_config_rejected(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -1,74 +1,86 @@
-"""Training checkpoints: written atomically, loaded without unpickling code, with the RNG states that make
-a resumed run continue exactly.
-
-atomic_save writes to a temporary file in the target's directory, fsyncs it and os.replace()s it onto the
-target, so a crash at any point leaves either the previous checkpoint or the new one, never a mix."""
-import os
+"""Training checkpoints: sealed with a SHA-256 of everything they hold (checked on every load), written
+atomically (storage.atomic_save), loaded without unpickling code, with the RNG states that make a resumed
+run continue exactly."""
 import random
-import tempfile
 
 import numpy as np
 import torch
 
+from .integrity import digest_tree
+from .storage import atomic_save, read_torch
+
 FORMAT = "trp-train-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: sealed ("sha256"); 1 carried no checksum
+REQUIRED = ("config", "arch", "epoch", "model")
 
 
 class CheckpointError(ValueError):
-    """A file that is not a usable training checkpoint (missing, corrupted, other format or model)."""
+    """A file that is not a usable training checkpoint (corrupted, other format or model)."""
 
 
-def atomic_save(obj, path):
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    # make the rename itself durable (best effort; not every platform can fsync a directory)
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+def _body(state):
+    return {k: v for k, v in state.items() if k != "sha256"}
 
 
-def load_file(path):
-    """torch.load(weights_only=True) with clear errors for a missing or corrupted file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: corrupted or not a torch file ({first[:200]})") from None
+def save_checkpoint(state, path):
+    """Writes the checkpoint dict `state` to `path` atomically, sealed with the SHA-256 of its contents."""
+    body = _body(state)
+    atomic_save({**body, "sha256": digest_tree(body)}, path)
 
 
 def is_checkpoint(obj):
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def load_checkpoint(path):
-    obj = load_file(path)
+def verify_checkpoint(obj, path):
+    """`obj` (as loaded from `path`) if it is an intact checkpoint this trp reads, else CheckpointError."""
     if not is_checkpoint(obj):
         raise CheckpointError(f"{path}: not a `trp train` checkpoint (no '{FORMAT}' header)")
-    if obj.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {obj.get('version')!r}, this trp reads {VERSION}")
-    missing = [k for k in ("config", "arch", "epoch", "model") if k not in obj]
+    version = obj.get("version")
+    if version != VERSION:
+        old = " (written by an older trp, without a checksum; start a new run)" if version == 1 else ""
+        raise CheckpointError(f"{path}: checkpoint version {version!r}, this trp reads {VERSION}{old}")
+    if not isinstance(obj.get("sha256"), str):
+        raise CheckpointError(f"{path}: checkpoint has no checksum (damaged, or not written by trp)")
+    if obj["sha256"] != digest_tree(_body(obj)):
+        raise CheckpointError(f"{path}: corrupted: its contents do not match the SHA-256 checksum written "
+                              "with it")
+    missing = [k for k in REQUIRED if k not in obj]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return obj
+
+
+def load_checkpoint(path):
+    return verify_checkpoint(read_torch(path), path)
+
+
+def mismatch(model, state, limit=5):
+    """None when `state` has exactly the keys and shapes of model.state_dict(), else what differs."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: shape {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k in own if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
+    parts = []
+    for label, items in (("missing keys ", missing), ("unexpected keys ", unexpected), ("", shapes)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(label + ", ".join(items[:limit]) + more)
+    return "; ".join(parts) or None
+
+
+def load_weights(model, state, what, error=CheckpointError, assign=False):
+    """model.load_state_dict(state) once keys and shapes are known to match; otherwise, or when a module's
+    own checks refuse the state, raises error(f"{what}: <what differs>") - a mismatch before any write."""
+    problem = mismatch(model, state)
+    if problem is None:
+        try:
+            model.load_state_dict(state, assign=assign)
+            return model
+        except (RuntimeError, ValueError) as exc:
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise error(f"{what}: {problem}")
 
 
 def rng_state(loader_generator=None):
@@ -95,5 +107,5 @@ def set_rng_state(state, loader_generator=None):
         loader_generator.set_state(state["loader"])
 
 
-__all__ = ["FORMAT", "VERSION", "CheckpointError", "atomic_save", "load_file", "load_checkpoint",
-           "is_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint",
+           "is_checkpoint", "mismatch", "load_weights", "rng_state", "set_rng_state"]

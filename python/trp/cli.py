@@ -8,14 +8,11 @@ import sys
 import time
 
 from . import checkpoint as ckpt
+from . import config
 from . import data as data_mod
+from . import runlock, storage
 from . import train as train_mod
-
-# train options whose defaults come from train.DEFAULTS / --preset; argparse leaves them out when not given
-TRAIN_KEYS = ("model", "data", "image_size", "subset", "scheme", "energy", "period", "nuclear", "epochs", "lr",
-              "schedule", "lr_decay", "weight_decay", "momentum", "batch_size", "seed", "device", "workers",
-              "threshold", "init", "out")
-RESUME_CHANGEABLE = ("epochs", "device", "threshold", "out")
+from .config import positive_int as _positive_int
 
 
 class CLIError(Exception):
@@ -25,16 +22,6 @@ class CLIError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2 via main(), instead of usage + SystemExit
         raise CLIError(f"{self.prog}: {message}")
-
-
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
 
 
 def _add_criterion(p, default_note):
@@ -47,7 +34,6 @@ def _add_criterion(p, default_note):
 
 def build_parser():
     S = argparse.SUPPRESS
-    d = train_mod.DEFAULTS
     parser = _Parser(prog="trp", description="Trained Rank Pruning: train low-rank CNNs, decompose them, "
                                              "measure what it bought.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -55,36 +41,9 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a model (with TRP by default), then decompose and report",
                        argument_default=S)
-    t.add_argument("--model", metavar="NAME", help=f"resnet20|32|44|56|110 or torchvision:NAME (default {d['model']})")
-    t.add_argument("--data", metavar="SPEC", help="digits (embedded, default) | cifar10:DIR (python batches) | "
-                                  "imagefolder:DIR (DIR/train, DIR/val)")
-    t.add_argument("--image-size", metavar="N", type=_positive_int, help="input side for digits (default 16) and "
-                                                            "imagefolder (default 224)")
-    t.add_argument("--subset", metavar="N", type=_positive_int, help="use a fixed random N train and N test samples")
-    t.add_argument("--scheme", metavar="NAME", help="channel (default) or spatial")
-    t.add_argument("--energy", metavar="E", type=float, help=f"fraction of squared singular values each projection keeps "
-                                                f"and the final decomposition uses (default {d['energy']})")
-    t.add_argument("--period", metavar="M", type=int, help=f"project every PERIOD iterations (default {d['period']})")
-    t.add_argument("--nuclear", metavar="L", type=float, help=f"nuclear-norm weight lambda (default {d['nuclear']})")
-    t.add_argument("--no-trp", action="store_true", default=False, help="train the plain baseline")
-    t.add_argument("--epochs", metavar="N", type=_positive_int, help=f"default {d['epochs']}")
-    t.add_argument("--lr", type=float, help=f"initial learning rate (default {d['lr']})")
-    t.add_argument("--schedule", type=_positive_int, nargs="+", metavar="EPOCH",
-                   help="epochs after which the lr is multiplied by --lr-decay (default: 50%% and 75%% of "
-                        "--epochs)")
-    t.add_argument("--lr-decay", metavar="F", type=float, help=f"default {d['lr_decay']}")
-    t.add_argument("--weight-decay", metavar="WD", type=float, help=f"default {d['weight_decay']}")
-    t.add_argument("--momentum", metavar="MU", type=float, help=f"default {d['momentum']}")
-    t.add_argument("--batch-size", metavar="N", type=_positive_int, help=f"default {d['batch_size']}")
-    t.add_argument("--seed", metavar="N", type=int, help=f"default {d['seed']}")
-    t.add_argument("--device", metavar="DEV", help="cpu (default), cuda, cuda:N or auto")
-    t.add_argument("--workers", metavar="N", type=int, help="DataLoader worker processes (default 0)")
-    t.add_argument("--threshold", metavar="T", type=float, help="decompose at the end by this absolute singular-value "
-                                                   "cutoff instead of --energy")
-    t.add_argument("--out", metavar="DIR", help=f"run directory: checkpoint.pt, report.json, ranks.png, decomposed.pt "
-                                 f"(default {d['out']})")
-    t.add_argument("--init", metavar="FILE", help="initial weights: a state_dict file (e.g. a torchvision "
-                                                  "checkpoint) or a trp checkpoint, for TRP fine-tuning")
+    for f in config.FIELDS:  # the options of TrainConfig, declared there once
+        meta = f.metadata
+        t.add_argument(meta["flag"], dest=f.name, help=meta["help"].format(default=f.default), **meta["argparse"])
     t.add_argument("--preset", metavar="NAME", help=f"a published recipe: {', '.join(sorted(train_mod.PRESETS))} "
                                     "(explicit options override it)")
     t.add_argument("--resume", nargs="?", const="", metavar="CKPT",
@@ -125,50 +84,63 @@ def _log(msg):
     print(msg, flush=True)
 
 
-def cmd_train(ns):
-    start = time.perf_counter()
-    explicit = {k: getattr(ns, k) for k in TRAIN_KEYS if hasattr(ns, k)}
-    if "threads" in ns:
-        import torch
-        torch.set_num_threads(ns.threads)
-    if ns.no_trp:
-        if explicit.get("nuclear", 0) > 0:
+def _train_config(ns):
+    """(config, checkpoint to resume or None, --init state_dict or None) from the command line; every
+    option and file is checked here, before any work or write."""
+    explicit = {f.name: getattr(ns, f.name) for f in config.FIELDS if hasattr(ns, f.name)}
+    preset, resume = getattr(ns, "preset", None), getattr(ns, "resume", None)
+    if resume is not None and ns.force:
+        raise CLIError("--resume continues a run and --force starts it over: give one of them")
+    if resume is not None and "init" in explicit:
+        raise CLIError("--init gives a new run its weights and --resume continues from the checkpoint's: "
+                       "give one of them")
+    if explicit.get("trp") is False:
+        if explicit.get("nuclear", 0) != 0:
             raise CLIError("--no-trp trains without the nuclear-norm term: drop --nuclear")
         if "period" in explicit:
             raise CLIError("--no-trp trains without projections: drop --period")
-        explicit.update(trp=False, nuclear=0.0)
-    preset = getattr(ns, "preset", None)
-    if preset is not None and preset not in train_mod.PRESETS:
-        raise CLIError(f"unknown preset {preset!r}; valid: {', '.join(sorted(train_mod.PRESETS))}")
-    resume = getattr(ns, "resume", None)
-    if resume is not None:
-        if ns.force:
-            raise CLIError("--resume continues a run and --force starts it over: give one of them")
-        path = resume or os.path.join(explicit.get("out", train_mod.DEFAULTS["out"]), train_mod.CHECKPOINT)
-        saved = ckpt.load_checkpoint(path)
-        given = dict(explicit)
-        if preset is not None:
-            given = {**train_mod.PRESETS[preset], **given}
-        train_mod.check_resume(saved["config"], {k: v for k, v in given.items()
-                                                 if k not in RESUME_CHANGEABLE})
-        values = dict(saved["config"])
-        values.update({k: v for k, v in explicit.items() if k in RESUME_CHANGEABLE})
-        if "out" not in explicit:  # the run continues where its checkpoint lies
-            values["out"] = os.path.dirname(os.path.abspath(path))
-        cfg = train_mod.TrainConfig.from_dict(values)
-    else:
-        cfg = train_mod.resolve_config(explicit, preset)
-        existing = os.path.join(cfg.out, train_mod.CHECKPOINT)
-        if os.path.exists(existing) and not ns.force:
-            raise CLIError(f"{existing} exists: --resume to continue that run, --force to start over, or "
-                           "another --out")
-        saved = None
-    run = train_mod.Run(cfg, resume=saved, log=_log, progress=not ns.no_progress)
-    run.fit()
-    if ns.no_report:
-        return 0
-    train_mod.final_report(run.model, run.bundle, run.test_loader, run.device, cfg.scheme,
-                           **_criterion(cfg.energy, cfg.threshold), out=run.out, log=_log)
+        explicit["nuclear"] = 0.0
+    config.check_preset(preset)
+    if resume is None:
+        cfg = config.resolve_config(explicit, preset)
+        init = train_mod.read_initial_weights(cfg.init) if cfg.init is not None else None
+        return cfg, None, init
+    path = resume or os.path.join(explicit.get("out", config.DEFAULTS["out"]), train_mod.CHECKPOINT)
+    saved = ckpt.load_checkpoint(path)
+    given = {**config.PRESETS.get(preset, {}), **explicit}
+    config.check_resume(saved["config"], {k: v for k, v in given.items() if k not in config.RESUME_CHANGEABLE})
+    values = dict(saved["config"])
+    values.update({k: v for k, v in explicit.items() if k in config.RESUME_CHANGEABLE})
+    if "out" not in explicit:  # the run continues where its checkpoint lies
+        values["out"] = os.path.dirname(os.path.abspath(path))
+    return config.TrainConfig.from_dict(values), saved, None
+
+
+def _check_fresh(out, force):
+    existing = os.path.join(out, train_mod.CHECKPOINT)
+    if os.path.exists(existing) and not force:
+        raise CLIError(f"{existing} exists: --resume to continue that run, --force to start over, or "
+                       "another --out")
+
+
+def cmd_train(ns):
+    start = time.perf_counter()
+    cfg, saved, init = _train_config(ns)
+    runlock.check_free(cfg.out)  # a directory another `trp train` is using fails now, not after loading
+    if saved is None:
+        _check_fresh(cfg.out, ns.force)
+    if "threads" in ns:
+        import torch
+        torch.set_num_threads(ns.threads)
+    run = train_mod.Run(cfg, resume=saved, log=_log, progress=not ns.no_progress, init_state=init)
+    with runlock.locked(run.out):  # held through the report; Run.fit takes it again
+        if saved is None:
+            _check_fresh(cfg.out, ns.force)  # again under the lock: a run may have started meanwhile
+        run.fit()
+        if ns.no_report:
+            return 0
+        train_mod.final_report(run.model, run.bundle, run.test_loader, run.device, cfg.scheme,
+                               **_criterion(cfg.energy, cfg.threshold), out=run.out, log=_log)
     _log(f"total time {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -182,10 +154,20 @@ def _checkpoint_model(path, device="cpu"):
     return saved, train_mod.model_from_checkpoint(saved, device)
 
 
+def _check_deploy_args(ns):
+    """The explicitly given scheme and criterion, checked before the checkpoint is read."""
+    from .rank import check_energy, check_threshold
+    from .schemes import check_scheme
+    if ns.scheme is not None:
+        check_scheme(ns.scheme)
+    if ns.energy is not None:
+        check_energy(ns.energy, "--energy")
+    if ns.threshold is not None:
+        check_threshold(ns.threshold, "--threshold")
+
+
 def _deploy_args(ns, cfg):
     scheme = ns.scheme or cfg["scheme"]
-    from .schemes import check_scheme
-    check_scheme(scheme)
     if ns.energy is not None or ns.threshold is not None:
         return scheme, _criterion(ns.energy, ns.threshold)
     return scheme, _criterion(cfg["energy"], cfg.get("threshold"))
@@ -196,12 +178,14 @@ def cmd_decompose(ns):
     from .decompose import decompose
     from .flops import count_macs, count_params
 
-    saved, model = _checkpoint_model(ns.checkpoint)
-    scheme, crit = _deploy_args(ns, saved["config"])
-    compact = decompose(model, scheme, **crit)
+    _check_deploy_args(ns)
+    storage.check_output_file(ns.out)
     out_dir = os.path.dirname(os.path.abspath(ns.out))
     if not os.path.isdir(out_dir):
         raise CLIError(f"directory {out_dir} does not exist")
+    saved, model = _checkpoint_model(ns.checkpoint)
+    scheme, crit = _deploy_args(ns, saved["config"])
+    compact = decompose(model, scheme, **crit)
     io.save(compact, ns.out)
     size = (1, saved["arch"].get("in_channels", 3), *(2 * [_image_size(saved["config"])]))
     md, mc = count_macs(model, size), count_macs(compact, size)
@@ -222,16 +206,19 @@ def cmd_eval(ns):
     from . import io
 
     device = train_mod.resolve_device(ns.device)
-    obj = ckpt.load_file(ns.model_file)
+    obj = storage.read_torch(ns.model_file)  # read once, verified by its own format's checksum
     if ckpt.is_checkpoint(obj):
-        saved, model = _checkpoint_model(ns.model_file, device)
+        saved = ckpt.verify_checkpoint(obj, ns.model_file)
+        model = train_mod.model_from_checkpoint(saved, device)
         cfg = saved["config"]
         spec, size, subset, kind = ns.data or cfg["data"], ns.image_size or cfg.get("image_size"), \
             ns.subset or cfg.get("subset"), "dense checkpoint"
         seed = cfg.get("seed", 0)
-    else:
-        model = io.load(ns.model_file).to(device)
+    elif io.is_model_file(obj):
+        model = io.from_payload(io.verify_model_file(obj, ns.model_file), ns.model_file).to(device)
         spec, size, subset, kind, seed = ns.data or "digits", ns.image_size, ns.subset, "model file", 0
+    else:
+        raise CLIError(f"{ns.model_file} is neither a `trp train` checkpoint nor a trp model file (trp.save)")
     arch = getattr(model, "trp_arch", {}) or {}
     bundle = data_mod.load(spec, size, subset, seed=seed)
     if arch.get("num_classes", bundle.num_classes) != bundle.num_classes:
@@ -246,6 +233,9 @@ def cmd_eval(ns):
 
 def cmd_report(ns):
     device = train_mod.resolve_device(ns.device)
+    _check_deploy_args(ns)
+    if ns.out is not None:
+        config.check_out_dir(ns.out)
     saved, model = _checkpoint_model(ns.checkpoint, device)
     cfg = saved["config"]
     scheme, crit = _deploy_args(ns, cfg)

@@ -94,23 +94,34 @@ def parse_spec(spec):
     raise DataError(f"unknown data set {spec!r}; valid: {', '.join(DATASETS)}")
 
 
+def _positive(value):
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def check_options(spec, image_size=None, subset=None):
+    """(kind, path) of `spec` if it, the image size and the subset size are valid; DataError otherwise.
+    Reads no files: the checks that `trp train` makes before any work."""
+    kind, path = parse_spec(spec)
+    if image_size is not None and not (_positive(image_size) and image_size >= 4):
+        raise DataError(f"image size must be an int >= 4, got {image_size!r}")
+    if kind == "cifar10" and image_size not in (None, 32):
+        raise DataError("CIFAR-10 images are 32x32; drop --image-size")
+    if subset is not None and not _positive(subset):
+        raise DataError(f"subset must be an int >= 1, got {subset!r}")
+    return kind, path
+
+
 def load(spec, image_size=None, subset=None, seed=0):
     """A DataBundle for `spec`. `subset` keeps a fixed random `subset` train and `subset` test samples
     (seeded, for quick runs and tests); image_size applies to digits (default 16) and imagefolder (224)."""
-    kind, path = parse_spec(spec)
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 4):
-        raise DataError(f"image size must be an int >= 4, got {image_size!r}")
+    kind, path = check_options(spec, image_size, subset)
     if kind == "digits":
         bundle = load_digits(image_size or 16)
     elif kind == "cifar10":
-        if image_size not in (None, 32):
-            raise DataError("CIFAR-10 images are 32x32; drop --image-size")
         bundle = load_cifar10(path)
     else:
         bundle = load_imagefolder(path, image_size or 224)
     if subset is not None:
-        if not isinstance(subset, int) or subset < 1:
-            raise DataError(f"subset must be an int >= 1, got {subset!r}")
         bundle.train = _fixed_subset(bundle.train, subset, seed)
         bundle.test = _fixed_subset(bundle.test, subset, seed + 1)
     return bundle
@@ -248,5 +259,5 @@ def make_loaders(bundle, batch_size, seed=0, workers=0):
     return train, test
 
 
-__all__ = ["DATASETS", "DataBundle", "DataError", "load", "parse_spec", "load_digits", "load_cifar10",
+__all__ = ["DATASETS", "DataBundle", "DataError", "load", "parse_spec", "check_options", "load_digits", "load_cifar10",
            "load_imagefolder", "make_loaders"]

@@ -1,63 +1,67 @@
 """trp.save / trp.load: a (decomposed) model as plain data - its architecture record, the configuration of
-each factorized layer and a state_dict - read back with torch.load(weights_only=True), so no pickled code
-runs on load."""
+each factorized layer, a state_dict with its dtypes and its `_metadata` (the per-module versions that some
+_load_from_state_dict read) and a SHA-256 over all of it - read back with torch.load(weights_only=True),
+so no pickled code runs on load."""
+import collections
 import copy
-import hashlib
 import os
 
 import torch
 import torch.nn as nn
 
 from . import models
-from .checkpoint import atomic_save
+from .checkpoint import load_weights
+from .integrity import digest
 from .modules import FACTORIZED, FACTORIZED_TYPES
+from .storage import atomic_save, read_torch
 
 FORMAT = "trp.model"
-VERSION = 1
+VERSION = 2  # 2 adds "metadata"; 1 is still read (its checksum covers arch, layers and tensors)
 
 
-def _digest(arch, layers, state_dict):
-    """SHA-256 over the config and every tensor's bytes: the zip container does not verify its CRCs on
-    load, so a flipped byte inside a tensor would otherwise load silently."""
-    h = hashlib.sha256(repr((arch, layers)).encode())
-    for key in sorted(state_dict):
-        t = state_dict[key]
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def _header(payload):
+    header = (payload.get("arch"), payload["layers"])
+    return header if payload.get("version") == 1 else header + (payload.get("metadata"),)
 
 
 def save(model, path):
     """Writes `model` (dense or decomposed) to `path` atomically (temporary file, then rename)."""
     layers = {n: m.config() for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)}
-    arch = getattr(model, "trp_arch", None)
-    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "version": VERSION, "arch": copy.deepcopy(arch), "layers": layers,
-               "state_dict": state_dict, "sha256": _digest(arch, layers, state_dict)}
+    sd = model.state_dict()
+    state_dict = {k: v.detach().cpu() for k, v in sd.items()}
+    metadata = {k: dict(v) for k, v in getattr(sd, "_metadata", {}).items()}
+    payload = {"format": FORMAT, "version": VERSION, "arch": copy.deepcopy(getattr(model, "trp_arch", None)),
+               "layers": layers, "state_dict": state_dict, "metadata": metadata}
+    payload["sha256"] = digest(_header(payload), state_dict)
     atomic_save(payload, os.fspath(path))
 
 
-def _read(path):
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"trp.load: no such file: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bad pickle, foreign objects: all mean "not our file"
-        raise ValueError(f"trp.load: {path} is not a readable trp model file (corrupted or truncated?): "
-                         f"{type(exc).__name__}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"trp.load: {path} is not a trp model file (written by trp.save)")
-    if payload.get("version") != VERSION:
-        raise ValueError(f"trp.load: {path} has format version {payload.get('version')}, "
-                         f"this trp reads version {VERSION}")
-    for key, kind in (("layers", dict), ("state_dict", dict)):
-        if not isinstance(payload.get(key), kind):
-            raise ValueError(f"trp.load: {path} is damaged: missing {key!r}")
-    if payload.get("sha256") != _digest(payload.get("arch"), payload["layers"], payload["state_dict"]):
-        raise ValueError(f"trp.load: {path} is corrupted: its contents do not match the checksum "
-                         "written by trp.save")
+def is_model_file(obj):
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def verify_model_file(payload, path):
+    """`payload` (as loaded from `path`) if it is an intact trp.save file, else ValueError."""
+    if not is_model_file(payload):
+        raise ValueError(f"{path} is not a trp model file (written by trp.save)")
+    if payload.get("version") not in (1, VERSION):
+        raise ValueError(f"{path} has format version {payload.get('version')}, "
+                         f"this trp reads versions 1 and {VERSION}")
+    for key in ("layers", "state_dict") + (("metadata",) if payload["version"] > 1 else ()):
+        if not isinstance(payload.get(key), dict):
+            raise ValueError(f"{path} is damaged: missing {key!r}")
+    if not all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values()):
+        raise ValueError(f"{path} is damaged: its state_dict holds non-tensors")
+    if payload.get("sha256") != digest(_header(payload), payload["state_dict"]):
+        raise ValueError(f"{path}: corrupted: its contents do not match the checksum written by trp.save")
     return payload
+
+
+def model_state_dict(payload):
+    """The payload's state_dict with its `_metadata`, as load_state_dict wants it."""
+    state = collections.OrderedDict(payload["state_dict"])
+    state._metadata = collections.OrderedDict(payload.get("metadata") or {})
+    return state
 
 
 def _install_layers(model, layers, path):
@@ -88,12 +92,16 @@ def _install_layers(model, layers, path):
 
 
 def load(path, base=None):
-    """The model stored at `path` by trp.save.
+    """The model stored at `path` by trp.save, with the dtypes it was saved in.
 
     base=None rebuilds the architecture from the file's record (trp.models.build); otherwise a copy of the
-    given nn.Module is used (it is not modified). A file of another architecture, or a damaged one, raises
-    ValueError and nothing is returned half-loaded."""
-    payload = _read(path)
+    given nn.Module is used (it is not modified; the model keeps its device). A file of another
+    architecture, or a damaged one, raises ValueError and nothing is returned half-loaded."""
+    return from_payload(verify_model_file(read_torch(path), path), path, base)
+
+
+def from_payload(payload, path, base=None):
+    """The model of a verified trp.save payload (see load)."""
     arch = payload.get("arch")
     if base is None:
         if arch is None:
@@ -108,13 +116,15 @@ def load(path, base=None):
             raise ValueError(f"trp.load: {path} was saved from architecture {arch}, base is {base_arch}")
         model = copy.deepcopy(base)
     _install_layers(model, payload["layers"], path)
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"trp.load: {path} does not match the model (another architecture?): {exc}") from exc
+    state = model_state_dict(payload)
+    own = model.state_dict()
+    for k, v in state.items():  # the model's devices, the file's dtypes (assign=True keeps them)
+        state[k] = v.to(own[k].device) if k in own else v
+    load_weights(model, state, f"trp.load: {path} does not match the model (another architecture?)",
+                 error=ValueError, assign=True)
     if arch is not None:
         model.trp_arch = copy.deepcopy(arch)
     return model
 
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "from_payload", "is_model_file", "verify_model_file", "model_state_dict"]

@@ -3,6 +3,7 @@ import torch
 
 from .schemes import to_matrix
 from .selection import select_layers
+from .storage import atomic_write
 
 
 def layer_spectra(dense, compact, scheme):
@@ -49,8 +50,10 @@ def rank_spectrum(dense, compact, scheme, path, energy=None, threshold=None):
     ax_spec.set_ylabel("s_i" if threshold is not None else "s_i / s_1")
     ax_spec.set_title("singular-value spectrum of every layer (dot: kept rank; dark = early layers)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))  # never a half-written PNG
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -4,13 +4,10 @@ checkpoint after every epoch (atomic), exact resume, and the end-of-training rep
 Exact resume: the checkpoint holds model, optimizer, scheduler and pruner states plus every RNG the loop
 draws from (torch - augmentation -, numpy, python, the train loader's shuffling generator); it is written
 after the epoch's evaluation, so a resumed run replays the remaining epochs bit for bit on the CPU."""
-import dataclasses
 import json
-import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,131 +15,16 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import data as data_mod
-from . import models
+from . import models, runlock, storage
+from .config import (DEFAULTS, PRESETS, RESUME_FIXED, TrainConfig, check_resume, resolve_config,  # noqa: F401
+                     resolve_device)
 
 CHECKPOINT = "checkpoint.pt"
-
-# Tuned for the embedded digits at 16x16 (make demo): a few minutes on a 2-core CPU; lr 0.05 rather than
-# the paper's 0.1, which trains unsteadily on 1,347 images with a projection every step. See README.
-DEFAULTS = dict(model="resnet20", data="digits", image_size=None, subset=None, scheme="channel",
-                energy=0.9, period=1, nuclear=3e-4, trp=True, epochs=30, lr=0.05, schedule=None,
-                lr_decay=0.1, weight_decay=1e-4, momentum=0.9, batch_size=64, seed=0, device="cpu",
-                workers=0, threshold=None, init=None, out="runs/trp")
-
-PRESETS = {
-    # PAPER.md, CIFAR-10 recipe (scheme left to the user: the paper reports channel and spatial)
-    "cifar10-paper": dict(lr=0.1, epochs=164, schedule=[81, 122], lr_decay=0.1, weight_decay=1e-4,
-                          momentum=0.9, batch_size=128, energy=0.9, period=1, nuclear=3e-4),
-    # PAPER.md, ImageNet: TRP fine-tuning of a pretrained model (give it with --init), lr 1e-4 for 10 epochs,
-    # the same SGD settings; batch 256 (the paper does not state it) and no lr decay in 10 epochs.
-    "imagenet-paper": dict(lr=1e-4, epochs=10, schedule=[], lr_decay=0.1, weight_decay=1e-4, momentum=0.9,
-                           batch_size=256, energy=0.9, period=1, nuclear=3e-4),
-}
-
-# Options a resumed run must share with its checkpoint (anything else would not continue the same run).
-RESUME_FIXED = ("model", "data", "image_size", "subset", "scheme", "energy", "period", "nuclear", "trp",
-                "lr", "schedule", "lr_decay", "weight_decay", "momentum", "batch_size", "seed", "workers")
+RUN_FILES = (CHECKPOINT, "decomposed.pt", "report.json", "ranks.png")  # what a run writes into --out
 
 
 class TrainError(RuntimeError):
     """Training cannot go on (diverged loss, bad resume); the message says what happened and why."""
-
-
-@dataclass
-class TrainConfig:
-    model: str = DEFAULTS["model"]
-    data: str = DEFAULTS["data"]
-    image_size: int = None
-    subset: int = None
-    scheme: str = DEFAULTS["scheme"]
-    energy: float = DEFAULTS["energy"]
-    period: int = DEFAULTS["period"]
-    nuclear: float = DEFAULTS["nuclear"]
-    trp: bool = True
-    epochs: int = DEFAULTS["epochs"]
-    lr: float = DEFAULTS["lr"]
-    schedule: list = field(default=None)
-    lr_decay: float = DEFAULTS["lr_decay"]
-    weight_decay: float = DEFAULTS["weight_decay"]
-    momentum: float = DEFAULTS["momentum"]
-    batch_size: int = DEFAULTS["batch_size"]
-    seed: int = DEFAULTS["seed"]
-    device: str = DEFAULTS["device"]
-    workers: int = DEFAULTS["workers"]
-    threshold: float = None
-    init: str = None  # initial weights (a state_dict file, e.g. a torchvision checkpoint): TRP fine-tuning
-    out: str = DEFAULTS["out"]
-
-    def __post_init__(self):
-        if self.schedule is None:  # lr / decay at 50% and 75% of the run, as the paper's 81/122 of 164
-            self.schedule = sorted({max(1, self.epochs // 2), max(1, (3 * self.epochs) // 4)})
-        self.schedule = [int(m) for m in self.schedule]
-        self.validate()
-
-    def validate(self):
-        def need(ok, msg):
-            if not ok:
-                raise ValueError(msg)
-        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(0 < self.lr_decay <= 1, f"lr decay must be in (0, 1], got {self.lr_decay}")
-        need(self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}")
-        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
-        need(all(m >= 1 for m in self.schedule) and self.schedule == sorted(set(self.schedule)),
-             f"schedule must be increasing epoch numbers >= 1, got {self.schedule}")
-        need(isinstance(self.workers, int) and self.workers >= 0, f"workers must be >= 0, got {self.workers}")
-        need(self.threshold is None or self.threshold >= 0, f"threshold must be >= 0, got {self.threshold}")
-        if self.trp:  # RankPruner's own checks, before any work
-            from .pruner import _check_config
-            _check_config(self.scheme, self.energy, self.period, self.nuclear, "projection")
-        else:
-            from .rank import check_energy
-            from .schemes import check_scheme
-            check_scheme(self.scheme)
-            check_energy(self.energy)
-        data_mod.parse_spec(self.data)
-        models.check_name(self.model)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def resolve_config(explicit, preset=None):
-    """DEFAULTS < preset < explicitly given options -> TrainConfig. Unknown presets list the valid ones."""
-    values = {k: v for k, v in DEFAULTS.items()}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(sorted(PRESETS))}")
-        values.update(PRESETS[preset])
-    values.update(explicit)
-    return TrainConfig(**values)
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; valid: cpu, cuda, cuda:N, auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; valid: cpu, cuda, cuda:N, auto")
-    return device
-
-
-def check_resume(saved, explicit):
-    """Rejects explicitly given options that contradict the checkpoint's run."""
-    for key in RESUME_FIXED:
-        if key in explicit and explicit[key] != saved.get(key):
-            raise ValueError(f"--resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
-                             f"not {explicit[key]!r}; drop the option or start a new run (--out)")
 
 
 @torch.no_grad()
@@ -173,7 +55,9 @@ def _mean_rank(pruner):
 class Run:
     """One training run: data, model, optimizer, scheduler, pruner and their checkpointing."""
 
-    def __init__(self, cfg, resume=None, log=print, progress=True):
+    def __init__(self, cfg, resume=None, log=print, progress=True, init_state=None):
+        """resume: a checkpoint path or an already verified checkpoint dict. init_state: cfg.init already
+        read (read_initial_weights), so that a caller can check the file before anything else."""
         self.cfg, self.log, self.progress = cfg, log, progress
         self.device = resolve_device(cfg.device)
         self.out = os.path.abspath(cfg.out)
@@ -185,12 +69,14 @@ class Run:
             if cfg.epochs < saved["epoch"]:
                 raise ValueError(f"--resume: the checkpoint already has {saved['epoch']} epochs; "
                                  f"--epochs {cfg.epochs} would go back")
+        elif cfg.init is not None and init_state is None:
+            init_state = read_initial_weights(cfg.init)
         _seed_everything(cfg.seed)
         self.bundle = data_mod.load(cfg.data, cfg.image_size, cfg.subset, seed=cfg.seed)
         self.model = models.build(cfg.model, num_classes=self.bundle.num_classes,
                                   in_channels=self.bundle.in_channels).to(self.device)
-        if cfg.init is not None and saved is None:
-            load_initial_weights(self.model, cfg.init)
+        if init_state is not None and saved is None:
+            load_initial_weights(self.model, init_state, cfg.init)
         self.pruner = None
         if cfg.trp:
             from .pruner import RankPruner
@@ -208,8 +94,8 @@ class Run:
         if saved["arch"] != self.model.trp_arch:
             raise ValueError(f"--resume: checkpoint of architecture {saved['arch']}, this run builds "
                              f"{self.model.trp_arch}")
+        ckpt.load_weights(self.model, saved["model"], "--resume: checkpoint does not fit this run")
         try:
-            self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
             if self.pruner is not None:
@@ -268,8 +154,13 @@ class Run:
         return TrainError(f"training diverged: {what}; {where}; try a lower --lr")
 
     def fit(self, on_epoch_end=None):
+        """Trains up to cfg.epochs, holding the run directory's lock (runlock) throughout."""
+        with runlock.locked(self.out):
+            storage.clean_stale_temps(self.out, RUN_FILES)  # of dead writers only
+            return self._fit(on_epoch_end)
+
+    def _fit(self, on_epoch_end):
         cfg = self.cfg
-        os.makedirs(self.out, exist_ok=True)
         if self.epoch == 0:
             self.log(f"training {cfg.model} on {self.bundle.name} ({len(self.bundle.train)} train / "
                      f"{len(self.bundle.test)} test, input {self.bundle.input_size[1:]}) for {cfg.epochs} "
@@ -290,7 +181,7 @@ class Run:
             rank = _mean_rank(self.pruner)
             self.history.append({"epoch": self.epoch, "loss": loss, "train_acc": train_acc,
                                  "test_acc": test_acc, "mean_rank": rank, "lr": lr})
-            ckpt.atomic_save(self.state(), self.ckpt_path)
+            ckpt.save_checkpoint(self.state(), self.ckpt_path)
             self.log(f"epoch {self.epoch:3d}/{cfg.epochs}  loss {loss:.4f}  train {train_acc:6.2f}%  "
                      f"test {test_acc:6.2f}%" + (f"  mean rank {rank:5.1f}" if rank is not None else "")
                      + f"  lr {lr:g}  {time.perf_counter() - t0:.1f}s")
@@ -299,24 +190,31 @@ class Run:
         return self
 
 
-def load_initial_weights(model, path):
-    """Loads a state_dict file (or a training checkpoint's model) into `model`; every key must match."""
-    state = ckpt.load_file(path)
-    if ckpt.is_checkpoint(state):
-        state = state["model"]
-    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+def read_initial_weights(path):
+    """The state_dict that --init names: a trp checkpoint's or trp.save file's (both verified against
+    their checksums), or a plain state_dict file (e.g. torchvision's; {"state_dict": ...} too)."""
+    from . import io
+    obj = storage.read_torch(path)
+    if ckpt.is_checkpoint(obj):
+        state = ckpt.verify_checkpoint(obj, path)["model"]
+    elif io.is_model_file(obj):
+        state = io.model_state_dict(io.verify_model_file(obj, path))
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        state = obj["state_dict"]
+    else:
+        state = obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ckpt.CheckpointError(f"--init {path}: not a state_dict (a dict of tensors)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ckpt.CheckpointError(f"--init {path}: weights do not fit {model.trp_arch['name']}: "
-                                   f"{str(exc).splitlines()[0]}") from None
+    return state
+
+
+def load_initial_weights(model, state, path):
+    """Loads the --init state_dict into `model`; every key and shape must match (the error names them)."""
+    ckpt.load_weights(model, state, f"--init {path}: weights do not fit {model.trp_arch['name']}")
 
 
 def _seed_everything(seed):
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds are validated (TrainConfig): 0 <= seed < 2**63
     np.random.seed(seed % 2**32)
     random.seed(seed)
 
@@ -348,8 +246,8 @@ def final_report(model, bundle, test_loader, device, scheme, energy=None, thresh
         io.save(compact_cpu, os.path.join(out, "decomposed.pt"))
         result["plot"] = plots.rank_spectrum(dense_cpu, compact_cpu, scheme, os.path.join(out, "ranks.png"),
                                              energy=energy, threshold=threshold)
-        with open(os.path.join(out, "report.json"), "w") as f:
-            json.dump(result, f, indent=1, default=_json_default)
+        text = json.dumps(result, indent=1, default=_json_default)
+        storage.atomic_write(os.path.join(out, "report.json"), lambda f: f.write(text.encode()))
     crit = f"threshold {threshold}" if threshold is not None else f"energy {energy}"
     log(f"dense accuracy:      {dense_acc:.2f}%")
     log(f"decomposed accuracy: {compact_acc:.2f}%  (no fine-tuning; {scheme} scheme, {crit})")
@@ -381,15 +279,14 @@ def _json_default(obj):
 
 
 def model_from_checkpoint(saved, device="cpu"):
-    """The dense model of a training checkpoint, on `device`."""
+    """The dense model of a (verified) training checkpoint, on `device`."""
+    what = f"checkpoint's weights do not fit its architecture {saved.get('arch')}"
     try:
         model = models.build_from_arch(saved["arch"])
-        model.load_state_dict(saved["model"])
-    except (RuntimeError, KeyError, TypeError) as exc:
-        raise ckpt.CheckpointError(f"checkpoint's weights do not fit its architecture {saved.get('arch')}: "
-                                   f"{str(exc).splitlines()[0]}") from None
-    return model.to(device)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"{what}: {exc}") from None
+    return ckpt.load_weights(model, saved["model"], what).to(device)
 
 
 __all__ = ["DEFAULTS", "PRESETS", "TrainConfig", "TrainError", "Run", "resolve_config", "resolve_device",
-           "evaluate", "final_report", "model_from_checkpoint", "CHECKPOINT"]
+           "evaluate", "final_report", "model_from_checkpoint", "read_initial_weights", "CHECKPOINT"]
