@@ -111,7 +111,8 @@ class TrainConfig:
                          metavar="M", type=int)
     nuclear: float = option(3e-4, "--nuclear", "nuclear-norm weight lambda (default {default})", check_nuclear,
                             metavar="L", type=float)
-    trp: bool = option(True, "--no-trp", "train the plain baseline", _bool, action="store_false")
+    trp: bool = option(True, "--no-trp", "train the plain baseline", lambda v, flag: _bool(v, "trp"),
+                       action="store_false")
     epochs: int = option(30, "--epochs", "default {default}", _int(1), resume=True, metavar="N",
                          type=positive_int)
     lr: float = option(0.05, "--lr", "initial learning rate (default {default})", _real(low=0.0, low_open=True),
