@@ -16,7 +16,7 @@ import torch
 
 # temporaries of an older trp carry no PID: they count as stale once no write could still be running
 LEGACY_STALE_S = 3600
-# after ".TARGET": mkstemp adds 8 of [a-z0-9_]; older trp versions wrote no PID
+# what follows ".TARGET" in a temporary's name (mkstemp adds 8 of [a-z0-9_])
 _TEMP_TAIL = re.compile(r"\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp")
 
 
