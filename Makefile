@@ -39,22 +39,21 @@ bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-enable
 
 # The oldest supported stack ($(COMPAT_PINS): the GPU machine's) in its own environment, C++ CPU kernels
-# only unless COMPAT_CUDA=auto. Installed from an sdist, which pip builds in a temporary directory, so that
-# nothing in the tree is rebuilt (.venv's editable trp_kernels/_C*.so stays as it is); the tests run from
-# inside $(COMPAT)/, where the tree's trp_kernels/ does not shadow the installed package. Not in `make test`.
+# only unless COMPAT_CUDA=auto. It builds and tests a copy of the working tree ($(COMPAT)/src, installed
+# editable there): the tree's own trp_kernels/_C*.so, built against .venv's torch, is neither rebuilt
+# nor imported, also by tests that run scripts of the tree. Not part of `make test`.
 COMPAT      := .venv-compat
 COMPAT_PINS := requirements/compat-torch2.11.txt
 COMPAT_CUDA ?= 0
 compat: export TRP_KERNELS_CUDA = $(COMPAT_CUDA)
 compat:
 	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
-	$(COMPAT)/bin/pip install -q -c $(COMPAT_PINS) $(BUILD_REQS) build
-	rm -rf $(COMPAT)/dist
-	$(COMPAT)/bin/python -m build -q --sdist --no-isolation --outdir $(COMPAT)/dist . && rm -rf trp.egg-info
-	$(COMPAT)/bin/pip uninstall -q -y trp
-	$(COMPAT)/bin/pip install -q -c $(COMPAT_PINS) --no-build-isolation "$$(ls $(COMPAT)/dist/trp-*.tar.gz)[dev]"
-	cd $(COMPAT) && bin/python -c "import sys, json, trp_kernels as t; assert t.__file__.startswith(sys.prefix), t.__file__; print(json.dumps(t.backend_info()))"
-	cd $(COMPAT) && bin/python -m pytest -q -p no:cacheprovider $(CURDIR)/tests
+	$(COMPAT)/bin/pip install -q -c $(COMPAT_PINS) $(BUILD_REQS)
+	rm -rf $(COMPAT)/src && mkdir $(COMPAT)/src
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(COMPAT)/src
+	cd $(COMPAT)/src && ../bin/pip install -q -c $(COMPAT_PINS) --no-build-isolation -e ".[dev]"
+	cd $(COMPAT)/src && ../bin/python -c "import json, trp_kernels as t; print(json.dumps(t.backend_info()))"
+	cd $(COMPAT)/src && ../bin/python -m pytest -q tests
 
 clean:
 	rm -rf build *.egg-info trp_kernels/_C*.so $(VENV)/.built
