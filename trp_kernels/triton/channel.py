@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (LAUNCH_LOCK, acc_fits, autotune_mode, interpreter_consts, interpreting, loop_bound, named,
-                      precision, rank_pad)
+from ._common import (LAUNCH_LOCK, autotune_mode, interpreter_consts, interpreting, loop_bound, named,
+                      precision, rank_pad, regs_fit)
 
 
 @triton.jit
@@ -81,28 +81,36 @@ def _channel_kernel(
                  mask=m_ok[:, None] & o_ok[None, :])
 
 
-def live_acc(r_pad, block_m, block_n, dtype):
-    """fp32 accumulator elements live at once: the [BLOCK_M x R_PAD] intermediate during GEMM 1; during
-    GEMM 2 the intermediate (in the input dtype) plus the [BLOCK_M x BLOCK_N] output block."""
-    mid = block_m * r_pad * dtype.itemsize // 4
-    return max(block_m * r_pad, mid + block_m * block_n)
+def live_words(r_pad, block_m, block_c, block_n, num_stages, dtype):
+    """Estimated live 32-bit words of one program (see REGS_PER_THREAD): GEMM 1 holds the fp32
+    [BLOCK_M x R_PAD] accumulator and num_stages - 1 input and c_weight tiles in flight; GEMM 2 the
+    intermediate in the input dtype, the fp32 [BLOCK_M x BLOCK_N] output block and p_weight tiles."""
+    words = dtype.itemsize / 4
+    gemm1 = block_m * r_pad + (num_stages - 1) * (block_m * block_c + block_c * r_pad) * words
+    gemm2 = block_m * r_pad * words + block_m * block_n + (num_stages - 1) * r_pad * block_n * words
+    return max(gemm1, gemm2)
 
 
 def _prune(configs, named_args, **kwargs):
     a = named(named_args, kwargs)
     r_pad, c, nout, m, dtype = a["R_PAD"], a["C"], a["NOUT"], a["M"], a["X"].dtype
+
+    def words(cfg):
+        k = cfg.kwargs
+        return live_words(r_pad, k["BLOCK_M"], k["BLOCK_C"], k["BLOCK_N"], cfg.num_stages, dtype)
+
     keep = []
     for cfg in configs:
         k = cfg.kwargs
-        if not acc_fits(live_acc(r_pad, k["BLOCK_M"], k["BLOCK_N"], dtype), cfg.num_warps, dtype):
+        if not regs_fit("channel", words(cfg), cfg.num_warps, dtype):
             continue
         if k["BLOCK_C"] > max(16, triton.next_power_of_2(c)) or k["BLOCK_N"] > max(16, triton.next_power_of_2(nout)):
             continue
         if k["BLOCK_M"] > max(32, triton.next_power_of_2(m)):
             continue
         keep.append(cfg)
-    return keep or [min(configs, key=lambda cfg: live_acc(r_pad, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"],
-                                                          dtype) / cfg.num_warps)]
+    # nothing fits (a rank at the limit with small channel counts): the lightest config per thread
+    return keep or [min(configs, key=lambda cfg: words(cfg) / cfg.num_warps)]
 
 
 def _gpu_configs(mode):
@@ -110,7 +118,9 @@ def _gpu_configs(mode):
     # ResNet-50 ones; _prune drops those whose accumulators exceed the register budget for the rank.
     shapes = [(32, 16, 16, 4, 2), (32, 32, 32, 4, 3), (32, 64, 64, 4, 3), (64, 16, 32, 4, 3),
               (64, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3), (128, 32, 64, 8, 3),
-              (128, 64, 64, 8, 3), (128, 32, 128, 8, 3)]
+              (128, 64, 64, 8, 3), (128, 32, 128, 8, 3),
+              # small tiles over 8 warps: few accumulator registers per thread, for the largest ranks
+              (32, 16, 16, 8, 2), (64, 16, 32, 8, 2)]
     shapes = {"full": shapes,
               "quick": [(32, 16, 16, 4, 2), (64, 32, 64, 4, 3), (128, 32, 64, 8, 3)],
               "off": [(64, 32, 64, 4, 3)]}[mode]

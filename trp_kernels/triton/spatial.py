@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (LAUNCH_LOCK, acc_fits, autotune_mode, interpreter_consts, interpreting, loop_bound, named,
-                      next_pow2, precision, rank_pad)
+from ._common import (LAUNCH_LOCK, autotune_mode, interpreter_consts, interpreting, loop_bound, named,
+                      next_pow2, precision, rank_pad, regs_fit)
 
 # A row whose padded width exceeds this is split into column tiles with a halo.
 MAX_SINGLE_SPAN = 128
@@ -98,37 +98,44 @@ def _spatial_kernel(
                  mask=ok2[:, None] & o_ok[None, :])
 
 
-def live_acc(r_pad, span, out_w, m_target, block_n, dtype):
-    """fp32 accumulator elements live at once: the [ROWS*SPAN x R_PAD] intermediate during GEMM 1; during
-    GEMM 2 the intermediate and one gathered tap [ROWS*OUT_W x R_PAD] (both in the input dtype) plus the
-    [ROWS*OUT_W x BLOCK_N] output block."""
+def live_words(r_pad, span, out_w, m_target, block_c, block_n, num_stages, dtype):
+    """Estimated live 32-bit words of one program (see REGS_PER_THREAD): GEMM 1 holds the fp32
+    [ROWS*SPAN x R_PAD] accumulator and num_stages - 1 input and v_weight tiles in flight; GEMM 2 the
+    intermediate and one gathered tap [ROWS*OUT_W x R_PAD] in the input dtype, the fp32
+    [ROWS*OUT_W x BLOCK_N] output block and h_weight tiles."""
     rows = -(-m_target // out_w)
-    lowp = dtype.itemsize / 4
-    return max(rows * span * r_pad, (rows * span + rows * out_w) * r_pad * lowp + rows * out_w * block_n)
+    m1, m2, words = rows * span, rows * out_w, dtype.itemsize / 4
+    gemm1 = m1 * r_pad + (num_stages - 1) * (m1 * block_c + block_c * r_pad) * words
+    gemm2 = (m1 + m2) * r_pad * words + m2 * block_n + (num_stages - 1) * r_pad * block_n * words
+    return max(gemm1, gemm2)
 
 
 def _prune(configs, named_args, **kwargs):
     a = named(named_args, kwargs)
     r_pad, span, out_w, c, nout, dtype = a["R_PAD"], a["SPAN"], a["OUT_W"], a["C"], a["NOUT"], a["X"].dtype
 
-    def acc(cfg):
-        return live_acc(r_pad, span, out_w, cfg.kwargs["M_TARGET"], cfg.kwargs["BLOCK_N"], dtype)
+    def words(cfg):
+        k = cfg.kwargs
+        return live_words(r_pad, span, out_w, k["M_TARGET"], k["BLOCK_C"], k["BLOCK_N"], cfg.num_stages, dtype)
 
     keep = []
     for cfg in configs:
         k = cfg.kwargs
-        if not acc_fits(acc(cfg), cfg.num_warps, dtype):
+        if not regs_fit("spatial", words(cfg), cfg.num_warps, dtype):
             continue
         if k["BLOCK_C"] > max(16, triton.next_power_of_2(c)) or k["BLOCK_N"] > max(16, triton.next_power_of_2(nout)):
             continue
         keep.append(cfg)
-    return keep or [min(configs, key=lambda cfg: acc(cfg) / cfg.num_warps)]
+    # nothing fits (a large rank on a wide row): the lightest config per thread
+    return keep or [min(configs, key=lambda cfg: words(cfg) / cfg.num_warps)]
 
 
 def _gpu_configs(mode):
     shapes = [(16, 16, 16, 4, 2), (32, 16, 32, 4, 2), (32, 32, 64, 4, 2), (64, 16, 32, 4, 2),
               (64, 32, 64, 4, 2), (64, 64, 64, 4, 2), (128, 32, 64, 8, 2), (128, 32, 128, 8, 2),
-              (128, 64, 64, 8, 2)]
+              (128, 64, 64, 8, 2),
+              # small tiles over 8 warps: few accumulator registers per thread, for the largest ranks
+              (16, 16, 16, 8, 2), (32, 16, 32, 8, 2), (64, 16, 32, 8, 2)]
     shapes = {"full": shapes,
               "quick": [(16, 16, 16, 4, 2), (64, 32, 64, 4, 2), (128, 32, 64, 8, 2)],
               "off": [(64, 32, 64, 4, 2)]}[mode]
