@@ -414,6 +414,7 @@ def test_output_format_follows_conv2d(kind, layout, backend):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_inductor_channels_last_decomposed_resnet20(scheme, backend):
     """torch.compile (inductor, CPU) of a decomposed ResNet-20 fed channels_last input: the generated
