@@ -1,14 +1,16 @@
-"""Low-level ops of the TRP library: the batched low-rank projection and fused factorized convolutions.
+"""Low-level ops of the TRP library: the batched low-rank projection and fused factorized convolutions
+(channel, spatial, and network decoupling: decoupled_conv).
 
 Each op is a torch.library custom op with a fake kernel; its kernels are the C++/CUDA ones of the compiled
 extension trp_kernels._C, Triton kernels, and the PyTorch reference (trp_kernels.reference), which is
 also the fallback when nothing was compiled."""
-from . import _extension, conv, project, reference
+from . import _extension, conv, decoupled, project, reference
 from .conv import factorized_conv_channel, factorized_conv_spatial
+from .decoupled import decoupled_conv
 from .project import lowrank_project
 
-__all__ = ["lowrank_project", "factorized_conv_channel", "factorized_conv_spatial", "backend_info",
-           "reference"]
+__all__ = ["lowrank_project", "factorized_conv_channel", "factorized_conv_spatial", "decoupled_conv",
+           "backend_info", "reference"]
 
 
 def backend_info():
@@ -22,5 +24,5 @@ def backend_info():
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "lowrank_project": project.backend_info(),
-        "factorized_conv": conv.backend_info(),
+        "factorized_conv": conv.backend_info(),  # decoupled_conv included (same setting and caches)
     }

@@ -74,7 +74,9 @@ def out_size(size, k, stride, pad_lo, pad_hi, dilation):
 
 def kernel_hw(kind, w1_shape, w2_shape):
     """(kh, kw) of the dense conv a factorized pair replaces: channel [r, c, kh, kw] + [n, r, 1, 1],
-    spatial [r, c, kh, 1] + [n, r, 1, kw]."""
+    spatial [r, c, kh, 1] + [n, r, 1, kw], decoupled [n*r, c, 1, 1] + [n, r, kh, kw]."""
+    if kind == "decoupled":
+        return (w2_shape[2], w2_shape[3])
     return (w1_shape[2], w1_shape[3] if kind == "channel" else w2_shape[3])
 
 

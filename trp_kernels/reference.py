@@ -39,12 +39,12 @@ def lowrank_project(W, energy, max_rank=None, subgradient=False):
     return W_low.to(W.dtype), rank, (G.to(W.dtype) if G is not None else None)
 
 
-def _pad_and_conv(x, weight, bias, stride, padding, dilation):
+def _pad_and_conv(x, weight, bias, stride, padding, dilation, groups=1):
     """conv2d with padding (top, bottom, left, right); asymmetric padding is applied by F.pad."""
     top, bottom, left, right = padding
     if top == bottom and left == right:
-        return F.conv2d(x, weight, bias, stride, (top, left), dilation)
-    return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation)
+        return F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
+    return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
 
 
 def factorized_conv_channel(x, c_weight, p_weight, bias, stride, padding, dilation):
@@ -62,3 +62,12 @@ def factorized_conv_spatial(x, v_weight, h_weight, bias, stride, padding, dilati
     dh, dw = dilation
     y = _pad_and_conv(x, v_weight, None, (sh, 1), (top, bottom, 0, 0), (dh, 1))
     return _pad_and_conv(y, h_weight, bias, (1, sw), (0, 0, left, right), (1, dw))
+
+
+def factorized_conv_decoupled(x, pw_weight, dw_weight, bias, stride, padding, dilation):
+    """Network decoupling: 1 x 1 conv c -> n*r (pw_weight [n*r, c, 1, 1]) at the input resolution, then
+    the kh x kw conv with groups=n (dw_weight [n, r, kh, kw]; stride, padding (t, b, l, r), dilation) and
+    bias. Padding the pointwise output equals padding x: the 1 x 1 conv has no bias, so zeros stay zeros."""
+    y = F.conv2d(x, pw_weight)
+    return _pad_and_conv(y, dw_weight, bias, tuple(stride), tuple(padding), tuple(dilation),
+                         groups=dw_weight.shape[0])

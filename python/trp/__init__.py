@@ -8,13 +8,13 @@ from . import models, modules, rank, schemes
 from .decompose import decompose, factorized_layers
 from .flops import count_flops, count_macs, count_params, macs_by_layer, measure_latency
 from .io import load, save
-from .modules import ChannelFactorizedConv2d, FactorizedLinear, SpatialFactorizedConv2d
+from .modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
 from .pruner import RankPruner
 from .report import Report, report
 from .schemes import SCHEMES
 from .selection import select_layers
 
 __all__ = ["models", "modules", "rank", "schemes", "SCHEMES", "RankPruner", "decompose", "factorized_layers",
-           "select_layers", "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "FactorizedLinear",
+           "select_layers", "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear",
            "save", "load", "count_macs", "count_flops", "count_params", "macs_by_layer", "measure_latency",
            "report", "Report"]

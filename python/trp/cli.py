@@ -58,7 +58,7 @@ def build_parser():
     dc = sub.add_parser("decompose", help="checkpoint -> decomposed model file (trp.save format)")
     dc.add_argument("checkpoint")
     dc.add_argument("--out", "-o", required=True, help="decomposed model file to write")
-    dc.add_argument("--scheme", help="default: the checkpoint's")
+    dc.add_argument("--scheme", help="channel, spatial or nd (default: the checkpoint's)")
     _add_criterion(dc, "default: the checkpoint's --threshold or --energy")
 
     ev = sub.add_parser("eval", help="accuracy of a training checkpoint or a decomposed model file")
@@ -74,7 +74,7 @@ def build_parser():
     rp.add_argument("checkpoint")
     rp.add_argument("--out", help="directory for report.json, ranks.png, decomposed.pt (default: the "
                                   "checkpoint's directory)")
-    rp.add_argument("--scheme", help="default: the checkpoint's")
+    rp.add_argument("--scheme", help="channel, spatial or nd (default: the checkpoint's)")
     _add_criterion(rp, "default: the checkpoint's --threshold or --energy")
     rp.add_argument("--device", default="cpu")
     return parser

@@ -6,6 +6,10 @@ import torch.nn as nn
 from . import rank as rank_rules
 from .modules import FACTORIZED, FactorizedLinear
 from .schemes import check_scheme
+
+# The released code's deployment rule for network decoupling: per-filter energy 0.85 (channel/spatial use
+# an absolute cutoff of 0.05 after TRP, which per-filter matrices with small singular values do not suit).
+ND_DEFAULT_ENERGY = 0.85
 from .selection import select_layers
 
 
@@ -19,12 +23,15 @@ def dense_macs_per_output_pixel(module):
 def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=None, rank=None):
     """A deep copy of `model` whose selected layers are replaced by factorized modules (`model` is untouched).
 
-    scheme: "channel" or "spatial". Rank per layer by exactly one criterion: energy (fraction of squared
-    singular values kept, in (0, 1]), threshold (absolute singular-value cutoff, e.g. 0.05 after TRP
-    training) or rank (an int, or {layer name: int}). layers / exclude: as for RankPruner. A layer whose
+    scheme: "channel", "spatial" or "nd". Rank per layer by exactly one criterion: energy (fraction of
+    squared singular values kept, in (0, 1]), threshold (absolute singular-value cutoff, e.g. 0.05 after TRP
+    training) or rank (an int, or {layer name: int}); for nd the criterion picks each filter's rank and the
+    layer keeps the largest (default for nd: energy ND_DEFAULT_ENERGY, as the released code). layers / exclude: as for RankPruner. A layer whose
     factorized form would cost at least the dense multiply-adds stays dense. The SVD runs in float64 per
     layer: deployment accuracy matters more than speed here."""
     check_scheme(scheme)
+    if scheme == "nd" and energy is None and threshold is None and rank is None:
+        energy = ND_DEFAULT_ENERGY
     kind, value = rank_rules.check_criterion(energy, threshold, rank)
     selected = select_layers(model, scheme, layers, exclude)
     if kind == "rank" and isinstance(value, dict):
@@ -55,4 +62,4 @@ def factorized_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)}
 
 
-__all__ = ["decompose", "factorized_layers", "dense_macs_per_output_pixel"]
+__all__ = ["decompose", "factorized_layers", "dense_macs_per_output_pixel", "ND_DEFAULT_ENERGY"]

@@ -3,7 +3,7 @@
 count_macs counts the conv layers only (dense nn.Conv2d and the factorized convs), per forward pass of
 `input_size`, from the shapes seen in one forward pass; the paper's speed-up is the ratio of these counts
 (FC, BN and pooling ignored). count_flops uses torch.utils.flop_counter (so it agrees with it), with
-formulas registered for the trp_kernels factorized-conv ops."""
+formulas registered for the trp_kernels factorized-conv ops (decoupled_conv included)."""
 import statistics
 import time
 
@@ -13,7 +13,7 @@ from torch.utils import flop_counter
 
 import trp_kernels  # noqa: F401  (registers the torch.ops.trp_kernels ops)
 
-from .modules import ChannelFactorizedConv2d, FactorizedLinear, SpatialFactorizedConv2d
+from .modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
 
 
 def _input_shape(input_size):
@@ -43,6 +43,9 @@ def _conv_macs(module, x, y):
     r, c, m = module.rank, module.in_channels, module.out_channels
     if isinstance(module, ChannelFactorizedConv2d):
         return n * oh * ow * r * (c * kh * kw + m)
+    if isinstance(module, DecoupledConv2d):
+        # the 1 x 1 conv c -> m*r runs at the input resolution, the grouped kh x kw conv at the output's
+        return n * (x.shape[2] * x.shape[3] * c * m * r + oh * ow * m * r * kh * kw)
     # spatial: the kh x 1 conv runs at horizontal stride 1 without horizontal padding, so its output is
     # oh x (input width); the 1 x kw conv then makes oh x ow
     return n * (oh * x.shape[3] * r * c * kh + oh * ow * m * r * kw)
@@ -52,7 +55,7 @@ def macs_by_layer(model, input_size, linear=False):
     """{module name: multiply-adds} for every conv (and, with linear=True, Linear) layer that ran in one
     forward pass of zeros of `input_size`, in eval mode (BN statistics are not touched)."""
     shape = _input_shape(input_size)
-    conv_types = (nn.Conv2d, ChannelFactorizedConv2d, SpatialFactorizedConv2d)
+    conv_types = (nn.Conv2d, ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d)
     inside_factorized_linear = {id(m.first) for m in model.modules() if isinstance(m, FactorizedLinear)} | \
         {id(m.second) for m in model.modules() if isinstance(m, FactorizedLinear)}
     counts, handles = {}, []
@@ -102,8 +105,13 @@ def _register_flop_formulas():
         mid = [x_shape[0], v_shape[0], out_shape[2], x_shape[3]]  # kh x 1 conv: full input width
         return conv(x_shape, v_shape, mid) + conv(mid, h_shape, out_shape)
 
+    def decoupled(x_shape, pw_shape, dw_shape, bias, stride, padding, dilation, *args, out_shape=None, **kw):
+        mid = [x_shape[0], pw_shape[0], x_shape[2], x_shape[3]]  # 1 x 1 conv: input resolution
+        return conv(x_shape, pw_shape, mid) + conv(mid, dw_shape, out_shape)  # grouped: dw_shape[1] = r
+
     for target, formula in ((torch.ops.trp_kernels.factorized_conv_channel, channel),
-                            (torch.ops.trp_kernels.factorized_conv_spatial, spatial)):
+                            (torch.ops.trp_kernels.factorized_conv_spatial, spatial),
+                            (torch.ops.trp_kernels.decoupled_conv, decoupled)):
         if target not in flop_counter.flop_registry:  # another module may have registered it already
             flop_counter.register_flop_formula(target)(formula)
 

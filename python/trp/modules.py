@@ -2,6 +2,8 @@
 
 ChannelFactorizedConv2d  kh x kw conv c -> rank, then 1 x 1 conv rank -> n (+ bias)   ("channel")
 SpatialFactorizedConv2d  kh x 1 conv c -> rank, then 1 x kw conv rank -> n (+ bias)   ("spatial")
+DecoupledConv2d          1 x 1 conv c -> n*rank, then grouped kh x kw conv n*rank -> n (groups n, + bias):
+                         rank parallel pointwise + depthwise paths per filter            ("nd")
 FactorizedLinear         Linear in -> rank, then Linear rank -> out (+ bias)
 
 The convolutions forward through trp_kernels' fused factorized-conv ops. `from_conv` / `from_linear` build
@@ -28,11 +30,14 @@ def conv_padding4(conv):
 
 
 def _svd_factors(matrix, kind, value):
-    """Float64 SVD of `matrix`; returns (A [p, r], B [r, q], r, singular values) in float64."""
+    """Float64 SVD of `matrix` [p, q] or of a batch [B, p, q] (nd: one matrix per filter); returns
+    (A [..., p, r], B [..., r, q], r, singular values) in float64. A batch shares one r, the largest rank
+    the criterion gives any of its matrices: all of them keep r components, since the layer computes r
+    paths for every filter anyway and the extra components only add accuracy."""
     U, S, Vh = torch.linalg.svd(matrix.detach().to(torch.float64), full_matrices=False)
-    r = int(rank_rules.select_rank(S, kind, value))
-    root = S[:r].sqrt()
-    return U[:, :r] * root, root[:, None] * Vh[:r], r, S
+    r = int(rank_rules.select_rank(S, kind, value).max())
+    root = S[..., :r].sqrt()
+    return U[..., :r] * root[..., None, :], root[..., None] * Vh[..., :r, :], r, S
 
 
 def _init_(weight, fan_in):
@@ -175,6 +180,40 @@ class SpatialFactorizedConv2d(_FactorizedConv2d):
                                                    self.stride, self.padding, self.dilation)
 
 
+class DecoupledConv2d(_FactorizedConv2d):
+    """Network decoupling: every filter W_i [c, kh*kw] ~= sum_j (s_ij^1/2 u_ij)(s_ij^1/2 v_ij)^T, i.e. rank
+    parallel paths of a pointwise conv c -> 1 and a depthwise kh x kw conv. As two standard layers: a 1 x 1
+    conv c -> n*rank (pw_weight [n*rank, c, 1, 1], no bias), then a kh x kw conv with groups=n (dw_weight
+    [n, rank, kh, kw]; stride, padding, dilation of the dense conv, bias). Group i reads the channels
+    i*rank .. i*rank+rank-1, so pointwise channel i*rank+j is path j of filter i."""
+    scheme = "nd"
+    _names = ("pw_weight", "dw_weight")
+
+    def _factor_shapes(self):
+        return (self.out_channels * self.rank, self.in_channels, 1, 1), (self.out_channels, self.rank,
+                                                                         *self.kernel_size)
+
+    def _factors_from_matrices(self, A, B):
+        # A [n, c, r]: column j of filter i is pointwise channel i*r+j; B [n, r, kh*kw]: its depthwise taps.
+        return A.transpose(1, 2).reshape(self.pw_weight.shape), B.reshape(self.dw_weight.shape)
+
+    def dense_weight(self):
+        n, r = self.out_channels, self.rank
+        pw = self.pw_weight.reshape(n, r, self.in_channels)
+        return torch.einsum("nrc,nrt->nct", pw, self.dw_weight.flatten(2)).reshape(
+            n, self.in_channels, *self.kernel_size)
+
+    def macs_per_output_pixel(self):
+        # the 1 x 1 conv runs at the input resolution: about stride_h * stride_w input pixels per output pixel
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        return self.rank * self.out_channels * (self.in_channels * sh * sw + kh * kw)
+
+    def forward(self, x):
+        return trp_kernels.decoupled_conv(x, self.pw_weight, self.dw_weight, self.bias, self.stride,
+                                          self.padding, self.dilation)
+
+
 class FactorizedLinear(nn.Module):
     """Linear(in -> rank, no bias) then Linear(rank -> out, bias)."""
     scheme = "linear"
@@ -232,8 +271,9 @@ class FactorizedLinear(nn.Module):
         return self.second(self.first(x))
 
 
-FACTORIZED = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedConv2d, "linear": FactorizedLinear}
+FACTORIZED = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedConv2d, "nd": DecoupledConv2d,
+              "linear": FactorizedLinear}
 FACTORIZED_TYPES = tuple(FACTORIZED.values())
 
-__all__ = ["ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "FactorizedLinear", "conv_padding4",
+__all__ = ["ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear", "conv_padding4",
            "FACTORIZED", "FACTORIZED_TYPES"]

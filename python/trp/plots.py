@@ -8,11 +8,14 @@ from .storage import atomic_write
 
 def layer_spectra(dense, compact, scheme):
     """[(name, singular values (float64, descending), full rank, kept rank)] for the layers that
-    decomposition works on; kept rank is the full rank where the layer stayed dense."""
+    decomposition works on; kept rank is the full rank where the layer stayed dense. nd has one spectrum
+    per filter: the layer's is their root mean square, sqrt(mean_i s_ij^2)."""
     compact_mods = dict(compact.named_modules())
     rows = []
     for name, layer in select_layers(dense, scheme, warn=False):
         sigma = torch.linalg.svdvals(to_matrix(layer.weight.detach().cpu(), scheme).to(torch.float64))
+        if sigma.dim() > 1:
+            sigma = sigma.square().mean(0).sqrt()
         kept = getattr(compact_mods.get(name), "rank", None)
         rows.append((name, sigma, len(sigma), int(kept) if kept is not None else len(sigma)))
     return rows

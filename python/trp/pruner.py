@@ -9,7 +9,8 @@
         optimizer.step()
 
 The selected layers are grouped by (matrix shape, dtype, device); each group is one batched
-trp_kernels.lowrank_project call, which also returns the nuclear-norm subgradient U_k V_k^T."""
+trp_kernels.lowrank_project call, which also returns the nuclear-norm subgradient U_k V_k^T. Under the nd
+scheme every filter is its own matrix: a group's call covers all filters of all its layers."""
 import torch
 
 import trp_kernels
@@ -48,14 +49,15 @@ class _Group:
     def __init__(self, names, params):
         self.names, self.params = names, params
         self.shape = tuple(params[0].shape)
-        self.rank = None  # int64 [B] on the device, from the last projection
+        self.rank = None  # int64 [B] (nd: [B, n], per filter) on the device, from the last projection
         self.G = None     # [B, p, q] nuclear subgradient from the last projection, or None
 
 
 class RankPruner:
     """Periodic low-rank projection of the selected layers plus the nuclear-norm subgradient.
 
-    scheme: "channel" or "spatial" (PAPER.md). energy: fraction of squared singular values each projection
+    scheme: "channel", "spatial" or "nd" (PAPER.md; nd projects each filter's c x kh*kw matrix and a layer's
+    rank is the largest of its filters'). energy: fraction of squared singular values each projection
     keeps, in (0, 1] (the released code's T = 0.9). period: project every `period` calls of step(), the
     first call included (m in the paper). nuclear: weight lambda of the nuclear-norm term, >= 0.
     layers / exclude: module names, regexes or types (default: every non-1x1 Conv2d but the first conv).
@@ -93,6 +95,17 @@ class RankPruner:
         out = {n: None for n in self.layer_names}
         for g in self._groups:
             if g.rank is not None:
+                rank = g.rank if g.rank.dim() == 1 else g.rank.amax(dim=1)  # nd: the layer needs max_i k_i
+                out.update(zip(g.names, rank.tolist()))
+        return out
+
+    @property
+    def filter_ranks(self):
+        """nd scheme: {layer name: [rank of each filter]} after the latest projection (None before it, and
+        for layers restored from a state, which records the layer ranks only). Other schemes: the ranks."""
+        out = {n: None for n in self.layer_names}
+        for g in self._groups:
+            if g.rank is not None:
                 out.update(zip(g.names, g.rank.tolist()))
         return out
 
@@ -124,8 +137,12 @@ class RankPruner:
         for W in stacks:
             # The projection keeps the weights' dtype whatever autocast region step() is called from.
             with torch.autocast(W.device.type, enabled=False):
-                results.append(trp_kernels.lowrank_project(W, self.energy, max_rank=self.max_rank,
-                                                           subgradient=want_g, check_finite=False))
+                # nd's [B, n, c, kh*kw]: one call for every filter of the group, as [B*n, c, kh*kw]
+                W_low, rank, G = trp_kernels.lowrank_project(W.reshape(-1, *W.shape[-2:]), self.energy,
+                                                             max_rank=self.max_rank, subgradient=want_g,
+                                                             check_finite=False)
+            results.append((W_low.view(W.shape), rank.view(W.shape[:-2]),
+                            G.view(W.shape) if G is not None else None))
         for g, (W_low, rank, G) in zip(self._groups, results):
             torch._foreach_copy_(g.params, list(from_matrix(W_low, self.scheme, g.shape).unbind(0)))
             g.rank, g.G = rank, G

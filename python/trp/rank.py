@@ -71,10 +71,12 @@ def select_rank(sigma, kind, value):
 
 
 def energy_kept(sigma, rank):
-    """Fraction of sum s_i^2 held by the leading `rank` singular values (1.0 for an all-zero matrix)."""
+    """Fraction of sum s_i^2 held by the leading `rank` singular values (1.0 for an all-zero matrix).
+    sigma [K] or a batch [..., K] (nd: one row per filter, every filter keeping `rank`): the fraction of
+    the whole batch's energy."""
     s2 = sigma.detach().to(torch.float64).square()
     total = float(s2.sum())
-    return 1.0 if total == 0 else float(s2[:int(rank)].sum()) / total
+    return 1.0 if total == 0 else float(s2[..., :int(rank)].sum()) / total
 
 
 __all__ = ["energy_rank", "threshold_rank", "fixed_rank", "select_rank", "check_criterion",

@@ -21,7 +21,7 @@ class Report:
         head = "| layer | matrix | rank | energy kept | MACs dense | MACs factorized |"
         lines = [head, "|---|---|---|---|---|---|"]
         for r in self.rows:
-            matrix = "x".join(map(str, r["matrix"])) if r["matrix"] else "-"
+            matrix = _shape(r["matrix"])
             rank = "dense" if r["rank"] is None else str(r["rank"])
             energy = "-" if r["energy_kept"] is None else f"{r['energy_kept']:.4f}"
             lines.append(f"| {r['layer']} | {matrix} | {rank} | {energy} | {_m(r['macs_dense'])} | "
@@ -38,6 +38,14 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _shape(matrix):
+    """"16x144", or "16 x 8x9" for nd's per-filter matrices [n, c, kh*kw]."""
+    if not matrix:
+        return "-"
+    text = "x".join(map(str, matrix[-2:]))
+    return f"{matrix[0]} x {text}" if len(matrix) == 3 else text
 
 
 def _m(macs):
@@ -60,7 +68,7 @@ def report(dense, compact, input_size, latency=True, warmup=3, repeats=10, devic
     """Compares a dense model with its decomposition at input_size ((C, H, W) or (N, C, H, W)).
 
     Rows: every conv layer (and factorized Linear) - matrix shape, rank, energy kept (fraction of the dense
-    weight's squared singular values that the rank keeps), MACs dense / factorized. Totals: conv MACs and
+    weight's squared singular values that the rank keeps; nd: of all its filters'), MACs dense / factorized. Totals: conv MACs and
     the paper's speed-up (their ratio), parameters, and with latency=True the median forward latency ratio."""
     md = macs_by_layer(dense, input_size, linear=True)
     mc = macs_by_layer(compact, input_size, linear=True)

@@ -2,11 +2,13 @@
 
 channel: conv weight [n, c, kh, kw] -> n x (c*kh*kw)   (Zhang et al.; kh x kw conv to rank k, then 1x1)
 spatial: conv weight [n, c, kh, kw] -> (c*kh) x (n*kw) (Jaderberg et al.; kh x 1 conv, then 1 x kw)
+nd:      conv weight [n, c, kh, kw] -> n matrices c x (kh*kw), one per filter, as a batch [n, c, kh*kw]
+         (network decoupling; r parallel 1x1 + depthwise kh x kw paths)
 Linear weight [out, in] is its own matrix out x in (channel scheme only).
 
 Every function also takes a leading batch dimension ([B, n, c, kh, kw] <-> [B, p, q]) so the pruner can
 reshape a stacked group in one call."""
-SCHEMES = ("channel", "spatial")
+SCHEMES = ("channel", "spatial", "nd")
 
 
 def check_scheme(scheme):
@@ -16,7 +18,8 @@ def check_scheme(scheme):
 
 
 def matrix_shape(weight_shape, scheme):
-    """(p, q) of the matrix of a weight of shape weight_shape ([n, c, kh, kw] or [out, in])."""
+    """(p, q) of the matrix of a weight of shape weight_shape ([n, c, kh, kw] or [out, in]); for nd
+    (n, c, kh*kw): the n per-filter matrices. Always the shape of to_matrix's result for one weight."""
     check_scheme(scheme)
     if len(weight_shape) == 2:
         if scheme != "channel":
@@ -26,11 +29,12 @@ def matrix_shape(weight_shape, scheme):
         raise ValueError(f"expected a conv weight [n, c, kh, kw] or a linear weight [out, in], "
                          f"got shape {tuple(weight_shape)}")
     n, c, kh, kw = weight_shape
-    return (n, c * kh * kw) if scheme == "channel" else (c * kh, n * kw)
+    return {"channel": (n, c * kh * kw), "spatial": (c * kh, n * kw), "nd": (n, c, kh * kw)}[scheme]
 
 
 def to_matrix(weight, scheme):
-    """Weight [..., n, c, kh, kw] (or [..., out, in]) -> matrix [..., p, q]. A view when possible."""
+    """Weight [..., n, c, kh, kw] (or [..., out, in]) -> matrix [..., p, q] (nd: [..., n, c, kh*kw], a
+    batch of per-filter matrices). A view when possible."""
     check_scheme(scheme)
     if weight.dim() <= 3:  # [out, in] or a batch of them: already a matrix
         matrix_shape(weight.shape[-2:], scheme)  # raises for spatial
@@ -39,14 +43,17 @@ def to_matrix(weight, scheme):
     n, c, kh, kw = weight.shape[-4:]
     if scheme == "channel":
         return weight.reshape(*lead, n, c * kh * kw)
+    if scheme == "nd":
+        return weight.reshape(*lead, n, c, kh * kw)
     nd = len(lead)
     perm = tuple(range(nd)) + (nd + 1, nd + 2, nd, nd + 3)  # [c, kh, n, kw]
     return weight.permute(perm).reshape(*lead, c * kh, n * kw)
 
 
 def from_matrix(matrix, scheme, weight_shape):
-    """Inverse of to_matrix: matrix [..., p, q] -> weight [..., *weight_shape] (weight_shape without
-    the batch dimension). For the spatial scheme the result is a permuted view (not contiguous)."""
+    """Inverse of to_matrix: matrix [..., p, q] (nd: [..., n, c, kh*kw]) -> weight [..., *weight_shape]
+    (weight_shape without the batch dimension). For the spatial scheme the result is a permuted view (not
+    contiguous)."""
     check_scheme(scheme)
     weight_shape = tuple(weight_shape)
     lead = matrix.shape[:-2]
@@ -54,7 +61,9 @@ def from_matrix(matrix, scheme, weight_shape):
         matrix_shape(weight_shape, scheme)
         return matrix.reshape(*lead, *weight_shape)
     n, c, kh, kw = weight_shape
-    if scheme == "channel":
+    if scheme == "nd":
+        lead = matrix.shape[:-3]
+    if scheme in ("channel", "nd"):
         return matrix.reshape(*lead, n, c, kh, kw)
     nd = len(lead)
     w = matrix.reshape(*lead, c, kh, n, kw)
