@@ -1,0 +1,183 @@
+"""Fused network-decoupling convolution: conv(1 x 1, c -> n*r) then conv(kh x kw, groups n, n*r -> n).
+
+Design: a program owns BLOCK_M output pixels (flattened over batch, rows, columns) x BLOCK_F output filters,
+i.e. the BLOCK_F * R_PAD pointwise channels those filters read (filter f, path j = channel f*r + j). For
+each depthwise tap (a, b) it recomputes, on chip, the pointwise result at the input pixel under that tap:
+[BLOCK_M x C] input patch @ [C x BLOCK_F*R_PAD] pointwise weights (tl.dot over blocks of BLOCK_C channels,
+fp32 accumulator; zero outside the padded image, which equals padding the pointwise output since it has
+no bias), rounds it to the input dtype (as the two-conv path stores it), scales it by the tap's depthwise
+weights and sums each filter's R_PAD paths into the fp32 [BLOCK_M x BLOCK_F] output. The n*r-channel
+intermediate is never written to memory; the price is kh*kw pointwise products per output pixel instead
+of (stride_h*stride_w) - memory traffic, not MACs, bounds these layers. Tensors are addressed through
+their strides (NCHW or channels_last, no copies)."""
+import torch
+import triton
+import triton.language as tl
+
+from .. import geometry
+from ._common import (DTYPES, LAUNCH_LOCK, autotune_mode, interpreter_consts, interpreting, loop_bound,
+                      named, next_pow2, precision)
+
+MIN_DOT = 16      # tl.dot operands need M, N, K >= 16
+MAX_R_PAD = 64    # paths per filter kept on chip (7 x 7 kernels reach r = 49); beyond: two convolutions
+
+
+@triton.jit
+def _decoupled_kernel(
+    X, PW, DW, B, Y,
+    C, H, W, R, NOUT, OH, OW, M,
+    sxn, sxc, sxh, sxw,
+    spo, spc,
+    sdo, sdr, sdh, sdw,
+    syn, syc, syh, syw,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr, C_CONST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    BLOCK_F: tl.constexpr = BLOCK_Q // R_PAD
+    pid_m = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    ow = offs_m % OW
+    tmp = offs_m // OW
+    oh = tmp % OH
+    n = tmp // OH
+    ih0 = oh * STRIDE_H - PAD_T
+    iw0 = ow * STRIDE_W - PAD_L
+    x_img = X + n.to(tl.int64) * sxn  # batch offset in int64: a batch may exceed 2**31 elements
+
+    # pointwise channel q of this program: filter f = pid_f * BLOCK_F + q // R_PAD, path j = q % R_PAD
+    offs_q = tl.arange(0, BLOCK_Q)
+    f_of_q = pid_f * BLOCK_F + offs_q // R_PAD
+    j_of_q = offs_q % R_PAD
+    q_ok = (f_of_q < NOUT) & (j_of_q < R)
+    pw_row = PW + (f_of_q * R + j_of_q) * spo
+    dw_q = DW + f_of_q * sdo + j_of_q * sdr
+    offs_c = tl.arange(0, BLOCK_C)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    for a in tl.static_range(KH):
+        for b in tl.static_range(KW):
+            ih = ih0 + a * DIL_H
+            iw = iw0 + b * DIL_W
+            ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_pix = x_img + ih * sxh + iw * sxw
+            mid = tl.zeros((BLOCK_M, BLOCK_Q), dtype=tl.float32)
+            for c0 in range(0, loop_bound(C, C_CONST), BLOCK_C):
+                cc = c0 + offs_c
+                c_ok = cc < C
+                xt = tl.load(x_pix[:, None] + cc[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                wt = tl.load(pw_row[None, :] + cc[:, None] * spc, mask=c_ok[:, None] & q_ok[None, :], other=0.0)
+                mid = tl.dot(xt, wt, mid, input_precision=PRECISION)
+            # round like the stored intermediate of the two-conv path
+            mid = mid.to(Y.dtype.element_ty).to(tl.float32)
+            dwt = tl.load(dw_q + a * sdh + b * sdw, mask=q_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(tl.reshape(mid * dwt[None, :], (BLOCK_M, BLOCK_F, R_PAD)), axis=2)
+
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = offs_f < NOUT
+    if HAS_BIAS:
+        acc += tl.load(B + offs_f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+    y_pix = Y + n.to(tl.int64) * syn + oh * syh + ow * syw
+    tl.store(y_pix[:, None] + offs_f[None, :] * syc, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & f_ok[None, :])
+
+
+def r_pad(r):
+    return next_pow2(r)
+
+
+def _gpu_configs(mode):
+    # (BLOCK_M, BLOCK_Q, BLOCK_C, warps, stages); BLOCK_Q (pointwise channels per program) is raised to
+    # R_PAD at launch when a filter has more paths
+    shapes = {"full": [(32, 32, 32, 4, 2), (64, 32, 32, 4, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3),
+                       (128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 3)],
+              "quick": [(64, 32, 32, 4, 3), (128, 64, 32, 8, 3)],
+              "off": [(64, 64, 32, 4, 3)]}[mode]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_Q": bq, "BLOCK_C": bc}, num_warps=wp, num_stages=st)
+            for bm, bq, bc, wp, st in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    a = named(named_args, kwargs)
+    keep = [cfg for cfg in configs if cfg.kwargs["BLOCK_Q"] >= a["R_PAD"]
+            and cfg.kwargs["BLOCK_C"] <= max(MIN_DOT, triton.next_power_of_2(a["C"]))
+            and cfg.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(a["M"]))]
+    return keep or [max(configs, key=lambda cfg: cfg.kwargs["BLOCK_Q"])]
+
+
+_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW", "syc"]
+_tuned = {}
+
+
+def _kernel(rp):
+    """Autotuned kernel on the GPU; under the interpreter one small config (autotuning would run every
+    config serially on the CPU)."""
+    if interpreting():
+        return _decoupled_kernel, {"BLOCK_M": 16, "BLOCK_Q": max(MIN_DOT, rp), "BLOCK_C": 16}
+    mode = autotune_mode()
+    if mode not in _tuned:
+        _tuned[mode] = triton.autotune(configs=_gpu_configs(mode), key=_AUTOTUNE_KEY,
+                                       prune_configs_by={"early_config_prune": _prune})(_decoupled_kernel)
+    return _tuned[mode], {}
+
+
+def launch_args(x, pw_weight, dw_weight, bias, stride, padding, dilation, y):
+    """(grid, positional arguments, untuned constexprs) of the kernel for one call writing y."""
+    nb, c, h, w = x.shape
+    nout, r, kh, kw = dw_weight.shape
+    _, _, oh, ow = y.shape
+    m = nb * oh * ow
+    rp = r_pad(r)
+    args = (x, pw_weight, dw_weight, bias if bias is not None else y, y,
+            c, h, w, r, nout, oh, ow, m,
+            *x.stride(), pw_weight.stride(0), pw_weight.stride(1), *dw_weight.stride(), *y.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+    consts = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, R_PAD=rp, PRECISION=precision(x.dtype),
+                  **interpreter_consts(C=c))
+    grid = (lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(nout, meta["BLOCK_Q"] // rp)))
+    return grid, args, consts
+
+
+def factorized_conv_decoupled(x, pw_weight, dw_weight, bias, stride, padding, dilation):
+    y = geometry.empty_output("decoupled", x, pw_weight, dw_weight, stride, padding, dilation)
+    if y.numel() == 0:
+        return y
+    grid, args, consts = launch_args(x, pw_weight, dw_weight, bias, stride, padding, dilation, y)
+    kernel, fixed = _kernel(consts["R_PAD"])
+    with LAUNCH_LOCK:
+        kernel[grid](*args, **consts, **fixed)
+    return y
+
+
+_TILE_OVERRUN = 1024  # above any tile's pixel count: a program's indices may run past the last pixel
+
+
+def _max_offset(t, first_dim):
+    return sum((size - 1) * abs(st) for size, st in zip(t.shape[first_dim:], t.stride()[first_dim:]) if size)
+
+
+def supported(x, pw_weight, dw_weight, bias, out_hw):
+    """None when the kernel can run this call here, else the reason (a short string)."""
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+        return f"{x.device.type} tensors need CUDA (or TRITON_INTERPRET=1 on the CPU)"
+    tensors = [x, pw_weight, dw_weight] + ([bias] if bias is not None else [])
+    if x.dtype not in DTYPES:
+        return f"dtype {x.dtype} not supported (float32, float16, bfloat16)"
+    if any(t.dtype != x.dtype for t in tensors):
+        return "all tensors must share one dtype"
+    if any(t.device != x.device for t in tensors):
+        return "all tensors must be on one device"
+    if r_pad(dw_weight.shape[1]) > MAX_R_PAD:
+        return f"{dw_weight.shape[1]} paths per filter above the on-chip limit {MAX_R_PAD}"
+    # 32-bit index arithmetic except for the batch offset
+    if x.shape[0] * out_hw[0] * out_hw[1] + _TILE_OVERRUN >= 2 ** 31:
+        return "N * OH * OW output pixels too many for 32-bit indices"
+    if _max_offset(x, 1) >= 2 ** 31 or _max_offset(pw_weight, 0) >= 2 ** 31 or \
+            dw_weight.shape[0] * out_hw[0] * out_hw[1] >= 2 ** 31:
+        return "tensors too large for 32-bit offsets"
+    return None
+
+
+__all__ = ["factorized_conv_decoupled", "supported", "interpreting", "launch_args"]
