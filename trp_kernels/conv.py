@@ -2,6 +2,9 @@
 
 Each equals the two nn.functional.conv2d calls it replaces. Padding is (top, bottom, left, right) inside
 the op; the public functions also take an int or an (h, w) pair. Backward runs the two-convolution path.
+Like conv2d, every backend returns channels_last output when the input (or a weight) has channels_last
+strides (trp_kernels.geometry.output_memory_format, which the fake kernels follow too), and under
+torch.autocast the inputs are cast to the region's dtype (float64 excepted), as conv2d's are.
 
 Backends (env TRP_CONV_BACKEND, read at every call):
 - auto (default): CUDA tensors run the fused Triton kernel when it supports the call and, for that exact

@@ -9,7 +9,6 @@ multiplies it by [R_PAD x BLOCK_N] blocks of p_weight, looping over all output c
 program, so the intermediate is computed once and never written to memory. Tensors are addressed through
 their strides, so NCHW and channels_last input/output need no copies; weights are read in place (no
 per-call packing kernels, which would cost launches at batch 1)."""
-import torch
 import triton
 import triton.language as tl
 

@@ -9,7 +9,6 @@ intermediate, are never computed. GEMM 2 (the horizontal conv) then, for every t
 intermediate column each output pixel needs with an on-chip tl.gather of the [ROWS*SPAN x R_PAD]
 intermediate and multiplies it by the [R_PAD x BLOCK_N] slice of h_weight. Nothing but the output is
 written. Strides of x and y are honoured, so NCHW and channels_last work without copies."""
-import torch
 import triton
 import triton.language as tl
 
