@@ -1,11 +1,12 @@
 """The paper's central experiment on the embedded digits data (issue: TRP vs data-free decomposition).
 
 Trains, with the same seeds, epochs and schedule:
-  baseline (no TRP); TRP channel; TRP + nuclear channel; TRP spatial; TRP + nuclear spatial
+  baseline (no TRP); TRP channel; TRP + nuclear channel; TRP spatial; TRP + nuclear spatial; TRP ND;
+  TRP + nuclear ND (network decoupling)
 and evaluates, with no fine-tuning:
   - the baseline undecomposed, and decomposed data-free at energy e ("Zhang et al." channel row,
-    "Jaderberg et al." spatial row), and decomposed data-free at the ranks that TRP + nuclear reached (the
-    same speed-up as the TRP row: the paper's Table 2 comparison);
+    "Jaderberg et al." spatial row, network decoupling), and decomposed data-free at the ranks that TRP +
+    nuclear reached (the same speed-up as the TRP row: the paper's Table 2 comparison);
   - every TRP model decomposed at the energy it was trained with.
 Each row: accuracy before / after decomposition, the paper's speed-up (conv MAC ratio), parameters, CPU
 latency ratio (batch 32), as mean and spread over the seeds. Then an energy sweep: TRP + nuclear (channel)
@@ -14,6 +15,9 @@ energies. Writes results/paper_table.json, results/paper_table.md and results/pa
 
     python benchmarks/paper_table.py                 # the README's table (about 22 minutes, 2-core CPU)
     python benchmarks/paper_table.py --quick         # a smoke run (seconds), not for the README
+    python benchmarks/paper_table.py --rows baseline trp_nd trp_nu_nd   # only these trained rows (and the
+        data-free rows of their schemes; the sweep needs baseline and trp_nu_channel), written to
+        results/paper_table_rows-baseline-trp_nd-trp_nu_nd.*
 """
 import argparse
 import math
@@ -36,6 +40,8 @@ TRAINED = {  # row key -> (label, TrainConfig overrides)
     "trp_nu_channel": ("TRP+Nu channel", dict(scheme="channel")),
     "trp_spatial": ("TRP spatial", dict(scheme="spatial", nuclear=0.0)),
     "trp_nu_spatial": ("TRP+Nu spatial", dict(scheme="spatial")),
+    "trp_nd": ("TRP ND", dict(scheme="nd", nuclear=0.0)),
+    "trp_nu_nd": ("TRP+Nu ND", dict(scheme="nd")),
 }
 
 
@@ -53,7 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--latency-batch", type=int, default=32)
     p.add_argument("--out", default="results")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 1 seed, 1 epoch, 128 samples")
+    p.add_argument("--rows", nargs="+", choices=list(TRAINED), default=list(TRAINED),
+                   help="trained rows to run (default: all); data-free rows follow from baseline + a scheme")
     args = p.parse_args(argv)
+    args.rows = [k for k in TRAINED if k in args.rows]  # table order, no repeats
     if args.quick:
         args.seeds, args.epochs, args.sweep, args.subset = args.seeds[:1], 1, [0.8, 0.9], 128
     else:
@@ -96,29 +105,33 @@ def run_table(args, workdir):
     def add(key, **values):
         rows.setdefault(key, []).append(values)
 
+    sweep = []
     for seed in args.seeds:
-        runs = {key: train(args, key, seed, args.energy, workdir) for key in TRAINED}
-        base = runs["baseline"]
-        input_size = tuple(base.bundle.input_size)[-3:]  # (C, H, W)
-        loader = base.test_loader
-        dense_acc = evaluate(base.model, loader, "cpu")
-        add("baseline", acc_before=dense_acc, acc_after=dense_acc, speedup=1.0,
-            params=trp.count_params(base.model), latency_ratio=1.0)
+        runs = {key: train(args, key, seed, args.energy, workdir) for key in args.rows}
+        first = next(iter(runs.values()))
+        input_size = tuple(first.bundle.input_size)[-3:]  # (C, H, W)
+        loader = first.test_loader
         trp_compacts = {key: trp.decompose(runs[key].model, TRAINED[key][1]["scheme"], energy=args.energy)
-                        for key in TRAINED if key != "baseline"}
-        for scheme in ("channel", "spatial"):
-            compact = trp.decompose(base.model, scheme, energy=args.energy)
-            add(f"datafree_{scheme}", acc_before=dense_acc,
-                **measure(args, base.model, compact, loader, input_size))
-            matched = trp.decompose(base.model, scheme, rank=ranks_of(trp_compacts[f"trp_nu_{scheme}"]))
-            add(f"datafree_{scheme}_matched", acc_before=dense_acc,
-                **measure(args, base.model, matched, loader, input_size))
+                        for key in runs if key != "baseline"}
+        base = runs.get("baseline")
+        if base is not None:
+            dense_acc = evaluate(base.model, loader, "cpu")
+            add("baseline", acc_before=dense_acc, acc_after=dense_acc, speedup=1.0,
+                params=trp.count_params(base.model), latency_ratio=1.0)
+            for scheme in dict.fromkeys(TRAINED[k][1]["scheme"] for k in trp_compacts):
+                compact = trp.decompose(base.model, scheme, energy=args.energy)
+                add(f"datafree_{scheme}", acc_before=dense_acc,
+                    **measure(args, base.model, compact, loader, input_size))
+                if f"trp_nu_{scheme}" in trp_compacts:
+                    matched = trp.decompose(base.model, scheme, rank=ranks_of(trp_compacts[f"trp_nu_{scheme}"]))
+                    add(f"datafree_{scheme}_matched", acc_before=dense_acc,
+                        **measure(args, base.model, matched, loader, input_size))
+            if seed == args.seeds[0] and "trp_nu_channel" in runs:
+                sweep = run_sweep(args, workdir, seed, base, runs["trp_nu_channel"], input_size)
         for key, compact in trp_compacts.items():
             model = runs[key].model
             add(key, acc_before=evaluate(model, loader, "cpu"),
                 **measure(args, model, compact, loader, input_size))
-        if seed == args.seeds[0]:
-            sweep = run_sweep(args, workdir, seed, base, runs["trp_nu_channel"], input_size)
     return rows, sweep
 
 
@@ -147,6 +160,10 @@ LABELS = {
     "trp_nu_channel": "TRP+Nu channel",
     "trp_spatial": "TRP spatial",
     "trp_nu_spatial": "TRP+Nu spatial",
+    "datafree_nd": "Baseline, data-free ND (network decoupling)",
+    "datafree_nd_matched": "Baseline, data-free ND at TRP+Nu ND ranks",
+    "trp_nd": "TRP ND",
+    "trp_nu_nd": "TRP+Nu ND",
 }
 
 
@@ -166,11 +183,13 @@ def _ms(stat, fmt="{:.2f}"):
 def markdown(summary, sweep, args):
     lines = ["| row | acc before (%) | acc after, no fine-tuning (%) | speed-up (conv MACs) | params | "
              f"CPU latency ratio (batch {args.latency_batch}) |", "|---|---|---|---|---|---|"]
-    for key, label in LABELS.items():
-        s = summary[key]
+    for key, s in summary.items():
+        label = LABELS[key]
         lines.append(f"| {label} | {_ms(s['acc_before'])} | {_ms(s['acc_after'])} | "
                      f"{_ms(s['speedup'])}x | {s['params']['mean'] / 1e6:.3f}M | "
                      f"{_ms(s['latency_ratio'])}x |")
+    if not sweep:
+        return "\n".join(lines)
     lines += ["", "| energy | TRP+Nu channel: acc after / speed-up | baseline data-free channel: "
               "acc after / speed-up |", "|---|---|---|"]
     for pt in sweep:
@@ -186,8 +205,8 @@ def plot(summary, sweep, path):
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for key, label in LABELS.items():
-        s = summary[key]
+    for key, s in summary.items():
+        label = LABELS[key]
         ax1.errorbar(s["speedup"]["mean"], s["acc_after"]["mean"], xerr=s["speedup"]["std"],
                      yerr=s["acc_after"]["std"], fmt="s" if key.startswith("trp") else "o", capsize=3,
                      label=label)
@@ -218,14 +237,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="trp_paper_") as workdir:
         rows, sweep = run_table(args, workdir)
-    summary = {key: summarize(rows[key]) for key in LABELS}
+    summary = {key: summarize(rows[key]) for key in LABELS if key in rows}
     elapsed = time.perf_counter() - t0
     table = markdown(summary, sweep, args)
     os.makedirs(args.out, exist_ok=True)
     settings = {"model": args.model, "data": "digits", "image_size": args.image_size, "epochs": args.epochs,
                 "batch_size": args.batch_size, "lr": args.lr, "energy": args.energy, "nuclear": args.nuclear,
-                "seeds": args.seeds, "quick": args.quick}
-    stem = "paper_table_quick" if args.quick else "paper_table"
+                "seeds": args.seeds, "quick": args.quick, "rows": args.rows}
+    stem = "paper_table" + ("_quick" if args.quick else "")
+    if args.rows != list(TRAINED):  # a partial run never overwrites the full table
+        stem += "_rows-" + "-".join(args.rows)
     results = harness.Results(os.path.join(args.out, stem + ".json"), "paper_table", "cpu", settings=settings)
     for key, row in summary.items():
         results.rows.append({"key": key, **row})

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import geometry
+from . import _TILE_OVERRUN, _max_offset  # the package's 32-bit index rules, shared with channel/spatial
 from ._common import (DTYPES, LAUNCH_LOCK, autotune_mode, interpreter_consts, interpreting, loop_bound,
                       named, next_pow2, precision)
 
@@ -149,13 +150,6 @@ def factorized_conv_decoupled(x, pw_weight, dw_weight, bias, stride, padding, di
     with LAUNCH_LOCK:
         kernel[grid](*args, **consts, **fixed)
     return y
-
-
-_TILE_OVERRUN = 1024  # above any tile's pixel count: a program's indices may run past the last pixel
-
-
-def _max_offset(t, first_dim):
-    return sum((size - 1) * abs(st) for size, st in zip(t.shape[first_dim:], t.stride()[first_dim:]) if size)
 
 
 def supported(x, pw_weight, dw_weight, bias, out_hw):
