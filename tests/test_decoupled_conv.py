@@ -188,6 +188,8 @@ def test_backend_dispatch(backend, monkeypatch):
     big = torch.empty(1, 2, 1, 1).expand(1, 2, 2 ** 16, 2 ** 16)  # 2**32 output pixels: no 32-bit indices
     assert "32-bit" in decoupled.supported(big, torch.empty(4, 2, 1, 1), torch.empty(2, 2, 1, 1), None,
                                            (2 ** 16, 2 ** 16))
+    x5, pw5, dw5, _ = make(1, 3, 8, 8, 2, 2, 5, 5, False)  # 25 taps spill registers: two convolutions
+    assert "taps" in decoupled.supported(x5, pw5, dw5, None, (4, 4))
     monkeypatch.setattr(tri._common, "_INTERPRET", False)
     monkeypatch.setattr(decoupled, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

@@ -9,6 +9,7 @@ import sys
 import sysconfig
 import tarfile
 import textwrap
+import zipfile
 
 import pytest
 
@@ -176,6 +177,14 @@ def test_sdist_builds_a_wheel_that_works_outside_the_tree(tmp_path):
     # The wheel is built from the unpacked sdist alone (pip builds it in a temporary directory).
     _run(sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", tmp_path / "wheels", sdist)
     (wheel,) = glob.glob(str(tmp_path / "wheels" / "trp-*.whl"))
+    # every Python module of both packages, subpackages (trp.models, trp_kernels.triton) included
+    with zipfile.ZipFile(wheel) as whl:
+        in_wheel = set(whl.namelist())
+    modules = {os.path.join("trp", os.path.relpath(f, os.path.join(ROOT, "python", "trp")))
+               for f in glob.glob(os.path.join(ROOT, "python", "trp", "**", "*.py"), recursive=True)}
+    modules |= {os.path.relpath(f, ROOT)
+                for f in glob.glob(os.path.join(ROOT, "trp_kernels", "**", "*.py"), recursive=True)}
+    assert not modules - in_wheel, f"missing from the wheel: {sorted(modules - in_wheel)}"
 
     # A fresh venv that sees this interpreter's packages (torch, ...) through a .pth file, without copying
     # them; the .pth entries come after the venv's own site-packages, so the wheel's trp wins.

@@ -31,8 +31,15 @@ WORKERS = 2
 
 def _shapes(kind, dtype):
     """(name, N, C, H, W, rank, n_out, k, stride, padding): a CIFAR ResNet layer, and ResNet-50-sized
-    layers at the largest rank the kernel accepts for the dtype (the highest register pressure)."""
+    layers at the largest rank the kernel accepts for the dtype (the highest register pressure). For the
+    decoupled kernel the rank is the number of paths per filter: at most kh*kw = 9 (larger kernels run as two
+    convolutions)."""
     import torch
+    if kind == "decoupled":
+        return [("cifar", 128, 32, 16, 16, 4, 32, 3, 1, 1),
+                ("r50-28x28-full-rank", 32, 128, 28, 28, 9, 128, 3, 1, 1),
+                ("r50-56x56-s2-full-rank", 32, 64, 56, 56, 9, 64, 3, 2, 1),
+                ("r50-14x14-c256-full-rank", 32, 256, 14, 14, 9, 256, 3, 1, 1)]
     from trp_kernels.triton._common import MAX_RANK_PAD
     r_max = MAX_RANK_PAD[(kind, dtype == torch.float32)]
     return [("cifar", 128, 32, 16, 16, 16, 32, 3, 1, 1),
@@ -54,9 +61,9 @@ def _cases(all_configs=False):
     import triton
 
     from trp_kernels import geometry
-    from trp_kernels.triton import channel, spatial
+    from trp_kernels.triton import channel, decoupled, spatial
     cases = []
-    for kind, mod in (("channel", channel), ("spatial", spatial)):
+    for kind, mod in (("channel", channel), ("spatial", spatial), ("decoupled", decoupled)):
         kernel = getattr(mod, f"_{kind}_kernel")
         for dtype_name in DTYPES:
             dtype = getattr(torch, dtype_name)
@@ -65,8 +72,10 @@ def _cases(all_configs=False):
                 x = torch.empty(nb, c, h, w, **meta)
                 if kind == "channel":
                     w1, w2 = torch.empty(r, c, k, k, **meta), torch.empty(n, r, 1, 1, **meta)
-                else:
+                elif kind == "spatial":
                     w1, w2 = torch.empty(r, c, k, 1, **meta), torch.empty(n, r, 1, k, **meta)
+                else:  # pointwise [n*r, c, 1, 1], depthwise [n, r, k, k]
+                    w1, w2 = torch.empty(n * r, c, 1, 1, **meta), torch.empty(n, r, k, k, **meta)
                 bias = torch.empty(n, **meta)
                 conv = ([s, s], [p] * 4, [1, 1])
                 y = geometry.empty_output(kind, x, w1, w2, *conv)
@@ -123,15 +132,19 @@ def _compile(case, cuobjdump):
 
 
 def _label(case):
-    keys = ("BLOCK_M", "M_TARGET", "BLOCK_C", "BLOCK_N")
+    keys = ("BLOCK_M", "M_TARGET", "BLOCK_Q", "BLOCK_C", "BLOCK_N")
     tile = "/".join(f"{k}={case['consts'][k]}" for k in keys if k in case["consts"])
     return (f"{case['kind']} {case['dtype']} {case['shape']} sm_{case['arch']} R_PAD={case['consts']['R_PAD']} "
             f"{tile} warps={case['num_warps']} stages={case['num_stages']}")
 
 
 def _words_per_thread(case):
+    """The pruning's register estimate (channel and spatial kernels; the decoupled kernel prunes by tile
+    sizes alone, so it reports 0 here)."""
     import torch
     k, dtype = case["consts"], getattr(torch, case["dtype"])
+    if case["kind"] == "decoupled":
+        return 0.0
     if case["kind"] == "channel":
         words = case["mod"].live_words(k["R_PAD"], k["BLOCK_M"], k["BLOCK_C"], k["BLOCK_N"], case["num_stages"], dtype)
     else:

@@ -77,7 +77,7 @@ _auto_timing = {}       # call signature -> (triton ms, torch ms) or the error t
 # Serialises measure-and-store: threads sharing a model must not time (and autotune) the same signature
 # at once; timing two signatures concurrently would also disturb both measurements.
 _auto_lock = threading.Lock()
-_last_backend = {"channel": None, "spatial": None}
+_last_backend = {"channel": None, "spatial": None, "decoupled": None}
 
 
 def _on_device(device):

@@ -89,3 +89,28 @@ def autotune_mode():
     if mode not in AUTOTUNE_MODES:
         raise ValueError(f"{AUTOTUNE_ENV} must be one of {', '.join(AUTOTUNE_MODES)}, got {mode!r}")
     return mode
+
+
+# Index arithmetic inside the kernels is 32-bit except for the batch offset: the flattened output-pixel
+# index (N * OH * OW, plus the overrun of the last tile) and per-image element offsets must fit.
+TILE_OVERRUN = 1024  # above any tile's pixel count: a program's indices may run past the last pixel
+
+
+def max_offset(t, first_dim):
+    """Largest element offset of t over its dimensions from first_dim on (through its strides)."""
+    return sum((size - 1) * abs(st) for size, st in zip(t.shape[first_dim:], t.stride()[first_dim:]) if size)
+
+
+def common_unsupported(x, tensors, out_hw):
+    """The reason none of the fused kernels can run this call (device, dtypes, pixel count), or None."""
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+        return f"{x.device.type} tensors need CUDA (or TRITON_INTERPRET=1 on the CPU)"
+    if x.dtype not in DTYPES:
+        return f"dtype {x.dtype} not supported (float32, float16, bfloat16)"
+    if any(t.dtype != x.dtype for t in tensors):
+        return "all tensors must share one dtype"
+    if any(t.device != x.device for t in tensors):
+        return "all tensors must be on one device"
+    if x.shape[0] * out_hw[0] * out_hw[1] + TILE_OVERRUN >= 2 ** 31:
+        return "N * OH * OW output pixels too many for 32-bit indices"
+    return None

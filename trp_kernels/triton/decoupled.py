@@ -10,17 +10,16 @@ weights and sums each filter's R_PAD paths into the fp32 [BLOCK_M x BLOCK_F] out
 intermediate is never written to memory; the price is kh*kw pointwise products per output pixel instead
 of (stride_h*stride_w) - memory traffic, not MACs, bounds these layers. Tensors are addressed through
 their strides (NCHW or channels_last, no copies)."""
-import torch
 import triton
 import triton.language as tl
 
 from .. import geometry
-from . import _TILE_OVERRUN, _max_offset  # the package's 32-bit index rules, shared with channel/spatial
-from ._common import (DTYPES, LAUNCH_LOCK, autotune_mode, interpreter_consts, interpreting, loop_bound,
-                      named, next_pow2, precision)
+from ._common import (LAUNCH_LOCK, autotune_mode, common_unsupported, interpreter_consts, interpreting,
+                      loop_bound, max_offset, named, next_pow2, precision)
 
 MIN_DOT = 16      # tl.dot operands need M, N, K >= 16
-MAX_R_PAD = 64    # paths per filter kept on chip (7 x 7 kernels reach r = 49); beyond: two convolutions
+MAX_R_PAD = 16    # paths per filter kept on chip (3 x 3 kernels reach r = 9); beyond: two convolutions
+MAX_TAPS = 9      # kh * kw: 5 x 5 and 7 x 7 kernels spill registers in every tile tried (compile test)
 
 
 @triton.jit
@@ -91,11 +90,12 @@ def r_pad(r):
 
 def _gpu_configs(mode):
     # (BLOCK_M, BLOCK_Q, BLOCK_C, warps, stages); BLOCK_Q (pointwise channels per program) is raised to
-    # R_PAD at launch when a filter has more paths
-    shapes = {"full": [(32, 32, 32, 4, 2), (64, 32, 32, 4, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3),
-                       (128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 3)],
-              "quick": [(64, 32, 32, 4, 3), (128, 64, 32, 8, 3)],
-              "off": [(64, 64, 32, 4, 3)]}[mode]
+    # R_PAD at launch when a filter has more paths. Only tiles that tests/test_triton_compile.py compiles
+    # without register spills for sm_80 and sm_90 in fp16/bf16/fp32 at R_PAD <= MAX_R_PAD: larger ones
+    # (64 x 32, 32 x 32 x 32 in fp32, ...) spill, since every program also holds the per-tap products.
+    shapes = {"full": [(16, 32, 32, 4, 2), (32, 32, 16, 4, 2)],
+              "quick": [(16, 32, 32, 4, 2), (32, 32, 16, 4, 2)],
+              "off": [(16, 32, 32, 4, 2)]}[mode]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_Q": bq, "BLOCK_C": bc}, num_warps=wp, num_stages=st)
             for bm, bq, bc, wp, st in shapes]
 
@@ -154,21 +154,14 @@ def factorized_conv_decoupled(x, pw_weight, dw_weight, bias, stride, padding, di
 
 def supported(x, pw_weight, dw_weight, bias, out_hw):
     """None when the kernel can run this call here, else the reason (a short string)."""
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
-        return f"{x.device.type} tensors need CUDA (or TRITON_INTERPRET=1 on the CPU)"
-    tensors = [x, pw_weight, dw_weight] + ([bias] if bias is not None else [])
-    if x.dtype not in DTYPES:
-        return f"dtype {x.dtype} not supported (float32, float16, bfloat16)"
-    if any(t.dtype != x.dtype for t in tensors):
-        return "all tensors must share one dtype"
-    if any(t.device != x.device for t in tensors):
-        return "all tensors must be on one device"
+    why = common_unsupported(x, [x, pw_weight, dw_weight] + ([bias] if bias is not None else []), out_hw)
+    if why is not None:
+        return why
+    if dw_weight.shape[2] * dw_weight.shape[3] > MAX_TAPS:
+        return f"{dw_weight.shape[2]} x {dw_weight.shape[3]} kernel above {MAX_TAPS} taps"
     if r_pad(dw_weight.shape[1]) > MAX_R_PAD:
         return f"{dw_weight.shape[1]} paths per filter above the on-chip limit {MAX_R_PAD}"
-    # 32-bit index arithmetic except for the batch offset
-    if x.shape[0] * out_hw[0] * out_hw[1] + _TILE_OVERRUN >= 2 ** 31:
-        return "N * OH * OW output pixels too many for 32-bit indices"
-    if _max_offset(x, 1) >= 2 ** 31 or _max_offset(pw_weight, 0) >= 2 ** 31 or \
+    if max_offset(x, 1) >= 2 ** 31 or max_offset(pw_weight, 0) >= 2 ** 31 or \
             dw_weight.shape[0] * out_hw[0] * out_hw[1] >= 2 ** 31:
         return "tensors too large for 32-bit offsets"
     return None
