@@ -114,3 +114,16 @@ def common_unsupported(x, tensors, out_hw):
     if x.shape[0] * out_hw[0] * out_hw[1] + TILE_OVERRUN >= 2 ** 31:
         return "N * OH * OW output pixels too many for 32-bit indices"
     return None
+
+
+@triton.jit
+def output_pixels(pid, M, OH, OW, STRIDE_H, STRIDE_W, PAD_T, PAD_L, BLOCK_M: tl.constexpr):
+    """The BLOCK_M output pixels (flattened over batch, rows, columns) of program pid: their index, validity,
+    batch index, output row/column and the top-left input position of their receptive field."""
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    ow = offs_m % OW
+    tmp = offs_m // OW
+    oh = tmp % OH
+    n = tmp // OH
+    return offs_m, m_ok, n, oh, ow, oh * STRIDE_H - PAD_T, ow * STRIDE_W - PAD_L

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .. import geometry
 from ._common import (LAUNCH_LOCK, autotune_mode, interpreter_consts, interpreting, loop_bound, named,
-                      precision, rank_pad, regs_fit)
+                      output_pixels, precision, rank_pad, regs_fit)
 
 
 @triton.jit
@@ -30,15 +30,8 @@ def _channel_kernel(
     PRECISION: tl.constexpr, C_CONST: tl.constexpr, NOUT_CONST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    ow = offs_m % OW
-    tmp = offs_m // OW
-    oh = tmp % OH
-    n = tmp // OH
-    ih0 = oh * STRIDE_H - PAD_T
-    iw0 = ow * STRIDE_W - PAD_L
+    offs_m, m_ok, n, oh, ow, ih0, iw0 = output_pixels(tl.program_id(0), M, OH, OW, STRIDE_H, STRIDE_W,
+                                                      PAD_T, PAD_L, BLOCK_M)
     # batch offset in int64: a batch of large images can exceed 2**31 elements
     x_img = X + n.to(tl.int64) * sxn
 

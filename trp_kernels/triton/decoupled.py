@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import geometry
 from ._common import (LAUNCH_LOCK, autotune_mode, common_unsupported, interpreter_consts, interpreting,
-                      loop_bound, max_offset, named, next_pow2, precision)
+                      loop_bound, max_offset, named, next_pow2, output_pixels, precision)
 
 MIN_DOT = 16      # tl.dot operands need M, N, K >= 16
 MAX_R_PAD = 16    # paths per filter kept on chip (3 x 3 kernels reach r = 9); beyond: two convolutions
@@ -36,16 +36,9 @@ def _decoupled_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     BLOCK_F: tl.constexpr = BLOCK_Q // R_PAD
-    pid_m = tl.program_id(0)
     pid_f = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    ow = offs_m % OW
-    tmp = offs_m // OW
-    oh = tmp % OH
-    n = tmp // OH
-    ih0 = oh * STRIDE_H - PAD_T
-    iw0 = ow * STRIDE_W - PAD_L
+    offs_m, m_ok, n, oh, ow, ih0, iw0 = output_pixels(tl.program_id(0), M, OH, OW, STRIDE_H, STRIDE_W,
+                                                      PAD_T, PAD_L, BLOCK_M)
     x_img = X + n.to(tl.int64) * sxn  # batch offset in int64: a batch may exceed 2**31 elements
 
     # pointwise channel q of this program: filter f = pid_f * BLOCK_F + q // R_PAD, path j = q % R_PAD
