@@ -127,3 +127,17 @@ def output_pixels(pid, M, OH, OW, STRIDE_H, STRIDE_W, PAD_T, PAD_L, BLOCK_M: tl.
     oh = tmp % OH
     n = tmp // OH
     return offs_m, m_ok, n, oh, ow, oh * STRIDE_H - PAD_T, ow * STRIDE_W - PAD_L
+
+
+_tuned = {}  # (kernel, autotune mode) -> the autotuned kernel (it keeps its per-shape tuning cache)
+
+
+def autotuned(kernel, gpu_configs, key, prune):
+    """kernel wrapped in triton.autotune with gpu_configs(mode) for the current TRP_TRITON_AUTOTUNE mode,
+    built once per (kernel, mode)."""
+    mode = autotune_mode()
+    hit = _tuned.get((kernel, mode))
+    if hit is None:
+        hit = _tuned[(kernel, mode)] = triton.autotune(configs=gpu_configs(mode), key=key,
+                                                       prune_configs_by={"early_config_prune": prune})(kernel)
+    return hit

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (LAUNCH_LOCK, autotune_mode, interpreter_consts, interpreting, loop_bound, named,
+from ._common import (LAUNCH_LOCK, autotuned, interpreter_consts, interpreting, loop_bound, named,
                       output_pixels, precision, rank_pad, regs_fit)
 
 
@@ -122,19 +122,12 @@ def _gpu_configs(mode):
 
 _AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
                  "KH", "KW", "syc"]
-_tuned = {}
-
-
 def _kernel():
     """Autotuned kernel on the GPU; under the interpreter a single small config (autotuning there would
     run every config serially on the CPU)."""
     if interpreting():
         return _channel_kernel, {"BLOCK_M": 64, "BLOCK_C": 16, "BLOCK_N": 16}
-    mode = autotune_mode()
-    if mode not in _tuned:
-        _tuned[mode] = triton.autotune(configs=_gpu_configs(mode), key=_AUTOTUNE_KEY,
-                                       prune_configs_by={"early_config_prune": _prune})(_channel_kernel)
-    return _tuned[mode], {}
+    return autotuned(_channel_kernel, _gpu_configs, _AUTOTUNE_KEY, _prune), {}
 
 
 def launch_args(x, c_weight, p_weight, bias, stride, padding, dilation, y):

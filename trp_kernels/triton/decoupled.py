@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (LAUNCH_LOCK, autotune_mode, common_unsupported, interpreter_consts, interpreting,
+from ._common import (LAUNCH_LOCK, autotuned, common_unsupported, interpreter_consts, interpreting,
                       loop_bound, max_offset, named, next_pow2, output_pixels, precision)
 
 MIN_DOT = 16      # tl.dot operands need M, N, K >= 16
@@ -102,19 +102,12 @@ def _prune(configs, named_args, **kwargs):
 
 
 _AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW", "syc"]
-_tuned = {}
-
-
 def _kernel(rp):
     """Autotuned kernel on the GPU; under the interpreter one small config (autotuning would run every
     config serially on the CPU)."""
     if interpreting():
         return _decoupled_kernel, {"BLOCK_M": 16, "BLOCK_Q": max(MIN_DOT, rp), "BLOCK_C": 16}
-    mode = autotune_mode()
-    if mode not in _tuned:
-        _tuned[mode] = triton.autotune(configs=_gpu_configs(mode), key=_AUTOTUNE_KEY,
-                                       prune_configs_by={"early_config_prune": _prune})(_decoupled_kernel)
-    return _tuned[mode], {}
+    return autotuned(_decoupled_kernel, _gpu_configs, _AUTOTUNE_KEY, _prune), {}
 
 
 def launch_args(x, pw_weight, dw_weight, bias, stride, padding, dilation, y):

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (LAUNCH_LOCK, autotune_mode, interpreter_consts, interpreting, loop_bound, named,
-                      next_pow2, precision, rank_pad, regs_fit)
+from ._common import (LAUNCH_LOCK, autotuned, interpreter_consts, interpreting, loop_bound, named, next_pow2,
+                      precision, rank_pad, regs_fit)
 
 # A row whose padded width exceeds this is split into column tiles with a halo.
 MAX_SINGLE_SPAN = 128
@@ -144,17 +144,10 @@ def _gpu_configs(mode):
 
 _AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "NROWS", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
                  "KH", "KW", "SPAN", "OUT_W", "syc"]
-_tuned = {}
-
-
 def _kernel(out_w):
     if interpreting():
         return _spatial_kernel, {"M_TARGET": max(32, out_w), "BLOCK_C": 16, "BLOCK_N": 16}
-    mode = autotune_mode()
-    if mode not in _tuned:
-        _tuned[mode] = triton.autotune(configs=_gpu_configs(mode), key=_AUTOTUNE_KEY,
-                                       prune_configs_by={"early_config_prune": _prune})(_spatial_kernel)
-    return _tuned[mode], {}
+    return autotuned(_spatial_kernel, _gpu_configs, _AUTOTUNE_KEY, _prune), {}
 
 
 def tile_plan(w, ow, kw, stride_w, dil_w, max_single_span=None, multi_span=None):
