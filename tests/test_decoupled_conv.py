@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import trp_kernels
 from trp_kernels import conv, reference
 
-from test_factorized_conv import RTOL, backend, rel_err, triton_mod  # noqa: F401  (backend: a fixture)
+from test_factorized_conv import (RTOL, assert_module_backends_agree, backend,  # noqa: F401  (backend: a fixture)
+                                  rel_err, triton_mod)
 
 CL = torch.channels_last
 OP = torch.ops.trp_kernels.decoupled_conv.default
@@ -74,17 +75,7 @@ def test_triton_forward_backward_and_module(backend):
     dense = torch.nn.Conv2d(5, 6, 3, stride=2, padding=1, bias=True)
     layer = trp.DecoupledConv2d.from_conv(dense, rank=2)
     x = torch.randn(2, 5, 7, 6)
-    outs = {}
-    for name in ("triton", "torch"):
-        backend(name)
-        layer.zero_grad()
-        y = layer(x)
-        assert conv._last_backend["decoupled"] == name
-        y.square().sum().backward()
-        outs[name] = (y.detach(), [p.grad.clone() for p in layer.parameters()])
-    assert rel_err(outs["triton"][0], outs["torch"][0]) <= RTOL
-    for a, b in zip(outs["triton"][1], outs["torch"][1]):
-        assert rel_err(a, b) <= RTOL
+    assert_module_backends_agree(layer, x, "decoupled", backend)
 
 
 # ---- op registration, autograd, layouts

@@ -184,12 +184,18 @@ def test_trp_modules_run_the_fused_op(scheme, backend):
     cls = trp.ChannelFactorizedConv2d if scheme == "channel" else trp.SpatialFactorizedConv2d
     layer = cls.from_conv(dense, rank=3)
     x = torch.randn(2, 5, 9, 8)
+    assert_module_backends_agree(layer, x, scheme, backend)
+
+
+def assert_module_backends_agree(layer, x, kind, backend):
+    """layer's forward and parameter gradients run the `kind` op with the Triton kernel (backend fixture)
+    and equal those of the two-conv path."""
     outs = {}
     for name in ("triton", "torch"):
         backend(name)
         layer.zero_grad()
         y = layer(x)
-        assert conv._last_backend[scheme] == name
+        assert conv._last_backend[kind] == name
         y.square().sum().backward()
         outs[name] = (y.detach(), [p.grad.clone() for p in layer.parameters()])
     assert rel_err(outs["triton"][0], outs["torch"][0]) <= RTOL
