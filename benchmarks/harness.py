@@ -21,6 +21,7 @@ for _p in (ROOT / "python", ROOT):  # run from a checkout without an install
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from trp.storage import atomic_write  # noqa: E402
 from trp_kernels import conv  # noqa: E402  (its CUDA timing)
 
 
@@ -82,10 +83,7 @@ class Results:
         self.write()
 
     def write(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: f.write(json.dumps(self.doc, indent=1).encode()))
 
 
 class Budget:
