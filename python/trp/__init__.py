@@ -12,9 +12,10 @@ from .modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear,
 from .pruner import RankPruner
 from .report import Report, report
 from .schemes import SCHEMES
-from .selection import select_layers
+from .selection import select_layers, select_targets
+from .transformer import SplitMultiheadAttention
 
 __all__ = ["models", "modules", "rank", "schemes", "SCHEMES", "RankPruner", "decompose", "factorized_layers",
-           "select_layers", "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear",
+           "select_layers", "select_targets", "SplitMultiheadAttention", "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear",
            "save", "load", "count_macs", "count_flops", "count_params", "macs_by_layer", "measure_latency",
            "report", "Report"]

@@ -1,16 +1,18 @@
 """trp.decompose: a trained network -> a new network whose selected layers are factorized modules."""
 import copy
+import warnings
 
 import torch.nn as nn
 
 from . import rank as rank_rules
+from . import transformer
 from .modules import FACTORIZED, FactorizedLinear
 from .schemes import check_scheme
 
 # The released code's deployment rule for network decoupling: per-filter energy 0.85 (channel/spatial use
 # an absolute cutoff of 0.05 after TRP, which per-filter matrices with small singular values do not suit).
 ND_DEFAULT_ENERGY = 0.85
-from .selection import select_layers
+from .selection import select_targets
 
 
 def dense_macs_per_output_pixel(module):
@@ -28,22 +30,28 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     training) or rank (an int, or {layer name: int}); for nd the criterion picks each filter's rank and the
     layer keeps the largest (default for nd: energy ND_DEFAULT_ENERGY, as the released code). layers / exclude: as for RankPruner. A layer whose
     factorized form would cost at least the dense multiply-adds stays dense. The SVD runs in float64 per
-    layer: deployment accuracy matters more than speed here."""
+    layer: deployment accuracy matters more than speed here. Attention q/k/v targets and layers whose host
+    reads their weights (nn.MultiheadAttention, the TransformerEncoderLayer fast path) are placed after
+    trp.transformer.prepare_hosts converts the host; a host it cannot convert keeps them dense (one warning)."""
     check_scheme(scheme)
     if scheme == "nd" and energy is None and threshold is None and rank is None:
         energy = ND_DEFAULT_ENERGY
     kind, value = rank_rules.check_criterion(energy, threshold, rank)
-    selected = select_layers(model, scheme, layers, exclude)
+    selected = select_targets(model, scheme, layers, exclude)
     if kind == "rank" and isinstance(value, dict):
-        unknown = set(value) - {n for n, _ in selected}
+        unknown = set(value) - {t.name for t in selected}
         if unknown:
             raise ValueError(f"rank= names layers that are not selected: {sorted(unknown)}")
-    compact = copy.deepcopy(model)
-    for name, _ in selected:
-        dense = compact.get_submodule(name)
-        layer_value = value.get(name) if isinstance(value, dict) else value
+    chosen, kept_dense = {}, []
+    for t in selected:
+        layer_value = value.get(t.name) if isinstance(value, dict) else value
         if layer_value is None:  # a per-layer rank map without this layer: keep it dense
             continue
+        why = transformer.unsupported_host(model, t.name)
+        if why is not None:
+            kept_dense.append(f"{t.name} ({why})")
+            continue
+        dense = t.as_linear() if t.is_linear else t.module
         args = {kind: layer_value}
         if isinstance(dense, nn.Linear):
             factorized = FactorizedLinear.from_linear(dense, **args)
@@ -51,7 +59,13 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
             factorized = FACTORIZED[scheme].from_conv(dense, **args)
         if factorized.macs_per_output_pixel() >= dense_macs_per_output_pixel(dense):
             continue  # no saving: the dense layer is cheaper and exact
-        factorized.train(dense.training)
+        factorized.train(t.module.training)
+        chosen[t.name] = factorized
+    if kept_dense:
+        warnings.warn("trp.decompose keeps these layers dense, their host module cannot run them "
+                      "factorized: " + ", ".join(kept_dense), stacklevel=2)
+    compact = transformer.prepare_hosts(copy.deepcopy(model), chosen)  # hosts of the factorized ones only
+    for name, factorized in chosen.items():
         compact.set_submodule(name, factorized)
     return compact
 

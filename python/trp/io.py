@@ -14,6 +14,7 @@ from .checkpoint import load_weights
 from .integrity import digest
 from .modules import FACTORIZED, FACTORIZED_TYPES
 from .storage import atomic_save, read_torch
+from .transformer import prepare_hosts
 
 FORMAT = "trp.model"
 VERSION = 2  # 2 adds "metadata"; 1 is still read (its checksum covers arch, layers and tensors)
@@ -65,7 +66,12 @@ def model_state_dict(payload):
 
 
 def _install_layers(model, layers, path):
-    """Replaces the dense layers named in `layers` by factorized modules built from their config."""
+    """Replaces the dense layers named in `layers` by factorized modules built from their config (first
+    converting their host modules as decompose() did: trp.transformer.prepare_hosts)."""
+    try:
+        prepare_hosts(model, [n for n in layers if isinstance(n, str)])
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"trp.load: {path} was saved from another architecture: {exc}") from None
     for name, cfg in layers.items():
         try:
             dense = model.get_submodule(name)

@@ -2,7 +2,7 @@
 import torch
 
 from .schemes import to_matrix
-from .selection import select_layers
+from .selection import select_targets
 from .storage import atomic_write
 
 
@@ -12,8 +12,9 @@ def layer_spectra(dense, compact, scheme):
     per filter: the layer's is their root mean square, sqrt(mean_i s_ij^2)."""
     compact_mods = dict(compact.named_modules())
     rows = []
-    for name, layer in select_layers(dense, scheme, warn=False):
-        sigma = torch.linalg.svdvals(to_matrix(layer.weight.detach().cpu(), scheme).to(torch.float64))
+    for target in select_targets(dense, scheme, warn=False):
+        name = target.name
+        sigma = torch.linalg.svdvals(to_matrix(target.read().cpu(), scheme).to(torch.float64))
         if sigma.dim() > 1:
             sigma = sigma.square().mean(0).sqrt()
         kept = getattr(compact_mods.get(name), "rank", None)

@@ -10,7 +10,9 @@
 
 The selected layers are grouped by (matrix shape, dtype, device); each group is one batched
 trp_kernels.lowrank_project call, which also returns the nuclear-norm subgradient U_k V_k^T. Under the nd
-scheme every filter is its own matrix: a group's call covers all filters of all its layers."""
+scheme every filter is its own matrix: a group's call covers all filters of all its layers. A group holds
+trp.targets.Target objects: a whole weight or a row block of one (the q, k, v rows of a packed attention
+in_proj_weight), read, written and regularized through the target's views of the parameter."""
 import torch
 
 import trp_kernels
@@ -18,8 +20,8 @@ from trp_kernels.project import check_max_rank, finite_flag, finite_rows
 
 from . import checks
 from .rank import check_energy
-from .schemes import check_scheme, from_matrix, layer_matrix_shape, to_matrix
-from .selection import select_layers
+from .schemes import check_scheme, from_matrix, matrix_shape, to_matrix
+from .selection import select_targets
 
 NUCLEAR_EVERY = ("projection", "step")
 
@@ -44,11 +46,12 @@ def _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank=None)
 
 
 class _Group:
-    """Layers sharing one matrix shape, dtype and device: projected by one batched call."""
+    """Targets sharing one matrix shape, dtype and device: projected by one batched call."""
 
-    def __init__(self, names, params):
-        self.names, self.params = names, params
-        self.shape = tuple(params[0].shape)
+    def __init__(self, targets):
+        self.targets = targets
+        self.names = [t.name for t in targets]
+        self.shape = targets[0].shape
         self.rank = None  # int64 [B] (nd: [B, n], per filter) on the device, from the last projection
         self.G = None     # [B, p, q] nuclear subgradient from the last projection, or None
 
@@ -60,7 +63,8 @@ class RankPruner:
     rank is the largest of its filters'). energy: fraction of squared singular values each projection
     keeps, in (0, 1] (the released code's T = 0.9). period: project every `period` calls of step(), the
     first call included (m in the paper). nuclear: weight lambda of the nuclear-norm term, >= 0.
-    layers / exclude: module names, regexes or types (default: every non-1x1 Conv2d but the first conv).
+    layers / exclude: module names, regexes or types (default: every non-1x1 Conv2d but the first conv and,
+    in a transformer, the Linear-like matrices of its blocks: trp.selection).
     nuclear_every: "projection" (the released code: the subgradient is added on projection iterations
     only) or "step" (every iteration, with U_k V_k^T of the latest projection).
     max_rank: optional cap on every layer's rank."""
@@ -70,18 +74,17 @@ class RankPruner:
         _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank)
         self.scheme, self.energy, self.period = scheme, float(energy), period
         self.nuclear, self.nuclear_every, self.max_rank = float(nuclear), nuclear_every, max_rank
-        self.layers = select_layers(model, scheme, layers, exclude)
-        if not self.layers:
+        self.targets = select_targets(model, scheme, layers, exclude)
+        self.layers = [(t.name, t.module) for t in self.targets]  # q/k/v: the attention module
+        if not self.targets:
             raise ValueError("RankPruner: no layer selected (the model has no Conv2d with a kernel other "
-                             "than 1x1 besides its first conv); pass layers=")
+                             "than 1x1 besides its first conv, and no transformer block); pass layers=")
         groups = {}
-        for name, module in self.layers:
-            w = module.weight
-            key = (layer_matrix_shape(module, scheme), tuple(w.shape), w.dtype, w.device)
-            groups.setdefault(key, ([], []))
-            groups[key][0].append(name)
-            groups[key][1].append(w)
-        self._groups = [_Group(names, params) for names, params in groups.values()]
+        for t in self.targets:
+            w = t.read()
+            key = (matrix_shape(t.shape, scheme), t.shape, w.dtype, w.device)
+            groups.setdefault(key, []).append(t)
+        self._groups = [_Group(targets) for targets in groups.values()]
         self.steps = 0                 # number of step() calls so far
         self.last_projected = False    # whether the latest step() projected
 
@@ -110,7 +113,7 @@ class RankPruner:
         return out
 
     def _matrices(self, group):
-        return to_matrix(torch.stack([p.detach() for p in group.params]), self.scheme)
+        return to_matrix(torch.stack([t.read() for t in group.targets]), self.scheme)
 
     @torch.no_grad()
     def project(self):
@@ -144,7 +147,8 @@ class RankPruner:
             results.append((W_low.view(W.shape), rank.view(W.shape[:-2]),
                             G.view(W.shape) if G is not None else None))
         for g, (W_low, rank, G) in zip(self._groups, results):
-            torch._foreach_copy_(g.params, list(from_matrix(W_low, self.scheme, g.shape).unbind(0)))
+            torch._foreach_copy_([t.read() for t in g.targets],
+                                 list(from_matrix(W_low, self.scheme, g.shape).unbind(0)))
             g.rank, g.G = rank, G
 
     def step(self):
@@ -169,13 +173,11 @@ class RankPruner:
                 continue
             sub = from_matrix(g.G, self.scheme, g.shape).unbind(0)
             grads, updates = [], []
-            for p, s in zip(g.params, sub):
-                if not p.requires_grad:
-                    continue
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-                updates.append(s.to(p.grad.dtype))
+            for t, s in zip(g.targets, sub):
+                grad = t.grad_view()  # None for a frozen weight
+                if grad is not None:
+                    grads.append(grad)
+                    updates.append(s.to(grad.dtype))
             if grads:
                 torch._foreach_add_(grads, updates, alpha=self.nuclear)
 
@@ -234,14 +236,14 @@ class RankPruner:
 
     def _restore_group(self, g, ranks, subs):
         """(rank, G) of group g from a saved state's per-layer ranks and subgradients."""
-        w = g.params[0]
+        w = g.targets[0].read()
         rank = G = None
         if all(ranks.get(n) is not None for n in g.names):
             rank = torch.tensor([checks.integer(ranks[n], f"ranks[{n!r}]", 0) for n in g.names],
                                 dtype=torch.int64, device=w.device)
         if subs and all(n in subs for n in g.names):
             G = torch.stack([subs[n] for n in g.names]).to(device=w.device, dtype=w.dtype)
-            expected = (len(g.names), *to_matrix(w.detach(), self.scheme).shape)
+            expected = (len(g.names), *to_matrix(w, self.scheme).shape)
             if tuple(G.shape) != expected:
                 raise ValueError(f"subgradients of {', '.join(g.names)} have shape {tuple(G.shape)}, "
                                  f"expected {expected}")

@@ -1,0 +1,158 @@
+"""TRP on transformers: Linear-like targets (nn.Linear, attention q/k/v rows of in_proj_weight), transformer
+default selection, decomposition that keeps the host modules working, MACs, save/load."""
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import trp
+from trp.targets import attention_targets
+
+
+def energy_rule(M, energy):
+    """Reference: float64 SVD, smallest k keeping `energy` of sum s^2, truncated matrix, U_k V_k^T."""
+    U, S, Vh = torch.linalg.svd(M.detach().to(torch.float64), full_matrices=False)
+    s2 = S.square()
+    k = int((torch.cumsum(s2, 0) < energy * s2.sum()).sum()) + 1
+    return k, (U[:, :k] * S[:k]) @ Vh[:k], U[:, :k] @ Vh[:k]
+
+
+class TinyViT(nn.Module):
+    """Embedding, two encoder layers, a head: the default selection takes the blocks' matrices only."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.embed = nn.Linear(12, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.gate = nn.Linear(d, 4)  # tiny and outside the blocks
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def _perturb(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_in_proj_weight_is_projected_per_q_k_v_with_the_energy_rule_rank():
+    torch.manual_seed(0)
+    model = TinyViT()
+    mha = model.encoder.layers[0].self_attn
+    E = mha.embed_dim
+    with torch.no_grad():  # q, k, v of clearly different ranks: a joint projection could not give these
+        for i, r in enumerate((3, 9, 20)):
+            mha.in_proj_weight[i * E:(i + 1) * E] = torch.randn(E, r) @ torch.randn(r, E) / r
+            mha.in_proj_weight[i * E:(i + 1) * E] += 1e-3 * torch.randn(E, E)
+    before = mha.in_proj_weight.detach().clone()
+    energy = 0.95
+    pruner = trp.RankPruner(model, energy=energy, nuclear=0.5)
+    pruner.step()
+    after = mha.in_proj_weight.detach()
+    name = "encoder.layers.0.self_attn"
+    for i, p in enumerate("qkv"):
+        k, low, uv = energy_rule(before[i * E:(i + 1) * E], energy)
+        assert pruner.ranks[f"{name}.{p}_proj"] == k
+        torch.testing.assert_close(after[i * E:(i + 1) * E].double(), low, rtol=1e-5, atol=1e-5)
+    assert len({pruner.ranks[f"{name}.{p}_proj"] for p in "qkv"}) == 3
+    # the subgradient lands in each block of in_proj_weight.grad
+    model.zero_grad(set_to_none=True)
+    pruner.regularize()
+    for i in range(3):
+        _, _, uv = energy_rule(before[i * E:(i + 1) * E], energy)
+        torch.testing.assert_close(mha.in_proj_weight.grad[i * E:(i + 1) * E].double(), 0.5 * uv,
+                                   rtol=1e-4, atol=1e-5)
+    # the rest of the model is untouched by the pruner's writes
+    assert model.embed.weight.grad is None and model.head.weight.grad is None
+
+
+def test_default_selection_of_a_transformer_skips_embedding_head_and_tiny_layers():
+    model = TinyViT()
+    names = trp.RankPruner(model, nuclear=0).layer_names
+    expected = [f"encoder.layers.{i}.{n}" for i in range(2)
+                for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                          "linear1", "linear2")]
+    assert names == expected
+    # selection by type, name and regex; nn.Linear covers the q/k/v projections
+    assert [n for n, _ in trp.select_layers(model, layers=[nn.MultiheadAttention])] == \
+        [n for n in expected if re.search(r"[qkv]_proj$", n)]
+    assert len(trp.select_layers(model, layers=[nn.Linear])) == len(expected) + 3
+    assert [n for n, _ in trp.select_layers(model, layers=[r".*\.v_proj"])] == \
+        ["encoder.layers.0.self_attn.v_proj", "encoder.layers.1.self_attn.v_proj"]
+    assert [n for n, _ in trp.select_layers(model, layers=["head", "encoder.layers.1.self_attn.k_proj"])] == \
+        ["encoder.layers.1.self_attn.k_proj", "head"]
+    with pytest.raises(ValueError, match="channel"):
+        trp.select_layers(model, "spatial", layers=[r".*q_proj"])
+    # a CNN's default is unchanged: no Linear
+    assert all(isinstance(m, nn.Conv2d) for _, m in trp.select_layers(trp.models.build("resnet20")))
+
+
+def test_pruner_state_names_q_k_v_targets_and_round_trips():
+    torch.manual_seed(1)
+    model = TinyViT()
+    pruner = trp.RankPruner(model, energy=0.8, nuclear=1e-3, nuclear_every="step")
+    pruner.step()
+    state = pruner.state_dict()
+    assert "encoder.layers.1.self_attn.v_proj" in state["ranks"]
+    assert state["subgradients"]["encoder.layers.1.self_attn.v_proj"].shape == (32, 32)
+    other = trp.RankPruner(model, energy=0.8, nuclear=1e-3, nuclear_every="step")
+    other.load_state_dict(state)
+    assert other.ranks == pruner.ranks
+    model.zero_grad(set_to_none=True)
+    other.regularize()
+    g1 = model.encoder.layers[1].self_attn.in_proj_weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    pruner.regularize()
+    assert torch.equal(g1, model.encoder.layers[1].self_attn.in_proj_weight.grad)
+
+
+def test_separate_q_k_v_weights_are_targets_too():
+    mha = nn.MultiheadAttention(16, 2, kdim=8, vdim=12)
+    targets = attention_targets("a", mha)
+    assert [t.name for t in targets] == ["a.q_proj", "a.k_proj", "a.v_proj"]
+    assert [t.shape for t in targets] == [(16, 16), (16, 8), (16, 12)]
+    assert torch.equal(targets[2].bias(), mha.in_proj_bias.detach()[32:])
+
+
+def _prune_and_decompose(model, energy=0.7, **kw):
+    """One projection (weights now have the pruner's ranks), then decomposition at exactly those ranks."""
+    pruner = trp.RankPruner(model, energy=energy, nuclear=0, **kw)
+    pruner.step()
+    compact = trp.decompose(model, "channel", rank=pruner.ranks, **kw)
+    assert {n: m.rank for n, m in trp.factorized_layers(compact).items()} == pruner.ranks
+    return pruner, compact
+
+
+def _assert_close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.detach().abs().max()))
+
+
+def test_transformer_encoder_decomposed_equals_dense_in_train_and_eval_fast_path(tmp_path):
+    torch.manual_seed(2)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    dense = nn.TransformerEncoder(layer, 2)  # nested-tensor and fused-layer fast paths on
+    assert dense.use_nested_tensor and torch.backends.mha.get_fastpath_enabled()
+    _, compact = _prune_and_decompose(dense)
+    x = torch.randn(3, 7, 32)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    dense.train(), compact.train()
+    _assert_close(compact(x), dense(x))
+    compact(x).sum().backward()  # trains: every factor gets a gradient
+    assert all(p.grad is not None for p in compact.parameters())
+    dense.eval(), compact.eval()
+    with torch.no_grad():  # the dense model runs torch's fused kernels here
+        _assert_close(compact(x), dense(x))
+        _assert_close(compact(x, src_key_padding_mask=pad)[~pad], dense(x, src_key_padding_mask=pad)[~pad])
+        mask = nn.Transformer.generate_square_subsequent_mask(7)
+        _assert_close(compact(x, mask=mask, is_causal=True), dense(x, mask=mask, is_causal=True))
+    trp.save(compact, tmp_path / "enc.pt")
+    loaded = trp.load(tmp_path / "enc.pt", base=dense)
+    with torch.no_grad():
+        _assert_close(loaded(x), dense(x))
