@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import trp
 from trp.targets import attention_targets
@@ -156,3 +157,79 @@ def test_transformer_encoder_decomposed_equals_dense_in_train_and_eval_fast_path
     loaded = trp.load(tmp_path / "enc.pt", base=dense)
     with torch.no_grad():
         _assert_close(loaded(x), dense(x))
+
+
+def _check_decomposed_model(dense, x, input_size, tmp_path, energy=0.7):
+    """Pruned to the energy rule's ranks, decomposed at them: same outputs, MACs counted (and equal to
+    torch's flop counter on the decomposed model), trp.save / trp.load round trip."""
+    dense.eval()
+    pruner, compact = _prune_and_decompose(dense, energy)
+    assert len(trp.factorized_layers(compact)) == len(pruner.layer_names) > 0
+    with torch.no_grad():
+        y = dense(x)
+        _assert_close(compact(x), y)
+    macs_dense = trp.count_macs(dense, input_size, linear=True, attention=True)
+    macs_compact = trp.count_macs(compact, input_size, linear=True, attention=True)
+    assert 0 < macs_compact < macs_dense
+    with sdpa_kernel(SDPBackend.MATH):  # torch's counter skips the fused CPU attention kernels
+        assert macs_compact == trp.count_flops(compact, input_size) // 2  # every matmul counted, no other
+    rep = trp.report(dense, compact, input_size, latency=False)
+    assert rep.totals["speedup"] == pytest.approx(macs_dense / macs_compact)
+    assert {r["layer"]: r["rank"] for r in rep.rows if r["rank"] is not None} == pruner.ranks
+    trp.save(compact, tmp_path / "model.pt")
+    loaded = trp.load(tmp_path / "model.pt", base=dense)
+    with torch.no_grad():
+        _assert_close(loaded(x), y)
+    return pruner, compact
+
+
+def test_torchvision_vision_transformer(tmp_path):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    # vit_b_16's class and blocks (nn.MultiheadAttention, MLPBlock) at a CPU-test size
+    torch.manual_seed(3)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=10)
+    pruner, compact = _check_decomposed_model(model, torch.randn(2, 3, 32, 32), (3, 32, 32), tmp_path)
+    assert "encoder.layers.encoder_layer_0.self_attention.k_proj" in pruner.ranks
+    assert "heads.head" not in pruner.ranks  # the classifier head is not a default target
+    assert isinstance(compact.encoder.layers[0].self_attention, trp.SplitMultiheadAttention)
+
+
+def test_torchvision_swin(tmp_path):
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    # swin_t's class and blocks (ShiftedWindowAttention reads qkv.weight / proj.weight) at a CPU-test size;
+    # a 24x24 input pads to whole windows and shifts them
+    torch.manual_seed(4)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                            num_classes=10)
+    pruner, _ = _check_decomposed_model(model, torch.randn(2, 3, 24, 24), (3, 24, 24), tmp_path)
+    assert {"features.1.1.attn.qkv", "features.1.1.attn.proj", "features.3.0.mlp.3"} <= set(pruner.ranks)
+    assert not any("reduction" in n or n == "head" for n in pruner.ranks)  # patch merging, head
+
+
+def test_vit_tiny_trains_with_trp_and_round_trips_without_base(tmp_path):
+    torch.manual_seed(5)
+    model = trp.models.build("vit_tiny", num_classes=10, in_channels=1)
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    pruner = trp.RankPruner(model, energy=0.8, nuclear=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        pruner.step()
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        pruner.regularize()
+        opt.step()
+    pruner.project()
+    compact = trp.decompose(model, "channel", rank=pruner.ranks)
+    model.eval(), compact.eval()
+    with torch.no_grad():
+        _assert_close(compact(x), model(x))
+        x24 = torch.randn(2, 1, 24, 24)  # another input size: resized position embeddings
+        _assert_close(compact(x24), model(x24))
+    trp.save(compact, tmp_path / "vit.pt")
+    loaded = trp.load(tmp_path / "vit.pt")  # rebuilt from its architecture record
+    with torch.no_grad():
+        _assert_close(loaded(x), model(x))

@@ -177,6 +177,7 @@ def cmd_decompose(ns):
     from . import io
     from .decompose import decompose
     from .flops import count_macs, count_params
+    from .transformer import block_names
 
     _check_deploy_args(ns)
     storage.check_output_file(ns.out)
@@ -188,8 +189,10 @@ def cmd_decompose(ns):
     compact = decompose(model, scheme, **crit)
     io.save(compact, ns.out)
     size = (1, saved["arch"].get("in_channels", 3), *(2 * [_image_size(saved["config"])]))
-    md, mc = count_macs(model, size), count_macs(compact, size)
-    _log(f"wrote {ns.out}: {scheme} scheme, {', '.join(f'{k} {v}' for k, v in crit.items())}; conv MACs "
+    wide = bool(block_names(model))  # a transformer: count its Linear layers and attention too
+    md, mc = (count_macs(m, size, linear=wide, attention=wide) for m in (model, compact))
+    _log(f"wrote {ns.out}: {scheme} scheme, {', '.join(f'{k} {v}' for k, v in crit.items())}; "
+         f"{'conv + linear + attention' if wide else 'conv'} MACs "
          f"{md / 1e6:.2f}M -> {mc / 1e6:.2f}M (speed-up {md / mc:.2f}x), params "
          f"{count_params(model) / 1e6:.3f}M -> {count_params(compact) / 1e6:.3f}M")
     return 0

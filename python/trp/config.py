@@ -94,7 +94,8 @@ def option(default, flag, help, check=None, resume=False, **argparse_kw):
 # The field order is the order of `trp train --help`.
 @dataclass
 class TrainConfig:
-    model: str = option("resnet20", "--model", "resnet20|32|44|56|110 or torchvision:NAME (default {default})",
+    model: str = option("resnet20", "--model", "resnet20|32|44|56|110, vit_tiny|vit_small or torchvision:NAME "
+                        "(default {default})",
                         lambda v, flag: models.check_name(v), metavar="NAME")
     data: str = option("digits", "--data", "digits (embedded, default) | cifar10:DIR (python batches) | "
                        "imagefolder:DIR (DIR/train, DIR/val)", metavar="SPEC")

@@ -2,7 +2,10 @@
 
 count_macs counts the conv layers only (dense nn.Conv2d and the factorized convs), per forward pass of
 `input_size`, from the shapes seen in one forward pass; the paper's speed-up is the ratio of these counts
-(FC, BN and pooling ignored). count_flops uses torch.utils.flop_counter (so it agrees with it), with
+(FC, BN and pooling ignored). With linear=True the Linear layers count too, and with attention=True the
+attention matmuls (Q K^T and A V; trp.attention_macs) and the projections that an attention applies without
+calling a Linear module (the packed in_proj of nn.MultiheadAttention, torchvision Swin's qkv/proj): the
+count for transformers. count_flops uses torch.utils.flop_counter (so it agrees with it), with
 formulas registered for the trp_kernels factorized-conv ops (decoupled_conv included)."""
 import statistics
 import time
@@ -13,6 +16,7 @@ from torch.utils import flop_counter
 
 import trp_kernels  # noqa: F401  (registers the torch.ops.trp_kernels ops)
 
+from . import attention_macs
 from .modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
 
 
@@ -51,10 +55,13 @@ def _conv_macs(module, x, y):
     return n * (oh * x.shape[3] * r * c * kh + oh * ow * m * r * kw)
 
 
-def macs_by_layer(model, input_size, linear=False):
+def macs_by_layer(model, input_size, linear=False, attention=False):
     """{module name: multiply-adds} for every conv (and, with linear=True, Linear) layer that ran in one
-    forward pass of zeros of `input_size`, in eval mode (BN statistics are not touched)."""
-    shape = _input_shape(input_size)
+    forward pass of zeros of `input_size`, in eval mode (BN statistics are not touched); attention=True adds
+    "<attention>.attention" (its matmuls) and, with linear=True, the projections an attention module applies
+    itself. input_size may also be an example input tensor (e.g. tokens [N, L, E] for an encoder)."""
+    example = input_size if isinstance(input_size, torch.Tensor) else None
+    shape = None if example is not None else _input_shape(input_size)
     conv_types = (nn.Conv2d, ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d)
     inside_factorized_linear = {id(m.first) for m in model.modules() if isinstance(m, FactorizedLinear)} | \
         {id(m.second) for m in model.modules() if isinstance(m, FactorizedLinear)}
@@ -69,12 +76,21 @@ def macs_by_layer(model, input_size, linear=False):
             counts[name] = counts.get(name, 0) + int(macs)
         return hook
 
+    def attention_hook_for(name):
+        def hook(module, args, kwargs, output):
+            for key, macs in attention_macs.attention_macs(module, args, kwargs, linear).items():
+                key = f"{name}.{key}" if name else key
+                counts[key] = counts.get(key, 0) + int(macs)
+        return hook
+
     for name, module in model.named_modules():
         if isinstance(module, conv_types) or (linear and isinstance(module, nn.Linear)):
             if isinstance(module, nn.Linear) and id(module) in inside_factorized_linear:
                 name = name.rsplit(".", 1)[0]  # report a FactorizedLinear under its own name
             handles.append(module.register_forward_hook(hook_for(name)))
-    x = _probe_input(model, shape)
+        elif attention and attention_macs.is_attention(module):
+            handles.append(module.register_forward_hook(attention_hook_for(name), with_kwargs=True))
+    x = example if example is not None else _probe_input(model, shape)
     was_training = model.training
     try:
         model.eval()
@@ -87,10 +103,11 @@ def macs_by_layer(model, input_size, linear=False):
     return counts
 
 
-def count_macs(model, input_size, linear=False):
-    """Conv multiply-accumulates of one forward pass at input_size ((C, H, W) = one image, or (N, C, H, W)),
-    as the paper counts them; linear=True adds the Linear layers."""
-    return sum(macs_by_layer(model, input_size, linear).values())
+def count_macs(model, input_size, linear=False, attention=False):
+    """Conv multiply-accumulates of one forward pass at input_size ((C, H, W) = one image, or (N, C, H, W),
+    or an example input tensor), as the paper counts them; linear=True adds the Linear layers, attention=True
+    the attention matmuls (and the projections attention modules apply themselves)."""
+    return sum(macs_by_layer(model, input_size, linear, attention).values())
 
 
 def _register_flop_formulas():

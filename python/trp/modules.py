@@ -15,6 +15,8 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 import trp_kernels
 from trp_kernels import geometry
@@ -214,8 +216,40 @@ class DecoupledConv2d(_FactorizedConv2d):
                                           self.padding, self.dilation)
 
 
+class FactorizedWeight:
+    """What FactorizedLinear.weight returns, for host modules that read their Linear's weight instead of
+    calling it (torchvision's Swin attention: F.linear(x, qkv.weight, qkv.bias)). F.linear(x, w, bias)
+    computes through the two factors (with the bias the host passes); any other torch function gets the
+    dense product in its place. Being a tensor-like (__torch_function__), it also turns torch's fused
+    fast paths off (they require plain tensors) instead of breaking them."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    @property
+    def shape(self):
+        return torch.Size((self.layer.out_features, self.layer.in_features))
+
+    dtype = property(lambda self: self.layer.first.weight.dtype)
+    device = property(lambda self: self.layer.first.weight.device)
+
+    def dense(self):
+        return self.layer.dense_weight()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w, bias = (args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(("input", "weight", "bias")))
+            if isinstance(w, cls) and not isinstance(x, cls) and not isinstance(bias, cls):
+                return F.linear(F.linear(x, w.layer.first.weight), w.layer.second.weight, bias)
+        unwrap = lambda a: a.dense() if isinstance(a, cls) else a  # noqa: E731
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
 class FactorizedLinear(nn.Module):
-    """Linear(in -> rank, no bias) then Linear(rank -> out, bias)."""
+    """Linear(in -> rank, no bias) then Linear(rank -> out, bias). .weight is a FactorizedWeight (for
+    hosts that read it), not a Parameter: the parameters are first.weight and second.weight."""
     scheme = "linear"
 
     def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
@@ -228,6 +262,10 @@ class FactorizedLinear(nn.Module):
     @property
     def bias(self):
         return self.second.bias
+
+    @property
+    def weight(self):
+        return FactorizedWeight(self)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -275,5 +313,5 @@ FACTORIZED = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedCo
               "linear": FactorizedLinear}
 FACTORIZED_TYPES = tuple(FACTORIZED.values())
 
-__all__ = ["ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear", "conv_padding4",
+__all__ = ["ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear", "FactorizedWeight", "conv_padding4",
            "FACTORIZED", "FACTORIZED_TYPES"]

@@ -6,6 +6,8 @@ from .flops import count_params, macs_by_layer, measure_latency
 from .modules import FACTORIZED_TYPES, FactorizedLinear
 from .rank import energy_kept
 from .schemes import matrix_shape, to_matrix
+from .targets import candidates
+from .transformer import block_names
 
 
 class Report:
@@ -28,7 +30,7 @@ class Report:
                          f"{_m(r['macs_factorized'])} |")
         t = self.totals
         lines.append("")
-        lines.append(f"conv MACs: {_m(t['macs_dense'])} -> {_m(t['macs_compact'])} "
+        lines.append(f"{t.get('macs_counted', 'conv')} MACs: {_m(t['macs_dense'])} -> {_m(t['macs_compact'])} "
                      f"(speed-up {t['speedup']:.2f}x, as the paper counts)")
         lines.append(f"params: {t['params_dense'] / 1e6:.3f}M -> {t['params_compact'] / 1e6:.3f}M "
                      f"({t['params_ratio']:.2f}x fewer)")
@@ -52,12 +54,12 @@ def _m(macs):
     return f"{macs / 1e6:.2f}M"
 
 
-def _layer_row(name, dense_layer, compact_layer, macs_dense, macs_compact):
+def _layer_row(name, dense_weight, compact_layer, macs_dense, macs_compact):
     row = {"layer": name, "type": "dense", "matrix": None, "rank": None, "energy_kept": None,
            "macs_dense": macs_dense, "macs_factorized": macs_compact}
     if isinstance(compact_layer, FACTORIZED_TYPES):
         scheme = "channel" if isinstance(compact_layer, FactorizedLinear) else compact_layer.scheme
-        w = dense_layer.weight.detach()
+        w = dense_weight
         sigma = torch.linalg.svdvals(to_matrix(w, scheme).to(torch.float64))
         row.update(type=compact_layer.scheme, matrix=list(matrix_shape(tuple(w.shape), scheme)),
                    rank=compact_layer.rank, energy_kept=energy_kept(sigma, compact_layer.rank))
@@ -69,26 +71,35 @@ def report(dense, compact, input_size, latency=True, warmup=3, repeats=10, devic
 
     Rows: every conv layer (and factorized Linear) - matrix shape, rank, energy kept (fraction of the dense
     weight's squared singular values that the rank keeps; nd: of all its filters'), MACs dense / factorized. Totals: conv MACs and
-    the paper's speed-up (their ratio), parameters, and with latency=True the median forward latency ratio."""
-    md = macs_by_layer(dense, input_size, linear=True)
-    mc = macs_by_layer(compact, input_size, linear=True)
+    the paper's speed-up (their ratio), parameters, and with latency=True the median forward latency ratio.
+    For a transformer (a model with attention modules) the totals count convs, Linear layers and attention
+    matmuls (totals["macs_counted"]), since its Linear layers are what TRP factorizes."""
+    transformer = bool(block_names(dense))
+    md = macs_by_layer(dense, input_size, linear=True, attention=transformer)
+    mc = macs_by_layer(compact, input_size, linear=True, attention=transformer)
     dense_mods, compact_mods = dict(dense.named_modules()), dict(compact.named_modules())
+    weights = {t.name: t.read() for t in candidates(dense)}  # q/k/v rows too
     rows = []
     for name, macs in md.items():
         c_layer = compact_mods.get(name)
-        d_layer = dense_mods[name]
-        if isinstance(d_layer, nn.Linear) and not isinstance(c_layer, FactorizedLinear):
-            continue  # dense FC: not part of the paper's count, not worth a row
-        rows.append(_layer_row(name, d_layer, c_layer, macs, mc.get(name, 0)))
-    conv_dense = sum(v for n, v in md.items() if not isinstance(dense_mods[n], nn.Linear))
-    conv_compact = sum(v for n, v in mc.items()
-                       if not isinstance(compact_mods[n], (nn.Linear, FactorizedLinear)))
+        d_layer = dense_mods.get(name)
+        if name not in weights or (not isinstance(d_layer, nn.Conv2d)
+                                   and not isinstance(c_layer, FACTORIZED_TYPES)):
+            continue  # dense FC / attention matmuls: no rank to show, not worth a row
+        rows.append(_layer_row(name, weights[name], c_layer, macs, mc.get(name, 0)))
+    if transformer:
+        conv_dense, conv_compact = sum(md.values()), sum(mc.values())
+    else:
+        conv_dense = sum(v for n, v in md.items() if not isinstance(dense_mods[n], nn.Linear))
+        conv_compact = sum(v for n, v in mc.items()
+                           if not isinstance(compact_mods[n], (nn.Linear, FactorizedLinear)))
     p_dense, p_compact = count_params(dense), count_params(compact)
     totals = {"macs_dense": conv_dense, "macs_compact": conv_compact,
               "speedup": conv_dense / conv_compact if conv_compact else float("inf"),
               "params_dense": p_dense, "params_compact": p_compact,
               "params_ratio": p_dense / p_compact if p_compact else float("inf"),
               "layers_factorized": sum(r["rank"] is not None for r in rows),
+              "macs_counted": "conv + linear + attention" if transformer else "conv",
               "latency_dense_s": None, "latency_compact_s": None, "latency_ratio": None,
               "latency_device": None}
     if latency:

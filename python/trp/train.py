@@ -251,7 +251,7 @@ def final_report(model, bundle, test_loader, device, scheme, energy=None, thresh
     crit = f"threshold {threshold}" if threshold is not None else f"energy {energy}"
     log(f"dense accuracy:      {dense_acc:.2f}%")
     log(f"decomposed accuracy: {compact_acc:.2f}%  (no fine-tuning; {scheme} scheme, {crit})")
-    log(f"speed-up (conv MACs, as the paper counts): {t['speedup']:.2f}x  "
+    log(f"speed-up ({t['macs_counted']} MACs, as the paper counts): {t['speedup']:.2f}x  "
         f"({t['macs_dense'] / 1e6:.2f}M -> {t['macs_compact'] / 1e6:.2f}M)")
     log(f"params: {t['params_dense'] / 1e6:.3f}M -> {t['params_compact'] / 1e6:.3f}M;  CPU latency (batch 1, "
         f"median): {t['latency_dense_s'] * 1e3:.2f} ms -> {t['latency_compact_s'] * 1e3:.2f} ms")

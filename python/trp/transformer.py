@@ -15,9 +15,10 @@ equivalents that call their projections:
 
 prepare_hosts(model, names) converts exactly the hosts above the given target names: decompose() runs it for
 the targets it factorizes and trp.load() for the factorized layers a file records, so both build the same
-module tree. Hosts that cannot be converted (an attention with add_bias_kv / add_zero_attn, torchvision's
-Swin window attention, which passes qkv.weight to a functional forward) keep their targets dense:
-unsupported_host() says why, and decompose() warns once."""
+module tree. torchvision's Swin window attention needs no conversion: it passes qkv.weight and proj.weight
+to F.linear, and a FactorizedLinear's .weight (trp.modules.FactorizedWeight) computes that through its
+factors. Hosts that cannot be converted (an attention with add_bias_kv / add_zero_attn) keep their targets
+dense: unsupported_host() says why, and decompose() warns once."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -155,7 +156,6 @@ def _ancestors(model, name):
 
 def unsupported_host(model, name):
     """Why the target `name` cannot be factorized inside its host module (so it stays dense), or None."""
-    swin = _swin_attention_types()
     for prefix, m in _ancestors(model, name):
         if isinstance(m, nn.MultiheadAttention):
             if prefix == "":
@@ -163,8 +163,6 @@ def unsupported_host(model, name):
             why = unsupported_attention(m)
             if why is not None:
                 return f"{prefix}: {why}"
-        if swin and isinstance(m, swin):
-            return f"{prefix}: {type(m).__name__} passes qkv.weight / proj.weight to a functional forward"
     return None
 
 

@@ -1,21 +1,23 @@
-"""Model registry: built-in CIFAR ResNets and any torchvision classification model ("torchvision:NAME").
+"""Model registry: built-in CIFAR ResNets, small ViTs ("vit_tiny", "vit_small") and any torchvision
+classification model ("torchvision:NAME").
 
 `build(name, **kwargs)` records the name and arguments on the model (`model.trp_arch`), so that a saved
 decomposed model can be rebuilt from its file without pickled code."""
 import torch.nn as nn
 
 from .cifar_resnet import CifarResNet
+from .vit import VIT_CONFIGS, ViT
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 
 
 def available():
-    return sorted(CIFAR_DEPTHS) + ["torchvision:<name>"]
+    return sorted(CIFAR_DEPTHS) + sorted(VIT_CONFIGS) + ["torchvision:<name>"]
 
 
 def check_name(name):
     """Validates a registry name without building the model (so bad names fail before any work)."""
-    if name in CIFAR_DEPTHS:
+    if name in CIFAR_DEPTHS or name in VIT_CONFIGS:
         return name
     if isinstance(name, str) and name.startswith("torchvision:"):
         try:
@@ -34,6 +36,8 @@ def build(name, num_classes=10, in_channels=3, **kwargs):
     """A fresh model by registry name, e.g. "resnet20" or "torchvision:resnet50"."""
     if name in CIFAR_DEPTHS:
         model = CifarResNet(CIFAR_DEPTHS[name], num_classes=num_classes, in_channels=in_channels, **kwargs)
+    elif name in VIT_CONFIGS:
+        model = ViT(**{**VIT_CONFIGS[name], **kwargs}, num_classes=num_classes, in_channels=in_channels)
     elif isinstance(name, str) and name.startswith("torchvision:"):
         model = _torchvision(name.split(":", 1)[1], num_classes, in_channels, **kwargs)
     else:
@@ -63,4 +67,4 @@ def build_from_arch(arch):
     return build(arch.pop("name"), **arch)
 
 
-__all__ = ["CifarResNet", "build", "check_name", "build_from_arch", "available", "CIFAR_DEPTHS"]
+__all__ = ["CifarResNet", "ViT", "VIT_CONFIGS", "build", "check_name", "build_from_arch", "available", "CIFAR_DEPTHS"]
