@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=64)
-X
+    p.add_argument("--lr", type=float, default=0.01, help="SGD; the CNNs' 0.05 trains this ViT unsteadily")
     p.add_argument("--energy", type=float, default=0.9)
     p.add_argument("--nuclear", type=float, default=3e-4)
     p.add_argument("--latency-batch", type=int, default=32)
