@@ -153,6 +153,18 @@ def test_transformer_encoder_decomposed_equals_dense_in_train_and_eval_fast_path
         _assert_close(compact(x, src_key_padding_mask=pad)[~pad], dense(x, src_key_padding_mask=pad)[~pad])
         mask = nn.Transformer.generate_square_subsequent_mask(7)
         _assert_close(compact(x, mask=mask, is_causal=True), dense(x, mask=mask, is_causal=True))
+    # MACs of tokens x [N, L, E]: the projections (dense E*E each, or rank*(in+out)), the MLP, and
+    # Q K^T + A V (2 N L^2 E) per layer
+    N, L, E = x.shape
+    ranks = {n: m.rank for n, m in trp.factorized_layers(compact).items()}
+    sizes = {"self_attn.q_proj": (E, E), "self_attn.k_proj": (E, E), "self_attn.v_proj": (E, E),
+             "self_attn.out_proj": (E, E), "linear1": (E, 64), "linear2": (64, E)}
+    attention = 2 * N * L * L * E
+    assert trp.count_macs(dense, x, linear=True, attention=True) == 2 * (
+        attention + sum(N * L * i * o for i, o in sizes.values()))
+    assert trp.count_macs(compact, x, linear=True, attention=True) == sum(
+        attention + sum(N * L * ranks[f"layers.{j}.{n}"] * (i + o) for n, (i, o) in sizes.items()) for j in range(2))
+    assert trp.count_macs(dense, x) == 0  # the default counts convs only, as the paper
     trp.save(compact, tmp_path / "enc.pt")
     loaded = trp.load(tmp_path / "enc.pt", base=dense)
     with torch.no_grad():
@@ -233,3 +245,42 @@ def test_vit_tiny_trains_with_trp_and_round_trips_without_base(tmp_path):
     loaded = trp.load(tmp_path / "vit.pt")  # rebuilt from its architecture record
     with torch.no_grad():
         _assert_close(loaded(x), model(x))
+
+
+def test_attention_that_cannot_be_split_keeps_its_projections_dense_with_one_warning():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, add_bias_kv=True, batch_first=True)
+            self.mlp = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.mlp(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(6)
+    model = Block().eval()
+    assert trp.RankPruner(model, nuclear=0).layer_names == ["mlp"]  # default: what can be factorized
+    pruner = trp.RankPruner(model, energy=0.6, nuclear=0, layers=[nn.Linear])
+    pruner.step()
+    with pytest.warns(UserWarning, match="add_bias_kv") as record:
+        compact = trp.decompose(model, "channel", rank=pruner.ranks, layers=[nn.Linear])
+    assert len(record) == 1
+    assert isinstance(compact.attn, nn.MultiheadAttention)  # untouched host
+    assert set(trp.factorized_layers(compact)) == {"mlp"}
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        _assert_close(compact(x), model(x))
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        trp.SplitMultiheadAttention.from_mha(model.attn)
+
+
+def test_trp_train_vit_end_to_end(tmp_path, capsys):
+    from cli_helpers import TINY, run_cli
+
+    out = tmp_path / "run"
+    code, text, err = run_cli(capsys, "train", "--model", "vit_tiny", "--epochs", "1", "--out", out,
+                              *[a if a != "8" else "16" for a in TINY])
+    assert code == 0, err
+    assert "on 24 layers" in text and "conv + linear + attention MACs" in text
+    loaded = trp.load(out / "decomposed.pt")
+    assert isinstance(loaded.encoder.layers[0].self_attn, trp.SplitMultiheadAttention)

@@ -3,8 +3,9 @@
 Some modules do not call their Linear layers but read the weights: nn.MultiheadAttention passes the packed
 in_proj_weight and out_proj.weight to F.multi_head_attention_forward, and nn.TransformerEncoderLayer's
 inference fast path (and nn.TransformerEncoder's nested-tensor path) hands in_proj_weight, linear1.weight,
-... to one fused kernel. A FactorizedLinear has no .weight, so decomposition first converts such hosts into
-equivalents that call their projections:
+... to one fused kernel. The q/k/v rows of a packed weight cannot be replaced by modules, and a
+FactorizedLinear's .weight is only a stand-in (trp.modules.FactorizedWeight) that those kernels cannot take,
+so decomposition first converts such hosts into equivalents that call their projections:
 
 - nn.MultiheadAttention -> SplitMultiheadAttention: q_proj, k_proj, v_proj and out_proj are modules (an
   nn.Linear each, holding the dense rows, or the FactorizedLinear that replaces it), the attention itself is
