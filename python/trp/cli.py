@@ -3,6 +3,7 @@
 Every error the user can cause (bad names, bad files, conflicting options, a diverged run) ends as one
 line `trp: error: ...` on stderr and exit status 2, checked before any training work starts."""
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -10,7 +11,7 @@ import time
 from . import checkpoint as ckpt
 from . import config
 from . import data as data_mod
-from . import runlock, storage
+from . import distributed, runlock, storage
 from . import train as train_mod
 from .config import positive_int as _positive_int
 
@@ -124,22 +125,62 @@ def _check_fresh(out, force):
 
 
 def cmd_train(ns):
+    """One process, or --nproc N local workers (DDP), or one worker of a torchrun job (RANK, WORLD_SIZE,
+    LOCAL_RANK in the environment)."""
     start = time.perf_counter()
+    world = distributed.torchrun_world()
+    if world is not None:
+        if "nproc" in ns and ns.nproc != world.world_size:
+            raise CLIError(f"--nproc {ns.nproc} under torchrun, which started {world.world_size} processes: "
+                           "drop --nproc")
+        return _train_worker(world, "env://", ns, start)
     cfg, saved, init = _train_config(ns)
-    runlock.check_free(cfg.out)  # a directory another `trp train` is using fails now, not after loading
+    if cfg.nproc == 1:
+        return _train(ns, cfg, saved, init, start)
+    runlock.check_free(cfg.out)  # everything a worker would refuse is refused here, before they start
     if saved is None:
         _check_fresh(cfg.out, ns.force)
+    distributed.worker_device(train_mod.resolve_device(cfg.device), cfg.nproc - 1, cfg.nproc)
+    if cfg.batch_size % cfg.nproc:
+        raise CLIError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of "
+                       f"--nproc {cfg.nproc}")
+    del saved, init
+    distributed.spawn(_train_worker, cfg.nproc, ns, start)
+    return 0
+
+
+def _train_worker(world, init_method, ns, start):
+    """A DDP worker of `trp train`: joins the process group, trains its share; rank 0 logs and writes."""
+    import torch
+
+    os.environ["LOCAL_RANK"] = str(world.local_rank)
+    cfg, saved, init = _train_config(ns)
+    cfg = config.TrainConfig.from_dict({**cfg.to_dict(), "nproc": world.world_size})
+    device = distributed.worker_device(train_mod.resolve_device(cfg.device), world.local_rank, world.world_size)
+    if "threads" not in ns and device.type == "cpu":  # the cores shared out, not oversubscribed
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.world_size))
+    with distributed.process_group(world, device, init_method):
+        return _train(ns, cfg, saved, init, start, rank=world.rank)
+
+
+def _train(ns, cfg, saved, init, start, rank=0):
+    if rank == 0:
+        runlock.check_free(cfg.out)  # a directory another `trp train` is using fails now, not after loading
+        if saved is None:
+            _check_fresh(cfg.out, ns.force)
     if "threads" in ns:
         import torch
         torch.set_num_threads(ns.threads)
-    run = train_mod.Run(cfg, resume=saved, log=_log, progress=not ns.no_progress, init_state=init)
-    with runlock.locked(run.out):  # held through the report; Run.fit takes it again
-        if saved is None:
+    log = _log if rank == 0 else (lambda msg: None)
+    run = train_mod.Run(cfg, resume=saved, log=log, progress=rank == 0 and not ns.no_progress, init_state=init)
+    # held through the report; Run.fit takes it again; other ranks write nothing
+    with runlock.locked(run.out) if rank == 0 else contextlib.nullcontext():
+        if saved is None and rank == 0:
             _check_fresh(cfg.out, ns.force)  # again under the lock: a run may have started meanwhile
         run.fit()
-        if ns.no_report:
+        if ns.no_report or rank != 0:
             return 0
-        train_mod.final_report(run.model, run.bundle, run.test_loader, run.device, cfg.scheme,
+        train_mod.final_report(run.model, run.bundle, run.report_loader, run.device, cfg.scheme,
                                **_criterion(cfg.energy, cfg.threshold), out=run.out, log=_log)
     _log(f"total time {time.perf_counter() - start:.0f} s")
     return 0
@@ -260,7 +301,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("trp: interrupted (the last epoch's checkpoint is kept; continue with --resume)", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, OSError, train_mod.TrainError) as exc:
+    except (CLIError, ValueError, OSError, train_mod.TrainError, distributed.WorkerError) as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"trp: error: {msg}", file=sys.stderr)
         return 2

@@ -69,6 +69,16 @@ def _schedule(v, flag):
         raise ValueError(f"{flag} must be increasing epoch numbers >= 1, got {v!r}")
 
 
+def _one_of(*valid):
+    def rule(v, flag):
+        if v not in valid:
+            raise ValueError(f"{flag} must be one of {', '.join(valid)}, got {v!r}")
+    return rule
+
+
+AMP_MODES = ("off", "bf16", "fp16")
+
+
 def check_out_dir(v, flag="--out"):
     _string(v, flag)
     if os.path.exists(v) and not os.path.isdir(v):
@@ -131,6 +141,17 @@ class TrainConfig:
     seed: int = option(0, "--seed", "default {default}", _int(0, SEED_LIMIT), metavar="N", type=int)
     device: str = option("cpu", "--device", "cpu (default), cuda, cuda:N or auto",
                          lambda v, flag: resolve_device(v), resume=True, metavar="DEV")
+    # execution options (a resumed run may change them: --nproc too, the checkpoint is the same on any count)
+    nproc: int = option(1, "--nproc", "processes: N > 1 trains with DistributedDataParallel on N local "
+                        "workers (gloo on the CPU, one GPU each with NCCL; --batch-size is the global batch). "
+                        "Under torchrun: its WORLD_SIZE (default 1)", _int(1), resume=True, metavar="N",
+                        type=positive_int)
+    amp: str = option("off", "--amp", "mixed precision: off (default), bf16, or fp16 with loss scaling; the "
+                      "projection always runs in float32", _one_of(*AMP_MODES), resume=True, choices=AMP_MODES)
+    channels_last: bool = option(False, "--channels-last", "channels-last memory format for the model and its "
+                                 "inputs", _bool, resume=True, action="store_true")
+    compile: bool = option(False, "--compile", "torch.compile the model for training (the pruner works on its "
+                           "parameters)", _bool, resume=True, action="store_true")
     workers: int = option(0, "--workers", "DataLoader worker processes (default 0)", _int(0), metavar="N",
                           type=int)
     threshold: float = option(None, "--threshold", "decompose at the end by this absolute singular-value "
@@ -203,5 +224,5 @@ def check_resume(saved, explicit):
                              f"not {explicit[key]!r}; drop the option or start a new run (--out)")
 
 
-__all__ = ["TrainConfig", "DEFAULTS", "PRESETS", "RESUME_FIXED", "RESUME_CHANGEABLE", "FIELDS", "option",
+__all__ = ["TrainConfig", "AMP_MODES", "DEFAULTS", "PRESETS", "RESUME_FIXED", "RESUME_CHANGEABLE", "FIELDS", "option",
            "resolve_config", "resolve_device", "check_resume", "check_preset", "check_out_dir", "positive_int"]

@@ -245,16 +245,32 @@ def load_imagefolder(root, image_size=224):
     return DataBundle("imagefolder", train, val, len(train.classes), 3, image_size, list(train.classes))
 
 
-def make_loaders(bundle, batch_size, seed=0, workers=0):
+def make_loaders(bundle, batch_size, seed=0, workers=0, rank=0, world_size=1):
     """(train_loader, test_loader). The train loader shuffles with its own seeded generator
-    (train_loader.generator, saved in checkpoints); a last batch of one sample is dropped (BatchNorm)."""
+    (train_loader.generator, saved in checkpoints); a last batch of one sample is dropped (BatchNorm).
+    world_size > 1 (DDP): batch_size is the global batch, each rank loads batch_size / world_size samples
+    of its DistributedSampler share (shuffled by seed and the epoch: call train_loader.sampler.set_epoch)
+    and every world_size-th test sample from `rank` on (no padding: all-reduced counts are exact)."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch size must be an int >= 1, got {batch_size!r}")
     gen = torch.Generator().manual_seed(seed)
-    train = DataLoader(bundle.train, batch_size=batch_size, shuffle=True, generator=gen,
-                       num_workers=workers, drop_last=len(bundle.train) % batch_size == 1,
-                       persistent_workers=False)
-    test = DataLoader(bundle.test, batch_size=max(batch_size, 256), shuffle=False, num_workers=workers,
+    if world_size > 1:
+        if batch_size % world_size:
+            raise DataError(f"--batch-size {batch_size} is the global batch: it must be a multiple of the "
+                            f"number of processes, {world_size}")
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(bundle.train, world_size, rank, shuffle=True, seed=seed)
+        batch_size //= world_size
+        train = DataLoader(bundle.train, batch_size=batch_size, sampler=sampler, generator=gen,
+                           num_workers=workers, drop_last=len(sampler) % batch_size == 1,
+                           persistent_workers=False)
+        test_set = Subset(bundle.test, range(rank, len(bundle.test), world_size))
+    else:
+        train = DataLoader(bundle.train, batch_size=batch_size, shuffle=True, generator=gen,
+                           num_workers=workers, drop_last=len(bundle.train) % batch_size == 1,
+                           persistent_workers=False)
+        test_set = bundle.test
+    test = DataLoader(test_set, batch_size=max(batch_size, 256), shuffle=False, num_workers=workers,
                       generator=torch.Generator().manual_seed(seed + 1))
     return train, test
 

@@ -19,6 +19,7 @@ import trp_kernels
 from trp_kernels.project import check_max_rank, finite_flag, finite_rows
 
 from . import checks
+from . import distributed
 from .rank import check_energy
 from .schemes import check_scheme, from_matrix, matrix_shape, to_matrix
 from .selection import select_targets
@@ -67,11 +68,17 @@ class RankPruner:
     in a transformer, the Linear-like matrices of its blocks: trp.selection).
     nuclear_every: "projection" (the released code: the subgradient is added on projection iterations
     only) or "step" (every iteration, with U_k V_k^T of the latest projection).
-    max_rank: optional cap on every layer's rank."""
+    max_rank: optional cap on every layer's rank.
+    process_group: under torch.distributed (default: the default group when it is initialized with more
+    than one process), each rank projects a cost-balanced share of the layers and receives the others'
+    results, so that every rank ends bit-identical (trp.distributed). model may be DDP-wrapped or
+    torch.compile'd: the pruner works on the bare module's parameters."""
 
     def __init__(self, model, scheme="channel", energy=0.9, period=1, nuclear=3e-4, layers=None,
-                 exclude=None, nuclear_every="projection", max_rank=None):
+                 exclude=None, nuclear_every="projection", max_rank=None, process_group=None):
         _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank)
+        pg = distributed.active_group(process_group)
+        model = distributed.unwrap(model)
         self.scheme, self.energy, self.period = scheme, float(energy), period
         self.nuclear, self.nuclear_every, self.max_rank = float(nuclear), nuclear_every, max_rank
         self.targets = select_targets(model, scheme, layers, exclude)
@@ -84,6 +91,11 @@ class RankPruner:
             w = t.read()
             key = (matrix_shape(t.shape, scheme), t.shape, w.dtype, w.device)
             groups.setdefault(key, []).append(t)
+        self._sharding = None
+        if pg is not None:  # heavy groups split, and all shared out by cost: fixed for the whole run
+            costs = [distributed.projection_cost(key[0]) for key in groups]
+            pieces, self._sharding = distributed.make_sharding(pg, list(groups.values()), costs)
+            groups = dict(enumerate(pieces))
         self._groups = [_Group(targets) for targets in groups.values()]
         self.steps = 0                 # number of step() calls so far
         self.last_projected = False    # whether the latest step() projected
@@ -137,7 +149,10 @@ class RankPruner:
                              "no layer was modified")
         want_g = self.nuclear > 0
         results = []
-        for W in stacks:
+        for i, W in enumerate(stacks):
+            if self._sharding is not None and not self._sharding.owns(i):
+                results.append(None)  # another rank's: received below
+                continue
             # The projection keeps the weights' dtype whatever autocast region step() is called from.
             with torch.autocast(W.device.type, enabled=False):
                 # nd's [B, n, c, kh*kw]: one call for every filter of the group, as [B*n, c, kh*kw]
@@ -146,6 +161,10 @@ class RankPruner:
                                                              check_finite=False)
             results.append((W_low.view(W.shape), rank.view(W.shape[:-2]),
                             G.view(W.shape) if G is not None else None))
+        if self._sharding is not None:
+            results = self._sharding.exchange(results, [
+                ((W.shape, W.dtype, W.device), (W.shape[:-2], torch.int64, W.device),
+                 (W.shape, W.dtype, W.device) if want_g else None) for W in stacks])
         for g, (W_low, rank, G) in zip(self._groups, results):
             torch._foreach_copy_([t.read() for t in g.targets],
                                  list(from_matrix(W_low, self.scheme, g.shape).unbind(0)))

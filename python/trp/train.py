@@ -15,12 +15,13 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import data as data_mod
-from . import models, runlock, storage
-from .config import (DEFAULTS, PRESETS, RESUME_FIXED, TrainConfig, check_resume, resolve_config,  # noqa: F401
-                     resolve_device)
+from . import distributed, models, runlock, storage
+from .config import (DEFAULTS, PRESETS, RESUME_FIXED, SEED_LIMIT, TrainConfig, check_resume,  # noqa: F401
+                     resolve_config, resolve_device)
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FILES = (CHECKPOINT, "decomposed.pt", "report.json", "ranks.png")  # what a run writes into --out
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainError(RuntimeError):
@@ -28,8 +29,8 @@ class TrainError(RuntimeError):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device):
-    """Top-1 accuracy in percent."""
+def evaluate(model, loader, device, all_ranks=False):
+    """Top-1 accuracy in percent; all_ranks: over the samples of every rank's loader (torch.distributed)."""
     was = model.training
     model.eval()
     correct = total = 0
@@ -38,6 +39,8 @@ def evaluate(model, loader, device):
         correct += int((model(x).argmax(1) == y).sum())
         total += len(y)
     model.train(was)
+    if all_ranks:
+        correct, total = distributed.all_reduce_sum([correct, total], device)
     return 100.0 * correct / max(total, 1)
 
 
@@ -59,7 +62,11 @@ class Run:
         """resume: a checkpoint path or an already verified checkpoint dict. init_state: cfg.init already
         read (read_initial_weights), so that a caller can check the file before anything else."""
         self.cfg, self.log, self.progress = cfg, log, progress
+        self.world = distributed.current()  # None: a single process
+        self.rank = self.world.rank if self.world else 0
         self.device = resolve_device(cfg.device)
+        if self.world:
+            self.device = distributed.worker_device(self.device, self.world.local_rank, self.world.world_size)
         self.out = os.path.abspath(cfg.out)
         self.ckpt_path = os.path.join(self.out, CHECKPOINT)
         saved = None
@@ -77,18 +84,41 @@ class Run:
                                   in_channels=self.bundle.in_channels).to(self.device)
         if init_state is not None and saved is None:
             load_initial_weights(self.model, init_state, cfg.init)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.rank:  # augmentation: another stream per rank (the weights come from rank 0 through DDP)
+            _seed_everything((cfg.seed + self.rank) % SEED_LIMIT)
         self.pruner = None
-        if cfg.trp:
+        if cfg.trp:  # under torch.distributed: sharded over the default group
             from .pruner import RankPruner
             self.pruner = RankPruner(self.model, cfg.scheme, cfg.energy, cfg.period, cfg.nuclear)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.schedule, cfg.lr_decay)
-        self.train_loader, self.test_loader = data_mod.make_loaders(self.bundle, cfg.batch_size, cfg.seed,
-                                                                    cfg.workers)
+        self.train_loader, self.test_loader = data_mod.make_loaders(
+            self.bundle, cfg.batch_size, cfg.seed, cfg.workers, self.rank, self.world.world_size if self.world else 1)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.epoch, self.history = 0, []
         if saved is not None:
             self._restore(saved)
+        self.net = self._training_module()
+
+    def _training_module(self):
+        """The module the training steps call: the model, DDP-wrapped over the processes, then compiled
+        (torch.compile of the DDP module, as PyTorch recommends); they all share the model's parameters,
+        which the pruner, the optimizer and the checkpoints use."""
+        net = self.model
+        if self.world:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        return torch.compile(net) if self.cfg.compile else net
+
+    @property
+    def report_loader(self):
+        """The whole test set (the training loader of a rank holds its share only)."""
+        if not self.world:
+            return self.test_loader
+        return data_mod.make_loaders(self.bundle, self.cfg.batch_size, self.cfg.seed, self.cfg.workers)[1]
 
     def _restore(self, saved):
         if saved["arch"] != self.model.trp_arch:
@@ -103,42 +133,74 @@ class Run:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise ckpt.CheckpointError(f"--resume: checkpoint does not fit this run: "
                                        f"{str(exc).splitlines()[0]}") from None
-        ckpt.set_rng_state(saved["rng"], self.train_loader.generator)
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        # each rank's own RNG streams when the process count is the same; else rank 0's, ranks > 0 reseeded
+        per_rank = saved.get("rng_ranks") or []
+        same = self.world is not None and len(per_rank) == self.world.world_size
+        ckpt.set_rng_state(per_rank[self.rank] if same else saved["rng"], self.train_loader.generator)
+        if self.rank and not same:
+            _seed_everything((self.cfg.seed + self.epoch + self.rank) % SEED_LIMIT)
         self.epoch, self.history = int(saved["epoch"]), list(saved.get("history", []))
 
     def state(self):
+        """The checkpoint (called on every rank: the RNG states are gathered; rank 0 writes it)."""
+        rng = ckpt.rng_state(self.train_loader.generator)
+        extra = {}
+        if self.world:
+            extra["rng_ranks"] = distributed.all_gather_objects(rng)
+        if self.scaler is not None:
+            extra["scaler"] = self.scaler.state_dict()
         return {"format": ckpt.FORMAT, "version": ckpt.VERSION, "config": self.cfg.to_dict(),
                 "arch": dict(self.model.trp_arch), "epoch": self.epoch,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "pruner": self.pruner.state_dict() if self.pruner is not None else None,
-                "rng": ckpt.rng_state(self.train_loader.generator), "history": self.history}
+                "rng": rng, "history": self.history, **extra}
 
     def train_epoch(self):
         from tqdm import tqdm
 
-        cfg, model = self.cfg, self.model
+        cfg, model = self.cfg, self.net
         model.train()
+        if self.world:
+            self.train_loader.sampler.set_epoch(self.epoch)
+        amp = AMP_DTYPES[cfg.amp]
+        memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
         criterion = nn.CrossEntropyLoss()
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(self.device), y.to(self.device)
-            if self.pruner is not None:
+            x, y = x.to(self.device, memory_format=memory_format), y.to(self.device)
+            if self.pruner is not None:  # outside autocast: the projection stays in float32
                 try:
                     self.pruner.step()
-                except ValueError as exc:  # non-finite weights at the projection
+                except ValueError as exc:  # non-finite weights at the projection (the same on every rank)
                     raise self._diverged(f"{exc}") from None
-            out = model(x)
-            loss = criterion(out, y)
-            if not torch.isfinite(loss):
-                raise self._diverged(f"loss is {float(loss.detach())} at epoch {self.epoch + 1}, step {step + 1}")
+            with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                out = model(x)
+                loss = criterion(out, y)
+            finite = bool(torch.isfinite(loss))
+            if not (distributed.all_true(finite, self.device) if self.world else finite):  # all ranks stop
+                where = f"at epoch {self.epoch + 1}, step {step + 1}"
+                raise self._diverged(f"loss is {float(loss.detach())} {where}" if not finite
+                                     else f"the loss of another process is not finite {where}")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP: backward() all-reduces the gradients, so regularize() adds its (identical on every
+            # rank) subgradient to the averaged gradients; fp16: to the unscaled ones
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
             if self.pruner is not None:
                 self.pruner.regularize()
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             loss_sum += float(loss.detach()) * len(y)
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
@@ -146,6 +208,8 @@ class Run:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                             **({"rank": f"{rank:.1f}"} if rank is not None else {}), refresh=False)
         bar.close()
+        if self.world:
+            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], self.device)
         return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
 
     def _diverged(self, what):
@@ -155,6 +219,8 @@ class Run:
 
     def fit(self, on_epoch_end=None):
         """Trains up to cfg.epochs, holding the run directory's lock (runlock) throughout."""
+        if self.rank:  # only rank 0 writes into the run directory
+            return self._fit(on_epoch_end)
         with runlock.locked(self.out):
             storage.clean_stale_temps(self.out, RUN_FILES)  # of dead writers only
             return self._fit(on_epoch_end)
@@ -174,14 +240,18 @@ class Run:
             lr = self.optimizer.param_groups[0]["lr"]
             loss, train_acc = self.train_epoch()
             self.scheduler.step()
+            if self.world:  # BatchNorm statistics of rank 0 everywhere: one model to test and save
+                distributed.broadcast_buffers(self.model)
             if not _all_finite(self.model):
                 raise self._diverged(f"non-finite weights after epoch {self.epoch + 1}")
-            test_acc = evaluate(self.model, self.test_loader, self.device)
+            test_acc = evaluate(self.model, self.test_loader, self.device, all_ranks=self.world is not None)
             self.epoch += 1
             rank = _mean_rank(self.pruner)
             self.history.append({"epoch": self.epoch, "loss": loss, "train_acc": train_acc,
                                  "test_acc": test_acc, "mean_rank": rank, "lr": lr})
-            ckpt.save_checkpoint(self.state(), self.ckpt_path)
+            state = self.state()
+            if self.rank == 0:
+                ckpt.save_checkpoint(state, self.ckpt_path)
             self.log(f"epoch {self.epoch:3d}/{cfg.epochs}  loss {loss:.4f}  train {train_acc:6.2f}%  "
                      f"test {test_acc:6.2f}%" + (f"  mean rank {rank:5.1f}" if rank is not None else "")
                      + f"  lr {lr:g}  {time.perf_counter() - t0:.1f}s")

@@ -1,0 +1,313 @@
+"""TRP on several processes with torch.distributed: the pruner's sharded projection and `trp train`'s workers.
+
+Sharding (RankPruner): every rank holds the same weights, so projecting every layer on every rank would do
+the same work N times. Instead the pruner's groups are shared out by estimated cost (the batched SVD of B
+p x q matrices costs about B * p * q * min(p, q)): a group heavier than a rank's fair share is first split
+into smaller groups of whole layers, then the pieces go, heaviest first, to the least loaded rank. The
+assignment depends only on the layer shapes and the world size, so every rank computes the same one and it
+never changes during a run (state kept per group, such as a warm start, stays on its owner). After its own
+groups, each rank receives the others' results (projected weights, ranks, nuclear subgradients) by one
+broadcast per owner and dtype, so every rank ends with bit-identical weights and ranks.
+
+Processes (`trp train --nproc N`, or started by torchrun): gloo on the CPU, NCCL on CUDA (one GPU per
+worker), and a timeout on every collective (TRP_DIST_TIMEOUT seconds, default 600) so that a dead or stuck
+worker ends the run with an error instead of a hang."""
+import contextlib
+import dataclasses
+import datetime
+import math
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "TRP_DIST_TIMEOUT"
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+# --- models and process groups ---------------------------------------------------------------------------
+
+def unwrap(model):
+    """The bare module of a DistributedDataParallel / DataParallel wrapper or a torch.compile'd model
+    (parameters are shared with the wrapper, so the pruner can work on the bare module's names)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
+            model = model._orig_mod
+        else:
+            return model
+
+
+def active_group(process_group=None):
+    """The process group to shard over: `process_group` if given, else the default group when
+    torch.distributed is initialized; None when that group has a single process (nothing to shard)."""
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        process_group = dist.group.WORLD
+    elif not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
+                        f"got {type(process_group).__name__}")
+    return process_group if dist.get_world_size(process_group) > 1 else None
+
+
+# --- sharding ---------------------------------------------------------------------------------------------
+
+def projection_cost(matrix_shape):
+    """Estimated cost of projecting one layer whose matrix (stack) has shape [..., p, q]: the number of
+    matrices times p * q * min(p, q), the order of an SVD's flops."""
+    *lead, p, q = matrix_shape
+    return math.prod(lead) * p * q * min(p, q)
+
+
+def split_heavy(groups, costs, world):
+    """Splits each group (a list of layers) whose total cost exceeds the fair share (total / world) into up
+    to `world` contiguous pieces of whole layers; returns (pieces, piece costs). costs[i] is the per-layer
+    cost of group i."""
+    total = sum(c * len(g) for g, c in zip(groups, costs))
+    share = total / world
+    pieces, piece_costs = [], []
+    for g, c in zip(groups, costs):
+        n = len(g)
+        k = min(world, n, max(1, math.ceil(c * n / share - 1e-9))) if share > 0 else 1
+        bounds = [round(j * n / k) for j in range(k + 1)]
+        for a, b in zip(bounds, bounds[1:]):
+            pieces.append(g[a:b])
+            piece_costs.append(c * (b - a))
+    return pieces, piece_costs
+
+
+def assign(costs, world):
+    """Owner rank of each item: heaviest first, each to the least loaded rank (ties: the lower rank, then
+    the item order), the classical longest-processing-time rule. Deterministic for every rank."""
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+class Sharding:
+    """Which rank projects which of the pruner's groups, and the exchange of the results."""
+
+    def __init__(self, group, owners):
+        self.group, self.owners = group, list(owners)
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self._src = [dist.get_global_rank(group, r) for r in range(self.world)]
+
+    def owns(self, i):
+        return self.owners[i] == self.rank
+
+    def loads(self, costs):
+        """Estimated cost per rank."""
+        out = [0.0] * self.world
+        for i, c in enumerate(costs):
+            out[self.owners[i]] += c
+        return out
+
+    def exchange(self, results, specs):
+        """results[i]: this rank's tuple of tensors for its own groups, None for the others'. specs[i]: the
+        (shape, dtype, device) of each tensor of group i's tuple (None for a result that is not produced).
+        Returns every group's tuple, from its owner: one broadcast per (owner, dtype, device) bucket."""
+        out = [list(r) if r is not None else [None] * len(specs[i]) for i, r in enumerate(results)]
+        for owner in range(self.world):
+            buckets = {}
+            for i, group_specs in enumerate(specs):
+                if self.owners[i] != owner:
+                    continue
+                for j, spec in enumerate(group_specs):
+                    if spec is not None:
+                        buckets.setdefault((spec[1], spec[2]), []).append((i, j, spec[0]))
+            for (dtype, device), items in buckets.items():
+                if owner == self.rank:
+                    for i, j, shape in items:
+                        t = out[i][j]
+                        if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+                            raise RuntimeError(f"sharded projection: group {i} result {j} is {t.dtype} "
+                                               f"{tuple(t.shape)} on {t.device}, expected {dtype} "
+                                               f"{tuple(shape)} on {device}")
+                    flat = torch.cat([out[i][j].reshape(-1) for i, j, _ in items])
+                else:
+                    flat = torch.empty(sum(math.prod(s) for _, _, s in items), dtype=dtype, device=device)
+                dist.broadcast(flat, self._src[owner], group=self.group)
+                if owner != self.rank:
+                    offset = 0
+                    for i, j, shape in items:
+                        n = math.prod(shape)
+                        out[i][j] = flat[offset:offset + n].view(shape)
+                        offset += n
+        return [tuple(r) for r in out]
+
+
+def make_sharding(group, groups, costs):
+    """(pieces, Sharding) for the pruner's groups (lists of layers) with per-layer costs."""
+    world = dist.get_world_size(group)
+    pieces, piece_costs = split_heavy(groups, costs, world)
+    sharding = Sharding(group, assign(piece_costs, world))
+    sharding.costs = piece_costs
+    return pieces, sharding
+
+
+# --- metrics and buffers ------------------------------------------------------------------------------------
+
+def current():
+    """World of this process when torch.distributed is initialized with more than one process, else
+    None. The local rank (the GPU index) comes from LOCAL_RANK, as torchrun sets it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    rank = dist.get_rank()
+    return World(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def all_gather_objects(obj, group=None):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def all_reduce_sum(values, device, group=None):
+    """[sum over ranks of each value] (floats), one all-reduce in float64."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def all_true(flag, device, group=None):
+    """Whether `flag` holds on every rank (one all-reduce): lets all ranks take the same branch."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+@torch.no_grad()
+def broadcast_buffers(module, src=0, group=None):
+    """Copies rank src's buffers (BatchNorm statistics) to every rank, so that evaluation and the
+    checkpoint see the same model everywhere."""
+    for b in module.buffers():
+        dist.broadcast(b, src, group=group)
+
+
+# --- processes ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def timeout():
+    """The collectives' timeout: TRP_DIST_TIMEOUT seconds (default 600)."""
+    text = os.environ.get(TIMEOUT_ENV)
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def torchrun_world():
+    """World from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or None outside torchrun."""
+    if not all(k in os.environ for k in TORCHRUN_ENV):
+        return None
+    try:
+        rank, size, local = (int(os.environ[k]) for k in TORCHRUN_ENV)
+    except ValueError:
+        raise ValueError(f"torchrun environment: {', '.join(TORCHRUN_ENV)} must be integers") from None
+    if not 0 <= rank < size or local < 0:
+        raise ValueError(f"torchrun environment: RANK={rank} out of WORLD_SIZE={size}")
+    return World(rank, size, local)
+
+
+def worker_device(device, local_rank, nproc):
+    """A worker's device: CUDA workers take one GPU each (cuda:LOCAL_RANK)."""
+    device = torch.device(device)
+    if device.type != "cuda" or nproc == 1:
+        return device
+    if device.index is not None:
+        raise ValueError(f"--device {device} with several processes: give --device cuda (each worker "
+                         "takes the GPU of its local rank)")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"worker of local rank {local_rank} has no GPU: {torch.cuda.device_count()} "
+                         "visible; use at most that many processes per machine")
+    return torch.device("cuda", local_rank)
+
+
+def backend_for(device):
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+@contextlib.contextmanager
+def process_group(world, device, init_method="env://"):
+    """Initializes the default process group for `world` on `device` (gloo / NCCL) with the timeout, and
+    destroys it at the end."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kw = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=world.rank,
+                            world_size=world.world_size, timeout=timeout(), **kw)
+    try:
+        yield world
+    finally:
+        dist.destroy_process_group()
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed: the message is the worker's error (or how it died)."""
+
+
+def _worker_main(index, fn, args, nproc, init_method, errors):
+    world = World(index, nproc, index)
+    try:
+        fn(world, init_method, *args)
+    except BaseException as exc:  # report the worker's own one-line error to the parent
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        if not (isinstance(exc, (ValueError, OSError)) or type(exc).__module__.startswith("trp")):
+            msg = f"{type(exc).__name__}: {msg}"  # not one of trp's own messages: say what it is
+        errors.put((index, msg))
+        raise SystemExit(2) from None
+
+
+def spawn(fn, nproc, *args):
+    """Runs fn(world, init_method, *args) in `nproc` fresh local processes (rank = local rank = index)
+    that rendezvous through a file. Returns when all succeed; as soon as one fails or dies the others are
+    terminated and WorkerError says which and why."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    tmp = tempfile.mkdtemp(prefix="trp-rendezvous-")
+    try:
+        procs = mp.start_processes(_worker_main, args=(fn, args, nproc, f"file://{tmp}/rendezvous", errors),
+                                   nprocs=nproc, join=False, start_method="spawn")
+        try:
+            while not procs.join():
+                pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            reported = {}
+            while not errors.empty():
+                index, msg = errors.get()
+                reported.setdefault(index, msg)
+            index = exc.error_index
+            if index not in reported:  # killed, or died without a word: that is the cause
+                raise WorkerError(f"worker {index} of {nproc} died ({' '.join(str(exc).split())}); all "
+                                  "workers were stopped") from None
+            raise WorkerError(f"worker {index} of {nproc} failed: {reported[index]}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["unwrap", "active_group", "current", "all_gather_objects", "projection_cost", "split_heavy", "assign", "Sharding", "make_sharding",
+           "all_reduce_sum", "all_true", "broadcast_buffers", "World", "timeout", "torchrun_world",
+           "worker_device", "backend_for", "process_group", "WorkerError", "spawn", "DEFAULT_TIMEOUT_S",
+           "TIMEOUT_ENV"]
