@@ -5,7 +5,9 @@ the results are broadcast), on the CPU, one torch thread per process.
 Same run, same noise: both configurations live in one 2-process job and alternate step by step on the same
 weights (moved by a small SGD-like perturbation between steps, as in training): rank 0 times the unsharded
 pruner alone while rank 1 waits at a barrier, then both ranks time the sharded pruner; a sharded step's time
-is the slowest rank's, broadcasts included. Medians over the steps.
+is the slowest rank's, the exchange included. Also the CPU time each process spends in project() (the
+busiest rank's for 2 processes): the work sharding removes, apart from the scheduling delays that a CPU
+shared with other jobs adds to the wall clock at every synchronisation. Medians over the steps.
 
     python benchmarks/distributed_projection.py [--models resnet20 resnet56 torchvision:resnet50] [--steps 10]
 
@@ -40,10 +42,11 @@ def _perturb(models, gen, scale=1e-3):
 
 
 def _timed(fn):
+    """(wall seconds, CPU seconds of the calling thread) of fn(), started together on every rank."""
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.thread_time() - c0
 
 
 def measure(name, scheme, steps, rank, solo_group):
@@ -54,15 +57,17 @@ def measure(name, scheme, steps, rank, solo_group):
     solo = trp.RankPruner(solo_model, scheme, energy=0.9, nuclear=3e-4, process_group=solo_group) \
         if rank == 0 else None
     gen = torch.Generator().manual_seed(1)
-    one, two = [], []
+    one, two, cpu_one, cpu_two = [], [], [], []
     for step in range(steps + 1):  # the first step warms up (allocations, first SVDs) and is not recorded
         _perturb([m for m in (model, solo_model) if m is not None], gen)
-        t1 = _timed(solo.project if solo is not None else (lambda: None))
-        t2 = _timed(sharded.project)
-        t2 = max(distributed.all_gather_objects(t2))
+        t1, c1 = _timed(solo.project if solo is not None else (lambda: None))
+        t2, c2 = _timed(sharded.project)
+        both = distributed.all_gather_objects((t2, c2))
         if step:
             one.append(t1)
-            two.append(t2)
+            cpu_one.append(c1)
+            two.append(max(t for t, _ in both))   # the step waits for the slowest rank
+            cpu_two.append(max(c for _, c in both))
     if solo is not None:
         assert solo.ranks == sharded.ranks, "sharded and unsharded projections chose other ranks"
     s = sharded._sharding
@@ -71,6 +76,9 @@ def measure(name, scheme, steps, rank, solo_group):
             "groups_2": len(sharded._groups), "steps": steps,
             "ms_1proc": round(statistics.median(one) * 1e3, 2), "ms_2proc": round(statistics.median(two) * 1e3, 2),
             "speedup": round(statistics.median(one) / statistics.median(two), 3),
+            "cpu_ms_1proc": round(statistics.median(cpu_one) * 1e3, 2),
+            "cpu_ms_2proc_max_rank": round(statistics.median(cpu_two) * 1e3, 2),
+            "cpu_ratio": round(statistics.median(cpu_one) / statistics.median(cpu_two), 3),
             "cost_share_per_rank": [round(v / sum(loads), 3) for v in loads]}
 
 
@@ -98,12 +106,14 @@ def markdown(rows, doc):
     lines = [f"RankPruner.project() per step, 1 process vs 2 gloo processes (sharded), CPU ({m['cpu']}, "
              f"{m['cores']} cores), 1 torch thread per process, energy 0.9, nuclear 3e-4; medians of "
              f"{rows[0]['steps'] if rows else 0} interleaved steps.", "",
-             "| model | scheme | layers | 1 process (ms) | 2 processes (ms) | speed-up | cost share per rank |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | scheme | layers | 1 process (ms) | 2 processes (ms) | speed-up | CPU ms: 1 process / "
+             "busiest rank | CPU ratio | estimated cost share per rank |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         share = " / ".join(f"{v:.2f}" for v in r["cost_share_per_rank"])
         lines.append(f"| {r['model']} | {r['scheme']} | {r['layers']} | {r['ms_1proc']:.1f} | "
-                     f"{r['ms_2proc']:.1f} | {r['speedup']:.2f}x | {share} |")
+                     f"{r['ms_2proc']:.1f} | {r['speedup']:.2f}x | {r['cpu_ms_1proc']:.1f} / "
+                     f"{r['cpu_ms_2proc_max_rank']:.1f} | {r['cpu_ratio']:.2f}x | {share} |")
     return "\n".join(lines)
 
 

@@ -114,35 +114,52 @@ class Sharding:
     def exchange(self, results, specs):
         """results[i]: this rank's tuple of tensors for its own groups, None for the others'. specs[i]: the
         (shape, dtype, device) of each tensor of group i's tuple (None for a result that is not produced).
-        Returns every group's tuple, from its owner: one broadcast per (owner, dtype, device) bucket."""
+        Returns every group's tuple, as its owner computed it, bit for bit: each rank packs the bytes of its
+        results into one buffer (per device), and one all-gather exchanges them - one synchronisation per
+        projection, whatever the number of groups, dtypes and ranks."""
         out = [list(r) if r is not None else [None] * len(specs[i]) for i, r in enumerate(results)]
-        for owner in range(self.world):
-            buckets = {}
-            for i, group_specs in enumerate(specs):
-                if self.owners[i] != owner:
+        layout = {}  # device -> owner -> [(group, index, shape, dtype, byte offset, bytes)]
+        for i, group_specs in enumerate(specs):
+            for j, spec in enumerate(group_specs):
+                if spec is None:
                     continue
-                for j, spec in enumerate(group_specs):
-                    if spec is not None:
-                        buckets.setdefault((spec[1], spec[2]), []).append((i, j, spec[0]))
-            for (dtype, device), items in buckets.items():
+                shape, dtype, device = tuple(spec[0]), spec[1], torch.device(spec[2])
+                items = layout.setdefault(device, [[] for _ in range(self.world)])[self.owners[i]]
+                offset = items[-1][4] + _aligned(items[-1][5]) if items else 0
+                items.append((i, j, shape, dtype, offset, math.prod(shape) * _itemsize(dtype)))
+        for device, per_owner in layout.items():
+            size = max(_aligned(it[-1][4] + it[-1][5]) if it else 0 for it in per_owner)
+            if size == 0:
+                continue
+            mine = torch.zeros(size, dtype=torch.uint8, device=device)
+            for i, j, shape, dtype, offset, nbytes in per_owner[self.rank]:
+                t = out[i][j]
+                if tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+                    raise RuntimeError(f"sharded projection: group {i} result {j} is {t.dtype} {tuple(t.shape)} "
+                                       f"on {t.device}, expected {dtype} {shape} on {device}")
+                mine[offset:offset + nbytes] = t.contiguous().reshape(-1).view(torch.uint8)
+            gathered = torch.empty(self.world * size, dtype=torch.uint8, device=device)
+            _all_gather_single(gathered, mine, group=self.group)
+            for owner, items in enumerate(per_owner):
                 if owner == self.rank:
-                    for i, j, shape in items:
-                        t = out[i][j]
-                        if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
-                            raise RuntimeError(f"sharded projection: group {i} result {j} is {t.dtype} "
-                                               f"{tuple(t.shape)} on {t.device}, expected {dtype} "
-                                               f"{tuple(shape)} on {device}")
-                    flat = torch.cat([out[i][j].reshape(-1) for i, j, _ in items])
-                else:
-                    flat = torch.empty(sum(math.prod(s) for _, _, s in items), dtype=dtype, device=device)
-                dist.broadcast(flat, self._src[owner], group=self.group)
-                if owner != self.rank:
-                    offset = 0
-                    for i, j, shape in items:
-                        n = math.prod(shape)
-                        out[i][j] = flat[offset:offset + n].view(shape)
-                        offset += n
+                    continue
+                base = owner * size
+                for i, j, shape, dtype, offset, nbytes in items:
+                    out[i][j] = gathered[base + offset:base + offset + nbytes].view(dtype).view(shape)
         return [tuple(r) for r in out]
+
+
+# torch >= 2.14 names it all_gather_single (all_gather_into_tensor is deprecated there)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _itemsize(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _aligned(nbytes, to=16):
+    """Byte offsets of the packed results are multiples of 16, so every slice can be viewed as its dtype."""
+    return -(-nbytes // to) * to
 
 
 def make_sharding(group, groups, costs):
