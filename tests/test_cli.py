@@ -223,7 +223,8 @@ def test_train_options_have_one_declaration():
     fields = [f.name for f in dataclasses.fields(train.TrainConfig)]
     assert list(train.DEFAULTS) == fields
     assert set(config.RESUME_FIXED) | set(config.RESUME_CHANGEABLE) == set(fields)
-    assert set(config.RESUME_CHANGEABLE) == {"epochs", "device", "threshold", "out"}
+    assert set(config.RESUME_CHANGEABLE) == {"epochs", "device", "threshold", "out", "nproc", "amp", "channels_last",
+                                             "compile"}
     train_parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
     flags = {s for a in train_parser._actions for s in a.option_strings}
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
