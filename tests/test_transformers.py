@@ -284,3 +284,32 @@ def test_trp_train_vit_end_to_end(tmp_path, capsys):
     assert "on 24 layers" in text and "conv + linear + attention MACs" in text
     loaded = trp.load(out / "decomposed.pt")
     assert isinstance(loaded.encoder.layers[0].self_attn, trp.SplitMultiheadAttention)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kdim", [None, 24])
+def test_split_attention_equals_multihead_attention(batch_first, kdim):
+    torch.manual_seed(7)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first, kdim=kdim, vdim=kdim).eval()
+    split = trp.SplitMultiheadAttention.from_mha(mha)
+    q, k = torch.randn(3, 5, 32), torch.randn(3, 7, kdim or 32)
+    if not batch_first:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    pad = torch.rand(3, 7) < 0.3
+    pad[:, 0] = False
+    mask = torch.rand(5, 7) < 0.2
+    mask[:, 0] = False
+    cases = [{}, dict(need_weights=False), dict(key_padding_mask=pad), dict(attn_mask=mask, need_weights=False),
+             dict(attn_mask=mask, key_padding_mask=pad, average_attn_weights=False),
+             dict(attn_mask=mask.float() * -3.0)]
+    with torch.no_grad():
+        for kw in cases:
+            (a, wa), (b, wb) = mha(q, k, k, **kw), split(q, k, k, **kw)
+            _assert_close(b, a)
+            assert (wa is None) == (wb is None)
+            if wa is not None:
+                _assert_close(wb, wa)
+        one = (lambda t: t[0]) if batch_first else (lambda t: t[:, 0])  # unbatched (L, E)
+        (a, wa), (b, wb) = mha(one(q), one(k), one(k)), split(one(q), one(k), one(k))
+        _assert_close(b, a)
+        _assert_close(wb, wa)

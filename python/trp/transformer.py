@@ -96,7 +96,9 @@ class SplitMultiheadAttention(nn.Module):
         if need_weights:  # as F.multi_head_attention_forward: scaled q, then + mask, softmax, dropout
             scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
             weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
-            out = F.dropout(weights, p) @ v if p > 0 else weights @ v
+            if p > 0:  # the returned weights are the dropped-out ones, as torch's
+                weights = F.dropout(weights, p)
+            out = weights @ v
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if not batched:
