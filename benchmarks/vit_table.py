@@ -11,6 +11,7 @@ over the seeds. It reuses paper_table's training and measurement. Writes results
 
     python benchmarks/vit_table.py             # the README's table
     python benchmarks/vit_table.py --quick     # a smoke run (seconds), not for the README
+    python benchmarks/vit_table.py --energy 0.97   # another operating point: results/vit_table_e0.97.*
 """
 import argparse
 import math
@@ -83,7 +84,7 @@ def main(argv=None):
                 "batch_size": args.batch_size, "lr": args.lr, "energy": args.energy, "nuclear": args.nuclear,
                 "seeds": args.seeds, "quick": args.quick, "threads": args.threads,
                 "macs": "conv + linear + attention"}
-    stem = "vit_table" + ("_quick" if args.quick else "")
+    stem = "vit_table" + ("" if args.energy == 0.9 else f"_e{args.energy}") + ("_quick" if args.quick else "")
     results = harness.Results(os.path.join(args.out, stem + ".json"), "vit_table", "cpu", settings=settings)
     for key, row in summary.items():
         results.rows.append({"key": key, "label": LABELS[key], **row})
