@@ -129,6 +129,8 @@ def _check_resnet(rank):
         else:
             same_on_every_rank([p.grad for _, m in pruner.layers for p in [m.weight]], "gradients")
     same_on_every_rank(list(model.parameters()), "weights at the end")
+    with pytest.raises(ValueError, match="different layers"):  # every rank refuses, none hangs
+        trp.RankPruner(net, "channel", exclude=["layer3.2.conv2"] if rank else None)
 
 
 def _tiny_ddp(rank, out):

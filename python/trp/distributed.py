@@ -165,6 +165,14 @@ def _aligned(nbytes, to=16):
 def make_sharding(group, groups, costs):
     """(pieces, Sharding) for the pruner's groups (lists of layers) with per-layer costs."""
     world = dist.get_world_size(group)
+    # every rank must share the same layers out the same way: a model that differs across ranks (another
+    # selection or architecture) would otherwise exchange mismatched results or hang
+    mine = [(len(g), c) for g, c in zip(groups, costs)]
+    others = [None] * world
+    dist.all_gather_object(others, mine, group=group)
+    if any(o != mine for o in others):
+        raise ValueError(f"RankPruner: the processes selected different layers (groups of (layers, cost) "
+                         f"per rank: {others}); build the same model and selection on every rank")
     pieces, piece_costs = split_heavy(groups, costs, world)
     sharding = Sharding(group, assign(piece_costs, world))
     sharding.costs = piece_costs
