@@ -143,6 +143,10 @@ def _tiny_ddp(rank, out):
     for _ in sgd_trp_steps(net, model, pruner, halves):
         pass
     same_on_every_rank(list(model.parameters()), "tiny net")
+    state = pruner.state_dict()  # the whole state on every rank, and it loads on every rank
+    same_on_every_rank(list(state["subgradients"].values()), "subgradients of state_dict()")
+    assert distributed.all_gather_objects(state["ranks"]) == [state["ranks"]] * 2
+    pruner.load_state_dict(state)
     if rank == 0:
         torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, out)
 

@@ -6,8 +6,9 @@ p x q matrices costs about B * p * q * min(p, q)): a group heavier than a rank's
 into smaller groups of whole layers, then the pieces go, heaviest first, to the least loaded rank. The
 assignment depends only on the layer shapes and the world size, so every rank computes the same one and it
 never changes during a run (state kept per group, such as a warm start, stays on its owner). After its own
-groups, each rank receives the others' results (projected weights, ranks, nuclear subgradients) by one
-broadcast per owner and dtype, so every rank ends with bit-identical weights and ranks.
+groups, each rank receives the others' results (projected weights, ranks, nuclear subgradients) as their
+owners computed them, bytes packed into one all-gather per projection, so every rank ends with bit-identical
+weights and ranks.
 
 Processes (`trp train --nproc N`, or started by torchrun): gloo on the CPU, NCCL on CUDA (one GPU per
 worker), and a timeout on every collective (TRP_DIST_TIMEOUT seconds, default 600) so that a dead or stuck
@@ -99,7 +100,6 @@ class Sharding:
     def __init__(self, group, owners):
         self.group, self.owners = group, list(owners)
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self._src = [dist.get_global_rank(group, r) for r in range(self.world)]
 
     def owns(self, i):
         return self.owners[i] == self.rank
