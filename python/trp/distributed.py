@@ -332,7 +332,7 @@ def spawn(fn, nproc, *args):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["unwrap", "active_group", "current", "all_gather_objects", "projection_cost", "split_heavy", "assign", "Sharding", "make_sharding",
-           "all_reduce_sum", "all_true", "broadcast_buffers", "World", "timeout", "torchrun_world",
-           "worker_device", "backend_for", "process_group", "WorkerError", "spawn", "DEFAULT_TIMEOUT_S",
-           "TIMEOUT_ENV"]
+__all__ = ["unwrap", "active_group", "current", "all_gather_objects", "projection_cost", "split_heavy", "assign",
+           "Sharding", "make_sharding", "all_reduce_sum", "all_true", "broadcast_buffers", "World", "timeout",
+           "torchrun_world", "worker_device", "backend_for", "process_group", "WorkerError", "spawn",
+           "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV"]
