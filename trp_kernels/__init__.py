@@ -7,9 +7,9 @@ also the fallback when nothing was compiled."""
 from . import _extension, conv, decoupled, project, reference
 from .conv import factorized_conv_channel, factorized_conv_spatial
 from .decoupled import decoupled_conv
-from .project import lowrank_project
+from .project import WarmStart, lowrank_project
 
-__all__ = ["lowrank_project", "factorized_conv_channel", "factorized_conv_spatial", "decoupled_conv",
+__all__ = ["lowrank_project", "WarmStart", "factorized_conv_channel", "factorized_conv_spatial", "decoupled_conv",
            "backend_info", "reference"]
 
 

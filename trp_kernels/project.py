@@ -2,7 +2,11 @@
 
 One schema (a torch.library custom op with a fake kernel, so torch.compile and opcheck work), several
 kernels: the C++ CPU and CUDA kernels of trp_kernels._C when built, else the PyTorch reference.
-TRP_PROJECT_BACKEND=auto|cpp|reference forces a choice (tests, benchmarks)."""
+TRP_PROJECT_BACKEND=auto|cpp|reference forces a choice (tests, benchmarks).
+
+Warm start (trp_kernels/warm.py): lowrank_project(..., warm=WarmStart()) carries each matrix's kept basis
+from one call to the next; the op trp_kernels::lowrank_project_warm is the functional form (basis in,
+basis and the per-matrix "took the warm path" flags out)."""
 import math
 import os
 from typing import Optional
@@ -10,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _extension, reference
+from . import _extension, reference, warm as _warm
 
 BACKEND_ENV = "TRP_PROJECT_BACKEND"
 BACKENDS = ("auto", "cpp", "reference")
@@ -109,7 +113,99 @@ def _(W, energy, max_rank, subgradient, check=True):
     return W.new_empty(W.shape), rank, G  # the kernels return contiguous results
 
 
-def lowrank_project(W, energy, *, max_rank=None, subgradient=False, check_finite=True):
+def _cold_with_basis(W, energy, max_rank, subgradient):
+    """The full solve plus the eigenvectors of the Gram matrix [B, n, n] float64 (columns, descending)."""
+    if backend_for(W.device) == "cpp" and _extension.has_kernel("lowrank_project_basis", _dispatch_key(W.device)):
+        W_low, rank, G, basis = torch.ops.trp_kernels_C.lowrank_project_basis(W, energy, max_rank, subgradient)
+    else:
+        W_low, rank, G, basis = reference.lowrank_project_basis(W, energy, max_rank, subgradient)
+    return W_low, rank, (G if subgradient else W.new_empty(0)), basis
+
+
+def _basis_fits(basis, W):
+    n = min(W.shape[1], W.shape[2])
+    return (basis is not None and basis.dim() == 3 and basis.dtype == torch.float64
+            and basis.device == W.device and basis.shape[0] == W.shape[0] and basis.shape[1] == n
+            and 1 <= basis.shape[2] <= n)
+
+
+@torch.library.custom_op("trp_kernels::lowrank_project_warm", mutates_args=())
+def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, max_rank: Optional[int],
+                             subgradient: bool, check: bool = True
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if check:
+        check_finite(W)
+    B, p, q = W.shape
+    n = min(p, q)
+    if not (_basis_fits(basis, W) and n >= _warm.MIN_N and energy < 1.0):
+        W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient)
+        return W_low, rank, G, _warm.next_basis(full, rank), rank.new_zeros(B, dtype=torch.bool)
+    compiled = backend_for(W.device) == "cpp" and _extension.has_kernel("lowrank_project_warm",
+                                                                        _dispatch_key(W.device))
+    W_low, rank, G, X, ok = (_warm.compiled_step if compiled else _warm.step)(W, basis, energy, max_rank,
+                                                                             subgradient)
+    cold = (~ok).nonzero().squeeze(1)  # the one host synchronisation of the warm path
+    if cold.numel() == 0:
+        return W_low, rank, G, _warm.next_basis(X, rank), ok
+    c_low, c_rank, c_G, c_basis = _cold_with_basis(W[cold], energy, max_rank, subgradient)
+    W_low[cold], rank[cold] = c_low, c_rank
+    if subgradient:
+        G[cold] = c_G
+    vectors = torch.zeros(B, n, max(X.shape[-1], int(c_rank.max()) if c_rank.numel() else 0),
+                          dtype=X.dtype, device=X.device)
+    vectors[..., :X.shape[-1]] = X
+    vectors[cold] = c_basis[..., :vectors.shape[-1]]
+    return W_low, rank, G, _warm.next_basis(vectors, rank), ok
+
+
+@_lowrank_project_warm_op.register_fake
+def _(W, basis, energy, max_rank, subgradient, check=True):
+    B, p, q = W.shape
+    n = min(p, q)
+    m = torch.library.get_ctx().new_dynamic_size(min=1, max=max(n, 1))  # the largest rank (at least 1)
+    G = W.new_empty(W.shape) if subgradient else W.new_empty(0)
+    return (W.new_empty(W.shape), W.new_empty((B,), dtype=torch.int64), G,
+            W.new_empty((B, n, m), dtype=torch.float64), W.new_empty((B,), dtype=torch.bool))
+
+
+class WarmStart:
+    """The state that lets consecutive lowrank_project calls on slowly moving matrices skip the full
+    eigensolve: per matrix, the leading singular vectors of the smaller side found by the previous call
+    (`basis` [B, n, m] float64: each matrix's kept singular vectors, zero columns up to the batch's largest
+    rank m) and which matrices of that call took the warm path (`warm` bool [B]). Pass the same object to every call on the same batch of matrices:
+
+        state = trp_kernels.WarmStart()
+        for ...:
+            W_low, rank, G = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+
+    The results meet the same contract as without it (each matrix is checked and, where the check fails,
+    solved in full); only the time differs. A state from other matrices (another batch size, shape or device)
+    is not an error: that call solves in full and starts a new state."""
+
+    def __init__(self):
+        self.basis = None
+        self.warm = None
+
+    def reset(self):
+        self.basis = self.warm = None
+
+    def state_dict(self):
+        return {"basis": self.basis}
+
+    def load_state_dict(self, state):
+        basis = state.get("basis") if isinstance(state, dict) else None
+        if not isinstance(state, dict) or (basis is not None and not (
+                isinstance(basis, torch.Tensor) and basis.dim() == 3 and basis.dtype == torch.float64)):
+            raise ValueError("WarmStart.load_state_dict: expected {'basis': None or a float64 tensor [B, n, m]}, "
+                             f"got {state!r:.200}")
+        self.basis, self.warm = basis, None
+
+    def __repr__(self):
+        shape = None if self.basis is None else tuple(self.basis.shape)
+        return f"WarmStart(basis={shape})"
+
+
+def lowrank_project(W, energy, *, max_rank=None, subgradient=False, check_finite=True, warm=None):
     """Project each matrix of W [B, p, q] on its truncated SVD.
 
     Returns (W_low, rank, G): rank[b] is the smallest k >= 1 keeping at least `energy` of the squared
@@ -118,8 +214,17 @@ def lowrank_project(W, energy, *, max_rank=None, subgradient=False, check_finite
     float16/bfloat16 are computed in float32 and returned in W's dtype. W is never modified.
     NaN/Inf in W raise ValueError; check_finite=False skips that test (a host sync) for callers that
     have already made it (RankPruner checks all its groups at once) - the results are then undefined for
-    non-finite input."""
+    non-finite input.
+    warm: a WarmStart carried between calls on the same (slowly moving) matrices: each call starts from the
+    previous call's basis and updates it; same results, less time (trp_kernels/warm.py)."""
     validate(W, energy, max_rank)
+    if warm is not None:
+        if not isinstance(warm, WarmStart):
+            raise TypeError(f"lowrank_project: warm must be a trp_kernels.WarmStart or None, got "
+                            f"{type(warm).__name__}")
+        W_low, rank, G, warm.basis, warm.warm = _lowrank_project_warm_op(
+            W, warm.basis, float(energy), max_rank, bool(subgradient), bool(check_finite))
+        return W_low, rank, (G if subgradient else None)
     W_low, rank, G = _lowrank_project_op(W, float(energy), max_rank, bool(subgradient), bool(check_finite))
     return W_low, rank, (G if subgradient else None)
 

@@ -23,20 +23,29 @@ def energy_rank(sigma, energy, max_rank=None):
 
 def lowrank_project(W, energy, max_rank=None, subgradient=False):
     """W [B, p, q] -> (W_low, rank, G or None) by batched SVD; see DESIGN.md for the contract."""
+    return lowrank_project_basis(W, energy, max_rank, subgradient)[:3]
+
+
+def lowrank_project_basis(W, energy, max_rank=None, subgradient=False):
+    """lowrank_project plus the singular vectors of the smaller side [B, n, n] float64 (columns, descending):
+    left ones when p <= q, else right ones, i.e. the Gram matrix's eigenvectors (the warm start's state)."""
     # float64 SVD for every input: the spec must meet the contract's 1e-5 accuracy itself, and a float32
     # SVD misses it where the spectrum is flat at the cut.
     compute_dtype = torch.float64
     A = W.to(compute_dtype)
     B, p, q = A.shape
-    if B == 0:
-        rank = torch.zeros(0, dtype=torch.int64, device=W.device)
-        return W.clone(), rank, (W.clone() if subgradient else None)
+    n = min(p, q)
+    if B == 0 or n == 0:
+        rank = torch.zeros(B, dtype=torch.int64, device=W.device)
+        return (torch.zeros_like(W), rank, (torch.zeros_like(W) if subgradient else None),
+                A.new_zeros(B, n, n))
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     rank = energy_rank(S, energy, max_rank)
     keep = (torch.arange(S.shape[-1], device=W.device) < rank[:, None]).to(compute_dtype)
     W_low = (U * (S * keep).unsqueeze(-2)) @ Vh
     G = (U * keep.unsqueeze(-2)) @ Vh if subgradient else None
-    return W_low.to(W.dtype), rank, (G.to(W.dtype) if G is not None else None)
+    basis = U if p <= q else Vh.mT
+    return W_low.to(W.dtype), rank, (G.to(W.dtype) if G is not None else None), basis
 
 
 def _pad_and_conv(x, weight, bias, stride, padding, dilation, groups=1):

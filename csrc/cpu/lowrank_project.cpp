@@ -8,6 +8,7 @@
 
 #include "common/jacobi.h"
 #include "common/lowrank_driver.h"
+#include "common/warm_driver.h"
 
 namespace trp {
 namespace {
@@ -100,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rank_cpu(const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_cpu_solver(
     const at::Tensor& W, double energy, std::optional<int64_t> max_rank, bool subgradient,
-    const std::string& solver) {
+    const std::string& solver, at::Tensor* basis = nullptr) {
   TORCH_CHECK(solver == "auto" || solver == "jacobi" || solver == "lapack" || solver == "lapack_batched",
               "lowrank_project: solver must be auto, jacobi, lapack or lapack_batched, got ", solver);
   const int64_t n = W.dim() == 3 ? std::min(W.size(1), W.size(2)) : 0;
@@ -111,13 +112,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_cpu_solver(
                       : choice == "lapack" ? EighFn(lapack_eigh_per_matrix)
                                            : EighFn(lapack_eigh_batched);
   return lowrank_project_gram(W, energy, max_rank, subgradient, eigh, select_rank_cpu,
-                              /*truncate_on_host=*/true);
+                              /*truncate_on_host=*/true, basis);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_basis_cpu(
+    const at::Tensor& W, double energy, std::optional<int64_t> max_rank, bool subgradient) {
+  at::Tensor basis;
+  auto [W_low, rank, G] = lowrank_project_cpu_solver(W, energy, max_rank, subgradient, "auto", &basis);
+  return {W_low, rank, G, basis};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_cpu(const at::Tensor& W, double energy,
                                                                    std::optional<int64_t> max_rank,
                                                                    bool subgradient) {
   return lowrank_project_cpu_solver(W, energy, max_rank, subgradient, "auto");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warm_certify_cpu(
+    const at::Tensor& trace_in, const at::Tensor& theta_in, const at::Tensor& res2_in, double energy,
+    int64_t max_rank, double noise_rel, WarmTolerances tol) {
+  const at::Tensor trace = trace_in.contiguous(), theta = theta_in.contiguous(), res2 = res2_in.contiguous();
+  const int64_t B = theta.size(0), m = theta.size(1);
+  at::Tensor rank = at::empty({B}, theta.options().dtype(at::kLong));
+  at::Tensor keep = at::empty({B, m}, theta.options());
+  at::Tensor inv_s = at::empty({B, m}, theta.options());
+  at::Tensor ok = at::empty({B}, theta.options().dtype(at::kBool));
+  const double *tr = trace.data_ptr<double>(), *th = theta.data_ptr<double>(), *r2 = res2.data_ptr<double>();
+  int64_t* rk = rank.data_ptr<int64_t>();
+  double *kp = keep.data_ptr<double>(), *ip = inv_s.data_ptr<double>();
+  bool* okp = ok.data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b)
+    rk[b] = warm_certify(tr[b], th + b * m, r2 + b * m, int(m), energy, max_rank, noise_rel, tol, kp + b * m,
+                         ip + b * m, okp + b);
+  return {rank, keep, inv_s, ok};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_warm_cpu(
+    const at::Tensor& W, const at::Tensor& basis, double energy, std::optional<int64_t> max_rank,
+    bool subgradient, int64_t power_steps, double rank_margin, double subspace_tol, double noise_floor) {
+  return lowrank_project_warm_gram(W, basis, energy, max_rank, subgradient,
+                                   {power_steps, {rank_margin, subspace_tol, noise_floor}}, warm_certify_cpu,
+                                   /*truncate_on_host=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cpu(const at::Tensor& A) {
@@ -134,6 +169,12 @@ TORCH_LIBRARY(trp_kernels_C, m) {
   // The same with the eigensolver chosen explicitly ("auto", "jacobi", "lapack"; CUDA: "jacobi" is the
   // shared-memory kernel for n <= 64, "lapack" ATen's solver): tests and benchmarks.
   m.def("lowrank_project_solver(Tensor W, float energy, int? max_rank, bool subgradient, str solver) -> (Tensor, Tensor, Tensor)");
+  // The same plus the Gram matrix's eigenvectors [B, n, n] float64 (columns, descending): the state the
+  // warm-started projection (trp_kernels/warm.py) starts its next call from.
+  m.def("lowrank_project_basis(Tensor W, float energy, int? max_rank, bool subgradient) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One warm-started step (trp_kernels/warm.py, csrc/common/warm_driver.h): basis [B, n, m] float64 ->
+  // (W_low, rank, G, Ritz vectors [B, n, m] float64, ok bool [B]); matrices with ok = false are unspecified.
+  m.def("lowrank_project_warm(Tensor W, Tensor basis, float energy, int? max_rank, bool subgradient, int power_steps, float rank_margin, float subspace_tol, float noise_floor) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The shared Jacobi core alone: symmetric A [B, n, n] -> (eigenvalues descending [B, n] float64,
   // eigenvectors as columns [B, n, n] float64).
   m.def("jacobi_eigh(Tensor A) -> (Tensor, Tensor)");
@@ -141,6 +182,12 @@ TORCH_LIBRARY(trp_kernels_C, m) {
 
 TORCH_LIBRARY_IMPL(trp_kernels_C, CPU, m) {
   m.impl("lowrank_project", &trp::lowrank_project_cpu);
-  m.impl("lowrank_project_solver", &trp::lowrank_project_cpu_solver);
+  m.impl("lowrank_project_solver",
+         [](const at::Tensor& W, double energy, std::optional<int64_t> max_rank, bool subgradient,
+            const std::string& solver) {
+           return trp::lowrank_project_cpu_solver(W, energy, max_rank, subgradient, solver);
+         });
+  m.impl("lowrank_project_basis", &trp::lowrank_project_basis_cpu);
+  m.impl("lowrank_project_warm", &trp::lowrank_project_warm_cpu);
   m.impl("jacobi_eigh", &trp::jacobi_eigh_cpu);
 }

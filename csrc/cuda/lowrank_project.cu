@@ -12,6 +12,7 @@
 
 #include "common/jacobi.h"
 #include "common/lowrank_driver.h"
+#include "common/warm_driver.h"
 
 namespace trp {
 namespace {
@@ -112,6 +113,38 @@ std::tuple<at::Tensor, at::Tensor> aten_eigh_cuda(const at::Tensor& gram) {
   return {evals.flip(-1).contiguous(), evecs.flip(-1).contiguous()};
 }
 
+__global__ void warm_certify_kernel(const double* __restrict__ trace, const double* __restrict__ theta,
+                                    const double* __restrict__ res2, int64_t B, int m, double energy,
+                                    int64_t max_rank, double noise_rel, WarmTolerances tol,
+                                    int64_t* __restrict__ rank, double* __restrict__ keep,
+                                    double* __restrict__ inv_s, bool* __restrict__ ok) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  rank[b] = warm_certify(trace[b], theta + b * m, res2 + b * m, m, energy, max_rank, noise_rel, tol,
+                         keep + b * m, inv_s + b * m, ok + b);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warm_certify_cuda(
+    const at::Tensor& trace_in, const at::Tensor& theta_in, const at::Tensor& res2_in, double energy,
+    int64_t max_rank, double noise_rel, WarmTolerances tol) {
+  const at::Tensor trace = trace_in.contiguous(), theta = theta_in.contiguous(), res2 = res2_in.contiguous();
+  const int64_t B = theta.size(0);
+  const int m = int(theta.size(1));
+  at::Tensor rank = at::empty({B}, theta.options().dtype(at::kLong));
+  at::Tensor keep = at::empty({B, m}, theta.options());
+  at::Tensor inv_s = at::empty({B, m}, theta.options());
+  at::Tensor ok = at::empty({B}, theta.options().dtype(at::kBool));
+  if (B == 0) return {rank, keep, inv_s, ok};
+  const int threads = 128;
+  const unsigned blocks = unsigned((B + threads - 1) / threads);
+  warm_certify_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      trace.data_ptr<double>(), theta.data_ptr<double>(), res2.data_ptr<double>(), B, m, energy, max_rank,
+      noise_rel, tol, rank.data_ptr<int64_t>(), keep.data_ptr<double>(), inv_s.data_ptr<double>(),
+      ok.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {rank, keep, inv_s, ok};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rank_cuda(const at::Tensor& evals_in, double energy,
                                                                 int64_t max_rank, double noise_rel) {
   const at::Tensor evals = evals_in.contiguous();
@@ -132,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rank_cuda(const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_cuda_solver(
     const at::Tensor& W, double energy, std::optional<int64_t> max_rank, bool subgradient,
-    const std::string& solver) {
+    const std::string& solver, at::Tensor* basis = nullptr) {
   TORCH_CHECK(solver == "auto" || solver == "jacobi" || solver == "lapack" || solver == "lapack_batched",
               "lowrank_project: solver must be auto, jacobi, lapack or lapack_batched, got ", solver);
   const c10::cuda::CUDAGuard guard(W.device());
@@ -140,13 +173,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_cuda_solver(
   const bool jacobi = solver == "jacobi" || (solver == "auto" && n <= kCudaJacobiMaxN);
   return lowrank_project_gram(W, energy, max_rank, subgradient,
                               jacobi ? EighFn(jacobi_eigh_cuda_impl) : EighFn(aten_eigh_cuda),
-                              select_rank_cuda, /*truncate_on_host=*/false);
+                              select_rank_cuda, /*truncate_on_host=*/false, basis);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_basis_cuda(
+    const at::Tensor& W, double energy, std::optional<int64_t> max_rank, bool subgradient) {
+  at::Tensor basis;
+  auto [W_low, rank, G] = lowrank_project_cuda_solver(W, energy, max_rank, subgradient, "auto", &basis);
+  return {W_low, rank, G, basis};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_cuda(const at::Tensor& W, double energy,
                                                                     std::optional<int64_t> max_rank,
                                                                     bool subgradient) {
   return lowrank_project_cuda_solver(W, energy, max_rank, subgradient, "auto");
+}
+
+// One launch sequence per group, no host synchronisation (the caller's fallback decision is its one sync).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_warm_cuda(
+    const at::Tensor& W, const at::Tensor& basis, double energy, std::optional<int64_t> max_rank,
+    bool subgradient, int64_t power_steps, double rank_margin, double subspace_tol, double noise_floor) {
+  const c10::cuda::CUDAGuard guard(W.device());
+  return lowrank_project_warm_gram(W, basis, energy, max_rank, subgradient,
+                                   {power_steps, {rank_margin, subspace_tol, noise_floor}}, warm_certify_cuda,
+                                   /*truncate_on_host=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cuda(const at::Tensor& A) {
@@ -160,6 +210,12 @@ std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cuda(const at::Tensor& A) {
 
 TORCH_LIBRARY_IMPL(trp_kernels_C, CUDA, m) {
   m.impl("lowrank_project", &trp::lowrank_project_cuda);
-  m.impl("lowrank_project_solver", &trp::lowrank_project_cuda_solver);
+  m.impl("lowrank_project_solver",
+         [](const at::Tensor& W, double energy, std::optional<int64_t> max_rank, bool subgradient,
+            const std::string& solver) {
+           return trp::lowrank_project_cuda_solver(W, energy, max_rank, subgradient, solver);
+         });
+  m.impl("lowrank_project_basis", &trp::lowrank_project_basis_cuda);
+  m.impl("lowrank_project_warm", &trp::lowrank_project_warm_cuda);
   m.impl("jacobi_eigh", &trp::jacobi_eigh_cuda);
 }

@@ -1,0 +1,78 @@
+// Host-side driver of the warm-started projection, shared by the CPU and CUDA kernels (ATen ops, so the
+// same code issues MKL/LAPACK calls on the CPU and cuBLAS/cuSOLVER ones on the GPU; the per-matrix
+// certificate is passed in). The algorithm, its bounds and its Python twin: trp_kernels/warm.py.
+//
+//   Y = M^2 basis (M the float64 Gram matrix), columns scaled to unit norm, CholQR2 -> Q;
+//   H = Q^T M Q = S diag(theta) S^T;  X = Q S;  R = M X - X diag(theta);
+//   certificate(theta, ||R columns||^2, trace M) -> rank, keep, inv_s, ok;  projection on X as the full solve.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+
+#include <functional>
+#include <optional>
+#include <tuple>
+
+#include "common/lowrank_driver.h"
+#include "common/warm_certify.h"
+
+namespace trp {
+
+// (trace [B], theta [B, m], res2 [B, m], energy, max_rank (< 0: none), noise_rel, tolerances)
+//   -> (rank, keep, inv_s, ok)
+using CertifyFn = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, double, WarmTolerances)>;
+
+// The algorithm's constants come from the caller (trp_kernels/warm.py is their one home).
+struct WarmParams {
+  int64_t power_steps;
+  WarmTolerances tol;
+};
+
+// W [B, p, q], basis [B, n, m] float64 -> (W_low, rank, G, X [B, n, m] Ritz vectors, ok bool [B]).
+// Matrices with ok = false hold unspecified results: the caller solves them in full.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_warm_gram(
+    const at::Tensor& W, const at::Tensor& basis_in, double energy, std::optional<int64_t> max_rank,
+    bool subgradient, const WarmParams& params, const CertifyFn& certify, bool truncate_on_host) {
+  check_project_args(W, energy, max_rank);
+  const int64_t B = W.size(0), p = W.size(1), q = W.size(2), n = n_of(p, q);
+  TORCH_CHECK(basis_in.dim() == 3 && basis_in.size(0) == B && basis_in.size(1) == n && basis_in.size(2) >= 1 &&
+                  basis_in.size(2) <= n && basis_in.scalar_type() == at::kDouble,
+              "lowrank_project_warm: basis must be float64 [B, n, m] with 1 <= m <= n = min(p, q), got ",
+              basis_in.sizes(), " ", basis_in.scalar_type());
+  at::NoTF32Guard no_tf32;  // as in lowrank_project_gram
+  const at::Tensor basis = at::where(at::isfinite(basis_in), basis_in, at::zeros_like(basis_in));
+  auto [A64, M, left] = gram_of(W);
+  at::Tensor Y = basis;
+  for (int64_t s = 0; s < params.power_steps; ++s) Y = at::bmm(M, Y);
+  const at::Tensor norms = at::linalg_vector_norm(Y, 2, {1}, /*keepdim=*/true);
+  const at::Tensor live = norms > std::get<0>(norms.max(2, /*keepdim=*/true)) * 1e-200;
+  Y = at::where(live, Y / norms.clamp_min(1e-300), at::zeros_like(Y));
+  const at::Tensor live_d = live.squeeze(1).to(at::kDouble);
+  const at::Tensor dead = at::diag_embed(1.0 - live_d);  // unit pivots keep dead columns at zero
+  at::Tensor Q = Y;
+  at::Tensor usable = at::ones({B}, W.options().dtype(at::kBool));
+  for (int pass = 0; pass < 2; ++pass) {  // CholQR2
+    auto [L, info] = at::linalg_cholesky_ex(at::bmm(Q.transpose(1, 2), Q) + dead);
+    Q = at::linalg_solve_triangular(L, Q.transpose(1, 2), /*upper=*/false).transpose(1, 2);
+    usable = usable & info.eq(0);
+  }
+  const at::Tensor ortho = (at::bmm(Q.transpose(1, 2), Q) - at::diag_embed(live_d)).abs().amax({1, 2});
+  usable = usable & ortho.le(1e-12);
+  const at::Tensor MQ = at::bmm(M, Q);
+  const at::Tensor H = at::bmm(Q.transpose(1, 2), MQ);
+  auto [theta_up, S_up] = at::linalg_eigh((H + H.transpose(1, 2)).mul_(0.5));
+  const at::Tensor theta = theta_up.flip(-1).contiguous(), S = S_up.flip(-1);
+  const at::Tensor X = at::bmm(Q, S);
+  const at::Tensor R = at::bmm(MQ, S) - X * theta.unsqueeze(1);
+  const at::Tensor res2 = R.square().sum(1).contiguous();
+  const at::Tensor trace = M.diagonal(0, 1, 2).sum(-1).contiguous();
+  auto [rank, keep, inv_s, ok] = certify(trace, theta, res2, energy, max_rank.value_or(-1), gram_noise_rel(p, q),
+                                        params.tol);
+  ok = ok & usable;
+  auto [W_low, G] = project_on_basis(W, X, rank, keep, inv_s, left, subgradient, truncate_on_host);
+  return {W_low, rank, G, X, ok};
+}
+
+}  // namespace trp

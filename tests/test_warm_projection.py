@@ -1,0 +1,231 @@
+"""Warm-started lowrank_project (trp_kernels/warm.py, WarmStart): equal to the full solve within the contract
+over SGD-like trajectories (rank changes, energy changes, max_rank), pathological matrices, fallback, the
+compiled step against its Python specification, the op schema, and RankPruner carrying the state."""
+import io
+
+import pytest
+import torch
+
+import trp
+import trp_kernels
+from trp_kernels import WarmStart, _extension, project, warm
+
+from test_lowrank_project import check_projection, make_batch
+
+HAS_CPP = _extension.has_kernel("lowrank_project_warm", "CPU")
+BACKENDS = ["reference"] + (["cpp"] if HAS_CPP else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv(project.BACKEND_ENV, request.param)
+    return request.param
+
+
+def cold(W, energy, max_rank=None):
+    return trp_kernels.lowrank_project(W, energy, max_rank=max_rank, subgradient=True)
+
+
+def assert_same_as_cold(W, energy, out, max_rank=None, svd=True):
+    """The contract: the full solve's rank exactly, W_low within 1e-5 of it (relative to ||W||), G = U_k V_k^T
+    (checked against float64 SVD, like every backend of the op, when `svd`)."""
+    W_low, rank, G = out
+    c_low, c_rank, _ = cold(W, energy, max_rank)
+    assert torch.equal(rank, c_rank)
+    err = (W_low - c_low).flatten(1).norm(dim=1) / W.flatten(1).norm(dim=1).clamp_min(1e-30)
+    assert float(err.max()) <= 1e-5
+    assert torch.isfinite(W_low).all() and torch.isfinite(G).all()
+    if svd:
+        check_projection(W, energy, W_low, rank, G, max_rank=max_rank)
+
+
+def sgd_like(W_low, size, gen):
+    """The next weights of a TRP run: the projected weights plus a dense update of relative size `size`."""
+    rms = W_low.flatten(1).square().mean(dim=1).sqrt().clamp_min(1e-3)[:, None, None]
+    return W_low + size * rms * torch.randn(W_low.shape, generator=gen, dtype=W_low.dtype)
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 44), (3, 36, 18)])
+def test_fifty_step_trajectory_equals_full_solve(backend, shape):
+    """Ranks shrink as TRP projects, grow after a larger update, and follow energy changes (a budget)."""
+    gen = torch.Generator().manual_seed(shape[1])
+    W = make_batch(*shape, "decay", seed=3) + 0.05 * make_batch(*shape, "flat", seed=4)
+    state, warm_calls, ranks = WarmStart(), 0, set()
+    for t in range(50):
+        energy = (0.9, 0.8, 0.95)[(t // 10) % 3]
+        out = trp_kernels.lowrank_project(W, energy, subgradient=True, warm=state)
+        assert_same_as_cold(W, energy, out, svd=t % 7 == 0)
+        assert state.warm.shape == (shape[0],) and state.basis.shape[:2] == (shape[0], min(shape[1:]))
+        assert state.basis.shape[2] == max(int(out[1].max()), 1)
+        warm_calls += int(state.warm.sum())
+        ranks.update(out[1].tolist())
+        W = sgd_like(out[0], 0.3 if t % 10 == 9 else 0.01, gen)
+    assert warm_calls >= 0.6 * 49 * shape[0], warm_calls  # the warm path carried most of the trajectory
+    assert len(ranks) >= 4
+
+
+def test_trajectory_with_max_rank_and_float64(backend):
+    """max_rank decides the rank at every step (energy 0.99999 wants more than 6 directions)."""
+    gen = torch.Generator().manual_seed(1)
+    W = make_batch(3, 24, 40, "flat", seed=5, dtype=torch.float64)
+    state, warm_calls = WarmStart(), 0
+    for t in range(12):
+        out = trp_kernels.lowrank_project(W, 0.99999, max_rank=6, subgradient=True, warm=state)
+        assert out[1].tolist() == [6, 6, 6]
+        assert_same_as_cold(W, 0.99999, out, max_rank=6, svd=t % 4 == 0)
+        warm_calls += int(state.warm.sum())
+        W = sgd_like(out[0], 0.01, gen)
+    assert warm_calls >= 2 * 11
+
+
+def test_pathological_matrices(backend):
+    """Repeated singular values, a zeroed matrix, a sudden large update: NaN-free and within the contract."""
+    gen = torch.Generator().manual_seed(2)
+    W = torch.cat([make_batch(2, 24, 48, "repeated", seed=6), make_batch(2, 24, 48, "decay", seed=7)])
+    state = WarmStart()
+    out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+    for t in range(6):
+        W = sgd_like(out[0], 0.01, gen)
+        if t == 2:
+            W[1] = 0.0   # a layer set to zero
+        if t == 4:
+            W[3] = torch.randn(24, 48, generator=gen)  # a sudden large update
+        out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+        assert_same_as_cold(W, 0.9, out)
+        if t == 2:
+            assert out[1][1] == 0 and float(out[0][1].abs().max()) == 0.0
+        if t == 4:
+            assert not bool(state.warm[3])  # the update is not "small": the full solve
+    # exactly repeated singular values at the cut: still the same rank and a best approximation
+    W = make_batch(3, 20, 40, "repeated", seed=8)
+    state = WarmStart()
+    for _ in range(3):
+        out = trp_kernels.lowrank_project(W, 0.5, subgradient=True, warm=state)
+        assert_same_as_cold(W, 0.5, out)
+
+
+@pytest.mark.parametrize("corrupt", ["nan", "random", "shape", "device-dtype"])
+def test_a_bad_state_falls_back_to_the_full_solve(backend, corrupt):
+    W = make_batch(3, 20, 36, "decay", seed=9)
+    state = WarmStart()
+    trp_kernels.lowrank_project(W, 0.9, warm=state)
+    gen = torch.Generator().manual_seed(3)
+    if corrupt == "nan":
+        state.basis[1] = float("nan")
+    elif corrupt == "random":
+        state.basis = torch.linalg.qr(torch.randn(3, 20, state.basis.shape[2], generator=gen,
+                                                  dtype=torch.float64))[0]
+    elif corrupt == "shape":
+        state.basis = state.basis[:2]
+    else:
+        state.basis = state.basis.float()
+    out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+    assert_same_as_cold(W, 0.9, out)
+    if corrupt in ("shape", "device-dtype"):
+        assert not bool(state.warm.any())
+    if corrupt == "nan":
+        assert not bool(state.warm[1])
+    assert state.basis.shape[:2] == (3, 20) and state.basis.dtype == torch.float64
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="trp_kernels._C not built")
+def test_compiled_step_matches_its_python_specification():
+    gen = torch.Generator().manual_seed(4)
+    for shape in [(5, 24, 70), (4, 40, 18)]:
+        W = make_batch(*shape, "decay", seed=11) + 0.05 * make_batch(*shape, "flat", seed=12)
+        W_low, rank, _, full = project._cold_with_basis(W, 0.9, None, True)
+        basis = warm.next_basis(full, rank)
+        W = sgd_like(W_low, 0.01, gen)
+        for max_rank in (None, 3):
+            py = warm.step(W, basis, 0.9, max_rank, True)
+            cc = warm.compiled_step(W, basis, 0.9, max_rank, True)
+            assert torch.equal(py[4], cc[4]) and bool(py[4].any())
+            ok = py[4]
+            assert torch.equal(py[1][ok], cc[1][ok])
+            for a, b in ((py[0], cc[0]), (py[2], cc[2])):
+                torch.testing.assert_close(a[ok], b[ok], rtol=0, atol=1e-5)
+            # Ritz vectors: the same up to the sign of each column
+            dots = (py[3] * cc[3]).sum(-2)[ok][:, :int(py[1][ok].min())]
+            torch.testing.assert_close(dots.abs(), torch.ones_like(dots), rtol=0, atol=1e-9)
+
+
+def test_op_schema_and_fake_kernel():
+    W = make_batch(3, 18, 30, "decay", seed=13)
+    _, rank, _, full = project._cold_with_basis(W, 0.9, None, False)
+    basis = warm.next_basis(full, rank)
+    for args in [(W, basis, 0.9, None, True, True), (W, None, 0.8, 4, False, True)]:
+        torch.library.opcheck(torch.ops.trp_kernels.lowrank_project_warm.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_warm_start_api_and_bad_input():
+    W = make_batch(2, 16, 30, "decay", seed=14)
+    with pytest.raises(TypeError, match="warm"):
+        trp_kernels.lowrank_project(W, 0.9, warm={"basis": None})
+    state = WarmStart()
+    assert trp_kernels.lowrank_project(W, 0.9, warm=state)[2] is None
+    restored = WarmStart()
+    restored.load_state_dict(state.state_dict())
+    assert torch.equal(restored.basis, state.basis) and "WarmStart(basis=(2, 16" in repr(restored)
+    for bad in [None, {"basis": "x"}, {"basis": torch.zeros(3, 3)}, {"basis": torch.zeros(1, 3, 3)}]:
+        with pytest.raises(ValueError, match="WarmStart.load_state_dict"):
+            restored.load_state_dict(bad)
+    state.reset()
+    assert state.basis is None and state.warm is None
+    # smaller matrices than warm.MIN_N, empty batches: the full solve, and a state of the right shape
+    small = make_batch(2, 6, 9, "decay")
+    trp_kernels.lowrank_project(small, 0.9, warm=state)
+    assert state.basis.shape[:2] == (2, 6) and not bool(state.warm.any())
+    out = trp_kernels.lowrank_project(torch.empty(0, 20, 30), 0.9, subgradient=True, warm=WarmStart())
+    assert out[0].shape == (0, 20, 30) and out[1].shape == (0,)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        trp_kernels.lowrank_project(torch.full((1, 20, 20), float("nan")), 0.9, warm=state)
+
+
+def _train(model, pruner, steps, seed=0):
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        pruner.step()
+        loss = model(torch.randn(2, 3, 8, 8, dtype=torch.float64)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        pruner.regularize()
+        opt.step()
+
+
+def _net():
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 20, 3, padding=1), torch.nn.Conv2d(20, 24, 3, padding=1),
+                               torch.nn.Conv2d(24, 24, 3, padding=1)).double()
+
+
+def test_rank_pruner_carries_and_saves_the_warm_state():
+    model = _net()
+    pruner = trp.RankPruner(model, "channel", energy=0.9, nuclear=1e-3)
+    _train(model, pruner, 4)
+    assert any(bool(g.warm.warm.any()) for g in pruner._groups)  # the warm path ran
+    state = io.BytesIO()
+    torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, state)
+    assert set(pruner.state_dict()["warm_bases"]) == set(pruner.layer_names)
+
+    def resumed(drop_bases):
+        state.seek(0)
+        saved = torch.load(state, weights_only=True)
+        if drop_bases:
+            del saved["pruner"]["warm_bases"]  # a state saved without it: rebuilt by a full solve
+        m = _net()
+        m.load_state_dict(saved["model"])
+        p = trp.RankPruner(m, "channel", energy=0.9, nuclear=1e-3)
+        p.load_state_dict(saved["pruner"])
+        _train(m, p, 3, seed=1)
+        return m, p
+
+    _train(model, pruner, 3, seed=1)
+    exact, _ = resumed(drop_bases=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, exact.state_dict()[k]), k
+    rebuilt, p2 = resumed(drop_bases=True)
+    assert p2.ranks == pruner.ranks
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, rebuilt.state_dict()[k], rtol=0, atol=1e-6)

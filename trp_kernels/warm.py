@@ -1,0 +1,172 @@
+"""Warm-started low-rank projection: one block power step and a Rayleigh-Ritz step from the previous call's
+basis, with a per-matrix certificate that the result is the one the full eigensolve gives.
+
+Between two TRP projections the weights move little: after a projection each matrix is exactly rank k, and
+one SGD step later it is rank k plus a small update. One power step from the previous kept basis V0
+(Y = M V0 with the Gram matrix M = A A^T, or A^T A) tilts the subspace by that update, and the error left
+is of third order in it; a Rayleigh-Ritz step on span(Y) then gives the Ritz values theta_1 >= ... >=
+theta_m and vectors X. Nothing is trusted without proof: with the residual R = M X - X diag(theta) (float64)
+and tau = trace(M) - sum(theta) (the energy outside span(X), exact), per matrix and j = 1..m:
+
+    Theta(j) = theta_1 + ... + theta_j  <=  F(j) = lam_1 + ... + lam_j  <=  Theta(j) + eps_j
+    eps_j = ||R_{1:j}||_F^2 / gap_j,  gap_j = theta_j - ||R_{1:j}||_F - max(theta_{j+1}, tau)
+                                               - 2 ||R_{j+1:m}||_F
+    sin(angle(span X_{1:k}, exact top-k subspace)) <= ||R_{1:k}||_F / gap_k
+
+(Ky Fan's maximum principle for the lower bound; for the upper one, M <= diag(H11 + E^T E / d, M22 + d I)
+in the Loewner order with the off-diagonal block E of the split after the leading j Ritz vectors, whose
+complement has no eigenvalue above max(theta_{j+1}, tau) + 2 ||R_{j+1:m}||_F; then lam_i >= theta_i
+(Cauchy interlacing) carries the bound to every j' <= j; the angle bound is Davis and Kahan's sin-theta
+theorem with the same gap.) A matrix takes the warm result only when these bounds prove (a) the same
+energy-rule rank as the exact spectrum, with a margin of RANK_MARGIN * ||W||_F^2 at the threshold (below
+it the full solve's own rounding decides), and (b) a kept subspace within SUBSPACE_TOL, which bounds
+||W_low - W_low_exact||_F / ||W||_F and, with the factor 1 + sqrt(theta_1 / theta_k), the subgradient's
+error. Every other matrix (and every matrix on the first call) takes the full solve.
+
+This module is the executable specification (batched torch ops, any device) and the fallback; the compiled
+kernels (csrc/common/warm_driver.h, warm_certify.h: one launch sequence per batch on the GPU) run the same
+steps with the constants below. The host decides once per batch which matrices fall back
+(trp_kernels/project.py)."""
+import torch
+
+RANK_MARGIN = 1e-9       # relative energy margin around the energy threshold (float64 rounding is ~1e-13)
+SUBSPACE_TOL = 1e-6      # bound on the sine of the angle to the exact kept subspace (contract: 1e-5)
+POWER_STEPS = 2          # each divides the distance to the kept subspace by ~(update / kept singular value)^2
+NOISE_FLOOR = 1e3        # kept Ritz values must exceed this many times the Gram matrix's rounding level
+MIN_N = 16               # smaller matrices always take the full solve (it is as cheap as the warm step)
+
+
+def noise_rel(p, q):
+    """Relative eigenvalue level (of lam_1) below which a kept direction gets no 1/s in the subgradient: the
+    Gram matrix's float64 rounding, as gram_noise_rel in csrc/common/lowrank_driver.h."""
+    return 16.0 * torch.finfo(torch.float64).eps * max(p, q)
+
+
+def gram(W):
+    """(float64 Gram matrix of the smaller side [B, n, n], float64 W, whether it is W W^T)."""
+    A = W.to(torch.float64)
+    left = A.shape[1] <= A.shape[2]
+    M = A @ A.mT if left else A.mT @ A
+    return (M + M.mT) * 0.5, A, left
+
+
+def rayleigh_ritz(M, basis, steps=POWER_STEPS):
+    """`steps` block power steps from `basis` [B, n, m] (the kept singular vectors of the previous call, zero
+    columns beyond each matrix's rank) and a Rayleigh-Ritz step on the span reached: (theta [B, m]
+    descending, X [B, n, m] orthonormal Ritz vectors (zero columns where the span has fewer dimensions),
+    squared residual norms of the columns [B, m], usable bool [B]).
+
+    Y = M^steps basis needs no orthonormalisation in between: its columns stay close to distinct
+    eigenvectors (they are the previous ones), so after scaling them to unit norm Y^T Y is close to the
+    identity and Cholesky QR (twice: CholQR2, small Cholesky factorisations and triangular solves instead of
+    Householder QR's per-matrix LAPACK calls) orthonormalises them. A matrix where that fails (Cholesky
+    breaks down, or the result is not orthonormal to 1e-12) is not usable; the caller solves it in full."""
+    Y = basis
+    for _ in range(steps):
+        Y = M @ Y
+    norms = Y.norm(dim=-2, keepdim=True)
+    live = norms > 1e-200 * norms.amax(dim=-1, keepdim=True)  # zero padding, or a direction M annihilates
+    Y = torch.where(live, Y / norms.clamp_min(1e-300), torch.zeros_like(Y))
+    dead = torch.diag_embed((~live).squeeze(-2).to(Y.dtype))  # unit pivots keep dead columns at zero
+    Q, usable = Y, torch.ones(Y.shape[0], dtype=torch.bool, device=Y.device)
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Q.mT @ Q + dead)
+        Q = torch.linalg.solve_triangular(L, Q.mT, upper=False).mT  # Q L^-T
+        usable &= info == 0
+    eye = torch.diag_embed(live.squeeze(-2).to(Y.dtype))
+    usable &= (Q.mT @ Q - eye).abs().amax(dim=(-2, -1)) <= 1e-12
+    MQ = M @ Q
+    H = Q.mT @ MQ
+    theta, S = torch.linalg.eigh((H + H.mT) * 0.5)
+    theta, S = theta.flip(-1), S.flip(-1)
+    X = Q @ S
+    R = MQ @ S - X * theta.unsqueeze(-2)
+    return theta, X, R.square().sum(-2), usable
+
+
+def _at(t, idx):
+    return t.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+
+
+def certify(trace, theta, res2, energy, max_rank, noise_rel):
+    """(rank int64 [B], ok bool [B]): the energy-rule rank from the Ritz values, and whether the bounds of
+    the module docstring prove it equal to the exact one with the kept subspace within SUBSPACE_TOL."""
+    B, m = theta.shape
+    theta = theta.clamp_min(0.0)  # Ritz values of a positive semidefinite matrix; negative ones are rounding
+    slack = 8.0 * torch.finfo(torch.float64).eps * m * trace
+    tau = (trace - theta.sum(-1)).clamp_min(0.0) + slack
+    res_head = res2.cumsum(-1)                                     # ||R_{1:j}||^2
+    res_tail = (res_head[:, -1:] - res_head).clamp_min(0.0).sqrt()  # ||R_{j+1:m}||
+    theta_next = torch.cat([theta[:, 1:], theta.new_zeros(B, 1)], dim=-1)
+    gap = theta - res_head.sqrt() - torch.maximum(theta_next, tau[:, None]) - 2.0 * res_tail
+    eps = torch.where(gap > 0, res_head / gap.clamp_min(torch.finfo(torch.float64).tiny),
+                      torch.full_like(gap, float("inf")))
+    eps_from = eps.flip(-1).cummin(-1).values.flip(-1)  # min over j' >= j: bounds every F(j) with j <= j'
+    cum = theta.cumsum(-1)
+    target = energy * trace
+    rank_w = (cum < target[:, None]).sum(-1) + 1  # m + 1: the threshold is not reached within the block
+    rank = rank_w if max_rank is None else rank_w.clamp(max=max_rank)
+    capped = rank < rank_w
+    ok = rank <= m
+    i = (rank - 1).clamp(0, m - 1)  # index of the last kept Ritz value
+    margin = RANK_MARGIN * trace
+    # F(k) >= energy * trace (not needed when max_rank decides the rank)
+    ok &= capped | (_at(cum, i) >= target + margin)
+    # F(k - 1) < energy * trace: the rank is not smaller
+    j = (rank - 2).clamp(0, m - 1)
+    ok &= (rank == 1) | (_at(cum, j) + _at(eps_from, j) < target - margin)
+    # the kept subspace, and kept directions clearly above the Gram matrix's rounding level
+    gap_k = _at(gap, i)
+    sin = _at(res_head, i).sqrt() / gap_k.clamp_min(torch.finfo(torch.float64).tiny)
+    theta_k = _at(theta, i)
+    ok &= (gap_k > 0) & (sin * (1.0 + (theta[:, 0] / theta_k).sqrt()) <= SUBSPACE_TOL)
+    ok &= theta_k > NOISE_FLOOR * noise_rel * theta[:, 0]
+    zero = trace == 0
+    return torch.where(zero, torch.zeros_like(rank), rank.clamp(max=m)), ok | zero  # not ok: any rank <= m
+
+
+def project(W, A, left, X, theta, rank, subgradient, noise_rel):
+    """W_low = X_k X_k^T W (or W X_k X_k^T) and G = U_k V_k^T from the kept Ritz vectors, GEMMs in float32
+    for float32/16 inputs as in the full solve (its accuracy is decided by the float64 basis)."""
+    kmax = max(int(rank.max()), 1) if rank.numel() else 1
+    rdt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    keep = torch.arange(kmax, device=W.device) < rank[:, None]
+    Xk = (X[:, :, :kmax] * keep.unsqueeze(-2)).to(rdt)
+    A = A if rdt == torch.float64 else W.to(rdt)
+    C = Xk.mT @ A if left else A @ Xk  # [B, k, q] = S_k V_k^T, or [B, p, k] = U_k S_k
+    W_low = Xk @ C if left else C @ Xk.mT
+    G = None
+    if subgradient:
+        lam = theta[:, :kmax]
+        inv_s = torch.where(keep & (lam > noise_rel * theta[:, :1]) & (lam > 0), lam.clamp_min(1e-300).rsqrt(),
+                            torch.zeros_like(lam)).to(rdt)
+        Xs = Xk * inv_s.unsqueeze(-2)
+        G = Xs @ C if left else C @ Xs.mT
+    return W_low, G
+
+
+def next_basis(vectors, rank):
+    """The state for the next call: each matrix's kept vectors (the leading rank[b] columns of `vectors`
+    [B, n, >= max rank]), zero columns up to the batch's largest rank (at least one column)."""
+    m = max(int(rank.max()) if rank.numel() else 0, 1)
+    keep = torch.arange(m, device=rank.device) < rank[:, None]
+    return vectors[..., :m] * keep.unsqueeze(-2).to(vectors.dtype)
+
+
+def step(W, basis, energy, max_rank, subgradient):
+    """One warm-started projection of W [B, p, q] from `basis` [B, n, m] float64: (W_low, rank, G or an empty
+    tensor, Ritz vectors X [B, n, m], ok bool [B]); matrices with ok = False hold unspecified results."""
+    p, q = W.shape[1:]
+    nr = noise_rel(p, q)
+    M, A, left = gram(W)
+    basis = torch.where(torch.isfinite(basis), basis, torch.zeros_like(basis))  # a corrupted state: cold
+    theta, X, res2, usable = rayleigh_ritz(M, basis)
+    rank, ok = certify(M.diagonal(dim1=-2, dim2=-1).sum(-1), theta, res2, energy, max_rank, nr)
+    W_low, G = project(W, A, left, X, theta, rank, subgradient, nr)
+    return W_low.to(W.dtype), rank, (G.to(W.dtype) if subgradient else W.new_empty(0)), X, ok & usable
+
+
+def compiled_step(W, basis, energy, max_rank, subgradient):
+    """step() by the compiled kernel (trp_kernels_C::lowrank_project_warm), with this module's constants."""
+    return torch.ops.trp_kernels_C.lowrank_project_warm(W, basis, energy, max_rank, subgradient, POWER_STEPS,
+                                                        RANK_MARGIN, SUBSPACE_TOL, NOISE_FLOOR)
