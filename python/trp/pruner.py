@@ -23,6 +23,7 @@ from . import distributed
 from .rank import check_energy
 from .schemes import check_scheme, from_matrix, matrix_shape, to_matrix
 from .selection import select_targets
+from .warm_state import restore_warm_basis, warm_bases
 
 NUCLEAR_EVERY = ("projection", "step")
 
@@ -55,6 +56,7 @@ class _Group:
         self.shape = targets[0].shape
         self.rank = None  # int64 [B] (nd: [B, n], per filter) on the device, from the last projection
         self.G = None     # [B, p, q] nuclear subgradient from the last projection, or None
+        self.warm = trp_kernels.WarmStart()  # kept bases carried to the next projection (warm start)
 
 
 class RankPruner:
@@ -158,7 +160,7 @@ class RankPruner:
                 # nd's [B, n, c, kh*kw]: one call for every filter of the group, as [B*n, c, kh*kw]
                 W_low, rank, G = trp_kernels.lowrank_project(W.reshape(-1, *W.shape[-2:]), self.energy,
                                                              max_rank=self.max_rank, subgradient=want_g,
-                                                             check_finite=False)
+                                                             check_finite=False, warm=self._groups[i].warm)
             results.append((W_low.view(W.shape), rank.view(W.shape[:-2]),
                             G.view(W.shape) if G is not None else None))
         if self._sharding is not None:
@@ -215,9 +217,10 @@ class RankPruner:
 
     def state_dict(self):
         """Step counter, configuration and current ranks; the subgradients too when nuclear_every="step"
-        (they are needed by the iterations between projections), so that a resumed run continues exactly."""
+        (they are needed by the iterations between projections), and the warm-start bases (per layer: its
+        matrices' kept singular vectors, [matrices, n, m] float64), so that a resumed run continues exactly."""
         state = {"steps": self.steps, "last_projected": self.last_projected, "config": self.config(),
-                 "ranks": self.ranks}
+                 "ranks": self.ranks, "warm_bases": warm_bases(self._groups)}
         if self.nuclear_every == "step":
             state["subgradients"] = {n: G for g in self._groups if g.G is not None
                                      for n, G in zip(g.names, g.G.unbind(0))}
@@ -244,6 +247,7 @@ class RankPruner:
             if not isinstance(last, bool):
                 raise ValueError(f"last_projected must be a bool, got {last!r}")
             restored = [self._restore_group(g, ranks, subs) for g in self._groups]
+            bases = [restore_warm_basis(g, state.get("warm_bases") or {}) for g in self._groups]
         except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
             raise ValueError(f"{where}: {exc}") from None
         # everything checked: now change the pruner
@@ -252,6 +256,8 @@ class RankPruner:
         self.steps, self.last_projected = steps, last
         for g, (rank, G) in zip(self._groups, restored):
             g.rank, g.G = rank, G
+        for g, basis in zip(self._groups, bases):
+            g.warm.load_state_dict({"basis": basis})
 
     def _restore_group(self, g, ranks, subs):
         """(rank, G) of group g from a saved state's per-layer ranks and subgradients."""
