@@ -114,6 +114,15 @@ def median_time(fn, repeats, device=None):
     return statistics.median(times), times
 
 
+def timed(fn, device=None):
+    """Seconds of one call of fn (synchronising CUDA), for measurements whose input changes between calls."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def cuda_time_ms(fn, iters=20, graph=False):
     """Mean ms per call of fn on the GPU: best of two rounds of `iters` back-to-back calls timed with
     CUDA events (eager: includes launch overhead), or of one CUDA graph replaying `iters` calls (graph:

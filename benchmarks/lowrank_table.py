@@ -2,13 +2,21 @@
 against (a) the per-layer loop of the released TRP code (one torch.linalg.svd per layer, rank chosen per
 layer, reconstruction) and (b) batched torch.linalg.svd per shape group, in one process.
 
-    .venv/bin/python benchmarks/lowrank_table.py [--device cpu|cuda] [--repeats-scale F] [--out FILE]
+    .venv/bin/python benchmarks/lowrank_table.py [--device cpu|cuda] [--repeats-scale F] [--part P]
+        [--threads N] [--out FILE]
 
 Writes the JSON and prints a markdown table (median wall time of the repeats, ratios against (a)).
 TRP layers: every Conv2d with a kernel other than 1x1 except the network's first conv.
 Weights: "init" = the model's random initialisation; "trp" = TRP-like weights, each matrix projected
 once at energy 0.9 and then perturbed by Gaussian noise of 5% of its entries' RMS (what the weights
-look like a few SGD steps after a projection: a dominant low-rank part and a small full-rank tail)."""
+look like a few SGD steps after a projection: a dominant low-rank part and a small full-rank tail).
+
+TRP trajectory (the warm start, trp_kernels.WarmStart): a RankPruner (energy 0.9, nuclear 3e-4, period 1) on
+the model, and between its step() calls an SGD-like update of every TRP weight (dense Gaussian, 1% of the
+weight's RMS); at each step, on the same weights, (a) the per-layer loop, the full solve (lowrank_project
+without a state, subgradient on, one call per group) and RankPruner.step() (warm). Medians over the steps
+after the first (which is a full solve for the pruner too)."""
+import statistics
 import argparse
 import sys
 
@@ -129,6 +137,80 @@ def run(results, repeats_scale=1.0, weights_kinds=("init", "trp"), cases=CASES, 
     return True
 
 
+TRAJECTORY_CASES = [
+    ("resnet56", "channel", 12),
+    ("torchvision:resnet50", "channel", 5),
+    ("torchvision:resnet50", "spatial", 4),
+]
+SGD_STEP = 0.01  # the update's RMS, relative to the weight's
+
+
+def sgd_like_step(pruner, gen):
+    """Moves every TRP weight by a dense Gaussian update of SGD_STEP times its RMS (in place)."""
+    with torch.no_grad():
+        for _, module in pruner.layers:
+            w = module.weight
+            noise = torch.randn(w.shape, generator=gen).to(w.device, w.dtype)
+            w.add_(noise * (SGD_STEP * float(w.square().mean().sqrt())))
+
+
+def trajectory(model_name, scheme, steps, device="cpu", seed=0):
+    """One TRP trajectory row: per step, the per-layer loop, the full solve and RankPruner.step() on the
+    same weights (see the module docstring)."""
+    torch.manual_seed(seed)
+    kwargs = {"num_classes": 1000} if model_name.startswith("torchvision:") else {}
+    model = trp.models.build(model_name, **kwargs).to(device)
+    pruner = trp.RankPruner(model, scheme, energy=ENERGY, period=1, nuclear=3e-4)
+    gen = torch.Generator().manual_seed(seed + 1)
+    times = {"loop": [], "cold": [], "step": []}
+    warm = total = 0
+    fractions = []
+    for t in range(steps + 1):
+        mats = [to_matrix(m.weight.detach(), scheme).contiguous() for _, m in pruner.layers]
+        groups = group(mats)
+        t_loop = harness.timed(lambda: per_layer_loop(mats), device)
+        t_cold = harness.timed(lambda: [trp_kernels.lowrank_project(W, ENERGY, subgradient=True)
+                                        for W in groups.values()], device)
+        t_step = harness.timed(pruner.step, device)
+        if t > 0:  # the first projection is a full solve for the pruner too
+            for k, v in zip(times, (t_loop, t_cold, t_step)):
+                times[k].append(v)
+            states = [g.warm.warm for g in pruner._groups]
+            warm += sum(int(s.sum()) for s in states)
+            total += sum(s.numel() for s in states)
+            fractions += [r / min(M.shape) for r, M in zip(pruner.ranks.values(), mats)]
+        sgd_like_step(pruner, gen)
+        print(f"  {model_name} {scheme} step {t}: loop {t_loop*1e3:.1f} ms, full solve {t_cold*1e3:.1f} ms, "
+              f"RankPruner.step() {t_step*1e3:.1f} ms", file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": model_name, "scheme": scheme, "weights": "trajectory", "layers": len(pruner.layers),
+            "steps": steps, "sgd_step": SGD_STEP, "mean_rank_fraction": sum(fractions) / len(fractions),
+            "warm_fraction": warm / total, "loop_s": med["loop"], "cold_s": med["cold"], "step_s": med["step"],
+            "step_vs_loop": med["loop"] / med["step"], "cold_vs_loop": med["loop"] / med["cold"],
+            "step_vs_cold": med["cold"] / med["step"], "raw": times}
+
+
+def run_trajectories(results, cases=TRAJECTORY_CASES, device="cpu", budget=None, steps_scale=1.0):
+    for model_name, scheme, steps in cases:
+        if budget is not None and budget.over():
+            return False
+        results.add(trajectory(model_name, scheme, max(1, int(round(steps * steps_scale))), device))
+    return True
+
+
+def trajectory_markdown(rows):
+    lines = ["| network | scheme | layers | steps | mean rank / n | warm matrices | (a) per-layer SVD loop | "
+             "full solve | RankPruner.step() (warm) | step vs (a) | full solve vs (a) | step vs full solve |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model'].replace('torchvision:', '')} | {r['scheme']} | {r['layers']} | {r['steps']} | "
+            f"{r['mean_rank_fraction']:.2f} | {100 * r['warm_fraction']:.0f}% | {r['loop_s']*1e3:.1f} ms | "
+            f"{r['cold_s']*1e3:.1f} ms | {r['step_s']*1e3:.1f} ms | {r['step_vs_loop']:.1f}x | "
+            f"{r['cold_vs_loop']:.1f}x | {r['step_vs_cold']:.1f}x |")
+    return "\n".join(lines)
+
+
 def markdown(rows):
     solvers = [k for k in ("ours_jacobi_s", "ours_lapack_s") if any(k in r for r in rows)]
     names = {"ours_jacobi_s": "Jacobi kernel", "ours_lapack_s": "cuSOLVER/LAPACK eigh"}
@@ -136,6 +218,8 @@ def markdown(rows):
              "(b) batched SVD | lowrank_project | vs (a) | vs (b) |" + "".join(f" {names[k]} |" for k in solvers),
              "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(solvers)]
     for r in rows:
+        if r["weights"] == "trajectory":
+            continue
         extra = "".join(f" {r[k]*1e3:.2f} ms |" if k in r else " - |" for k in solvers)
         lines.append(
             f"| {r['model'].replace('torchvision:', '')} | {r['scheme']} | {r['weights']} | {r['layers']} "
@@ -153,7 +237,14 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny case, one repeat: checks that the script works (dry runs, CI)")
     parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json")
+    parser.add_argument("--part", choices=["all", "static", "trajectory"], default="all",
+                        help="static: the init/trp weight rows; trajectory: the TRP trajectory rows (warm start)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice); on a CPU shared with other jobs "
+                             "1 avoids OpenMP oversubscription, which distorts small ops")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.out is None:
         args.out = str(harness.ROOT / "results" / f"lowrank_project_{args.device}.json")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -161,13 +252,22 @@ def main(argv=None):
     results = harness.Results(args.out, "lowrank_project", args.device, energy=ENERGY,
                               backend=trp_kernels.backend_info()["lowrank_project"][args.device])
     cases = SMOKE_CASES if args.smoke else CASES
-    done = run(results, 1.0 if args.smoke else args.repeats_scale, ("trp",) if args.smoke else ("init", "trp"),
-               cases, args.device, harness.Budget(args.budget_s))
+    budget = harness.Budget(args.budget_s)
+    done = True
+    if args.part in ("all", "static"):
+        done = run(results, 1.0 if args.smoke else args.repeats_scale, ("trp",) if args.smoke else ("init", "trp"),
+                   cases, args.device, budget)
+    if done and args.part in ("all", "trajectory"):
+        done = run_trajectories(results, [("resnet20", "channel", 2)] if args.smoke else TRAJECTORY_CASES,
+                                args.device, budget, 1.0 if args.smoke else args.repeats_scale)
     results.finish(truncated_by_budget=not done)
     m = results.doc["machine"]
     print(f"{results.doc['date']}, {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
           f"energy {ENERGY}, backend {results.doc['backend']}\n")
     print(markdown(results.rows))
+    if any(r["weights"] == "trajectory" for r in results.rows):
+        print("\nTRP trajectory:\n")
+        print(trajectory_markdown([r for r in results.rows if r["weights"] == "trajectory"]))
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, 
         check_finite(W)
     B, p, q = W.shape
     n = min(p, q)
-    if not (_basis_fits(basis, W) and n >= _warm.MIN_N and energy < 1.0):
+    if not (_basis_fits(basis, W) and n >= _warm.MIN_N and basis.shape[2] <= _warm.MAX_FRACTION * n
+            and energy < 1.0):
         W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient)
         return W_low, rank, G, _warm.next_basis(full, rank), rank.new_zeros(B, dtype=torch.bool)
     compiled = backend_for(W.device) == "cpp" and _extension.has_kernel("lowrank_project_warm",

@@ -33,7 +33,9 @@ RANK_MARGIN = 1e-9       # relative energy margin around the energy threshold (f
 SUBSPACE_TOL = 1e-6      # bound on the sine of the angle to the exact kept subspace (contract: 1e-5)
 POWER_STEPS = 2          # each divides the distance to the kept subspace by ~(update / kept singular value)^2
 NOISE_FLOOR = 1e3        # kept Ritz values must exceed this many times the Gram matrix's rounding level
-MIN_N = 16               # smaller matrices always take the full solve (it is as cheap as the warm step)
+MIN_N = 32               # smaller matrices always take the full solve (as fast there: measured, README)
+MAX_FRACTION = 0.5       # nor does a basis wider than this fraction of n: the power steps, orthonormalisation
+                         # and m x m eigensolve then cost as much as the full eigensolve (measured, README)
 
 
 def noise_rel(p, q):
@@ -58,9 +60,10 @@ def rayleigh_ritz(M, basis, steps=POWER_STEPS):
 
     Y = M^steps basis needs no orthonormalisation in between: its columns stay close to distinct
     eigenvectors (they are the previous ones), so after scaling them to unit norm Y^T Y is close to the
-    identity and Cholesky QR (twice: CholQR2, small Cholesky factorisations and triangular solves instead of
-    Householder QR's per-matrix LAPACK calls) orthonormalises them. A matrix where that fails (Cholesky
-    breaks down, or the result is not orthonormal to 1e-12) is not usable; the caller solves it in full."""
+    identity and Cholesky QR (a small Cholesky factorisation and a triangular solve instead of Householder
+    QR's per-matrix LAPACK calls; its loss of orthogonality is eps * cond(Y)^2) orthonormalises them. A
+    matrix where that fails (Cholesky breaks down, or the result is not orthonormal to 1e-12) is not
+    usable; the caller solves it in full."""
     Y = basis
     for _ in range(steps):
         Y = M @ Y
@@ -68,11 +71,9 @@ def rayleigh_ritz(M, basis, steps=POWER_STEPS):
     live = norms > 1e-200 * norms.amax(dim=-1, keepdim=True)  # zero padding, or a direction M annihilates
     Y = torch.where(live, Y / norms.clamp_min(1e-300), torch.zeros_like(Y))
     dead = torch.diag_embed((~live).squeeze(-2).to(Y.dtype))  # unit pivots keep dead columns at zero
-    Q, usable = Y, torch.ones(Y.shape[0], dtype=torch.bool, device=Y.device)
-    for _ in range(2):
-        L, info = torch.linalg.cholesky_ex(Q.mT @ Q + dead)
-        Q = torch.linalg.solve_triangular(L, Q.mT, upper=False).mT  # Q L^-T
-        usable &= info == 0
+    L, info = torch.linalg.cholesky_ex(Y.mT @ Y + dead)
+    Q = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)  # Y L^-T
+    usable = info == 0
     eye = torch.diag_embed(live.squeeze(-2).to(Y.dtype))
     usable &= (Q.mT @ Q - eye).abs().amax(dim=(-2, -1)) <= 1e-12
     MQ = M @ Q

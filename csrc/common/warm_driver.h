@@ -2,7 +2,7 @@
 // same code issues MKL/LAPACK calls on the CPU and cuBLAS/cuSOLVER ones on the GPU; the per-matrix
 // certificate is passed in). The algorithm, its bounds and its Python twin: trp_kernels/warm.py.
 //
-//   Y = M^2 basis (M the float64 Gram matrix), columns scaled to unit norm, CholQR2 -> Q;
+//   Y = M^2 basis (M the float64 Gram matrix), columns scaled to unit norm, Cholesky QR -> Q;
 //   H = Q^T M Q = S diag(theta) S^T;  X = Q S;  R = M X - X diag(theta);
 //   certificate(theta, ||R columns||^2, trace M) -> rank, keep, inv_s, ok;  projection on X as the full solve.
 #pragma once
@@ -51,13 +51,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lo
   Y = at::where(live, Y / norms.clamp_min(1e-300), at::zeros_like(Y));
   const at::Tensor live_d = live.squeeze(1).to(at::kDouble);
   const at::Tensor dead = at::diag_embed(1.0 - live_d);  // unit pivots keep dead columns at zero
-  at::Tensor Q = Y;
-  at::Tensor usable = at::ones({B}, W.options().dtype(at::kBool));
-  for (int pass = 0; pass < 2; ++pass) {  // CholQR2
-    auto [L, info] = at::linalg_cholesky_ex(at::bmm(Q.transpose(1, 2), Q) + dead);
-    Q = at::linalg_solve_triangular(L, Q.transpose(1, 2), /*upper=*/false).transpose(1, 2);
-    usable = usable & info.eq(0);
-  }
+  // Cholesky QR: Y^T Y = L L^T, Q = Y L^-T (solved as Q L^T = Y)
+  auto [L, info] = at::linalg_cholesky_ex(at::bmm(Y.transpose(1, 2), Y) + dead);
+  const at::Tensor Q = at::linalg_solve_triangular(L.transpose(1, 2), Y, /*upper=*/true, /*left=*/false);
+  at::Tensor usable = info.eq(0);
   const at::Tensor ortho = (at::bmm(Q.transpose(1, 2), Q) - at::diag_embed(live_d)).abs().amax({1, 2});
   usable = usable & ortho.le(1e-12);
   const at::Tensor MQ = at::bmm(M, Q);
