@@ -236,7 +236,8 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=0, help="start no new case after this long")
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny case, one repeat: checks that the script works (dry runs, CI)")
-    parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json")
+    parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json "
+                                                    "(--part trajectory: results/lowrank_trajectory_<device>.json)")
     parser.add_argument("--part", choices=["all", "static", "trajectory"], default="all",
                         help="static: the init/trp weight rows; trajectory: the TRP trajectory rows (warm start)")
     parser.add_argument("--threads", type=int, default=None,
@@ -246,7 +247,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.out is None:
-        args.out = str(harness.ROOT / "results" / f"lowrank_project_{args.device}.json")
+        name = "lowrank_trajectory" if args.part == "trajectory" else "lowrank_project"
+        args.out = str(harness.ROOT / "results" / f"{name}_{args.device}.json")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is available")
     results = harness.Results(args.out, "lowrank_project", args.device, energy=ENERGY,
@@ -264,7 +266,8 @@ def main(argv=None):
     m = results.doc["machine"]
     print(f"{results.doc['date']}, {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
           f"energy {ENERGY}, backend {results.doc['backend']}\n")
-    print(markdown(results.rows))
+    if any(r["weights"] != "trajectory" for r in results.rows):
+        print(markdown(results.rows))
     if any(r["weights"] == "trajectory" for r in results.rows):
         print("\nTRP trajectory:\n")
         print(trajectory_markdown([r for r in results.rows if r["weights"] == "trajectory"]))

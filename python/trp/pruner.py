@@ -9,7 +9,8 @@
         optimizer.step()
 
 The selected layers are grouped by (matrix shape, dtype, device); each group is one batched
-trp_kernels.lowrank_project call, which also returns the nuclear-norm subgradient U_k V_k^T. Under the nd
+trp_kernels.lowrank_project call, which also returns the nuclear-norm subgradient U_k V_k^T, warm-started
+from the group's previous projection (trp_kernels.WarmStart: same results, less time). Under the nd
 scheme every filter is its own matrix: a group's call covers all filters of all its layers. A group holds
 trp.targets.Target objects: a whole weight or a row block of one (the q, k, v rows of a packed attention
 in_proj_weight), read, written and regularized through the target's views of the parameter."""
