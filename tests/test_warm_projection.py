@@ -55,7 +55,7 @@ def sgd_like(W_low, size, gen):
 def test_fifty_step_trajectory_equals_full_solve(backend, shape):
     """Ranks shrink as TRP projects, grow after a larger update, and follow energy changes (a budget)."""
     if backend == "reference" and shape[1] > shape[2] and HAS_CPP:
-        pytest.skip("the reference's p > q case is covered by test_compiled_step_matches_its_python_specification")
+        pytest.skip("the reference's p > q case: test_compiled_step_matches_its_python_specification")
     gen = torch.Generator().manual_seed(shape[1])
     W = make_batch(*shape, "decay", seed=3) + 0.05 * make_batch(*shape, "flat", seed=4)
     state, warm_calls, ranks = WarmStart(), 0, set()

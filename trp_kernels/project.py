@@ -115,7 +115,8 @@ def _(W, energy, max_rank, subgradient, check=True):
 
 def _cold_with_basis(W, energy, max_rank, subgradient):
     """The full solve plus the eigenvectors of the Gram matrix [B, n, n] float64 (columns, descending)."""
-    if backend_for(W.device) == "cpp" and _extension.has_kernel("lowrank_project_basis", _dispatch_key(W.device)):
+    key = _dispatch_key(W.device)
+    if backend_for(W.device) == "cpp" and _extension.has_kernel("lowrank_project_basis", key):
         W_low, rank, G, basis = torch.ops.trp_kernels_C.lowrank_project_basis(W, energy, max_rank, subgradient)
     else:
         W_low, rank, G, basis = reference.lowrank_project_basis(W, energy, max_rank, subgradient)
@@ -173,7 +174,8 @@ class WarmStart:
     """The state that lets consecutive lowrank_project calls on slowly moving matrices skip the full
     eigensolve: per matrix, the leading singular vectors of the smaller side found by the previous call
     (`basis` [B, n, m] float64: each matrix's kept singular vectors, zero columns up to the batch's largest
-    rank m) and which matrices of that call took the warm path (`warm` bool [B]). Pass the same object to every call on the same batch of matrices:
+    rank m) and which matrices of that call took the warm path (`warm` bool [B]). Pass the same object to
+    every call on the same batch of matrices:
 
         state = trp_kernels.WarmStart()
         for ...:

@@ -139,8 +139,8 @@ def project(W, A, left, X, theta, rank, subgradient, noise_rel):
     G = None
     if subgradient:
         lam = theta[:, :kmax]
-        inv_s = torch.where(keep & (lam > noise_rel * theta[:, :1]) & (lam > 0), lam.clamp_min(1e-300).rsqrt(),
-                            torch.zeros_like(lam)).to(rdt)
+        live = keep & (lam > noise_rel * theta[:, :1]) & (lam > 0)
+        inv_s = torch.where(live, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam)).to(rdt)
         Xs = Xk * inv_s.unsqueeze(-2)
         G = Xs @ C if left else C @ Xs.mT
     return W_low, G

@@ -24,8 +24,8 @@ def restore_warm_basis(g, bases):
     parts = [bases.get(n) for n in g.names]
     for n, b in zip(g.names, parts):
         if b is not None and not (isinstance(b, torch.Tensor) and b.dim() == 3 and b.dtype == torch.float64):
-            raise ValueError(f"warm_bases[{n!r}] must be a float64 tensor [matrices, n, m], got "
-                             f"{type(b).__name__ if not isinstance(b, torch.Tensor) else (b.dtype, tuple(b.shape))}")
+            got = (b.dtype, tuple(b.shape)) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise ValueError(f"warm_bases[{n!r}] must be a float64 tensor [matrices, n, m], got {got}")
     if any(b is None for b in parts) or len({tuple(b.shape) for b in parts}) != 1:
         return None
     return torch.cat(parts).to(g.targets[0].read().device)
