@@ -13,7 +13,7 @@ CLASSES = [ChannelFactorizedConv2d, SpatialFactorizedConv2d]
 def test_reprs_are_readable():
     ch = ChannelFactorizedConv2d(16, 32, 3, rank=5, stride=2, padding=1)
     assert repr(ch) == ("ChannelFactorizedConv2d(16, 32, kernel_size=(3, 3), rank=5, stride=(2, 2), "
-                        "padding=(1, 1, 1, 1), dilation=(1, 1), bias=True)")
+                        "padding=(1, 1), dilation=(1, 1), bias=True)")
     sp = SpatialFactorizedConv2d(8, 4, (3, 5), rank=2, padding=(1, 2), bias=False)
     assert "SpatialFactorizedConv2d(8, 4, kernel_size=(3, 5), rank=2" in repr(sp)
     assert sp.v_weight.shape == (2, 8, 3, 1) and sp.h_weight.shape == (4, 2, 1, 5)

@@ -1,10 +1,11 @@
 """Factorized convolution ops: trp_kernels::factorized_conv_channel and factorized_conv_spatial.
 
 Each equals the two nn.functional.conv2d calls it replaces. Padding is (top, bottom, left, right) inside
-the op; the public functions also take an int or an (h, w) pair. Backward runs the two-convolution path.
-Like conv2d, every backend returns channels_last output when the input (or a weight) has channels_last
-strides (trp_kernels.geometry.output_memory_format, which the fake kernels follow too), and under
-torch.autocast the inputs are cast to the region's dtype (float64 excepted), as conv2d's are.
+the op; the public functions also take an int, an (h, w) pair, "same" or "valid". Backward runs the
+two-convolution path. Like conv2d, every backend returns channels_last output when the input (or a weight)
+has channels_last strides (trp_kernels.geometry.output_memory_format, which the fake kernels follow too), and
+under torch.autocast the inputs are cast to the region's dtype (float64 excepted), as conv2d's are. While
+torch.onnx.export traces a model they run as the convolutions they equal (trp_kernels.onnx).
 
 Backends (env TRP_CONV_BACKEND, read at every call):
 - auto (default): CUDA tensors run the fused Triton kernel when it supports the call and, for that exact
@@ -21,16 +22,33 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import geometry, reference
+from . import geometry, onnx, reference
 
 BACKEND_ENV = "TRP_CONV_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 
 
 def _conv_args(stride, padding, dilation):
-    """The op's list arguments: stride and dilation pairs, padding (top, bottom, left, right)."""
+    """The op's list arguments: stride and dilation pairs, padding (top, bottom, left, right). A padding
+    string ("same", "valid") is kept as it is: it needs the kernel size, see _op_padding."""
     return (list(geometry.pair(stride, "stride")), list(geometry.pair(dilation, "dilation")),
-            list(geometry.padding4(padding)))
+            padding if isinstance(padding, str) else list(geometry.padding4(padding)))
+
+
+def _op_padding(kind, padding, w1, w2, stride, dilation):
+    """(top, bottom, left, right) of an op's checked arguments, resolving "same" / "valid" (as nn.Conv2d,
+    with the kernel size of the dense conv the weights replace)."""
+    if isinstance(padding, str):
+        return list(geometry.resolve_padding(padding, geometry.kernel_hw(kind, w1.shape, w2.shape), dilation,
+                                             stride))
+    return padding
+
+
+def _call(kind, op, x, w1, w2, bias, stride, padding, dilation):
+    """The custom op, or while torch.onnx.export traces the model the convolutions it equals (onnx.py)."""
+    if onnx.exporting():
+        return onnx.lowered(kind, x, w1, w2, bias, stride, padding, dilation)
+    return op(x, w1, w2, bias, stride, padding, dilation)
 
 
 def _check_common(name, x, w1, w2, bias, stride, dilation):
@@ -258,22 +276,25 @@ for _name in ("factorized_conv_channel", "factorized_conv_spatial"):
 
 def factorized_conv_channel(x, c_weight, p_weight, bias=None, stride=1, padding=0, dilation=1):
     """conv2d(x, c_weight, stride, padding, dilation) [kh x kw, c -> r] then conv2d(., p_weight, bias)
-    [1 x 1, r -> n], as one op. padding: int, (h, w) or (top, bottom, left, right)."""
+    [1 x 1, r -> n], as one op. padding: int, (h, w), (top, bottom, left, right), "same" or "valid"."""
     stride, dilation, padding = _conv_args(stride, padding, dilation)
     _check_common("factorized_conv_channel", x, c_weight, p_weight, bias, stride, dilation)
     if p_weight.shape[2:] != (1, 1):
         raise ValueError("factorized_conv_channel: p_weight must be a 1 x 1 conv weight [n, r, 1, 1]")
-    return _channel_op(x, c_weight, p_weight, bias, stride, padding, dilation)
+    padding = _op_padding("channel", padding, c_weight, p_weight, stride, dilation)
+    return _call("channel", _channel_op, x, c_weight, p_weight, bias, stride, padding, dilation)
 
 
 def factorized_conv_spatial(x, v_weight, h_weight, bias=None, stride=1, padding=0, dilation=1):
     """conv2d with v_weight [r, c, kh, 1] then with h_weight [n, r, 1, kw] and bias, as one op.
-    stride/dilation: (vertical, horizontal); padding: int, (h, w) or (top, bottom, left, right)."""
+    stride/dilation: (vertical, horizontal); padding: int, (h, w), (top, bottom, left, right), "same" or
+    "valid"."""
     stride, dilation, padding = _conv_args(stride, padding, dilation)
     _check_common("factorized_conv_spatial", x, v_weight, h_weight, bias, stride, dilation)
     if v_weight.shape[3] != 1 or h_weight.shape[2] != 1:
         raise ValueError("factorized_conv_spatial: v_weight must be [r, c, kh, 1] and h_weight [n, r, 1, kw]")
-    return _spatial_op(x, v_weight, h_weight, bias, stride, padding, dilation)
+    padding = _op_padding("spatial", padding, v_weight, h_weight, stride, dilation)
+    return _call("spatial", _spatial_op, x, v_weight, h_weight, bias, stride, padding, dilation)
 
 
 def backend_info():

@@ -3,7 +3,8 @@
 Equals a 1 x 1 conv c -> n*r (pw_weight [n*r, c, 1, 1], at the input resolution) followed by a kh x kw conv
 with groups=n (dw_weight [n, r, kh, kw]; the dense conv's stride, padding, dilation; bias): r parallel
 pointwise + depthwise paths per output filter. Padding is (top, bottom, left, right) inside the op; the
-public function also takes an int or an (h, w) pair. Backward runs the two-convolution path.
+public function also takes an int, an (h, w) pair, "same" or "valid".
+Backward runs the two-convolution path.
 
 It runs through the factorized convs' dispatch (trp_kernels.conv._run with kind "decoupled"): the
 TRP_CONV_BACKEND setting (auto | triton | torch, same meaning), the per-signature measurement cache of auto
@@ -56,10 +57,12 @@ def _check(x, pw_weight, dw_weight, bias, stride, dilation):
 
 def decoupled_conv(x, pw_weight, dw_weight, bias=None, stride=1, padding=0, dilation=1):
     """conv2d(x, pw_weight) [1 x 1, c -> n*r] then conv2d(., dw_weight, bias, stride, padding, dilation,
-    groups=n) [kh x kw, n*r -> n], as one op. padding: int, (h, w) or (top, bottom, left, right)."""
+    groups=n) [kh x kw, n*r -> n], as one op. padding: int, (h, w), (top, bottom, left, right), "same" or
+    "valid"."""
     stride, dilation, padding = conv._conv_args(stride, padding, dilation)
     _check(x, pw_weight, dw_weight, bias, stride, dilation)
-    return _decoupled_op(x, pw_weight, dw_weight, bias, stride, padding, dilation)
+    padding = conv._op_padding(KIND, padding, pw_weight, dw_weight, stride, dilation)
+    return conv._call(KIND, _decoupled_op, x, pw_weight, dw_weight, bias, stride, padding, dilation)
 
 
 __all__ = ["decoupled_conv"]

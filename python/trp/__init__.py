@@ -6,6 +6,8 @@
 """
 from . import models, modules, rank, schemes
 from .decompose import decompose, factorized_layers
+from .deploy import fit_latency, merge_back, round_ranks
+from .export import export_onnx
 from .flops import count_flops, count_macs, count_params, macs_by_layer, measure_latency
 from .io import load, save
 from .modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
@@ -18,4 +20,4 @@ from .transformer import SplitMultiheadAttention
 __all__ = ["models", "modules", "rank", "schemes", "SCHEMES", "RankPruner", "decompose", "factorized_layers",
            "select_layers", "select_targets", "SplitMultiheadAttention", "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear",
            "save", "load", "count_macs", "count_flops", "count_params", "macs_by_layer", "measure_latency",
-           "report", "Report"]
+           "report", "Report", "export_onnx", "fit_latency", "merge_back", "round_ranks"]

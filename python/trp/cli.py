@@ -1,9 +1,10 @@
-"""The `trp` command: train (with TRP), decompose, eval, report.
+"""The `trp` command: train (with TRP), decompose, eval, report, export.
 
 Every error the user can cause (bad names, bad files, conflicting options, a diverged run) ends as one
 line `trp: error: ...` on stderr and exit status 2, checked before any training work starts."""
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -31,6 +32,19 @@ def _add_criterion(p, default_note):
                                                 f"({default_note})")
     g.add_argument("--threshold", type=float, help="decompose by an absolute singular-value cutoff instead "
                                                    "(the released code uses 0.05 after TRP)")
+
+
+def _add_fit(p):
+    """Latency-aware deployment options (trp.deploy.fit_latency)."""
+    p.add_argument("--fit-latency", metavar="RUNTIME", choices=("eager", "onnxruntime"),
+                   help="time every factorized layer against the dense layer it replaces in RUNTIME (eager: "
+                        "PyTorch on the CPU; onnxruntime) and merge back every one that is not faster")
+    p.add_argument("--fit-batch-size", metavar="N", type=_positive_int, default=1,
+                   help="batch size the latency fit measures at (default 1)")
+    p.add_argument("--fit-threads", metavar="N", type=_positive_int,
+                   help="intra-op threads the latency fit measures with (default: the runtime's, all cores)")
+    p.add_argument("--rank-multiple", metavar="N", type=_positive_int,
+                   help="round every rank up to a multiple of N (e.g. 8), refactorized from the dense weights")
 
 
 def build_parser():
@@ -61,6 +75,7 @@ def build_parser():
     dc.add_argument("--out", "-o", required=True, help="decomposed model file to write")
     dc.add_argument("--scheme", help="channel, spatial or nd (default: the checkpoint's)")
     _add_criterion(dc, "default: the checkpoint's --threshold or --energy")
+    _add_fit(dc)
 
     ev = sub.add_parser("eval", help="accuracy of a training checkpoint or a decomposed model file")
     ev.add_argument("model_file")
@@ -78,6 +93,23 @@ def build_parser():
     rp.add_argument("--scheme", help="channel, spatial or nd (default: the checkpoint's)")
     _add_criterion(rp, "default: the checkpoint's --threshold or --energy")
     rp.add_argument("--device", default="cpu")
+    _add_fit(rp)
+
+    ex = sub.add_parser("export", help="decomposed model file or checkpoint -> ONNX, verified in onnxruntime, "
+                                       "with dense vs decomposed latency there")
+    ex.add_argument("model_file", metavar="MODEL")
+    ex.add_argument("--out", "-o", required=True, help="ONNX file to write")
+    ex.add_argument("--image-size", type=_positive_int,
+                    help="input height = width (default: the checkpoint's; 32 for CIFAR ResNets, 224 otherwise)")
+    ex.add_argument("--batch-size", type=_positive_int, default=1, help="batch size of the example input")
+    ex.add_argument("--static-batch", action="store_true", help="fixed batch size (default: dynamic batch axis)")
+    ex.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                    help="torch.onnx.export(dynamo=True) (default) or the TorchScript-based exporter")
+    ex.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset version (default 18)")
+    ex.add_argument("--threads", metavar="N", type=_positive_int,
+                    help="onnxruntime threads for the latency comparison (default: all cores)")
+    ex.add_argument("--scheme", help="for a checkpoint: channel, spatial or nd (default: the checkpoint's)")
+    _add_criterion(ex, "for a checkpoint; default: its --threshold or --energy")
     return parser
 
 
@@ -228,8 +260,9 @@ def cmd_decompose(ns):
     saved, model = _checkpoint_model(ns.checkpoint)
     scheme, crit = _deploy_args(ns, saved["config"])
     compact = decompose(model, scheme, **crit)
-    io.save(compact, ns.out)
     size = (1, saved["arch"].get("in_channels", 3), *(2 * [_image_size(saved["config"])]))
+    compact = _deploy_fit(ns, compact, model, size[1:])
+    io.save(compact, ns.out)
     wide = bool(block_names(model))  # a transformer: count its Linear layers and attention too
     md, mc = (count_macs(m, size, linear=wide, attention=wide) for m in (model, compact))
     _log(f"wrote {ns.out}: {scheme} scheme, {', '.join(f'{k} {v}' for k, v in crit.items())}; "
@@ -278,6 +311,8 @@ def cmd_eval(ns):
 def cmd_report(ns):
     device = train_mod.resolve_device(ns.device)
     _check_deploy_args(ns)
+    if ns.rank_multiple is not None and ns.fit_latency is None:
+        raise CLIError("--rank-multiple in `trp report` applies to the latency fit: add --fit-latency")
     if ns.out is not None:
         config.check_out_dir(ns.out)
     saved, model = _checkpoint_model(ns.checkpoint, device)
@@ -288,10 +323,71 @@ def cmd_report(ns):
     out = ns.out or os.path.dirname(os.path.abspath(ns.checkpoint))
     _log(f"{ns.checkpoint}: {saved['arch'].get('name')} after {saved['epoch']} epochs on {bundle.name}")
     train_mod.final_report(model, bundle, test_loader, device, scheme, **crit, out=out, log=_log)
+    if ns.fit_latency is not None:
+        from .decompose import decompose
+        dense = train_mod._cpu_copy(model)
+        fit = _deploy_fit(ns, decompose(dense, scheme, **crit), dense, bundle.input_size, report=True)
+        path = os.path.join(out, "latency_fit.json")
+        text = json.dumps(fit.to_dict(), indent=1)
+        storage.atomic_write(path, lambda f: f.write(text.encode()))
+        _log(f"wrote {path}")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "decompose": cmd_decompose, "eval": cmd_eval, "report": cmd_report}
+def _deploy_fit(ns, compact, dense, input_size, report=False):
+    """--rank-multiple and --fit-latency applied to a decomposed model: the model to deploy, or with
+    report=True the LatencyFit (None without --fit-latency)."""
+    from . import deploy
+    if ns.fit_latency is None:
+        if ns.rank_multiple is not None:
+            compact = deploy.round_ranks(compact, ns.rank_multiple, dense)
+        return None if report else compact
+    fitted, fit = deploy.fit_latency(compact.cpu(), input_size, ns.fit_latency, batch_size=ns.fit_batch_size,
+                                     threads=ns.fit_threads, multiple=ns.rank_multiple, dense=dense.cpu())
+    _log(str(fit))
+    return fit if report else fitted
+
+
+def cmd_export(ns):
+    from . import export, io
+    from .deploy import merge_back
+    from .decompose import decompose, factorized_layers
+
+    _check_deploy_args(ns)
+    storage.check_output_file(ns.out)
+    obj = storage.read_torch(ns.model_file)
+    if ckpt.is_checkpoint(obj):
+        saved = ckpt.verify_checkpoint(obj, ns.model_file)
+        dense = train_mod.model_from_checkpoint(saved, "cpu")
+        scheme, crit = _deploy_args(ns, saved["config"])
+        model = decompose(dense, scheme, **crit)
+        size = ns.image_size or _image_size(saved["config"])
+    elif io.is_model_file(obj):
+        if ns.scheme is not None or ns.energy is not None or ns.threshold is not None:
+            raise CLIError("--scheme / --energy / --threshold decompose a checkpoint; "
+                           f"{ns.model_file} is already a model file")
+        model = io.from_payload(io.verify_model_file(obj, ns.model_file), ns.model_file)
+        dense = merge_back(model) if factorized_layers(model) else model
+        arch = getattr(model, "trp_arch", {}) or {}
+        size = ns.image_size or (32 if str(arch.get("name", "")).startswith("resnet") else 224)
+    else:
+        raise CLIError(f"{ns.model_file} is neither a `trp train` checkpoint nor a trp model file (trp.save)")
+    channels = (getattr(model, "trp_arch", {}) or {}).get("in_channels", 3)
+    shape = (ns.batch_size, channels, size, size)
+    info = export.export_onnx(model, ns.out, shape, dynamic_batch=not ns.static_batch, exporter=ns.exporter,
+                              opset=ns.opset)
+    errors = ", ".join(f"batch {n}: {e:.1e}" for n, e in info["errors"].items())
+    _log(f"wrote {ns.out} ({info['bytes'] / 1e6:.2f} MB, {ns.exporter} exporter, "
+         f"{'static' if ns.static_batch else 'dynamic'} batch, input {'x'.join(map(str, shape))}); "
+         f"onnxruntime matches eager (max rel. error {errors})")
+    t_dense, t_model = export.compare_ort(dense, model, shape, threads=ns.threads)
+    _log(f"onnxruntime CPU latency (batch {ns.batch_size}, {ns.threads or 'all'} threads, median): dense "
+         f"{t_dense * 1e3:.2f} ms, this model {t_model * 1e3:.2f} ms ({t_dense / t_model:.2f}x)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "decompose": cmd_decompose, "eval": cmd_eval, "report": cmd_report,
+            "export": cmd_export}
 
 
 def main(argv=None):
@@ -301,7 +397,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("trp: interrupted (the last epoch's checkpoint is kept; continue with --resume)", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, OSError, train_mod.TrainError, distributed.WorkerError) as exc:
+    except (CLIError, ValueError, OSError, ImportError, train_mod.TrainError, distributed.WorkerError) as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"trp: error: {msg}", file=sys.stderr)
         return 2

@@ -47,8 +47,22 @@ def _init_(weight, fan_in):
     nn.init.uniform_(weight, -bound, bound)
 
 
+def conv_padding_attr(padding4, given):
+    """The `padding` attribute nn.Conv2d would show: the string it was given ("same" / "valid"), else (h, w)
+    for symmetric padding, else the (top, bottom, left, right) tuple (no nn.Conv2d equivalent)."""
+    if isinstance(given, str):
+        return given
+    top, bottom, left, right = padding4
+    return (top, left) if (top, left) == (bottom, right) else tuple(padding4)
+
+
 class _FactorizedConv2d(nn.Module):
+    """Base of the factorized convs: a drop-in for the nn.Conv2d it replaces (the attributes code reads on
+    one - in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode - and
+    batched [N, C, H, W] or unbatched [C, H, W] input)."""
     scheme = None
+    groups = 1
+    padding_mode = "zeros"
 
     def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1,
                  bias=True, device=None, dtype=None):
@@ -57,8 +71,9 @@ class _FactorizedConv2d(nn.Module):
         self.in_channels, self.out_channels, self.rank = int(in_channels), int(out_channels), rank
         self.kernel_size = geometry.pair(kernel_size, "kernel_size")
         self.stride, self.dilation = geometry.pair(stride, "stride"), geometry.pair(dilation, "dilation")
-        # also "same" / "valid", as nn.Conv2d takes them
-        self.padding = geometry.resolve_padding(padding, self.kernel_size, self.dilation, self.stride)
+        # also "same" / "valid", as nn.Conv2d takes them; the ops get (top, bottom, left, right)
+        self.padding4 = geometry.resolve_padding(padding, self.kernel_size, self.dilation, self.stride)
+        self.padding = conv_padding_attr(self.padding4, padding)
         factory = {"device": device, "dtype": dtype}
         w1, w2 = self._factor_shapes()
         self.register_parameter(self._names[0], nn.Parameter(torch.empty(w1, **factory)))
@@ -85,7 +100,7 @@ class _FactorizedConv2d(nn.Module):
         """Plain-data description (no tensors), enough to rebuild the module; used by trp.save."""
         return {"type": self.scheme, "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "rank": self.rank, "stride": list(self.stride),
-                "padding": list(self.padding), "dilation": list(self.dilation),
+                "padding": list(self.padding4), "dilation": list(self.dilation),
                 "bias": self.bias is not None}
 
     @classmethod
@@ -105,12 +120,20 @@ class _FactorizedConv2d(nn.Module):
         A, B, r, _ = _svd_factors(to_matrix(conv.weight, cls.scheme), kind, value)
         w = conv.weight
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, r, conv.stride,
-                     conv_padding4(conv), conv.dilation, conv.bias is not None, device=w.device, dtype=w.dtype)
+                     conv.padding, conv.dilation, conv.bias is not None, device=w.device, dtype=w.dtype)
         module.load_factors(A, B)
         if conv.bias is not None:
             with torch.no_grad():
                 module.bias.copy_(conv.bias)
         return module
+
+    def forward(self, x):
+        if x.dim() == 3:  # unbatched, as nn.Conv2d accepts it
+            return self._conv(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: expected a 3-D (unbatched) or 4-D (batched) input, got "
+                             f"shape {tuple(x.shape)}")
+        return self._conv(x)
 
     def load_factors(self, A, B):
         """Sets the weights from M ~= A @ B (M the scheme matrix [p, q], A [p, rank], B [rank, q])."""
@@ -143,9 +166,9 @@ class ChannelFactorizedConv2d(_FactorizedConv2d):
         kh, kw = self.kernel_size
         return self.rank * (self.in_channels * kh * kw + self.out_channels)
 
-    def forward(self, x):
+    def _conv(self, x):
         return trp_kernels.factorized_conv_channel(x, self.c_weight, self.p_weight, self.bias,
-                                                   self.stride, self.padding, self.dilation)
+                                                   self.stride, self.padding4, self.dilation)
 
 
 class SpatialFactorizedConv2d(_FactorizedConv2d):
@@ -177,9 +200,9 @@ class SpatialFactorizedConv2d(_FactorizedConv2d):
         kh, kw = self.kernel_size
         return self.rank * (self.in_channels * kh * self.stride[1] + self.out_channels * kw)
 
-    def forward(self, x):
+    def _conv(self, x):
         return trp_kernels.factorized_conv_spatial(x, self.v_weight, self.h_weight, self.bias,
-                                                   self.stride, self.padding, self.dilation)
+                                                   self.stride, self.padding4, self.dilation)
 
 
 class DecoupledConv2d(_FactorizedConv2d):
@@ -211,9 +234,9 @@ class DecoupledConv2d(_FactorizedConv2d):
         sh, sw = self.stride
         return self.rank * self.out_channels * (self.in_channels * sh * sw + kh * kw)
 
-    def forward(self, x):
+    def _conv(self, x):
         return trp_kernels.decoupled_conv(x, self.pw_weight, self.dw_weight, self.bias, self.stride,
-                                          self.padding, self.dilation)
+                                          self.padding4, self.dilation)
 
 
 class FactorizedWeight:

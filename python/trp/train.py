@@ -310,6 +310,9 @@ def final_report(model, bundle, test_loader, device, scheme, energy=None, thresh
               "params_dense": t["params_dense"], "params_decomposed": t["params_compact"],
               "latency_dense_ms": t["latency_dense_s"] * 1e3, "latency_decomposed_ms": t["latency_compact_s"] * 1e3,
               "report": rep.to_dict()}
+    ort = _onnxruntime_latency(dense_cpu, compact_cpu, bundle.input_size, latency_repeats, log)
+    if ort is not None:
+        result.update(onnxruntime_latency_dense_ms=ort[0] * 1e3, onnxruntime_latency_decomposed_ms=ort[1] * 1e3)
     log(str(rep))
     if out is not None:
         os.makedirs(out, exist_ok=True)
@@ -325,10 +328,27 @@ def final_report(model, bundle, test_loader, device, scheme, energy=None, thresh
         f"({t['macs_dense'] / 1e6:.2f}M -> {t['macs_compact'] / 1e6:.2f}M)")
     log(f"params: {t['params_dense'] / 1e6:.3f}M -> {t['params_compact'] / 1e6:.3f}M;  CPU latency (batch 1, "
         f"median): {t['latency_dense_s'] * 1e3:.2f} ms -> {t['latency_compact_s'] * 1e3:.2f} ms")
+    if ort is not None:
+        log(f"onnxruntime CPU latency (batch 1, median): {ort[0] * 1e3:.2f} ms -> {ort[1] * 1e3:.2f} ms "
+            f"({ort[0] / ort[1]:.2f}x; `trp decompose --fit-latency onnxruntime` keeps only faster layers)")
     if out is not None:
         log(f"wrote {os.path.join(out, 'report.json')}, {os.path.join(out, 'ranks.png')}, "
             f"{os.path.join(out, 'decomposed.pt')}")
     return result
+
+
+def _onnxruntime_latency(dense, compact, input_size, repeats, log):
+    """(dense s, decomposed s) in onnxruntime on the CPU, or None when onnxruntime is not installed or the
+    model does not export (an extra of the report: it never fails it)."""
+    from . import export
+    if not export.onnxruntime_available():
+        return None
+    try:
+        return export.compare_ort(dense, compact, input_size, repeats=repeats)
+    except Exception as exc:  # e.g. an operator the ONNX exporter does not support
+        log(f"onnxruntime latency skipped: the model does not export to ONNX ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        return None
 
 
 def _cpu_copy(model):
