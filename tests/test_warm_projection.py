@@ -190,6 +190,18 @@ def test_warm_start_api_and_bad_input():
         trp_kernels.lowrank_project(torch.full((1, 20, 20), float("nan")), 0.9, warm=state)
 
 
+@pytest.mark.skipif(not HAS_CPP, reason="trp_kernels._C not built")
+def test_an_extension_built_before_the_warm_start_runs_its_full_solve(monkeypatch):
+    real = _extension.has_kernel
+    monkeypatch.setattr(_extension, "has_kernel", lambda name, key: name == "lowrank_project" and real(name, key))
+    W = make_batch(3, 20, 36, "decay", seed=15)
+    state = WarmStart()
+    for _ in range(2):
+        out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+        assert_same_as_cold(W, 0.9, out)
+        assert state.basis.shape == (3, 20, 0) and not bool(state.warm.any())
+
+
 def _train(model, pruner, steps, seed=0):
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

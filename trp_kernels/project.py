@@ -138,6 +138,12 @@ def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, 
         check_finite(W)
     B, p, q = W.shape
     n = min(p, q)
+    if backend_for(W.device) == "cpp" and not _extension.has_kernel("lowrank_project_basis",
+                                                                     _dispatch_key(W.device)):
+        # a compiled extension older than the warm start: its full solve, as without a state (and no state)
+        W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
+        return (W_low, rank, G if subgradient else W.new_empty(0), W.new_zeros(B, n, 0, dtype=torch.float64),
+                rank.new_zeros(B, dtype=torch.bool))
     if not (_basis_fits(basis, W) and n >= _warm.MIN_N and basis.shape[2] <= _warm.MAX_FRACTION * n
             and energy < 1.0):
         W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient)
@@ -164,7 +170,7 @@ def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, 
 def _(W, basis, energy, max_rank, subgradient, check=True):
     B, p, q = W.shape
     n = min(p, q)
-    m = torch.library.get_ctx().new_dynamic_size(min=1, max=max(n, 1))  # the largest rank (at least 1)
+    m = torch.library.get_ctx().new_dynamic_size(min=0, max=max(n, 1))  # the largest rank (at least 1)
     G = W.new_empty(W.shape) if subgradient else W.new_empty(0)
     return (W.new_empty(W.shape), W.new_empty((B,), dtype=torch.int64), G,
             W.new_empty((B, n, m), dtype=torch.float64), W.new_empty((B,), dtype=torch.bool))
