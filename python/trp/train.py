@@ -139,9 +139,9 @@ class Run:
         per_rank = saved.get("rng_ranks") or []
         same = self.world is not None and len(per_rank) == self.world.world_size
         ckpt.set_rng_state(per_rank[self.rank] if same else saved["rng"], self.train_loader.generator)
+        self.epoch, self.history = int(saved["epoch"]), list(saved.get("history", []))
         if self.rank and not same:
             _seed_everything((self.cfg.seed + self.epoch + self.rank) % SEED_LIMIT)
-        self.epoch, self.history = int(saved["epoch"]), list(saved.get("history", []))
 
     def state(self):
         """The checkpoint (called on every rank: the RNG states are gathered; rank 0 writes it)."""
