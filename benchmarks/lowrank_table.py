@@ -260,7 +260,7 @@ def main(argv=None):
         done = run(results, 1.0 if args.smoke else args.repeats_scale, ("trp",) if args.smoke else ("init", "trp"),
                    cases, args.device, budget)
     if done and args.part in ("all", "trajectory"):
-        done = run_trajectories(results, [("resnet20", "channel", 2)] if args.smoke else TRAJECTORY_CASES,
+        done = run_trajectories(results, [("resnet20", "channel", 1)] if args.smoke else TRAJECTORY_CASES,
                                 args.device, budget, 1.0 if args.smoke else args.repeats_scale)
     results.finish(truncated_by_budget=not done)
     m = results.doc["machine"]
