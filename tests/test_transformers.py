@@ -1,7 +1,6 @@
 """TRP on transformers: Linear-like targets (nn.Linear, attention q/k/v rows of in_proj_weight), transformer
 default selection, decomposition that keeps the host modules working, MACs, save/load."""
 import re
-import warnings
 
 import pytest
 import torch
@@ -313,3 +312,14 @@ def test_split_attention_equals_multihead_attention(batch_first, kdim):
         (a, wa), (b, wb) = mha(one(q), one(k), one(k)), split(one(q), one(k), one(k))
         _assert_close(b, a)
         _assert_close(wb, wa)
+
+
+def test_factorized_linear_weight_stand_in():
+    torch.manual_seed(8)
+    layer = trp.FactorizedLinear.from_linear(nn.Linear(12, 10), rank=4)
+    x = torch.randn(3, 12)
+    w = layer.weight
+    assert w.shape == (10, 12) and w.dtype == torch.float32
+    _assert_close(nn.functional.linear(x, w, layer.bias), layer(x))  # through the factors, host's bias
+    _assert_close(nn.functional.linear(x, w), layer(x) - layer.bias)
+    torch.testing.assert_close(torch.add(w, 0), layer.dense_weight())  # anything else: the dense product

@@ -263,7 +263,8 @@ class FactorizedWeight:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, w, bias = (args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(("input", "weight", "bias")))
+            names = ("input", "weight", "bias")
+            x, w, bias = (args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names))
             if isinstance(w, cls) and not isinstance(x, cls) and not isinstance(bias, cls):
                 return F.linear(F.linear(x, w.layer.first.weight), w.layer.second.weight, bias)
         unwrap = lambda a: a.dense() if isinstance(a, cls) else a  # noqa: E731
@@ -336,5 +337,6 @@ FACTORIZED = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedCo
               "linear": FactorizedLinear}
 FACTORIZED_TYPES = tuple(FACTORIZED.values())
 
-__all__ = ["ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear", "FactorizedWeight", "conv_padding4",
+__all__ = ["ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear", "conv_padding4",
+           "FactorizedWeight",
            "FACTORIZED", "FACTORIZED_TYPES"]

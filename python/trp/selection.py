@@ -11,7 +11,7 @@ nn.MultiheadAttention ("<attention>.q_proj", ".k_proj", ".v_proj"; a type spec n
 Default for a transformer (a model with attention modules, channel scheme), besides the convs above: every
 Linear-like matrix inside a transformer block (the module that holds an attention: attention projections
 and MLP), except tiny ones (smaller side < TINY_LINEAR) and those whose host cannot run factorized
-(trp.transformer); embeddings, patch merging and the classifier head lie outside the blocks.""" 
+(trp.transformer); embeddings, patch merging and the classifier head lie outside the blocks."""
 import re
 import warnings
 
