@@ -12,7 +12,8 @@ def warm_bases(groups):
     for g in groups:
         basis = g.warm.basis
         if basis is not None and basis.shape[0] % len(g.names) == 0:
-            out.update(zip(g.names, basis.view(len(g.names), -1, *basis.shape[1:]).unbind(0)))
+            per_layer = basis.shape[0] // len(g.names)  # explicit: -1 is ambiguous for an empty basis
+            out.update(zip(g.names, basis.view(len(g.names), per_layer, *basis.shape[1:]).unbind(0)))
     return out
 
 
