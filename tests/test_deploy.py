@@ -189,6 +189,7 @@ def test_fit_latency_checks_arguments():
         trp.fit_latency(_Net(), (3, 12, 12))
 
 
+@pytest.mark.slow
 def test_cli_export_and_latency_fit(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     run = tmp_path / "run"

@@ -60,6 +60,7 @@ def _decomposed_resnet18():
     return trp.decompose(tv.models.resnet18(num_classes=10).eval(), "channel", energy=0.5).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_torchvision_resnet18_exports(exporter, tmp_path):
     compact = _decomposed_resnet18()

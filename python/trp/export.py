@@ -85,8 +85,9 @@ def session(model_bytes, threads=None):
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
-    if threads == 1:  # no idle worker spinning between runs (it only steals the CPU from the caller)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # idle workers do not spin between runs: a spinning pool steals the CPU from whatever runs next (another
+    # session timed in alternation, the caller's own work)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
