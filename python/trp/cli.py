@@ -374,8 +374,12 @@ def cmd_export(ns):
         raise CLIError(f"{ns.model_file} is neither a `trp train` checkpoint nor a trp model file (trp.save)")
     channels = (getattr(model, "trp_arch", {}) or {}).get("in_channels", 3)
     shape = (ns.batch_size, channels, size, size)
-    info = export.export_onnx(model, ns.out, shape, dynamic_batch=not ns.static_batch, exporter=ns.exporter,
-                              opset=ns.opset)
+    try:
+        info = export.export_onnx(model, ns.out, shape, dynamic_batch=not ns.static_batch, exporter=ns.exporter,
+                                  opset=ns.opset)
+    except RuntimeError as exc:  # torch.onnx's errors: an operator without an ONNX form, a failed trace
+        raise CLIError(f"{ns.model_file} does not export to ONNX with the {ns.exporter} exporter: "
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     errors = ", ".join(f"batch {n}: {e:.1e}" for n, e in info["errors"].items())
     _log(f"wrote {ns.out} ({info['bytes'] / 1e6:.2f} MB, {ns.exporter} exporter, "
          f"{'static' if ns.static_batch else 'dynamic'} batch, input {'x'.join(map(str, shape))}); "
