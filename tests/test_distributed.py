@@ -188,6 +188,8 @@ def test_train_nproc_2_then_resume_with_nproc_1(tmp_path, capfd):
     assert stdout.count("epoch   1/1") == 1  # rank 0 alone logs
     saved = ckpt.load_checkpoint(out / train.CHECKPOINT)
     assert saved["config"]["nproc"] == 2 and len(saved["rng_ranks"]) == 2 and saved["epoch"] == 1
+    # the warm-start bases of both ranks' groups, as one process would save them
+    assert set(saved["pruner"]["warm_bases"]) == set(saved["pruner"]["ranks"])
     code, stdout, err = run_cli(capfd, "train", "--resume", "--out", out, "--epochs", "2", "--nproc", "1",
                                 "--no-report", "--no-progress")
     assert code == 0, err

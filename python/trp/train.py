@@ -151,11 +151,15 @@ class Run:
             extra["rng_ranks"] = distributed.all_gather_objects(rng)
         if self.scaler is not None:
             extra["scaler"] = self.scaler.state_dict()
+        pruner = self.pruner.state_dict() if self.pruner is not None else None
+        if self.world and pruner is not None and "warm_bases" in pruner:
+            # each rank holds the warm-start bases of the groups it projects: the checkpoint gets them all
+            parts = distributed.all_gather_objects({k: v.cpu() for k, v in pruner["warm_bases"].items()})
+            pruner["warm_bases"] = {k: v for part in parts for k, v in part.items()}
         return {"format": ckpt.FORMAT, "version": ckpt.VERSION, "config": self.cfg.to_dict(),
                 "arch": dict(self.model.trp_arch), "epoch": self.epoch,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+                "scheduler": self.scheduler.state_dict(), "pruner": pruner,
                 "rng": rng, "history": self.history, **extra}
 
     def train_epoch(self):
