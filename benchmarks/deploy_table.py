@@ -27,7 +27,7 @@ import torch
 import harness  # first: puts the checkout on sys.path
 import trp  # noqa: E402
 from conv_table import build_net, decompose_at_paper_ranks  # noqa: E402
-from trp import deploy, export  # noqa: E402
+from trp import deploy  # noqa: E402
 
 DEFAULT = {"resnet20": ((3, 32, 32), (1, 32)), "resnet56": ((3, 32, 32), (1, 32)),
            "resnet50": ((3, 224, 224), (1, 8))}

@@ -1,5 +1,7 @@
 """Deployment: drop-in behaviour of the factorized convs (unbatched input, nn.Conv2d attributes, string
 padding), exact merge-back, rank rounding, the latency fit's decisions, and the `trp export` command."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -225,3 +227,9 @@ def test_cli_export_and_latency_fit(tmp_path, capsys):
         assert code == 2 and err.startswith("trp: error:") and match in err
     code, _, err = run_cli(capsys, "report", ckpt, "--rank-multiple", "8")
     assert code == 2 and "--fit-latency" in err
+    code, out, err = run_cli(capsys, "report", ckpt, "--out", tmp_path / "rep", "--fit-latency", "eager",
+                             "--fit-threads", "1")
+    assert code == 0, err
+    fit = json.loads((tmp_path / "rep" / "latency_fit.json").read_text())
+    assert "latency fit: eager" in out and fit["totals"]["runtime"] == "eager" and fit["layers"]
+    assert all(r["ms_dense"] > 0 and r["ms_factorized"] > 0 for r in fit["layers"])

@@ -342,8 +342,9 @@ def _deploy_fit(ns, compact, dense, input_size, report=False):
         if ns.rank_multiple is not None:
             compact = deploy.round_ranks(compact, ns.rank_multiple, dense)
         return None if report else compact
-    fitted, fit = deploy.fit_latency(compact.cpu(), input_size, ns.fit_latency, batch_size=ns.fit_batch_size,
-                                     threads=ns.fit_threads, multiple=ns.rank_multiple, dense=dense.cpu())
+    fitted, fit = deploy.fit_latency(compact.cpu(), tuple(input_size)[-3:], ns.fit_latency,  # (C, H, W)
+                                     batch_size=ns.fit_batch_size, threads=ns.fit_threads,
+                                     multiple=ns.rank_multiple, dense=dense.cpu())
     _log(str(fit))
     return fit if report else fitted
 

@@ -36,8 +36,7 @@ def check_exporter(exporter):
 
 def _cpu_eval_copy(model):
     """A float32 CPU copy in eval mode: what is exported (the caller's model is not touched)."""
-    m = copy.deepcopy(model).cpu().float().eval()
-    return m
+    return copy.deepcopy(model).cpu().float().eval()
 
 
 def onnx_bytes(model, input_size, dynamic_batch=True, exporter="dynamo", opset=18):
@@ -180,6 +179,5 @@ def available_exporters():
         return ["torchscript"]
 
 
-__all__ = ["export_onnx", "onnx_bytes", "module_bytes", "fast_exporter", "verify", "session", "ort_latency", "compare_ort", "EXPORTERS",
-           "onnxruntime_available",
-           "available_exporters"]
+__all__ = ["export_onnx", "onnx_bytes", "module_bytes", "fast_exporter", "verify", "session", "ort_latency",
+           "compare_ort", "interleaved", "EXPORTERS", "onnxruntime_available", "available_exporters"]
