@@ -57,13 +57,16 @@ def test_decomposed_resnet20_exports_as_standard_convs(scheme, exporter):
 def _decomposed_resnet18():
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    return trp.decompose(tv.models.resnet18(num_classes=10).eval(), "channel", energy=0.5).eval()
+    # layer4's 512-channel convs stay dense: their float64 SVDs would be most of this test's time
+    return trp.decompose(tv.models.resnet18(num_classes=10).eval(), "channel", energy=0.5,
+                         exclude=[r"layer4\..*"]).eval()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_torchvision_resnet18_exports(exporter, tmp_path):
     compact = _decomposed_resnet18()
+    assert len(trp.factorized_layers(compact)) == 12  # the 3x3 convs of layer1-3 (the stem is not selected)
     path = tmp_path / "r18.onnx"
     info = trp.export_onnx(compact, path, (3, 64, 64), exporter=_exporter(exporter))
     assert path.read_bytes()[:4] and info["bytes"] == path.stat().st_size
