@@ -32,6 +32,8 @@ def _add_criterion(p, default_note):
                                                 f"({default_note})")
     g.add_argument("--threshold", type=float, help="decompose by an absolute singular-value cutoff instead "
                                                    "(the released code uses 0.05 after TRP)")
+    g.add_argument("--target-speedup", type=float, help="decompose at ranks allocated across the layers for "
+                                                        "this conv-MAC speed-up instead")
 
 
 def _add_fit(p):
@@ -213,12 +215,14 @@ def _train(ns, cfg, saved, init, start, rank=0):
         if ns.no_report or rank != 0:
             return 0
         train_mod.final_report(run.model, run.bundle, run.report_loader, run.device, cfg.scheme,
-                               **_criterion(cfg.energy, cfg.threshold), out=run.out, log=_log)
+                               **_criterion(cfg.energy, cfg.threshold, cfg.target_speedup), out=run.out, log=_log)
     _log(f"total time {time.perf_counter() - start:.0f} s")
     return 0
 
 
-def _criterion(energy, threshold):
+def _criterion(energy, threshold, target_speedup=None):
+    if target_speedup is not None:
+        return {"target_speedup": target_speedup}
     return {"threshold": threshold} if threshold is not None else {"energy": energy}
 
 
@@ -237,13 +241,16 @@ def _check_deploy_args(ns):
         check_energy(ns.energy, "--energy")
     if ns.threshold is not None:
         check_threshold(ns.threshold, "--threshold")
+    if ns.target_speedup is not None:
+        from .budget import check_target_speedup
+        check_target_speedup(ns.target_speedup, "--target-speedup")
 
 
 def _deploy_args(ns, cfg):
     scheme = ns.scheme or cfg["scheme"]
-    if ns.energy is not None or ns.threshold is not None:
-        return scheme, _criterion(ns.energy, ns.threshold)
-    return scheme, _criterion(cfg["energy"], cfg.get("threshold"))
+    if ns.energy is not None or ns.threshold is not None or ns.target_speedup is not None:
+        return scheme, _criterion(ns.energy, ns.threshold, ns.target_speedup)
+    return scheme, _criterion(cfg["energy"], cfg.get("threshold"), cfg.get("target_speedup"))
 
 
 def cmd_decompose(ns):
@@ -259,8 +266,8 @@ def cmd_decompose(ns):
         raise CLIError(f"directory {out_dir} does not exist")
     saved, model = _checkpoint_model(ns.checkpoint)
     scheme, crit = _deploy_args(ns, saved["config"])
-    compact = decompose(model, scheme, **crit)
     size = (1, saved["arch"].get("in_channels", 3), *(2 * [_image_size(saved["config"])]))
+    compact = decompose(model, scheme, **crit, input_size=size)
     compact = _deploy_fit(ns, compact, model, size[1:])
     io.save(compact, ns.out)
     wide = bool(block_names(model))  # a transformer: count its Linear layers and attention too

@@ -15,6 +15,7 @@ import torch
 from . import checks
 from . import data as data_mod
 from . import models
+from .budget import check_target_speedup
 from .pruner import check_nuclear, check_period
 from .rank import check_energy, check_threshold
 from .schemes import check_scheme
@@ -157,6 +158,13 @@ class TrainConfig:
     threshold: float = option(None, "--threshold", "decompose at the end by this absolute singular-value "
                               "cutoff instead of --energy", _optional(check_threshold), resume=True, metavar="T",
                               type=float)
+    target_speedup: float = option(None, "--target-speedup", "steer the projections to this conv-MAC speed-up "
+                                   "(ramped up over the first quarter of training) and decompose at it, instead "
+                                   "of --energy (e.g. 2.2)", _optional(check_target_speedup),
+                                   metavar="S", type=float)
+    deterministic: bool = option(False, "--deterministic", "deterministic algorithms, one CPU thread, seeded "
+                                 "workers: a rerun on the same machine reproduces every number", _bool,
+                                 action="store_true")
     out: str = option("runs/trp", "--out", "run directory: checkpoint.pt, report.json, ranks.png, decomposed.pt "
                       "(default {default})", check_out_dir, resume=True, metavar="DIR")
     # initial weights (a state_dict file such as a torchvision checkpoint, a trp checkpoint or model file):
@@ -178,6 +186,8 @@ class TrainConfig:
             if f.metadata["check"] is not None:
                 f.metadata["check"](getattr(self, f.name), f.metadata["flag"])
         data_mod.check_options(self.data, self.image_size, self.subset)
+        if self.target_speedup is not None and self.threshold is not None:
+            raise ValueError("--target-speedup and --threshold are alternative decomposition criteria: give one")
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from . import rank as rank_rules
 from . import transformer
+from .flops import count_macs
 from .modules import FACTORIZED, FactorizedLinear
 from .schemes import check_scheme
 
@@ -22,7 +23,8 @@ def dense_macs_per_output_pixel(module):
     return module.out_channels * module.in_channels * kh * kw // module.groups
 
 
-def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=None, rank=None):
+def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=None, rank=None,
+              target_speedup=None, input_size=None):
     """A deep copy of `model` whose selected layers are replaced by factorized modules (`model` is untouched).
 
     scheme: "channel", "spatial" or "nd". Rank per layer by exactly one criterion: energy (fraction of
@@ -32,8 +34,25 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     factorized form would cost at least the dense multiply-adds stays dense. The SVD runs in float64 per
     layer: deployment accuracy matters more than speed here. Attention q/k/v targets and layers whose host
     reads their weights (nn.MultiheadAttention, the TransformerEncoderLayer fast path) are placed after
-    trp.transformer.prepare_hosts converts the host; a host it cannot convert keeps them dense (one warning)."""
+    trp.transformer.prepare_hosts converts the host; a host it cannot convert keeps them dense (one warning).
+    target_speedup (instead of a criterion, with input_size (C, H, W)): ranks allocated across the layers
+    (trp.budget.allocate) so that the conv-MAC speed-up is at least the target, and as close as one rank
+    step allows; the result's `trp_budget` attribute holds the target, the ranks and the speed-up achieved."""
     check_scheme(scheme)
+    budget = None
+    if target_speedup is not None:
+        if energy is not None or threshold is not None or rank is not None:
+            raise ValueError("give target_speedup= or one rank criterion (energy=, threshold=, rank=), not both")
+        from . import budget as budget_mod
+        budget_mod.check_target_speedup(target_speedup)
+        if input_size is None:
+            raise ValueError("target_speedup needs input_size= (C, H, W), the input at which conv MACs are "
+                             "counted")
+        chosen = [(t.name, t.module) for t in select_targets(model, scheme, layers, exclude)]
+        costs = budget_mod.CostModel(model, scheme, chosen, input_size)
+        allocated = budget_mod.allocate(costs, budget_mod.spectra(model, scheme, chosen), target_speedup)
+        rank = {n: r for n, r in allocated.items() if r is not None}  # a layer not in the map stays dense
+        budget = {"target_speedup": float(target_speedup), "ranks": allocated}
     if scheme == "nd" and energy is None and threshold is None and rank is None:
         energy = ND_DEFAULT_ENERGY
     kind, value = rank_rules.check_criterion(energy, threshold, rank)
@@ -67,6 +86,9 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     compact = transformer.prepare_hosts(copy.deepcopy(model), chosen)  # hosts of the factorized ones only
     for name, factorized in chosen.items():
         compact.set_submodule(name, factorized)
+    if budget is not None:  # measured on the result, not predicted
+        budget["speedup"] = costs.total_dense / count_macs(compact, input_size, linear=costs.linear)
+        compact.trp_budget = budget
     return compact
 
 

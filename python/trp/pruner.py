@@ -14,6 +14,8 @@ from the group's previous projection (trp_kernels.WarmStart: same results, less 
 scheme every filter is its own matrix: a group's call covers all filters of all its layers. A group holds
 trp.targets.Target objects: a whole weight or a row block of one (the q, k, v rows of a packed attention
 in_proj_weight), read, written and regularized through the target's views of the parameter."""
+import copy
+
 import torch
 
 import trp_kernels
@@ -75,10 +77,14 @@ class RankPruner:
     process_group: under torch.distributed (default: the default group when it is initialized with more
     than one process), each rank projects a cost-balanced share of the layers and receives the others'
     results, so that every rank ends bit-identical (trp.distributed). model may be DDP-wrapped or
-    torch.compile'd: the pruner works on the bare module's parameters."""
+    torch.compile'd: the pruner works on the bare module's parameters.
+    target_speedup: steer the network's conv-MAC speed-up (trp.count_macs at input_size, (C, H, W)) to this
+    instead of keeping a fixed energy: after each projection trp.budget.SpeedupController sets the next
+    projection's energy, aiming at a goal that ramps from 1 to target_speedup over `warmup` projections."""
 
     def __init__(self, model, scheme="channel", energy=0.9, period=1, nuclear=3e-4, layers=None,
-                 exclude=None, nuclear_every="projection", max_rank=None, process_group=None):
+                 exclude=None, nuclear_every="projection", max_rank=None, process_group=None,
+                 target_speedup=None, input_size=None, warmup=0):
         _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank)
         pg = distributed.active_group(process_group)
         model = distributed.unwrap(model)
@@ -100,6 +106,15 @@ class RankPruner:
             pieces, self._sharding = distributed.make_sharding(pg, list(groups.values()), costs)
             groups = dict(enumerate(pieces))
         self._groups = [_Group(targets) for targets in groups.values()]
+        self.budget = None  # the speed-up controller of target_speedup=
+        if target_speedup is not None:
+            from .budget import CostModel, SpeedupController
+            if input_size is None:
+                raise ValueError("RankPruner: target_speedup needs input_size= (C, H, W), the input at which "
+                                 "conv MACs are counted")
+            costs = CostModel(model, scheme, self.layers, input_size)
+            self.budget = SpeedupController(costs, target_speedup, warmup)
+            self.energy = self.budget.energy
         self.steps = 0                 # number of step() calls so far
         self.last_projected = False    # whether the latest step() projected
 
@@ -172,6 +187,8 @@ class RankPruner:
             torch._foreach_copy_([t.read() for t in g.targets],
                                  list(from_matrix(W_low, self.scheme, g.shape).unbind(0)))
             g.rank, g.G = rank, G
+        if self.budget is not None:
+            self.energy = self.budget.update(self.ranks)
 
     def step(self):
         """Call once per training iteration, before the forward pass. Projects on the first call and
@@ -225,6 +242,8 @@ class RankPruner:
         if self.nuclear_every == "step":
             state["subgradients"] = {n: G for g in self._groups if g.G is not None
                                      for n, G in zip(g.names, g.G.unbind(0))}
+        if self.budget is not None:
+            state["budget"] = self.budget.state_dict()
         return state
 
     def load_state_dict(self, state):
@@ -249,16 +268,30 @@ class RankPruner:
                 raise ValueError(f"last_projected must be a bool, got {last!r}")
             restored = [self._restore_group(g, ranks, subs) for g in self._groups]
             bases = [restore_warm_basis(g, state.get("warm_bases") or {}) for g in self._groups]
+            budget = self._restore_budget(state)
         except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
             raise ValueError(f"{where}: {exc}") from None
         # everything checked: now change the pruner
         self.energy, self.period, self.nuclear = float(config[0]), int(config[1]), float(config[2])
         self.nuclear_every, self.max_rank = config[3], config[4]
-        self.steps, self.last_projected = steps, last
+        self.steps, self.last_projected, self.budget = steps, last, budget
         for g, (rank, G) in zip(self._groups, restored):
             g.rank, g.G = rank, G
         for g, basis in zip(self._groups, bases):
             g.warm.load_state_dict({"basis": basis})
+
+    def _restore_budget(self, state):
+        """A copy of the speed-up controller with the state's budget state (None without target_speedup)."""
+        if self.budget is None:
+            if state.get("budget") is not None:
+                raise ValueError("the state has a speed-up target; build the pruner with target_speedup=")
+            return None
+        if state.get("budget") is None:
+            raise ValueError("the state has no speed-up target, this pruner has target_speedup="
+                             f"{self.budget.target}")
+        budget = copy.copy(self.budget)
+        budget.load_state_dict(state["budget"])
+        return budget
 
     def _restore_group(self, g, ranks, subs):
         """(rank, G) of group g from a saved state's per-layer ranks and subgradients."""

@@ -4,6 +4,7 @@ checkpoint after every epoch (atomic), exact resume, and the end-of-training rep
 Exact resume: the checkpoint holds model, optimizer, scheduler and pruner states plus every RNG the loop
 draws from (torch - augmentation -, numpy, python, the train loader's shuffling generator); it is written
 after the epoch's evaluation, so a resumed run replays the remaining epochs bit for bit on the CPU."""
+import contextlib
 import json
 import os
 import random
@@ -91,13 +92,16 @@ class Run:
         self.pruner = None
         if cfg.trp:  # under torch.distributed: sharded over the default group
             from .pruner import RankPruner
-            self.pruner = RankPruner(self.model, cfg.scheme, cfg.energy, cfg.period, cfg.nuclear)
+            self.pruner = RankPruner(self.model, cfg.scheme, cfg.energy, cfg.period, cfg.nuclear,
+                                     **budget_args(cfg, self.bundle))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.schedule, cfg.lr_decay)
         self.train_loader, self.test_loader = data_mod.make_loaders(
             self.bundle, cfg.batch_size, cfg.seed, cfg.workers, self.rank, self.world.world_size if self.world else 1)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+        if cfg.deterministic:  # numpy / random in workers too (torch's are seeded by the loaders' generators)
+            self.train_loader.worker_init_fn = self.test_loader.worker_init_fn = _seed_worker
         self.epoch, self.history = 0, []
         if saved is not None:
             self._restore(saved)
@@ -223,18 +227,21 @@ class Run:
 
     def fit(self, on_epoch_end=None):
         """Trains up to cfg.epochs, holding the run directory's lock (runlock) throughout."""
-        if self.rank:  # only rank 0 writes into the run directory
-            return self._fit(on_epoch_end)
-        with runlock.locked(self.out):
-            storage.clean_stale_temps(self.out, RUN_FILES)  # of dead writers only
-            return self._fit(on_epoch_end)
+        with deterministic_mode(self.cfg.deterministic):
+            if self.rank:  # only rank 0 writes into the run directory
+                return self._fit(on_epoch_end)
+            with runlock.locked(self.out):
+                storage.clean_stale_temps(self.out, RUN_FILES)  # of dead writers only
+                return self._fit(on_epoch_end)
 
     def _fit(self, on_epoch_end):
         cfg = self.cfg
         if self.epoch == 0:
             self.log(f"training {cfg.model} on {self.bundle.name} ({len(self.bundle.train)} train / "
                      f"{len(self.bundle.test)} test, input {self.bundle.input_size[1:]}) for {cfg.epochs} "
-                     f"epochs; " + (f"TRP {cfg.scheme}, energy {cfg.energy}, period {cfg.period}, nuclear "
+                     f"epochs; " + (f"TRP {cfg.scheme}, " + (f"target speed-up {cfg.target_speedup}"
+                                                              if cfg.target_speedup else f"energy {cfg.energy}")
+                                    + f", period {cfg.period}, nuclear "
                                     f"{cfg.nuclear} on {len(self.pruner.layers)} layers"
                                     if self.pruner else "plain baseline (no TRP)"))
         else:
@@ -251,13 +258,16 @@ class Run:
             test_acc = evaluate(self.model, self.test_loader, self.device, all_ranks=self.world is not None)
             self.epoch += 1
             rank = _mean_rank(self.pruner)
+            speedup = self.pruner.budget.speedup if self.pruner is not None and self.pruner.budget else None
             self.history.append({"epoch": self.epoch, "loss": loss, "train_acc": train_acc,
-                                 "test_acc": test_acc, "mean_rank": rank, "lr": lr})
+                                 "test_acc": test_acc, "mean_rank": rank, "lr": lr,
+                                 **({"speedup": speedup} if speedup is not None else {})})
             state = self.state()
             if self.rank == 0:
                 ckpt.save_checkpoint(state, self.ckpt_path)
             self.log(f"epoch {self.epoch:3d}/{cfg.epochs}  loss {loss:.4f}  train {train_acc:6.2f}%  "
                      f"test {test_acc:6.2f}%" + (f"  mean rank {rank:5.1f}" if rank is not None else "")
+                     + (f"  speed-up {speedup:.2f}x" if speedup is not None else "")
                      + f"  lr {lr:g}  {time.perf_counter() - t0:.1f}s")
             if on_epoch_end is not None:
                 on_epoch_end(self)
@@ -287,6 +297,46 @@ def load_initial_weights(model, state, path):
     ckpt.load_weights(model, state, f"--init {path}: weights do not fit {model.trp_arch['name']}")
 
 
+# --target-speedup: the goal ramps from 1 to the target over this fraction of the run's projections
+BUDGET_WARMUP = 0.25
+
+
+def budget_args(cfg, bundle):
+    """RankPruner's target_speedup / input_size / warmup for cfg (none without --target-speedup)."""
+    if cfg.target_speedup is None:
+        return {}
+    steps = -(-len(bundle.train) // cfg.batch_size)  # an upper bound: a last batch of one is dropped
+    return {"target_speedup": cfg.target_speedup, "input_size": bundle.input_size[1:],
+            "warmup": round(BUDGET_WARMUP * cfg.epochs * steps / cfg.period)}
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled=True, threads=1):
+    """Within: torch.use_deterministic_algorithms, `threads` CPU threads (how reductions are split, so
+    their rounding, depends on the thread count), cuDNN autotuning off; the previous settings after."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.get_num_threads(), torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.set_num_threads(saved[2])
+        torch.backends.cudnn.benchmark = saved[3]
+
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2**32  # the loader's generator seeded it
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _seed_everything(seed):
     torch.manual_seed(seed)  # seeds are validated (TrainConfig): 0 <= seed < 2**63
     np.random.seed(seed % 2**32)
@@ -294,7 +344,7 @@ def _seed_everything(seed):
 
 
 def final_report(model, bundle, test_loader, device, scheme, energy=None, threshold=None, out=None,
-                 log=print, latency_repeats=30):
+                 log=print, latency_repeats=30, target_speedup=None):
     """Dense vs decomposed (no fine-tuning): accuracies, trp.report table, speed-up, params, CPU latency;
     writes report.json, decomposed.pt (trp.save) and ranks.png into `out` when given. Returns the dict."""
     from . import io, plots
@@ -302,8 +352,10 @@ def final_report(model, bundle, test_loader, device, scheme, energy=None, thresh
     from .report import report as trp_report
 
     criterion = {"threshold": threshold} if threshold is not None else {"energy": energy}
+    if target_speedup is not None:
+        criterion = {"target_speedup": target_speedup}
     dense_acc = evaluate(model, test_loader, device)
-    compact = decompose(model, scheme, **criterion)
+    compact = decompose(model, scheme, **criterion, input_size=bundle.input_size[1:])
     compact_acc = evaluate(compact, test_loader, device)
     dense_cpu, compact_cpu = _cpu_copy(model), _cpu_copy(compact)
     rep = trp_report(dense_cpu, compact_cpu, bundle.input_size, latency=True, warmup=5,
@@ -325,7 +377,7 @@ def final_report(model, bundle, test_loader, device, scheme, energy=None, thresh
                                              energy=energy, threshold=threshold)
         text = json.dumps(result, indent=1, default=_json_default)
         storage.atomic_write(os.path.join(out, "report.json"), lambda f: f.write(text.encode()))
-    crit = f"threshold {threshold}" if threshold is not None else f"energy {energy}"
+    crit = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in criterion.items())
     log(f"dense accuracy:      {dense_acc:.2f}%")
     log(f"decomposed accuracy: {compact_acc:.2f}%  (no fine-tuning; {scheme} scheme, {crit})")
     log(f"speed-up ({t['macs_counted']} MACs, as the paper counts): {t['speedup']:.2f}x  "

@@ -1,0 +1,236 @@
+"""Budgeted TRP: a target conv-MAC speed-up (the paper's measure, trp.count_macs) instead of an energy.
+
+- CostModel: a network's conv MACs as a function of the ranks of its selected layers, from one forward
+  pass: a layer's dense MACs, and the MACs per unit of rank of its factorized form (trp.flops counts the
+  factorized module at rank 1: factorized MACs are linear in the rank). A layer is factorized only below
+  the rank at which factorizing stops paying (decompose's rule, modules' macs_per_output_pixel); at or
+  above it, and before any projection, it counts as dense.
+- allocate: the ranks at a budget, greedily by normalised energy per MAC across layers (each layer's
+  squared singular values as fractions of its own total: a global ranking, as global magnitude pruning
+  ranks weights across layers, weighted by what each component costs). trp.decompose(target_speedup=).
+- SpeedupController: RankPruner's closed loop. After each projection it measures the speed-up the new
+  ranks give and sets the energy of the next projection (a plain float, the same on every process since
+  it depends on the ranks only) from the distance to the target, which ramps up geometrically from 1 over
+  `warmup` projections so that ranks do not collapse early."""
+import heapq
+import math
+
+import torch
+import torch.nn as nn
+
+from . import checks
+from .flops import _conv_macs, _input_shape, _probe_input, count_macs
+from .modules import FACTORIZED, FactorizedLinear, conv_padding4
+from .schemes import layer_matrix_shape
+
+
+def check_target_speedup(target, name="target_speedup"):
+    return checks.real(target, name, 1.0, low_open=True, what=" (dense conv MACs / compact conv MACs)")
+
+
+def _meta(shape):
+    return torch.empty(shape, device="meta")
+
+
+class CostModel:
+    """Conv MACs of `model` at `input_size` ((C, H, W) or (N, C, H, W)) as a function of the ranks of
+    `layers` ([(name, module)], as select_layers gives) under `scheme`. Attributes per layer name: dense
+    (MACs), per_rank (MACs of the factorized layer per unit of rank), pay_rank (the largest rank at which
+    the factorized layer costs less than the dense one; 0: never) and full_rank."""
+
+    def __init__(self, model, scheme, layers, input_size):
+        from .decompose import dense_macs_per_output_pixel
+        shape = _input_shape(input_size)
+        self.scheme, self.names = scheme, [n for n, _ in layers]
+        self.linear = any(isinstance(m, nn.Linear) for _, m in layers)  # then Linear MACs count too
+        self.total_dense = count_macs(model, shape, linear=self.linear)
+        seen = {}
+
+        def hook_for(name):
+            def hook(module, inputs, output):  # returns None: the output is not replaced
+                seen.setdefault(name, (inputs[0].shape, output.shape))
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(_probe_input(model, shape))
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+        self.dense, self.per_rank, self.pay_rank, self.full_rank = {}, {}, {}, {}
+        for name, module in layers:
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                raise ValueError(f"target_speedup counts the MACs of Conv2d and Linear layers; {name!r} is a "
+                                 f"{type(module).__name__}: exclude it")
+            if name not in seen:
+                raise ValueError(f"layer {name!r} did not run in a forward pass of input_size {shape}: its "
+                                 "cost is unknown; exclude it")
+            x, y = seen[name]
+            if isinstance(module, nn.Linear):
+                one = FactorizedLinear(module.in_features, module.out_features, 1, bias=False, device="meta")
+                tokens = x.numel() // module.in_features
+                dense, per_rank = tokens * dense_macs_per_output_pixel(module), tokens * one.macs_per_output_pixel()
+            else:
+                one = FACTORIZED[scheme](module.in_channels, module.out_channels, module.kernel_size, 1,
+                                         module.stride, conv_padding4(module), module.dilation, bias=False,
+                                         device="meta")
+                dense, per_rank = _conv_macs(module, _meta(x), _meta(y)), _conv_macs(one, _meta(x), _meta(y))
+            dims = layer_matrix_shape(module, scheme)
+            self.full_rank[name] = min(dims[-2:])
+            # decompose keeps a layer dense when r * (factorized MACs per output pixel at rank 1) >= dense's
+            per_pixel = one.macs_per_output_pixel()
+            self.pay_rank[name] = min(self.full_rank[name],
+                                      -(-dense_macs_per_output_pixel(module) // per_pixel) - 1)
+            self.dense[name], self.per_rank[name] = dense, per_rank
+        self.fixed = self.total_dense - sum(self.dense.values())  # layers that are not selected
+
+    def layer_macs(self, name, rank, capped=True):
+        """MACs of one layer at `rank` (None: dense). capped=False: the factorized cost even above the
+        paying rank (what the controller steers: it moves with every rank, where the real cost is flat)."""
+        if rank is None or (capped and rank > self.pay_rank[name]):
+            return self.dense[name]
+        return max(int(rank), 1) * self.per_rank[name]
+
+    def macs(self, ranks, capped=True):
+        """Conv MACs of the network with the selected layers at ranks ({name: rank or None})."""
+        return self.fixed + sum(self.layer_macs(n, ranks.get(n), capped) for n in self.names)
+
+    def speedup(self, ranks, capped=True):
+        return self.total_dense / self.macs(ranks, capped)
+
+    def max_speedup(self):
+        """The speed-up of rank 1 in every layer where factorizing pays."""
+        return self.speedup({n: 1 for n in self.names})
+
+    def check_target(self, target, name="target_speedup"):
+        """target as a float if it is > 1 and reachable (<= max_speedup()), else ValueError."""
+        target = check_target_speedup(target, name)
+        top = self.max_speedup()
+        if target > top * (1 + 1e-12):
+            raise ValueError(f"{name}={target:g} is above what rank 1 in every selected layer gives "
+                             f"({top:.3f}x for these {len(self.names)} layers at this input size)")
+        return target
+
+
+def layer_gains(sigma):
+    """Energy gain of each rank step of one layer: squared singular values (summed over the filters, for nd's
+    [n, K] per-filter spectra) as fractions of the layer's total (zeros for an all-zero layer)."""
+    s2 = sigma.detach().to(torch.float64).square().reshape(-1, sigma.shape[-1]).sum(0)
+    total = float(s2.sum())
+    return [0.0] * len(s2) if total == 0 else (s2 / total).tolist()
+
+
+def allocate(costs, spectra, target):
+    """{name: rank, or None where the layer stays dense} meeting speed-up >= target, greedily: every layer
+    starts at rank 1; the step (one more rank, or from the paying limit to dense) with the most normalised
+    energy per MAC is taken while it fits the budget. spectra: {name: singular values, descending}.
+    Deterministic: ties go to the earlier layer."""
+    target = costs.check_target(target)
+    budget = costs.total_dense / target
+    ranks = {n: (1 if costs.pay_rank[n] >= 1 else None) for n in costs.names}
+    gains = {n: layer_gains(spectra[n]) for n in costs.names}
+    spent = costs.macs(ranks)
+    heap = []
+
+    def push(i, name):
+        r = ranks[name]
+        if r is None:
+            return
+        if r < costs.pay_rank[name]:
+            gain, cost = gains[name][r], costs.per_rank[name]
+        else:  # the rest of the spectrum at once: the exact dense layer
+            gain, cost = sum(gains[name][r:]), costs.dense[name] - costs.layer_macs(name, r)
+        heapq.heappush(heap, (-gain / max(cost, 1), i, name, cost))
+
+    for i, name in enumerate(costs.names):
+        push(i, name)
+    while heap:
+        _, i, name, cost = heapq.heappop(heap)
+        if spent + cost > budget * (1 + 1e-12):
+            continue  # this layer's further steps cost as much or more: it stays where it is
+        spent += cost
+        ranks[name] = ranks[name] + 1 if ranks[name] < costs.pay_rank[name] else None
+        push(i, name)
+    return ranks
+
+
+class SpeedupController:
+    """Closed-loop energy for RankPruner(target_speedup=): update(ranks) after each projection returns the
+    energy of the next one.
+
+    A projection at energy E drops the components whose share of their layer's energy is below 1 - E, and
+    a projection at E ~ 1 holds the ranks. So while the network is slower than the goal, the dropped share
+    1 - E is a PI law of the error e = log(goal / speed-up): gain * e plus the sum of integral * e since the
+    goal was last reached (a layer's smallest component may hold more than gain * e: the sum grows until
+    one is dropped); once the goal is reached, 1 - E = RESIDUAL[0] (hold) and the sum restarts from zero,
+    so it never winds up into a collapse of the ranks. The speed-up it steers is the uncapped one
+    (CostModel.speedup(capped=False)), which moves with every rank, even above the paying rank. warmup:
+    projections over which the goal ramps geometrically from 1 to target."""
+
+    RESIDUAL = (1e-6, 0.5)  # range of 1 - energy: hold the ranks .. drop half the energy
+
+    def __init__(self, costs, target, warmup=0, gain=0.5, integral=0.05):
+        self.costs = costs
+        self.target = costs.check_target(target)
+        self.warmup = checks.integer(warmup, "warmup", 0, what=" (projections over which the target ramps)")
+        self.gain = checks.real(gain, "gain", 0.0, low_open=True)
+        self.integral = checks.real(integral, "integral", 0.0)
+        self.updates, self.accumulated = 0, 0.0
+        self.residual = self.RESIDUAL[0]
+        self.speedup = None  # after the latest projection
+
+    @property
+    def energy(self):
+        return 1.0 - self.residual
+
+    def goal(self, updates=None):
+        """The speed-up aimed at after `updates` projections (default: now)."""
+        t = self.updates if updates is None else updates
+        ramp = 1.0 if self.warmup == 0 else min(1.0, t / self.warmup)
+        return self.target ** ramp
+
+    def update(self, ranks):
+        self.updates += 1
+        self.speedup = self.costs.speedup(ranks)
+        error = math.log(self.goal() / self.costs.speedup(ranks, capped=False))
+        self.accumulated = self.accumulated + self.integral * error if error > 0 else 0.0
+        self.residual = min(max(self.gain * error + self.accumulated, self.RESIDUAL[0]), self.RESIDUAL[1])
+        return self.energy
+
+    def state_dict(self):
+        return {"target": self.target, "warmup": self.warmup, "gain": self.gain, "integral": self.integral,
+                "updates": self.updates, "accumulated": self.accumulated, "residual": self.residual,
+                "speedup": self.speedup}
+
+    def load_state_dict(self, state):
+        """Restores state_dict(); ValueError (nothing changed) if it is malformed or for another target."""
+        try:
+            target, warmup, gain = state["target"], state["warmup"], (state["gain"], state["integral"])
+            updates, accumulated = state["updates"], state["accumulated"]
+            residual, speedup = state["residual"], state["speedup"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a SpeedupController state (missing or malformed {exc})") from None
+        if (target, warmup, gain) != (self.target, self.warmup, (self.gain, self.integral)):
+            raise ValueError(f"the state was saved for target_speedup={target}, warmup={warmup}, gains={gain}; "
+                             f"this pruner has {self.target}, {self.warmup}, {(self.gain, self.integral)}")
+        checks.integer(updates, "updates", 0)
+        checks.real(accumulated, "accumulated", 0.0)
+        checks.real(residual, "residual", *self.RESIDUAL)
+        if speedup is not None:
+            checks.real(speedup, "speedup", 1.0)
+        self.updates, self.accumulated = updates, float(accumulated)
+        self.residual, self.speedup = float(residual), speedup
+
+
+def spectra(model, scheme, layers):
+    """{name: singular values (float64, descending; nd: [n, K] per filter)} of the selected layers."""
+    from .schemes import to_matrix
+    return {name: torch.linalg.svdvals(to_matrix(m.weight.detach(), scheme).to(torch.float64))
+            for name, m in layers}
+
+
+__all__ = ["CostModel", "SpeedupController", "allocate", "spectra", "layer_gains", "check_target_speedup"]
