@@ -32,6 +32,7 @@ import torch
 import harness  # first: puts the checkout on sys.path
 import trp  # noqa: E402
 from trp.decompose import factorized_layers  # noqa: E402
+from trp import train as train_mod  # noqa: E402
 from trp.train import Run, TrainConfig, evaluate  # noqa: E402
 
 TRAINED = {  # row key -> (label, TrainConfig overrides)
@@ -42,7 +43,13 @@ TRAINED = {  # row key -> (label, TrainConfig overrides)
     "trp_nu_spatial": ("TRP+Nu spatial", dict(scheme="spatial")),
     "trp_nd": ("TRP ND", dict(scheme="nd", nuclear=0.0)),
     "trp_nu_nd": ("TRP+Nu ND", dict(scheme="nd")),
+    # budgeted TRP (trp.budget): trained towards and decomposed at --target-channel / --target-spatial
+    "trp_channel_budget": ("TRP channel at target", dict(scheme="channel", nuclear=0.0, budget=True)),
+    "trp_nu_channel_budget": ("TRP+Nu channel at target", dict(scheme="channel", budget=True)),
+    "trp_spatial_budget": ("TRP spatial at target", dict(scheme="spatial", nuclear=0.0, budget=True)),
+    "trp_nu_spatial_budget": ("TRP+Nu spatial at target", dict(scheme="spatial", budget=True)),
 }
+BUDGET_ROWS = [k for k, (_, o) in TRAINED.items() if o.get("budget")]
 
 
 def parse_args(argv=None):
@@ -61,7 +68,16 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 1 seed, 1 epoch, 128 samples")
     p.add_argument("--rows", nargs="+", choices=list(TRAINED), default=list(TRAINED),
                    help="trained rows to run (default: all); data-free rows follow from baseline + a scheme")
+    p.add_argument("--target-channel", type=float, default=2.2, help="speed-up of the channel budget rows")
+    p.add_argument("--target-spatial", type=float, default=2.8, help="speed-up of the spatial budget rows")
+    p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                   help="do not run in trp train's --deterministic mode (one thread, deterministic algorithms)")
+    p.add_argument("--stem", help="results file name stem (default: from --rows)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine the per-seed rows of these results files (runs of other seeds) instead of "
+                        "training")
     args = p.parse_args(argv)
+    args.targets = {"channel": args.target_channel, "spatial": args.target_spatial}
     args.rows = [k for k in TRAINED if k in args.rows]  # table order, no repeats
     if args.quick:
         args.seeds, args.epochs, args.sweep, args.subset = args.seeds[:1], 1, [0.8, 0.9], 128
@@ -72,7 +88,10 @@ def parse_args(argv=None):
 
 def train(args, key, seed, energy, workdir):
     label, overrides = TRAINED[key]
-    settings = dict(model=args.model, data="digits", image_size=args.image_size, subset=args.subset,
+    overrides = dict(overrides)
+    if overrides.pop("budget", False):
+        overrides["target_speedup"] = args.targets[overrides["scheme"]]
+    settings = dict(deterministic=args.deterministic, model=args.model, data="digits", image_size=args.image_size, subset=args.subset,
                     energy=energy, nuclear=args.nuclear, epochs=args.epochs, lr=args.lr,
                     batch_size=args.batch_size, seed=seed, device="cpu",
                     out=os.path.join(workdir, f"{key}_e{energy}_s{seed}"))
@@ -111,14 +130,15 @@ def run_table(args, workdir):
         first = next(iter(runs.values()))
         input_size = tuple(first.bundle.input_size)[-3:]  # (C, H, W)
         loader = first.test_loader
-        trp_compacts = {key: trp.decompose(runs[key].model, TRAINED[key][1]["scheme"], energy=args.energy)
+        trp_compacts = {key: trp.decompose(runs[key].model, TRAINED[key][1]["scheme"], **criterion(args, key),
+                                           input_size=input_size)
                         for key in runs if key != "baseline"}
         base = runs.get("baseline")
         if base is not None:
             dense_acc = evaluate(base.model, loader, "cpu")
             add("baseline", acc_before=dense_acc, acc_after=dense_acc, speedup=1.0,
                 params=trp.count_params(base.model), latency_ratio=1.0)
-            for scheme in dict.fromkeys(TRAINED[k][1]["scheme"] for k in trp_compacts):
+            for scheme in dict.fromkeys(TRAINED[k][1]["scheme"] for k in trp_compacts if k not in BUDGET_ROWS):
                 compact = trp.decompose(base.model, scheme, energy=args.energy)
                 add(f"datafree_{scheme}", acc_before=dense_acc,
                     **measure(args, base.model, compact, loader, input_size))
@@ -126,6 +146,11 @@ def run_table(args, workdir):
                     matched = trp.decompose(base.model, scheme, rank=ranks_of(trp_compacts[f"trp_nu_{scheme}"]))
                     add(f"datafree_{scheme}_matched", acc_before=dense_acc,
                         **measure(args, base.model, matched, loader, input_size))
+            for scheme in dict.fromkeys(TRAINED[k][1]["scheme"] for k in trp_compacts if k in BUDGET_ROWS):
+                compact = trp.decompose(base.model, scheme, target_speedup=args.targets[scheme],
+                                        input_size=input_size)
+                add(f"datafree_{scheme}_budget", acc_before=dense_acc,
+                    **measure(args, base.model, compact, loader, input_size))
             if seed == args.seeds[0] and "trp_nu_channel" in runs:
                 sweep = run_sweep(args, workdir, seed, base, runs["trp_nu_channel"], input_size)
         for key, compact in trp_compacts.items():
@@ -133,6 +158,13 @@ def run_table(args, workdir):
             add(key, acc_before=evaluate(model, loader, "cpu"),
                 **measure(args, model, compact, loader, input_size))
     return rows, sweep
+
+
+def criterion(args, key):
+    """How row `key`'s TRP model is decomposed: at its target speed-up, or at the energy it trained with."""
+    if key in BUDGET_ROWS:
+        return {"target_speedup": args.targets[TRAINED[key][1]["scheme"]]}
+    return {"energy": args.energy}
 
 
 def run_sweep(args, workdir, seed, base, trp_run_at_default, input_size):
@@ -164,6 +196,12 @@ LABELS = {
     "datafree_nd_matched": "Baseline, data-free ND at TRP+Nu ND ranks",
     "trp_nd": "TRP ND",
     "trp_nu_nd": "TRP+Nu ND",
+    "datafree_channel_budget": "Baseline, data-free channel at the target speed-up",
+    "trp_channel_budget": "TRP channel, target speed-up",
+    "trp_nu_channel_budget": "TRP+Nu channel, target speed-up",
+    "datafree_spatial_budget": "Baseline, data-free spatial at the target speed-up",
+    "trp_spatial_budget": "TRP spatial, target speed-up",
+    "trp_nu_spatial_budget": "TRP+Nu spatial, target speed-up",
 }
 
 
@@ -231,21 +269,44 @@ def plot(summary, sweep, path):
     plt.close(fig)
 
 
+def merged_rows(paths):
+    """{row key: per-seed dicts} and the seeds of results files written by runs of other seeds."""
+    import json
+    rows, seeds = {}, []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        seeds += data["settings"]["seeds"]
+        for row in data["rows"]:
+            fields = [k for k in row if isinstance(row[k], dict) and "values" in row[k]]
+            n = len(row[fields[0]]["values"])
+            rows.setdefault(row["key"], []).extend({k: row[k]["values"][i] for k in fields} for i in range(n))
+    return rows, seeds
+
+
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="trp_paper_") as workdir:
-        rows, sweep = run_table(args, workdir)
+    if args.merge:
+        rows, args.seeds = merged_rows(args.merge)
+        sweep = []
+    else:
+        torch.set_num_threads(1 if args.deterministic else max(1, os.cpu_count() or 1))
+        with tempfile.TemporaryDirectory(prefix="trp_paper_") as workdir, \
+                train_mod.deterministic_mode(args.deterministic):
+            rows, sweep = run_table(args, workdir)
     summary = {key: summarize(rows[key]) for key in LABELS if key in rows}
     elapsed = time.perf_counter() - t0
     table = markdown(summary, sweep, args)
     os.makedirs(args.out, exist_ok=True)
     settings = {"model": args.model, "data": "digits", "image_size": args.image_size, "epochs": args.epochs,
                 "batch_size": args.batch_size, "lr": args.lr, "energy": args.energy, "nuclear": args.nuclear,
-                "seeds": args.seeds, "quick": args.quick, "rows": args.rows}
+                "seeds": args.seeds, "quick": args.quick, "rows": args.rows, "targets": args.targets,
+                "deterministic": args.deterministic}
     stem = "paper_table" + ("_quick" if args.quick else "")
-    if args.rows != list(TRAINED):  # a partial run never overwrites the full table
+    if args.stem:
+        stem = args.stem
+    elif args.rows != list(TRAINED):  # a partial run never overwrites the full table
         stem += "_rows-" + "-".join(args.rows)
     results = harness.Results(os.path.join(args.out, stem + ".json"), "paper_table", "cpu", settings=settings)
     for key, row in summary.items():

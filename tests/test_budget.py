@@ -98,6 +98,10 @@ def test_bad_targets_are_clear_errors_before_any_work():
         train.resolve_config({"target_speedup": 2.0, "threshold": 0.05})
     with pytest.raises(ValueError, match="--deterministic"):
         train.resolve_config({"deterministic": 1})
+    for trp_on in (True, False):  # the baseline too: it decomposes at the target after training
+        cfg = train.resolve_config(dict(data="digits", image_size=8, subset=16, trp=trp_on, target_speedup=50.0))
+        with pytest.raises(ValueError, match="--target-speedup=50 is above what rank 1"):
+            train.Run(cfg, log=lambda *_: None, progress=False)
 
 
 def test_pruner_reaches_2x_after_training_and_after_decomposition():

@@ -116,6 +116,13 @@ class CostModel:
         return target
 
 
+def check_reachable(model, scheme, target, input_size, name="target_speedup", layers=None, exclude=None):
+    """target as a float, or ValueError naming `name` if it is <= 1 or above what rank 1 everywhere gives."""
+    from .selection import select_targets
+    chosen = [(t.name, t.module) for t in select_targets(model, scheme, layers, exclude)]
+    return CostModel(model, scheme, chosen, input_size).check_target(target, name)
+
+
 def layer_gains(sigma):
     """Energy gain of each rank step of one layer: squared singular values (summed over the filters, for nd's
     [n, K] per-filter spectra) as fractions of the layer's total (zeros for an all-zero layer)."""
@@ -233,4 +240,5 @@ def spectra(model, scheme, layers):
             for name, m in layers}
 
 
-__all__ = ["CostModel", "SpeedupController", "allocate", "spectra", "layer_gains", "check_target_speedup"]
+__all__ = ["CostModel", "SpeedupController", "allocate", "spectra", "layer_gains", "check_target_speedup",
+           "check_reachable"]

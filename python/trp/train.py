@@ -89,6 +89,10 @@ class Run:
             self.model.to(memory_format=torch.channels_last)
         if self.rank:  # augmentation: another stream per rank (the weights come from rank 0 through DDP)
             _seed_everything((cfg.seed + self.rank) % SEED_LIMIT)
+        if cfg.target_speedup is not None:  # reachable on this model? before any training
+            from .budget import check_reachable
+            check_reachable(self.model, cfg.scheme, cfg.target_speedup, self.bundle.input_size[1:],
+                            "--target-speedup")
         self.pruner = None
         if cfg.trp:  # under torch.distributed: sharded over the default group
             from .pruner import RankPruner
