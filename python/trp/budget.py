@@ -169,30 +169,31 @@ class SpeedupController:
     """Closed-loop energy for RankPruner(target_speedup=): update(ranks) after each projection returns the
     energy of the next one.
 
-    A projection at energy E drops the components whose share of their layer's energy is below 1 - E, and
-    a projection at E ~ 1 holds the ranks. So while the network is slower than the goal, the dropped share
-    1 - E is a PI law of the error e = log(goal / speed-up): gain * e plus the sum of integral * e since the
-    goal was last reached (a layer's smallest component may hold more than gain * e: the sum grows until
-    one is dropped); once the goal is reached, 1 - E = RESIDUAL[0] (hold) and the sum restarts from zero,
-    so it never winds up into a collapse of the ranks. The speed-up it steers is the uncapped one
-    (CostModel.speedup(capped=False)), which moves with every rank, even above the paying rank. warmup:
-    projections over which the goal ramps geometrically from 1 to target."""
+    A projection at energy E drops the components whose share of their layer's energy is below 1 - E; SGD
+    adds a little energy in new directions between projections. The controller integrates the error
+    e = log(speed-up / goal) into log(1 - E) (log_residual -= gain * e): a network slower than the goal
+    drops a larger share at the next projection, a faster one a smaller share, so that SGD can grow ranks
+    back. The steps are multiplicative and small, so E moves smoothly: a law that switches between holding
+    (1 - E ~ 0) and pruning hard makes ranks swing between full and a few within an epoch, which wrecks
+    training (measured). The speed-up steered is the uncapped one (CostModel.speedup(capped=False)), which
+    moves with every rank even above the paying rank: with the real one, flat there, the integral would wind
+    up while the ranks are still high and then collapse them. warmup: projections over which the goal ramps
+    geometrically from 1 to target, so that the ranks follow it down gradually."""
 
-    RESIDUAL = (1e-6, 0.5)  # range of 1 - energy: hold the ranks .. drop half the energy
+    RESIDUAL = (1e-6, 0.5)  # range of 1 - energy: near-exact projections .. half the energy dropped
 
-    def __init__(self, costs, target, warmup=0, gain=0.5, integral=0.05):
+    def __init__(self, costs, target, warmup=0, gain=1.0, residual=1e-4):
         self.costs = costs
         self.target = costs.check_target(target)
         self.warmup = checks.integer(warmup, "warmup", 0, what=" (projections over which the target ramps)")
         self.gain = checks.real(gain, "gain", 0.0, low_open=True)
-        self.integral = checks.real(integral, "integral", 0.0)
-        self.updates, self.accumulated = 0, 0.0
-        self.residual = self.RESIDUAL[0]
+        self.updates = 0
+        self.log_residual = math.log(min(max(residual, self.RESIDUAL[0]), self.RESIDUAL[1]))
         self.speedup = None  # after the latest projection
 
     @property
     def energy(self):
-        return 1.0 - self.residual
+        return 1.0 - math.exp(self.log_residual)
 
     def goal(self, updates=None):
         """The speed-up aimed at after `updates` projections (default: now)."""
@@ -203,34 +204,30 @@ class SpeedupController:
     def update(self, ranks):
         self.updates += 1
         self.speedup = self.costs.speedup(ranks)
-        error = math.log(self.goal() / self.costs.speedup(ranks, capped=False))
-        self.accumulated = self.accumulated + self.integral * error if error > 0 else 0.0
-        self.residual = min(max(self.gain * error + self.accumulated, self.RESIDUAL[0]), self.RESIDUAL[1])
+        self.log_residual -= self.gain * math.log(self.costs.speedup(ranks, capped=False) / self.goal())
+        self.log_residual = min(max(self.log_residual, math.log(self.RESIDUAL[0])), math.log(self.RESIDUAL[1]))
         return self.energy
 
     def state_dict(self):
-        return {"target": self.target, "warmup": self.warmup, "gain": self.gain, "integral": self.integral,
-                "updates": self.updates, "accumulated": self.accumulated, "residual": self.residual,
-                "speedup": self.speedup}
+        return {"target": self.target, "warmup": self.warmup, "gain": self.gain, "updates": self.updates,
+                "log_residual": self.log_residual, "speedup": self.speedup}
 
     def load_state_dict(self, state):
         """Restores state_dict(); ValueError (nothing changed) if it is malformed or for another target."""
         try:
-            target, warmup, gain = state["target"], state["warmup"], (state["gain"], state["integral"])
-            updates, accumulated = state["updates"], state["accumulated"]
-            residual, speedup = state["residual"], state["speedup"]
+            target, warmup, gain = state["target"], state["warmup"], state["gain"]
+            updates, log_residual, speedup = state["updates"], state["log_residual"], state["speedup"]
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a SpeedupController state (missing or malformed {exc})") from None
-        if (target, warmup, gain) != (self.target, self.warmup, (self.gain, self.integral)):
-            raise ValueError(f"the state was saved for target_speedup={target}, warmup={warmup}, gains={gain}; "
-                             f"this pruner has {self.target}, {self.warmup}, {(self.gain, self.integral)}")
+        if (target, warmup, gain) != (self.target, self.warmup, self.gain):
+            raise ValueError(f"the state was saved for target_speedup={target}, warmup={warmup}, gain={gain}; "
+                             f"this pruner has {self.target}, {self.warmup}, {self.gain}")
         checks.integer(updates, "updates", 0)
-        checks.real(accumulated, "accumulated", 0.0)
-        checks.real(residual, "residual", *self.RESIDUAL)
+        low, high = (math.log(r) for r in self.RESIDUAL)
+        checks.real(log_residual, "log_residual", low - 1e-9, high + 1e-9)
         if speedup is not None:
             checks.real(speedup, "speedup", 1.0)
-        self.updates, self.accumulated = updates, float(accumulated)
-        self.residual, self.speedup = float(residual), speedup
+        self.updates, self.log_residual, self.speedup = updates, float(log_residual), speedup
 
 
 def spectra(model, scheme, layers):
