@@ -368,11 +368,12 @@ def cmd_export(ns):
         saved = ckpt.verify_checkpoint(obj, ns.model_file)
         dense = train_mod.model_from_checkpoint(saved, "cpu")
         scheme, crit = _deploy_args(ns, saved["config"])
-        model = decompose(dense, scheme, **crit)
         size = ns.image_size or _image_size(saved["config"])
+        model = decompose(dense, scheme, **crit, input_size=(saved["arch"].get("in_channels", 3), size, size))
     elif io.is_model_file(obj):
-        if ns.scheme is not None or ns.energy is not None or ns.threshold is not None:
-            raise CLIError("--scheme / --energy / --threshold decompose a checkpoint; "
+        if ns.scheme is not None or ns.energy is not None or ns.threshold is not None \
+                or ns.target_speedup is not None:
+            raise CLIError("--scheme / --energy / --threshold / --target-speedup decompose a checkpoint; "
                            f"{ns.model_file} is already a model file")
         model = io.from_payload(io.verify_model_file(obj, ns.model_file), ns.model_file)
         dense = merge_back(model) if factorized_layers(model) else model
