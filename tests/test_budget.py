@@ -167,3 +167,7 @@ def test_train_target_speedup_deterministic_rerun_is_identical(tmp_path):
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k
     assert a.pruner.state_dict()["budget"] == b.pruner.state_dict()["budget"]
+    # `trp train`'s end-of-training report decomposes at the target and says what it reached
+    rep = train.final_report(a.model, a.bundle, a.test_loader, "cpu", "channel", target_speedup=1.5,
+                             log=lambda *_: None, latency_repeats=1)
+    assert rep["target_speedup"] == 1.5 and 1.5 <= rep["speedup"] <= 1.65
