@@ -333,7 +333,8 @@ def cmd_report(ns):
     if ns.fit_latency is not None:
         from .decompose import decompose
         dense = train_mod._cpu_copy(model)
-        fit = _deploy_fit(ns, decompose(dense, scheme, **crit), dense, bundle.input_size, report=True)
+        size = tuple(bundle.input_size)[-3:]
+        fit = _deploy_fit(ns, decompose(dense, scheme, **crit, input_size=size), dense, size, report=True)
         path = os.path.join(out, "latency_fit.json")
         text = json.dumps(fit.to_dict(), indent=1)
         storage.atomic_write(path, lambda f: f.write(text.encode()))
