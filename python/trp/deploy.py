@@ -18,6 +18,7 @@ from . import export as export_mod
 from .checks import integer, real
 from .flops import _input_shape, count_macs, macs_by_layer
 from .modules import FACTORIZED, FACTORIZED_TYPES, FactorizedLinear
+from .report import Report
 
 RUNTIMES = ("eager", "onnxruntime")
 
@@ -169,14 +170,9 @@ def _layer_inputs(model, shape, device, dtype):
     return shapes
 
 
-class LatencyFit:
-    """Per-layer rows and totals of fit_latency. str() is a markdown table; to_dict() plain data."""
-
-    def __init__(self, rows, totals):
-        self.rows, self.totals = rows, totals
-
-    def to_dict(self):
-        return {"layers": [dict(r) for r in self.rows], "totals": dict(self.totals)}
+class LatencyFit(Report):
+    """Per-layer rows and totals of fit_latency (as trp.Report: rows, totals, to_dict()); str() is its
+    markdown table."""
 
     def __str__(self):
         t = self.totals
