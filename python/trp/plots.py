@@ -22,7 +22,7 @@ def layer_spectra(dense, compact, scheme):
     return rows
 
 
-def rank_spectrum(dense, compact, scheme, path, energy=None, threshold=None):
+def rank_spectrum(dense, compact, scheme, path, energy=None, threshold=None, target_speedup=None):
     """Writes the PNG to `path` and returns `path`. Top: full vs kept rank per layer. Bottom: s_i / s_1
     of every layer (log scale), a dot at the kept rank; with a threshold, s_i itself and the cutoff."""
     import matplotlib
@@ -37,7 +37,8 @@ def rank_spectrum(dense, compact, scheme, path, energy=None, threshold=None):
     ax_rank.bar(xs, [r[3] for r in rows], color="#1f77b4", label="kept rank")
     ax_rank.set_xticks(list(xs), names, rotation=70, ha="right", fontsize=7)
     ax_rank.set_ylabel("rank")
-    crit = f"threshold {threshold}" if threshold is not None else f"energy {energy}"
+    crit = (f"threshold {threshold}" if threshold is not None else
+            f"target speed-up {target_speedup}" if target_speedup is not None else f"energy {energy}")
     ax_rank.set_title(f"rank per layer ({scheme} scheme, {crit})")
     ax_rank.legend()
     cmap = plt.get_cmap("viridis")

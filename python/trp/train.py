@@ -378,7 +378,8 @@ def final_report(model, bundle, test_loader, device, scheme, energy=None, thresh
         os.makedirs(out, exist_ok=True)
         io.save(compact_cpu, os.path.join(out, "decomposed.pt"))
         result["plot"] = plots.rank_spectrum(dense_cpu, compact_cpu, scheme, os.path.join(out, "ranks.png"),
-                                             energy=energy, threshold=threshold)
+                                             energy=energy, threshold=threshold,
+                                             target_speedup=target_speedup)
         text = json.dumps(result, indent=1, default=_json_default)
         storage.atomic_write(os.path.join(out, "report.json"), lambda f: f.write(text.encode()))
     crit = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in criterion.items())
