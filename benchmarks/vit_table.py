@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 1 seed, 1 epoch, 128 samples")
     args = p.parse_args(argv)
-    args.rows, args.sweep = ROWS, []  # paper_table.run_table's options: these rows, no energy sweep
+    args.rows, args.sweep = ROWS, []  # paper_table.run_table's options: these rows, no energy sweep,
+    args.deterministic, args.targets = False, {}  # the table's settings (--threads), no budget rows
     args.subset = 128 if args.quick else None
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 1
@@ -89,8 +90,7 @@ def main(argv=None):
     for key, row in summary.items():
         results.rows.append({"key": key, "label": LABELS[key], **row})
     results.finish(seconds=round(elapsed, 1))
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(table + "\n")
+    results.write_markdown(table)
     print(table)
     print(f"\n{args.model} on digits {args.image_size}x{args.image_size}, {args.epochs} epochs, lr {args.lr}, "
           f"seeds {args.seeds}, energy {args.energy}: {elapsed / 60:.1f} min; wrote {args.out}/{stem}.json/.md")
