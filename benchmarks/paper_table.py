@@ -312,8 +312,7 @@ def main(argv=None):
     for key, row in summary.items():
         results.rows.append({"key": key, **row})
     results.finish(seconds=round(elapsed, 1), sweep=sweep)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(table + "\n")
+    results.write_markdown(table)
     plot(summary, sweep, os.path.join(args.out, stem + ".png"))
     print(table)
     print(f"\n{args.model} on digits {args.image_size}x{args.image_size}, {args.epochs} epochs, seeds "
