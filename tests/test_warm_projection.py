@@ -13,7 +13,9 @@ from trp_kernels import WarmStart, _extension, project, warm
 from test_lowrank_project import check_projection, make_batch
 
 HAS_CPP = _extension.has_kernel("lowrank_project_warm", "CPU")
-BACKENDS = ["reference"] + (["cpp"] if HAS_CPP else [])
+# cpp: the CPU kernel's own choice (one matrix per thread at these sizes); cpp-batched: its batched driver (the
+# one large matrices and the GPU run)
+BACKENDS = ["reference"] + (["cpp", "cpp-batched"] if HAS_CPP else [])
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +24,20 @@ def _small_matrices_too(monkeypatch):
     monkeypatch.setattr(warm, "MIN_N", 16)
 
 
+def solver_step(solver):
+    """warm.compiled_step with the CPU kernel's path chosen explicitly."""
+    def run(W, basis, energy, max_rank, subgradient):
+        return torch.ops.trp_kernels_C.lowrank_project_warm_solver(
+            W, basis, energy, max_rank, subgradient, warm.POWER_STEPS, warm.RANK_MARGIN, warm.SUBSPACE_TOL,
+            warm.NOISE_FLOOR, solver)
+    return run
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setenv(project.BACKEND_ENV, request.param)
+    monkeypatch.setenv(project.BACKEND_ENV, request.param.split("-")[0])
+    if request.param == "cpp-batched":
+        monkeypatch.setattr(warm, "compiled_step", solver_step("batched"))
     return request.param
 
 
@@ -137,23 +150,32 @@ def test_a_bad_state_falls_back_to_the_full_solve(backend, corrupt):
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="trp_kernels._C not built")
-def test_compiled_step_matches_its_python_specification():
+@pytest.mark.parametrize("solver", ["auto", "per_matrix", "batched"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_compiled_step_matches_its_python_specification(solver, dtype):
     gen = torch.Generator().manual_seed(4)
+    step = solver_step(solver)
     for shape in [(5, 24, 70), (4, 40, 18)]:
         W = make_batch(*shape, "decay", seed=11) + 0.05 * make_batch(*shape, "flat", seed=12)
         W_low, rank, _, full = project._cold_with_basis(W, 0.9, None, True)
         basis = warm.next_basis(full, rank)
-        W = sgd_like(W_low, 0.01, gen)
+        basis[0, :, -1] = 0.0  # a zero column (a matrix of lower rank than the batch's largest)
+        W = sgd_like(W_low, 0.01, gen).to(dtype)
+        W[2] = 0.0  # an all-zero matrix: rank 0, certified
         for max_rank in (None, 3):
             py = warm.step(W, basis, 0.9, max_rank, True)
-            cc = warm.compiled_step(W, basis, 0.9, max_rank, True)
+            cc = step(W, basis, 0.9, max_rank, True)
+            assert cc[0].dtype == dtype and cc[2].dtype == dtype and cc[3].shape == basis.shape
+            assert int(cc[1][2]) == 0 and bool(cc[4][2]) and float(cc[0][2].abs().max()) == 0.0
             assert torch.equal(py[4], cc[4]) and bool(py[4].any())
             ok = py[4]
             assert torch.equal(py[1][ok], cc[1][ok])
+            tol = 1e-5 if dtype != torch.bfloat16 else 2 * torch.finfo(dtype).eps
             for a, b in ((py[0], cc[0]), (py[2], cc[2])):
-                torch.testing.assert_close(a[ok], b[ok], rtol=0, atol=1e-5)
+                torch.testing.assert_close(a[ok].float(), b[ok].float(), rtol=0, atol=tol)
             # Ritz vectors: the same up to the sign of each column
-            dots = (py[3] * cc[3]).sum(-2)[ok][:, :int(py[1][ok].min())]
+            live = ok & (py[1] > 0)
+            dots = (py[3] * cc[3]).sum(-2)[live][:, :int(py[1][live].min())]
             torch.testing.assert_close(dots.abs(), torch.ones_like(dots), rtol=0, atol=1e-9)
 
 

@@ -138,8 +138,8 @@ def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, 
         check_finite(W)
     B, p, q = W.shape
     n = min(p, q)
-    if backend_for(W.device) == "cpp" and not _extension.has_kernel("lowrank_project_basis",
-                                                                     _dispatch_key(W.device)):
+    cpp, key = backend_for(W.device) == "cpp", _dispatch_key(W.device)
+    if cpp and not _extension.has_kernel("lowrank_project_basis", key):
         # a compiled extension older than the warm start: its full solve, as without a state (and no state)
         W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
         return (W_low, rank, G if subgradient else W.new_empty(0), W.new_zeros(B, n, 0, dtype=torch.float64),
@@ -148,8 +148,7 @@ def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, 
             and energy < 1.0):
         W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient)
         return W_low, rank, G, _warm.next_basis(full, rank), rank.new_zeros(B, dtype=torch.bool)
-    compiled = backend_for(W.device) == "cpp" and _extension.has_kernel("lowrank_project_warm",
-                                                                        _dispatch_key(W.device))
+    compiled = cpp and _extension.has_kernel("lowrank_project_warm", key)
     W_low, rank, G, X, ok = (_warm.compiled_step if compiled else _warm.step)(W, basis, energy, max_rank,
                                                                              subgradient)
     cold = (~ok).nonzero().squeeze(1)  # the one host synchronisation of the warm path

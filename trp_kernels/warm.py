@@ -33,7 +33,7 @@ RANK_MARGIN = 1e-9       # relative energy margin around the energy threshold (f
 SUBSPACE_TOL = 1e-6      # bound on the sine of the angle to the exact kept subspace (contract: 1e-5)
 POWER_STEPS = 2          # each divides the distance to the kept subspace by ~(update / kept singular value)^2
 NOISE_FLOOR = 1e3        # kept Ritz values must exceed this many times the Gram matrix's rounding level
-MIN_N = 32               # smaller matrices always take the full solve (as fast there: measured, README)
+MIN_N = 16               # smaller matrices always take the full solve (as fast there: measured, README)
 MAX_FRACTION = 0.5       # nor does a basis wider than this fraction of n: the power steps, orthonormalisation
                          # and m x m eigensolve then cost as much as the full eigensolve (measured, README)
 

@@ -30,17 +30,23 @@ struct WarmParams {
   WarmTolerances tol;
 };
 
+inline void check_warm_args(const at::Tensor& W, const at::Tensor& basis, double energy,
+                            std::optional<int64_t> max_rank) {
+  check_project_args(W, energy, max_rank);
+  const int64_t B = W.size(0), n = n_of(W.size(1), W.size(2));
+  TORCH_CHECK(basis.dim() == 3 && basis.size(0) == B && basis.size(1) == n && basis.size(2) >= 1 &&
+                  basis.size(2) <= n && basis.scalar_type() == at::kDouble,
+              "lowrank_project_warm: basis must be float64 [B, n, m] with 1 <= m <= n = min(p, q), got ",
+              basis.sizes(), " ", basis.scalar_type());
+}
+
 // W [B, p, q], basis [B, n, m] float64 -> (W_low, rank, G, X [B, n, m] Ritz vectors, ok bool [B]).
 // Matrices with ok = false hold unspecified results: the caller solves them in full.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_warm_gram(
     const at::Tensor& W, const at::Tensor& basis_in, double energy, std::optional<int64_t> max_rank,
     bool subgradient, const WarmParams& params, const CertifyFn& certify, bool truncate_on_host) {
-  check_project_args(W, energy, max_rank);
-  const int64_t B = W.size(0), p = W.size(1), q = W.size(2), n = n_of(p, q);
-  TORCH_CHECK(basis_in.dim() == 3 && basis_in.size(0) == B && basis_in.size(1) == n && basis_in.size(2) >= 1 &&
-                  basis_in.size(2) <= n && basis_in.scalar_type() == at::kDouble,
-              "lowrank_project_warm: basis must be float64 [B, n, m] with 1 <= m <= n = min(p, q), got ",
-              basis_in.sizes(), " ", basis_in.scalar_type());
+  check_warm_args(W, basis_in, energy, max_rank);
+  const int64_t p = W.size(1), q = W.size(2);
   at::NoTF32Guard no_tf32;  // as in lowrank_project_gram
   const at::Tensor basis = at::where(at::isfinite(basis_in), basis_in, at::zeros_like(basis_in));
   auto [A64, M, left] = gram_of(W);

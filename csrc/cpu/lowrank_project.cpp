@@ -9,6 +9,7 @@
 #include "common/jacobi.h"
 #include "common/lowrank_driver.h"
 #include "common/warm_driver.h"
+#include "cpu/per_matrix.h"
 
 namespace trp {
 namespace {
@@ -108,6 +109,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_cpu_solver(
   std::string choice = solver;
   if (choice == "auto")
     choice = n <= kCpuJacobiMaxN ? "jacobi" : (n <= kCpuPerMatrixMaxN ? "lapack" : "lapack_batched");
+  // "lapack": one matrix per thread, fused with direct LAPACK/BLAS calls where torch exports them
+  if (choice == "lapack" && blas::available() && W.dim() == 3 && W.numel() > 0) {
+    check_project_args(W, energy, max_rank);
+    return lowrank_project_per_matrix(W, energy, max_rank, subgradient, basis);
+  }
   const EighFn eigh = choice == "jacobi" ? EighFn(jacobi_eigh_batched)
                       : choice == "lapack" ? EighFn(lapack_eigh_per_matrix)
                                            : EighFn(lapack_eigh_batched);
@@ -147,12 +153,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warm_certify_cpu(
   return {rank, keep, inv_s, ok};
 }
 
+// solver: "auto" (per matrix up to kCpuPerMatrixMaxN, where ATen's per-op cost dominates, and when torch
+// exports BLAS/LAPACK; else batched), "per_matrix" or "batched" (tests, benchmarks).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_warm_cpu_solver(
+    const at::Tensor& W, const at::Tensor& basis, double energy, std::optional<int64_t> max_rank,
+    bool subgradient, int64_t power_steps, double rank_margin, double subspace_tol, double noise_floor,
+    const std::string& solver) {
+  TORCH_CHECK(solver == "auto" || solver == "per_matrix" || solver == "batched",
+              "lowrank_project_warm: solver must be auto, per_matrix or batched, got ", solver);
+  check_warm_args(W, basis, energy, max_rank);
+  const WarmParams params{power_steps, {rank_margin, subspace_tol, noise_floor}};
+  const bool small = n_of(W.size(1), W.size(2)) <= kCpuPerMatrixMaxN;
+  const bool per_matrix = solver == "per_matrix" || (solver == "auto" && small);
+  TORCH_CHECK(!per_matrix || blas::available(),
+              "lowrank_project_warm: solver per_matrix needs the BLAS/LAPACK symbols of torch's CPU library");
+  if (per_matrix && W.size(0) > 0 && W.size(1) > 0 && W.size(2) > 0)
+    return lowrank_project_warm_per_matrix(W, basis, energy, max_rank, subgradient, params);
+  return lowrank_project_warm_gram(W, basis, energy, max_rank, subgradient, params, warm_certify_cpu,
+                                   /*truncate_on_host=*/true);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_warm_cpu(
     const at::Tensor& W, const at::Tensor& basis, double energy, std::optional<int64_t> max_rank,
     bool subgradient, int64_t power_steps, double rank_margin, double subspace_tol, double noise_floor) {
-  return lowrank_project_warm_gram(W, basis, energy, max_rank, subgradient,
-                                   {power_steps, {rank_margin, subspace_tol, noise_floor}}, warm_certify_cpu,
-                                   /*truncate_on_host=*/true);
+  const std::string solver = blas::available() ? "auto" : "batched";
+  return lowrank_project_warm_cpu_solver(W, basis, energy, max_rank, subgradient, power_steps, rank_margin,
+                                         subspace_tol, noise_floor, solver);
 }
 
 std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cpu(const at::Tensor& A) {
@@ -175,6 +201,8 @@ TORCH_LIBRARY(trp_kernels_C, m) {
   // One warm-started step (trp_kernels/warm.py, csrc/common/warm_driver.h): basis [B, n, m] float64 ->
   // (W_low, rank, G, Ritz vectors [B, n, m] float64, ok bool [B]); matrices with ok = false are unspecified.
   m.def("lowrank_project_warm(Tensor W, Tensor basis, float energy, int? max_rank, bool subgradient, int power_steps, float rank_margin, float subspace_tol, float noise_floor) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same with the CPU path chosen explicitly ("auto", "per_matrix", "batched"): tests and benchmarks.
+  m.def("lowrank_project_warm_solver(Tensor W, Tensor basis, float energy, int? max_rank, bool subgradient, int power_steps, float rank_margin, float subspace_tol, float noise_floor, str solver) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The shared Jacobi core alone: symmetric A [B, n, n] -> (eigenvalues descending [B, n] float64,
   // eigenvectors as columns [B, n, n] float64).
   m.def("jacobi_eigh(Tensor A) -> (Tensor, Tensor)");
@@ -189,5 +217,6 @@ TORCH_LIBRARY_IMPL(trp_kernels_C, CPU, m) {
          });
   m.impl("lowrank_project_basis", &trp::lowrank_project_basis_cpu);
   m.impl("lowrank_project_warm", &trp::lowrank_project_warm_cpu);
+  m.impl("lowrank_project_warm_solver", &trp::lowrank_project_warm_cpu_solver);
   m.impl("jacobi_eigh", &trp::jacobi_eigh_cpu);
 }
