@@ -14,10 +14,12 @@ look like a few SGD steps after a projection: a dominant low-rank part and a sma
 TRP trajectory (the warm start, trp_kernels.WarmStart): a RankPruner (energy 0.9, nuclear 3e-4, period 1) on
 the model, and between its step() calls an SGD-like update of every TRP weight (dense Gaussian, 1% of the
 weight's RMS); at each step, on the same weights, (a) the per-layer loop, the full solve (lowrank_project
-without a state, subgradient on, one call per group) and RankPruner.step() (warm). Medians over the steps
-after the first (which is a full solve for the pruner too)."""
-import statistics
+without a state, subgradient on, one call per group) and RankPruner.step() (warm), each the median of 3
+interleaved rounds (the pruner's on copies of it); medians over the steps after the first (which is a full
+solve for the pruner too)."""
 import argparse
+import copy
+import statistics
 import sys
 
 import torch
@@ -154,7 +156,7 @@ def sgd_like_step(pruner, gen):
             w.add_(noise * (SGD_STEP * float(w.square().mean().sqrt())))
 
 
-def trajectory(model_name, scheme, steps, device="cpu", seed=0):
+def trajectory(model_name, scheme, steps, device="cpu", seed=0, repeats=3):
     """One TRP trajectory row: per step, the per-layer loop, the full solve and RankPruner.step() on the
     same weights (see the module docstring)."""
     torch.manual_seed(seed)
@@ -168,10 +170,17 @@ def trajectory(model_name, scheme, steps, device="cpu", seed=0):
     for t in range(steps + 1):
         mats = [to_matrix(m.weight.detach(), scheme).contiguous() for _, m in pruner.layers]
         groups = group(mats)
-        t_loop = harness.timed(lambda: per_layer_loop(mats), device)
-        t_cold = harness.timed(lambda: [trp_kernels.lowrank_project(W, ENERGY, subgradient=True)
-                                        for W in groups.values()], device)
-        t_step = harness.timed(pruner.step, device)
+        # `repeats` interleaved rounds on the same weights (the pruner's on copies, the last on itself): the
+        # median of each is robust to a busy machine's outliers
+        copies = [copy.deepcopy(pruner) for _ in range(repeats - 1)] + [pruner]
+        rounds = []
+        for c in copies:
+            rounds.append((harness.timed(lambda: per_layer_loop(mats), device),
+                           harness.timed(lambda: [trp_kernels.lowrank_project(W, ENERGY, subgradient=True)
+                                                  for W in groups.values()], device),
+                           harness.timed(c.step, device)))
+        del copies
+        t_loop, t_cold, t_step = (statistics.median(r) for r in zip(*rounds))
         if t > 0:  # the first projection is a full solve for the pruner too
             for k, v in zip(times, (t_loop, t_cold, t_step)):
                 times[k].append(v)
@@ -184,7 +193,7 @@ def trajectory(model_name, scheme, steps, device="cpu", seed=0):
               f"RankPruner.step() {t_step*1e3:.1f} ms", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": model_name, "scheme": scheme, "weights": "trajectory", "layers": len(pruner.layers),
-            "steps": steps, "sgd_step": SGD_STEP, "mean_rank_fraction": sum(fractions) / len(fractions),
+            "steps": steps, "repeats": repeats, "sgd_step": SGD_STEP, "mean_rank_fraction": sum(fractions) / len(fractions),
             "warm_fraction": warm / total, "loop_s": med["loop"], "cold_s": med["cold"], "step_s": med["step"],
             "step_vs_loop": med["loop"] / med["step"], "cold_vs_loop": med["loop"] / med["cold"],
             "step_vs_cold": med["cold"] / med["step"], "raw": times}

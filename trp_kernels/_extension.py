@@ -6,7 +6,7 @@ import warnings
 import torch
 
 _state = {"loaded": None, "error": None, "warned": False}
-_kernels = {}  # (op name, dispatch key) -> bool: registrations do not change once the library is loaded
+_kernels = {}  # (op name, dispatch key) -> bool: a loaded library's registrations do not change
 
 
 def load():
@@ -44,8 +44,9 @@ def has_op(name):
 
 def has_kernel(name, dispatch_key):
     """Whether `trp_kernels_C::name` has a kernel for dispatch_key ("CPU" or "CUDA")."""
+    if not has_op(name):
+        return False
     key = (name, dispatch_key)
     if key not in _kernels:
-        _kernels[key] = has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"trp_kernels_C::{name}", dispatch_key)
+        _kernels[key] = torch._C._dispatch_has_kernel_for_dispatch_key(f"trp_kernels_C::{name}", dispatch_key)
     return _kernels[key]

@@ -62,6 +62,10 @@ void project_one(const Real* a, int p, int q, const double* X, int m, int k, con
     return;
   }
   const bool rest = !subgradient && m == n && n - k < k;
+  if (rest && k == n) {  // nothing discarded
+    std::copy_n(a, size_t(p) * q, w_low);
+    return;
+  }
   const int first = rest ? k : 0, cols = rest ? n - k : k;
   std::vector<Real> Xk(size_t(n) * cols), Xs(subgradient ? size_t(n) * k : 0), C(size_t(cols) * (left ? q : p));
   for (int j = 0; j < cols; ++j)
