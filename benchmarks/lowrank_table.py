@@ -21,6 +21,7 @@ import argparse
 import copy
 import statistics
 import sys
+import time
 
 import torch
 
@@ -156,14 +157,19 @@ def sgd_like_step(pruner, gen):
             w.add_(noise * (SGD_STEP * float(w.square().mean().sqrt())))
 
 
-def trajectory(model_name, scheme, steps, device="cpu", seed=0, repeats=3):
-    """One TRP trajectory row: per step, the per-layer loop, the full solve and RankPruner.step() on the
-    same weights (see the module docstring)."""
+def trajectory_pruner(model_name, scheme, device="cpu", seed=0):
+    """(RankPruner on the freshly initialised model, the generator of its SGD-like updates)."""
     torch.manual_seed(seed)
     kwargs = {"num_classes": 1000} if model_name.startswith("torchvision:") else {}
     model = trp.models.build(model_name, **kwargs).to(device)
     pruner = trp.RankPruner(model, scheme, energy=ENERGY, period=1, nuclear=3e-4)
-    gen = torch.Generator().manual_seed(seed + 1)
+    return pruner, torch.Generator().manual_seed(seed + 1)
+
+
+def trajectory(model_name, scheme, steps, device="cpu", seed=0, repeats=3):
+    """One TRP trajectory row: per step, the per-layer loop, the full solve and RankPruner.step() on the
+    same weights (see the module docstring)."""
+    pruner, gen = trajectory_pruner(model_name, scheme, device, seed)
     times = {"loop": [], "cold": [], "step": []}
     warm = total = 0
     fractions = []
@@ -197,6 +203,49 @@ def trajectory(model_name, scheme, steps, device="cpu", seed=0, repeats=3):
             "warm_fraction": warm / total, "loop_s": med["loop"], "cold_s": med["cold"], "step_s": med["step"],
             "step_vs_loop": med["loop"] / med["step"], "cold_vs_loop": med["loop"] / med["cold"],
             "step_vs_cold": med["cold"] / med["step"], "raw": times}
+
+
+def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, device="cpu"):
+    """Where a settled RankPruner.step() goes: after `settle` trajectory steps (ranks settled), per step the
+    whole step(), the time inside trp_kernels.lowrank_project (the ops with their Python and dispatch) and
+    inside the compiled warm kernel (trp_kernels.warm.compiled_step); medians over `steps` steps."""
+    pruner, gen = trajectory_pruner(model_name, scheme, device)
+    for _ in range(settle):
+        pruner.step()
+        sgd_like_step(pruner, gen)
+    spent = {"op": 0.0, "kernel": 0.0}
+    real_op, real_kernel = trp_kernels.lowrank_project, trp_kernels.warm.compiled_step
+
+    def timed_as(key, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                harness.sync(device)
+                spent[key] += time.perf_counter() - t0
+        return run
+
+    rows = []
+    trp_kernels.lowrank_project = timed_as("op", real_op)
+    trp_kernels.warm.compiled_step = timed_as("kernel", real_kernel)
+    try:
+        for _ in range(steps):
+            mats = [to_matrix(m.weight.detach(), scheme).contiguous() for _, m in pruner.layers]
+            t_loop = harness.timed(lambda: per_layer_loop(mats), device)
+            spent.update(op=0.0, kernel=0.0)
+            t_step = harness.timed(pruner.step, device)
+            warm = all(bool(g.warm.warm.all()) for g in pruner._groups)
+            rows.append((t_step, spent["op"], spent["kernel"], t_loop, warm))
+            sgd_like_step(pruner, gen)
+    finally:
+        trp_kernels.lowrank_project, trp_kernels.warm.compiled_step = real_op, real_kernel
+    med = [statistics.median(r[i] for r in rows) for i in range(4)]
+    return {"model": model_name, "scheme": scheme, "weights": "settled", "settle": settle, "steps": steps,
+            "all_warm_steps": sum(r[4] for r in rows), "step_s": med[0], "ops_s": med[1], "kernels_s": med[2],
+            "ops_python_s": med[1] - med[2], "pruner_python_s": med[0] - med[1], "loop_s": med[3],
+            "step_vs_loop": med[3] / med[0],
+            "raw": {k: [r[i] for r in rows] for i, k in enumerate(("step", "ops", "kernels", "loop"))}}
 
 
 def run_trajectories(results, cases=TRAJECTORY_CASES, device="cpu", budget=None, steps_scale=1.0):
@@ -247,8 +296,9 @@ def main(argv=None):
                         help="one tiny case, one repeat: checks that the script works (dry runs, CI)")
     parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json "
                                                     "(--part trajectory: results/lowrank_trajectory_<device>.json)")
-    parser.add_argument("--part", choices=["all", "static", "trajectory"], default="all",
-                        help="static: the init/trp weight rows; trajectory: the TRP trajectory rows (warm start)")
+    parser.add_argument("--part", choices=["all", "static", "trajectory", "breakdown"], default="all",
+                        help="static: the init/trp weight rows; trajectory: the TRP trajectory rows (warm start); "
+                             "breakdown: where a settled ResNet-56 RankPruner.step() goes (not part of all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice); on a CPU shared with other jobs "
                              "1 avoids OpenMP oversubscription, which distorts small ops")
@@ -256,7 +306,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.out is None:
-        name = "lowrank_trajectory" if args.part == "trajectory" else "lowrank_project"
+        name = {"trajectory": "lowrank_trajectory", "breakdown": "lowrank_breakdown"}.get(args.part,
+                                                                                          "lowrank_project")
         args.out = str(harness.ROOT / "results" / f"{name}_{args.device}.json")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is available")
@@ -268,6 +319,8 @@ def main(argv=None):
     if args.part in ("all", "static"):
         done = run(results, 1.0 if args.smoke else args.repeats_scale, ("trp",) if args.smoke else ("init", "trp"),
                    cases, args.device, budget)
+    if args.part == "breakdown":
+        results.add(breakdown(*(("resnet20", "channel", 8, 2) if args.smoke else ()), device=args.device))
     if done and args.part in ("all", "trajectory"):
         done = run_trajectories(results, [("resnet20", "channel", 1)] if args.smoke else TRAJECTORY_CASES,
                                 args.device, budget, 1.0 if args.smoke else args.repeats_scale)
@@ -275,8 +328,15 @@ def main(argv=None):
     m = results.doc["machine"]
     print(f"{results.doc['date']}, {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
           f"energy {ENERGY}, backend {results.doc['backend']}\n")
-    if any(r["weights"] != "trajectory" for r in results.rows):
+    if any(r["weights"] not in ("trajectory", "settled") for r in results.rows):
         print(markdown(results.rows))
+    for r in results.rows:
+        if r["weights"] == "settled":
+            print(f"\n{r['model']} {r['scheme']}, settled RankPruner.step() (median of {r['steps']} steps, "
+                  f"{r['all_warm_steps']} with every matrix warm): {r['step_s']*1e3:.2f} ms = compiled kernels "
+                  f"{r['kernels_s']*1e3:.2f} ms + the ops' Python and dispatch {r['ops_python_s']*1e3:.2f} ms + "
+                  f"the pruner's stacking, checks and write-back {r['pruner_python_s']*1e3:.2f} ms; per-layer "
+                  f"SVD loop on the same weights {r['loop_s']*1e3:.1f} ms ({r['step_vs_loop']:.1f}x)")
     if any(r["weights"] == "trajectory" for r in results.rows):
         print("\nTRP trajectory:\n")
         print(trajectory_markdown([r for r in results.rows if r["weights"] == "trajectory"]))

@@ -35,6 +35,19 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "n=64" in (out / "sanitizer.log").read_text()
 
 
+def test_lowrank_breakdown_smoke(tmp_path):
+    """benchmarks/lowrank_table.py --part breakdown: the settled-step breakdown adds up and names its parts."""
+    out = tmp_path / "breakdown.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lowrank_table.py"), "--part", "breakdown",
+                           "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["weights"] == "settled" and row["steps"] == 2 and len(row["raw"]["step"]) == 2
+    assert 0 < row["kernels_s"] <= row["ops_s"] <= row["step_s"] and row["loop_s"] > 0
+    assert abs(row["ops_python_s"] + row["pruner_python_s"] + row["kernels_s"] - row["step_s"]) < 1e-9
+    assert "settled RankPruner.step()" in proc.stdout
+
+
 def _bench_functions():
     """Every test function defined in benchmarks/bench_*.py, as (file name, function name)."""
     import ast
