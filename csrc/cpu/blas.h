@@ -1,7 +1,7 @@
 // The Fortran BLAS/LAPACK entry points that torch's CPU library exports (MKL or OpenBLAS builds), for code
 // that works on one small matrix per thread: ATen ops cost microseconds of dispatch each, which at n <= 128
 // is as much as their arithmetic. The symbols are weak: a torch built without them leaves them null, and
-// blas_available() sends the caller to its ATen path instead of failing to load the extension.
+// blas::available() sends the caller to its ATen path instead of failing to load the extension.
 #pragma once
 
 #include <vector>

@@ -67,9 +67,8 @@ std::tuple<at::Tensor, at::Tensor> lapack_eigh_batched(const at::Tensor& gram) {
   return {evals.flip(-1).contiguous(), evecs.flip(-1).contiguous()};
 }
 
-// LAPACK one matrix per task: at::parallel_for hands each thread whole matrices, and ATen/MKL run
-// single-threaded inside the parallel region, so small matrices use both cores without MKL's
-// per-call threading overhead.
+// LAPACK one matrix per task through ATen, where torch exports no BLAS/LAPACK symbols (otherwise
+// csrc/cpu/per_matrix.h runs these sizes): at::parallel_for hands each thread whole matrices.
 std::tuple<at::Tensor, at::Tensor> lapack_eigh_per_matrix(const at::Tensor& gram) {
   const int64_t B = gram.size(0), n = gram.size(2);
   at::Tensor evals = at::empty({B, n}, gram.options());
