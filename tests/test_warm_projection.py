@@ -26,11 +26,8 @@ def _small_matrices_too(monkeypatch):
 
 def solver_step(solver):
     """warm.compiled_step with the CPU kernel's path chosen explicitly."""
-    def run(W, basis, energy, max_rank, subgradient):
-        return torch.ops.trp_kernels_C.lowrank_project_warm_solver(
-            W, basis, energy, max_rank, subgradient, warm.POWER_STEPS, warm.RANK_MARGIN, warm.SUBSPACE_TOL,
-            warm.NOISE_FLOOR, solver)
-    return run
+    real = warm.compiled_step  # the module's, even while a test has patched it
+    return lambda W, basis, energy, max_rank, subgradient: real(W, basis, energy, max_rank, subgradient, solver)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -157,7 +154,7 @@ def test_compiled_step_matches_its_python_specification(solver, dtype):
     step = solver_step(solver)
     for shape in [(5, 24, 70), (4, 40, 18)]:
         W = make_batch(*shape, "decay", seed=11) + 0.05 * make_batch(*shape, "flat", seed=12)
-        W_low, rank, _, full = project._cold_with_basis(W, 0.9, None, True)
+        W_low, rank, _, full = project._cold_with_basis(W, 0.9, None, True, HAS_CPP)
         basis = warm.next_basis(full, rank)
         basis[0, :, -1] = 0.0  # a zero column (a matrix of lower rank than the batch's largest)
         W = sgd_like(W_low, 0.01, gen).to(dtype)
@@ -181,7 +178,7 @@ def test_compiled_step_matches_its_python_specification(solver, dtype):
 
 def test_op_schema_and_fake_kernel():
     W = make_batch(3, 18, 30, "decay", seed=13)
-    _, rank, _, full = project._cold_with_basis(W, 0.9, None, False)
+    _, rank, _, full = project._cold_with_basis(W, 0.9, None, False, HAS_CPP)
     basis = warm.next_basis(full, rank)
     for args in [(W, basis, 0.9, None, True, True), (W, None, 0.8, 4, False, True)]:
         torch.library.opcheck(torch.ops.trp_kernels.lowrank_project_warm.default, args,

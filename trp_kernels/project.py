@@ -113,10 +113,10 @@ def _(W, energy, max_rank, subgradient, check=True):
     return W.new_empty(W.shape), rank, G  # the kernels return contiguous results
 
 
-def _cold_with_basis(W, energy, max_rank, subgradient):
-    """The full solve plus the eigenvectors of the Gram matrix [B, n, n] float64 (columns, descending)."""
-    key = _dispatch_key(W.device)
-    if backend_for(W.device) == "cpp" and _extension.has_kernel("lowrank_project_basis", key):
+def _cold_with_basis(W, energy, max_rank, subgradient, cpp):
+    """The full solve plus the eigenvectors of the Gram matrix [B, n, n] float64 (columns, descending), by the
+    compiled kernel when `cpp` (the caller has checked that it has lowrank_project_basis), else the reference."""
+    if cpp:
         W_low, rank, G, basis = torch.ops.trp_kernels_C.lowrank_project_basis(W, energy, max_rank, subgradient)
     else:
         W_low, rank, G, basis = reference.lowrank_project_basis(W, energy, max_rank, subgradient)
@@ -125,8 +125,7 @@ def _cold_with_basis(W, energy, max_rank, subgradient):
 
 def _basis_fits(basis, W):
     n = min(W.shape[1], W.shape[2])
-    return (basis is not None and basis.dim() == 3 and basis.dtype == torch.float64
-            and basis.device == W.device and basis.shape[0] == W.shape[0] and basis.shape[1] == n
+    return (_warm.is_basis(basis) and basis.device == W.device and basis.shape[0] == W.shape[0] and basis.shape[1] == n
             and 1 <= basis.shape[2] <= n)
 
 
@@ -146,7 +145,7 @@ def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, 
                 rank.new_zeros(B, dtype=torch.bool))
     if not (_basis_fits(basis, W) and n >= _warm.MIN_N and basis.shape[2] <= _warm.MAX_FRACTION * n
             and energy < 1.0):
-        W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient)
+        W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient, cpp)
         return W_low, rank, G, _warm.next_basis(full, rank), rank.new_zeros(B, dtype=torch.bool)
     compiled = cpp and _extension.has_kernel("lowrank_project_warm", key)
     W_low, rank, G, X, ok = (_warm.compiled_step if compiled else _warm.step)(W, basis, energy, max_rank,
@@ -154,7 +153,7 @@ def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, 
     cold = (~ok).nonzero().squeeze(1)  # the one host synchronisation of the warm path
     if cold.numel() == 0:
         return W_low, rank, G, _warm.next_basis(X, rank), ok
-    c_low, c_rank, c_G, c_basis = _cold_with_basis(W[cold], energy, max_rank, subgradient)
+    c_low, c_rank, c_G, c_basis = _cold_with_basis(W[cold], energy, max_rank, subgradient, cpp)
     W_low[cold], rank[cold] = c_low, c_rank
     if subgradient:
         G[cold] = c_G
@@ -202,8 +201,7 @@ class WarmStart:
 
     def load_state_dict(self, state):
         basis = state.get("basis") if isinstance(state, dict) else None
-        if not isinstance(state, dict) or (basis is not None and not (
-                isinstance(basis, torch.Tensor) and basis.dim() == 3 and basis.dtype == torch.float64)):
+        if not isinstance(state, dict) or (basis is not None and not _warm.is_basis(basis)):
             raise ValueError("WarmStart.load_state_dict: expected {'basis': None or a float64 tensor [B, n, m]}, "
                              f"got {state!r:.200}")
         self.basis, self.warm = basis, None

@@ -38,6 +38,12 @@ MAX_FRACTION = 0.5       # nor does a basis wider than this fraction of n: the p
                          # and m x m eigensolve then cost as much as the full eigensolve (measured, README)
 
 
+def is_basis(t):
+    """Whether t has the form of a warm-start state: a float64 tensor [B, n, m] (the one rule for states
+    handed in, saved or restored)."""
+    return isinstance(t, torch.Tensor) and t.dim() == 3 and t.dtype == torch.float64
+
+
 def noise_rel(p, q):
     """Relative eigenvalue level (of lam_1) below which a kept direction gets no 1/s in the subgradient: the
     Gram matrix's float64 rounding, as gram_noise_rel in csrc/common/lowrank_driver.h."""
@@ -167,7 +173,10 @@ def step(W, basis, energy, max_rank, subgradient):
     return W_low.to(W.dtype), rank, (G.to(W.dtype) if subgradient else W.new_empty(0)), X, ok & usable
 
 
-def compiled_step(W, basis, energy, max_rank, subgradient):
-    """step() by the compiled kernel (trp_kernels_C::lowrank_project_warm), with this module's constants."""
-    return torch.ops.trp_kernels_C.lowrank_project_warm(W, basis, energy, max_rank, subgradient, POWER_STEPS,
-                                                        RANK_MARGIN, SUBSPACE_TOL, NOISE_FLOOR)
+def compiled_step(W, basis, energy, max_rank, subgradient, solver=None):
+    """step() by the compiled kernel (trp_kernels_C::lowrank_project_warm), with this module's constants;
+    solver ("auto", "per_matrix", "batched"; CPU only) picks the CPU kernel's path (tests, benchmarks)."""
+    args = (W, basis, energy, max_rank, subgradient, POWER_STEPS, RANK_MARGIN, SUBSPACE_TOL, NOISE_FLOOR)
+    if solver is None:
+        return torch.ops.trp_kernels_C.lowrank_project_warm(*args)
+    return torch.ops.trp_kernels_C.lowrank_project_warm_solver(*args, solver)

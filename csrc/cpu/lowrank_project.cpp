@@ -152,8 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warm_certify_cpu(
   return {rank, keep, inv_s, ok};
 }
 
-// solver: "auto" (per matrix up to kCpuPerMatrixMaxN, where ATen's per-op cost dominates, and when torch
-// exports BLAS/LAPACK; else batched), "per_matrix" or "batched" (tests, benchmarks).
+// solver: "auto" (per matrix up to kCpuPerMatrixMaxN, where ATen's per-op cost dominates, when torch exports
+// BLAS/LAPACK; else batched), "per_matrix" or "batched" (tests, benchmarks).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_warm_cpu_solver(
     const at::Tensor& W, const at::Tensor& basis, double energy, std::optional<int64_t> max_rank,
     bool subgradient, int64_t power_steps, double rank_margin, double subspace_tol, double noise_floor,
@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_p
   check_warm_args(W, basis, energy, max_rank);
   const WarmParams params{power_steps, {rank_margin, subspace_tol, noise_floor}};
   const bool small = n_of(W.size(1), W.size(2)) <= kCpuPerMatrixMaxN;
-  const bool per_matrix = solver == "per_matrix" || (solver == "auto" && small);
+  const bool per_matrix = solver == "per_matrix" || (solver == "auto" && small && blas::available());
   TORCH_CHECK(!per_matrix || blas::available(),
               "lowrank_project_warm: solver per_matrix needs the BLAS/LAPACK symbols of torch's CPU library");
   if (per_matrix && W.size(0) > 0 && W.size(1) > 0 && W.size(2) > 0)
@@ -175,9 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_p
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_warm_cpu(
     const at::Tensor& W, const at::Tensor& basis, double energy, std::optional<int64_t> max_rank,
     bool subgradient, int64_t power_steps, double rank_margin, double subspace_tol, double noise_floor) {
-  const std::string solver = blas::available() ? "auto" : "batched";
   return lowrank_project_warm_cpu_solver(W, basis, energy, max_rank, subgradient, power_steps, rank_margin,
-                                         subspace_tol, noise_floor, solver);
+                                         subspace_tol, noise_floor, "auto");
 }
 
 std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cpu(const at::Tensor& A) {

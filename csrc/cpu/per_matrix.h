@@ -27,6 +27,15 @@ struct WarmOneOut {
   bool ok = false;
 };
 
+// a (n x n) := (a + a^T) / 2, exactly symmetric for LAPACK's eigensolver, as the batched drivers do.
+inline void symmetrize(double* a, int n) {
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < i; ++j) {
+      const double s = 0.5 * (a[size_t(j) * n + i] + a[size_t(i) * n + j]);
+      a[size_t(j) * n + i] = a[size_t(i) * n + j] = s;
+    }
+}
+
 // The float64 Gram matrix of the smaller side into M (n x n, exactly symmetric); returns its trace.
 // a64: row-major p x q.
 inline double gram_one(const double* a64, int p, int q, double* M) {
@@ -37,14 +46,9 @@ inline double gram_one(const double* a64, int p, int q, double* M) {
     blas::gemm('T', 'N', n, n, q, a64, q, a64, q, M, n);
   else
     blas::gemm('N', 'T', n, n, p, a64, q, a64, q, M, n);
+  symmetrize(M, n);
   double trace = 0.0;
-  for (int i = 0; i < n; ++i) {
-    trace += M[size_t(i) * n + i];
-    for (int j = 0; j < i; ++j) {  // exactly symmetric, as the batched drivers' (M + M^T) / 2
-      const double s = 0.5 * (M[size_t(j) * n + i] + M[size_t(i) * n + j]);
-      M[size_t(j) * n + i] = M[size_t(i) * n + j] = s;
-    }
-  }
+  for (int i = 0; i < n; ++i) trace += M[size_t(i) * n + i];
   return trace;
 }
 
@@ -139,11 +143,7 @@ WarmOneOut warm_one(const Real* a, const double* a64, int p, int q, const double
   // Rayleigh-Ritz: H = Q^T M Q = S diag(w) S^T (w ascending: reversed below)
   blas::gemm('N', 'N', n, m, n, M.data(), n, Y.data(), n, Z.data(), n);  // Z = M Q
   blas::gemm('T', 'N', m, m, n, Y.data(), n, Z.data(), n, T.data(), m);  // T = H
-  for (int i = 0; i < m; ++i)
-    for (int j = 0; j < i; ++j) {
-      const double s = 0.5 * (T[size_t(j) * m + i] + T[size_t(i) * m + j]);
-      T[size_t(j) * m + i] = T[size_t(i) * m + j] = s;
-    }
+  symmetrize(T.data(), m);
   std::vector<double> w(m);
   if (blas::syevd(m, T.data(), m, w.data()) != 0) return out;
   std::vector<double> S(size_t(m) * m), theta(m);

@@ -5,6 +5,8 @@ bases no longer fit the group) is not an error: that group's next projection sol
 the basis."""
 import torch
 
+from trp_kernels.warm import is_basis
+
 
 def warm_bases(groups):
     """{layer name: its rows of the group's basis, [matrices of the layer, n, m]} for every group with one."""
@@ -24,7 +26,7 @@ def restore_warm_basis(g, bases):
         raise ValueError(f"warm_bases must be a dict of tensors, got {type(bases).__name__}")
     parts = [bases.get(n) for n in g.names]
     for n, b in zip(g.names, parts):
-        if b is not None and not (isinstance(b, torch.Tensor) and b.dim() == 3 and b.dtype == torch.float64):
+        if b is not None and not is_basis(b):
             got = (b.dtype, tuple(b.shape)) if isinstance(b, torch.Tensor) else type(b).__name__
             raise ValueError(f"warm_bases[{n!r}] must be a float64 tensor [matrices, n, m], got {got}")
     if any(b is None for b in parts) or len({tuple(b.shape) for b in parts}) != 1:
