@@ -72,7 +72,7 @@ def measure(name, scheme, steps, rank, solo_group):
     if solo is not None:
         assert solo.ranks == sharded.ranks, "sharded and unsharded projections chose other ranks"
     s = sharded._sharding
-    loads = s.loads(s.costs)
+    loads = s.loads()
     return {"model": name, "scheme": scheme, "layers": len(sharded.layers),
             "groups_1": len(solo._groups) if solo else None, "groups_2": len(sharded._groups), "steps": steps,
             "ms_1proc": round(statistics.median(one) * 1e3, 2), "ms_2proc": round(statistics.median(two) * 1e3, 2),

@@ -268,3 +268,22 @@ def test_rank_pruner_carries_and_saves_the_warm_state():
     assert p2.ranks == pruner.ranks
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, rebuilt.state_dict()[k], rtol=0, atol=1e-6)
+
+
+def test_a_sharded_pruner_saves_and_keeps_only_the_bases_of_its_own_groups():
+    """Under torch.distributed a rank updates the bases of the groups it projects only: it must neither save
+    another rank's (stale after a resume) nor keep them from a loaded state."""
+    model = _net()
+    pruner = trp.RankPruner(model, "channel", energy=0.5, nuclear=1e-3)
+    _train(model, pruner, 2)
+    state = pruner.state_dict()
+    assert set(state["warm_bases"]) == set(pruner.layer_names) and len(pruner._groups) == 2
+
+    class OwnsFirst:  # the part of trp.distributed.Sharding the pruner asks: group 0 is this rank's
+        def owns(self, i):
+            return i == 0
+
+    pruner._sharding = OwnsFirst()
+    assert set(pruner.state_dict()["warm_bases"]) == set(pruner._groups[0].names)
+    pruner.load_state_dict(state)
+    assert pruner._groups[0].warm.basis is not None and pruner._groups[1].warm.basis is None

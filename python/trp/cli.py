@@ -215,15 +215,9 @@ def _train(ns, cfg, saved, init, start, rank=0):
         if ns.no_report or rank != 0:
             return 0
         train_mod.final_report(run.model, run.bundle, run.report_loader, run.device, cfg.scheme,
-                               **_criterion(cfg.energy, cfg.threshold, cfg.target_speedup), out=run.out, log=_log)
+                               **train_mod.decompose_criterion(cfg.energy, cfg.threshold, cfg.target_speedup), out=run.out, log=_log)
     _log(f"total time {time.perf_counter() - start:.0f} s")
     return 0
-
-
-def _criterion(energy, threshold, target_speedup=None):
-    if target_speedup is not None:
-        return {"target_speedup": target_speedup}
-    return {"threshold": threshold} if threshold is not None else {"energy": energy}
 
 
 def _checkpoint_model(path, device="cpu"):
@@ -249,8 +243,8 @@ def _check_deploy_args(ns):
 def _deploy_args(ns, cfg):
     scheme = ns.scheme or cfg["scheme"]
     if ns.energy is not None or ns.threshold is not None or ns.target_speedup is not None:
-        return scheme, _criterion(ns.energy, ns.threshold, ns.target_speedup)
-    return scheme, _criterion(cfg["energy"], cfg.get("threshold"), cfg.get("target_speedup"))
+        return scheme, train_mod.decompose_criterion(ns.energy, ns.threshold, ns.target_speedup)
+    return scheme, train_mod.decompose_criterion(cfg["energy"], cfg.get("threshold"), cfg.get("target_speedup"))
 
 
 def cmd_decompose(ns):

@@ -254,6 +254,7 @@ def make_loaders(bundle, batch_size, seed=0, workers=0, rank=0, world_size=1):
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch size must be an int >= 1, got {batch_size!r}")
     gen = torch.Generator().manual_seed(seed)
+    sampler, test_set = None, bundle.test
     if world_size > 1:
         if batch_size % world_size:
             raise DataError(f"--batch-size {batch_size} is the global batch: it must be a multiple of the "
@@ -261,15 +262,10 @@ def make_loaders(bundle, batch_size, seed=0, workers=0, rank=0, world_size=1):
         from torch.utils.data.distributed import DistributedSampler
         sampler = DistributedSampler(bundle.train, world_size, rank, shuffle=True, seed=seed)
         batch_size //= world_size
-        train = DataLoader(bundle.train, batch_size=batch_size, sampler=sampler, generator=gen,
-                           num_workers=workers, drop_last=len(sampler) % batch_size == 1,
-                           persistent_workers=False)
         test_set = Subset(bundle.test, range(rank, len(bundle.test), world_size))
-    else:
-        train = DataLoader(bundle.train, batch_size=batch_size, shuffle=True, generator=gen,
-                           num_workers=workers, drop_last=len(bundle.train) % batch_size == 1,
-                           persistent_workers=False)
-        test_set = bundle.test
+    samples = len(sampler) if sampler is not None else len(bundle.train)
+    train = DataLoader(bundle.train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, generator=gen,
+                       num_workers=workers, drop_last=samples % batch_size == 1, persistent_workers=False)
     test = DataLoader(test_set, batch_size=max(batch_size, 256), shuffle=False, num_workers=workers,
                       generator=torch.Generator().manual_seed(seed + 1))
     return train, test

@@ -97,17 +97,17 @@ def assign(costs, world):
 class Sharding:
     """Which rank projects which of the pruner's groups, and the exchange of the results."""
 
-    def __init__(self, group, owners):
-        self.group, self.owners = group, list(owners)
+    def __init__(self, group, owners, costs):
+        self.group, self.owners, self.costs = group, list(owners), list(costs)
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
 
     def owns(self, i):
         return self.owners[i] == self.rank
 
-    def loads(self, costs):
+    def loads(self):
         """Estimated cost per rank."""
         out = [0.0] * self.world
-        for i, c in enumerate(costs):
+        for i, c in enumerate(self.costs):
             out[self.owners[i]] += c
         return out
 
@@ -126,7 +126,7 @@ class Sharding:
                 shape, dtype, device = tuple(spec[0]), spec[1], torch.device(spec[2])
                 items = layout.setdefault(device, [[] for _ in range(self.world)])[self.owners[i]]
                 offset = items[-1][4] + _aligned(items[-1][5]) if items else 0
-                items.append((i, j, shape, dtype, offset, math.prod(shape) * _itemsize(dtype)))
+                items.append((i, j, shape, dtype, offset, math.prod(shape) * dtype.itemsize))
         for device, per_owner in layout.items():
             size = max(_aligned(it[-1][4] + it[-1][5]) if it else 0 for it in per_owner)
             if size == 0:
@@ -153,10 +153,6 @@ class Sharding:
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _itemsize(dtype):
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _aligned(nbytes, to=16):
     """Byte offsets of the packed results are multiples of 16, so every slice can be viewed as its dtype."""
     return -(-nbytes // to) * to
@@ -168,15 +164,12 @@ def make_sharding(group, groups, costs):
     # every rank must share the same layers out the same way: a model that differs across ranks (another
     # selection or architecture) would otherwise exchange mismatched results or hang
     mine = [(len(g), c) for g, c in zip(groups, costs)]
-    others = [None] * world
-    dist.all_gather_object(others, mine, group=group)
+    others = all_gather_objects(mine, group)
     if any(o != mine for o in others):
         raise ValueError(f"RankPruner: the processes selected different layers (groups of (layers, cost) "
                          f"per rank: {others}); build the same model and selection on every rank")
     pieces, piece_costs = split_heavy(groups, costs, world)
-    sharding = Sharding(group, assign(piece_costs, world))
-    sharding.costs = piece_costs
-    return pieces, sharding
+    return pieces, Sharding(group, assign(piece_costs, world), piece_costs)
 
 
 # --- metrics and buffers ------------------------------------------------------------------------------------

@@ -142,6 +142,10 @@ class RankPruner:
                 out.update(zip(g.names, g.rank.tolist()))
         return out
 
+    def _owned_groups(self):
+        """The groups this process projects (all of them without sharding)."""
+        return [g for i, g in enumerate(self._groups) if self._sharding is None or self._sharding.owns(i)]
+
     def _matrices(self, group):
         return to_matrix(torch.stack([t.read() for t in group.targets]), self.scheme)
 
@@ -236,9 +240,10 @@ class RankPruner:
     def state_dict(self):
         """Step counter, configuration and current ranks; the subgradients too when nuclear_every="step"
         (they are needed by the iterations between projections), and the warm-start bases (per layer: its
-        matrices' kept singular vectors, [matrices, n, m] float64), so that a resumed run continues exactly."""
+        matrices' kept singular vectors, [matrices, n, m] float64), so that a resumed run continues exactly.
+        Under sharding only the bases of this process's groups (`trp train` gathers every rank's)."""
         state = {"steps": self.steps, "last_projected": self.last_projected, "config": self.config(),
-                 "ranks": self.ranks, "warm_bases": warm_bases(self._groups)}
+                 "ranks": self.ranks, "warm_bases": warm_bases(self._owned_groups())}
         if self.nuclear_every == "step":
             state["subgradients"] = {n: G for g in self._groups if g.G is not None
                                      for n, G in zip(g.names, g.G.unbind(0))}
@@ -277,8 +282,9 @@ class RankPruner:
         self.steps, self.last_projected, self.budget = steps, last, budget
         for g, (rank, G) in zip(self._groups, restored):
             g.rank, g.G = rank, G
-        for g, basis in zip(self._groups, bases):
-            g.warm.load_state_dict({"basis": basis})
+        owned = self._owned_groups()
+        for g, basis in zip(self._groups, bases):  # another rank's group keeps none: only its owner updates it
+            g.warm.load_state_dict({"basis": basis if g in owned else None})
 
     def _restore_budget(self, state):
         """A copy of the speed-up controller with the state's budget state (None without target_speedup)."""

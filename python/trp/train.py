@@ -347,6 +347,13 @@ def _seed_everything(seed):
     random.seed(seed)
 
 
+def decompose_criterion(energy, threshold, target_speedup=None):
+    """The decompose() keyword of a run's criterion: a target speed-up, else a threshold, else the energy."""
+    if target_speedup is not None:
+        return {"target_speedup": target_speedup}
+    return {"threshold": threshold} if threshold is not None else {"energy": energy}
+
+
 def final_report(model, bundle, test_loader, device, scheme, energy=None, threshold=None, out=None,
                  log=print, latency_repeats=30, target_speedup=None):
     """Dense vs decomposed (no fine-tuning): accuracies, trp.report table, speed-up, params, CPU latency;
@@ -355,9 +362,7 @@ def final_report(model, bundle, test_loader, device, scheme, energy=None, thresh
     from .decompose import decompose
     from .report import report as trp_report
 
-    criterion = {"threshold": threshold} if threshold is not None else {"energy": energy}
-    if target_speedup is not None:
-        criterion = {"target_speedup": target_speedup}
+    criterion = decompose_criterion(energy, threshold, target_speedup)
     dense_acc = evaluate(model, test_loader, device)
     compact = decompose(model, scheme, **criterion, input_size=bundle.input_size[1:])
     compact_acc = evaluate(compact, test_loader, device)
@@ -440,4 +445,4 @@ def model_from_checkpoint(saved, device="cpu"):
 
 
 __all__ = ["DEFAULTS", "PRESETS", "TrainConfig", "TrainError", "Run", "resolve_config", "resolve_device",
-           "evaluate", "final_report", "model_from_checkpoint", "read_initial_weights", "CHECKPOINT"]
+           "evaluate", "decompose_criterion", "final_report", "model_from_checkpoint", "read_initial_weights", "CHECKPOINT"]
