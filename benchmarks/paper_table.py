@@ -298,25 +298,35 @@ def main(argv=None):
     summary = {key: summarize(rows[key]) for key in LABELS if key in rows}
     elapsed = time.perf_counter() - t0
     table = markdown(summary, sweep, args)
-    os.makedirs(args.out, exist_ok=True)
-    settings = {"model": args.model, "data": "digits", "image_size": args.image_size, "epochs": args.epochs,
-                "batch_size": args.batch_size, "lr": args.lr, "energy": args.energy, "nuclear": args.nuclear,
-                "seeds": args.seeds, "quick": args.quick, "rows": args.rows, "targets": args.targets,
-                "deterministic": args.deterministic}
     stem = "paper_table" + ("_quick" if args.quick else "")
     if args.stem:
         stem = args.stem
     elif args.rows != list(TRAINED):  # a partial run never overwrites the full table
         stem += "_rows-" + "-".join(args.rows)
-    results = harness.Results(os.path.join(args.out, stem + ".json"), "paper_table", "cpu", settings=settings)
-    for key, row in summary.items():
-        results.rows.append({"key": key, **row})
-    results.finish(seconds=round(elapsed, 1), sweep=sweep)
-    results.write_markdown(table)
+    save_results(args, "paper_table", stem, summary, table, elapsed, {"rows": args.rows, "targets": args.targets,
+                 "deterministic": args.deterministic}, sweep=sweep)
     plot(summary, sweep, os.path.join(args.out, stem + ".png"))
     print(table)
     print(f"\n{args.model} on digits {args.image_size}x{args.image_size}, {args.epochs} epochs, seeds "
           f"{args.seeds}, energy {args.energy}: {elapsed / 60:.1f} min; wrote {args.out}/{stem}.json/.md/.png")
+    return exit_code(summary)
+
+
+def save_results(args, name, stem, summary, table, elapsed, settings, row_extra=lambda key: {}, **finish):
+    """args.out/<stem>.json (the shared results schema: the run's settings, one row per table row) and .md."""
+    os.makedirs(args.out, exist_ok=True)
+    base = {"model": args.model, "data": "digits", "image_size": args.image_size, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "energy": args.energy, "nuclear": args.nuclear,
+            "seeds": args.seeds, "quick": args.quick}
+    results = harness.Results(os.path.join(args.out, stem + ".json"), name, "cpu", settings={**base, **settings})
+    for key, row in summary.items():
+        results.rows.append({"key": key, **row_extra(key), **row})
+    results.finish(seconds=round(elapsed, 1), **finish)
+    results.write_markdown(table)
+
+
+def exit_code(summary):
+    """0 when every row's accuracy after decomposition is a number (a NaN means a broken run)."""
     return 0 if all(math.isfinite(s["acc_after"]["mean"]) for s in summary.values()) else 1
 
 

@@ -14,8 +14,6 @@ over the seeds. It reuses paper_table's training and measurement. Writes results
     python benchmarks/vit_table.py --energy 0.97   # another operating point: results/vit_table_e0.97.*
 """
 import argparse
-import math
-import os
 import sys
 import tempfile
 import time
@@ -80,21 +78,14 @@ def main(argv=None):
     summary = {key: paper_table.summarize(rows[key]) for key in LABELS if key in rows}
     elapsed = time.perf_counter() - t0
     table = markdown(summary, args)
-    os.makedirs(args.out, exist_ok=True)
-    settings = {"model": args.model, "data": "digits", "image_size": args.image_size, "epochs": args.epochs,
-                "batch_size": args.batch_size, "lr": args.lr, "energy": args.energy, "nuclear": args.nuclear,
-                "seeds": args.seeds, "quick": args.quick, "threads": args.threads,
-                "macs": "conv + linear + attention"}
     stem = "vit_table" + ("" if args.energy == 0.9 else f"_e{args.energy}") + ("_quick" if args.quick else "")
-    results = harness.Results(os.path.join(args.out, stem + ".json"), "vit_table", "cpu", settings=settings)
-    for key, row in summary.items():
-        results.rows.append({"key": key, "label": LABELS[key], **row})
-    results.finish(seconds=round(elapsed, 1))
-    results.write_markdown(table)
+    paper_table.save_results(args, "vit_table", stem, summary, table, elapsed,
+                             {"threads": args.threads, "macs": "conv + linear + attention"},
+                             row_extra=lambda key: {"label": LABELS[key]})
     print(table)
     print(f"\n{args.model} on digits {args.image_size}x{args.image_size}, {args.epochs} epochs, lr {args.lr}, "
           f"seeds {args.seeds}, energy {args.energy}: {elapsed / 60:.1f} min; wrote {args.out}/{stem}.json/.md")
-    return 0 if all(math.isfinite(s["acc_after"]["mean"]) for s in summary.values()) else 1
+    return paper_table.exit_code(summary)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ def exporting():
 
 def lowered(kind, x, w1, w2, bias, stride, padding, dilation):
     """The op as the convolutions it equals (trp_kernels.reference), for the exporters to trace."""
-    fn = {"channel": reference.factorized_conv_channel, "spatial": reference.factorized_conv_spatial,
-          "decoupled": reference.factorized_conv_decoupled}[kind]
-    return fn(x, w1, w2, bias, stride, padding, dilation)
+    return getattr(reference, f"factorized_conv_{kind}")(x, w1, w2, bias, stride, padding, dilation)
 
 
 def _pads(top, bottom, left, right):

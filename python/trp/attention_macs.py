@@ -8,11 +8,7 @@ import math
 
 import torch.nn as nn
 
-from .transformer import SplitMultiheadAttention, _swin_attention_types
-
-
-def is_attention(module):
-    return isinstance(module, (nn.MultiheadAttention, SplitMultiheadAttention) + _swin_attention_types())
+from .transformer import SplitMultiheadAttention, is_attention
 
 
 def _arg(args, kwargs, i, name):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import checks
-from .flops import _conv_macs, _input_shape, _probe_input, count_macs
+from .flops import _conv_macs, _input_shape, count_macs, io_shapes
 from .modules import FACTORIZED, FactorizedLinear, conv_padding4
 from .schemes import layer_matrix_shape
 
@@ -44,23 +44,7 @@ class CostModel:
         self.scheme, self.names = scheme, [n for n, _ in layers]
         self.linear = any(isinstance(m, nn.Linear) for _, m in layers)  # then Linear MACs count too
         self.total_dense = count_macs(model, shape, linear=self.linear)
-        seen = {}
-
-        def hook_for(name):
-            def hook(module, inputs, output):  # returns None: the output is not replaced
-                seen.setdefault(name, (inputs[0].shape, output.shape))
-            return hook
-
-        handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(_probe_input(model, shape))
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
+        seen = io_shapes(model, layers, shape)
         self.dense, self.per_rank, self.pay_rank, self.full_rank = {}, {}, {}, {}
         for name, module in layers:
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -118,9 +102,9 @@ class CostModel:
 
 def check_reachable(model, scheme, target, input_size, name="target_speedup", layers=None, exclude=None):
     """target as a float, or ValueError naming `name` if it is <= 1 or above what rank 1 everywhere gives."""
-    from .selection import select_targets
-    chosen = [(t.name, t.module) for t in select_targets(model, scheme, layers, exclude)]
-    return CostModel(model, scheme, chosen, input_size).check_target(target, name)
+    from .selection import select_layers
+    return CostModel(model, scheme, select_layers(model, scheme, layers, exclude), input_size).check_target(
+        target, name)
 
 
 def layer_gains(sigma):

@@ -39,6 +39,7 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     (trp.budget.allocate) so that the conv-MAC speed-up is at least the target, and as close as one rank
     step allows; the result's `trp_budget` attribute holds the target, the ranks and the speed-up achieved."""
     check_scheme(scheme)
+    selected = select_targets(model, scheme, layers, exclude)
     budget = None
     if target_speedup is not None:
         if energy is not None or threshold is not None or rank is not None:
@@ -48,7 +49,7 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
         if input_size is None:
             raise ValueError("target_speedup needs input_size= (C, H, W), the input at which conv MACs are "
                              "counted")
-        chosen = [(t.name, t.module) for t in select_targets(model, scheme, layers, exclude)]
+        chosen = [(t.name, t.module) for t in selected]
         costs = budget_mod.CostModel(model, scheme, chosen, input_size)
         allocated = budget_mod.allocate(costs, budget_mod.spectra(model, scheme, chosen), target_speedup)
         rank = {n: r for n, r in allocated.items() if r is not None}  # a layer not in the map stays dense
@@ -56,7 +57,6 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     if scheme == "nd" and energy is None and threshold is None and rank is None:
         energy = ND_DEFAULT_ENERGY
     kind, value = rank_rules.check_criterion(energy, threshold, rank)
-    selected = select_targets(model, scheme, layers, exclude)
     if kind == "rank" and isinstance(value, dict):
         unknown = set(value) - {t.name for t in selected}
         if unknown:

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from . import export as export_mod
 from .checks import integer, real
-from .flops import _input_shape, count_macs, macs_by_layer
+from .decompose import dense_macs_per_output_pixel
+from .flops import _input_shape, count_macs, io_shapes, macs_by_layer
 from .modules import FACTORIZED, FACTORIZED_TYPES, FactorizedLinear
 from .report import Report
 
@@ -83,19 +84,12 @@ def round_ranks(model, multiple, dense=None):
             new = FactorizedLinear.from_linear(source, rank=target)
         else:
             new = FACTORIZED[module.scheme].from_conv(source, rank=target)
-        if new.macs_per_output_pixel() >= _dense_macs_per_pixel(module) or new.rank <= module.rank:
+        if new.macs_per_output_pixel() >= dense_macs_per_output_pixel(source) or new.rank <= module.rank:
             continue
         new = new.to(device=module.dense_weight().device)
         new.train(module.training)
         out.set_submodule(name, new)
     return out
-
-
-def _dense_macs_per_pixel(module):
-    if isinstance(module, FactorizedLinear):
-        return module.in_features * module.out_features
-    kh, kw = module.kernel_size
-    return module.in_channels * module.out_channels * kh * kw
 
 
 class _Timer:
@@ -111,10 +105,8 @@ class _Timer:
 
     def callable(self, module, x):
         if self.runtime == "onnxruntime":
-            data = export_mod.module_bytes(module, x, export_mod.fast_exporter())
-            sess = export_mod.session(data, self.threads)
-            feed = {export_mod.INPUT_NAME: x.detach().cpu().numpy()}
-            return lambda: sess.run(None, feed)
+            return export_mod.ort_runner(export_mod.module_bytes(module, x, export_mod.fast_exporter()), x,
+                                         self.threads)
         module = module.eval()
         cuda = self.device.type == "cuda"
 
@@ -146,28 +138,10 @@ class _threads:
             torch.set_num_threads(self.old)
 
 
-def _layer_inputs(model, shape, device, dtype):
+def _layer_inputs(model, shape):
     """{factorized layer name: its input shape} in one forward pass of zeros of `shape` (eval mode)."""
-    shapes, handles = {}, []
-
-    def hook_for(name):
-        def hook(module, inputs, output):
-            shapes.setdefault(name, tuple(inputs[0].shape))
-        return hook
-
-    for name, m in model.named_modules():
-        if isinstance(m, FACTORIZED_TYPES):
-            handles.append(m.register_forward_hook(hook_for(name)))
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(shape, device=device, dtype=dtype))
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return shapes
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)]
+    return {name: tuple(x) for name, (x, _) in io_shapes(model, layers, shape).items()}
 
 
 class LatencyFit(Report):
@@ -224,7 +198,7 @@ def fit_latency(model, input_size, runtime="eager", batch_size=None, threads=Non
     timer = _Timer(runtime, device, threads, repeats)
     compact = round_ranks(model, multiple, dense) if multiple is not None else copy.deepcopy(model)
     compact.eval()
-    inputs = _layer_inputs(compact, shape, device, dtype)
+    inputs = _layer_inputs(compact, shape)
     if not inputs:
         raise ValueError("fit_latency: the model has no factorized layer that runs at this input size")
     macs_f = macs_by_layer(compact, shape, linear=True)

@@ -132,20 +132,26 @@ def export_onnx(model, path, input_size, dynamic_batch=True, exporter="dynamo", 
             "errors": errors}
 
 
+def ort_runner(model_bytes, x, threads=None):
+    """A no-argument callable: one onnxruntime run of the model on the tensor x."""
+    sess = session(model_bytes, threads)
+    feed = {INPUT_NAME: x.detach().cpu().numpy()}
+    return lambda: sess.run(None, feed)
+
+
 def ort_latency(model_bytes, input_size, threads=None, repeats=20, warmup=3):
     """Median seconds of one onnxruntime run of the model at input_size."""
-    sess = session(model_bytes, threads)
-    x = {INPUT_NAME: torch.randn(_input_shape(input_size)).numpy()}
-    return interleaved([lambda: sess.run(None, x)], repeats, warmup)[0]
+    return interleaved([ort_runner(model_bytes, torch.randn(_input_shape(input_size)), threads)], repeats,
+                       warmup)[0]
 
 
 def compare_ort(dense, compact, input_size, threads=None, repeats=20, exporter=None):
     """Median onnxruntime latency (s) of the dense and the decomposed model at input_size, measured
     alternately in rounds so that load changes on a shared machine affect both alike."""
     exporter = exporter or fast_exporter()
-    sess = [session(onnx_bytes(m, input_size, False, exporter), threads) for m in (dense, compact)]
-    x = {INPUT_NAME: torch.randn(_input_shape(input_size)).numpy()}
-    return interleaved([lambda s=s: s.run(None, x) for s in sess], repeats)
+    data = [onnx_bytes(m, input_size, False, exporter) for m in (dense, compact)]
+    x = torch.randn(_input_shape(input_size))
+    return interleaved([ort_runner(d, x, threads) for d in data], repeats)
 
 
 def interleaved(fns, repeats=20, warmup=2):
@@ -179,5 +185,5 @@ def available_exporters():
         return ["torchscript"]
 
 
-__all__ = ["export_onnx", "onnx_bytes", "module_bytes", "fast_exporter", "verify", "session", "ort_latency",
+__all__ = ["export_onnx", "onnx_bytes", "module_bytes", "fast_exporter", "verify", "session", "ort_runner", "ort_latency",
            "compare_ort", "interleaved", "EXPORTERS", "onnxruntime_available", "available_exporters"]

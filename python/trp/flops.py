@@ -36,6 +36,31 @@ def _probe_input(model, shape):
                        dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
 
 
+def io_shapes(model, layers, input_size):
+    """{name: (input shape, output shape)} of the first call of each of `layers` ([(name, module)]) in one
+    forward pass of zeros of `input_size` in eval mode (BN statistics are not touched); a layer that did not
+    run is absent."""
+    shape = _input_shape(input_size)
+    seen = {}
+
+    def hook_for(name):
+        def hook(module, inputs, output):  # returns None: the output is not replaced
+            seen.setdefault(name, (inputs[0].shape, output.shape))
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(_probe_input(model, shape))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def _conv_macs(module, x, y):
     """Multiply-adds of one call, from the input x and output y."""
     n = x.shape[0]

@@ -20,6 +20,8 @@ module tree. torchvision's Swin window attention needs no conversion: it passes 
 to F.linear, and a FactorizedLinear's .weight (trp.modules.FactorizedWeight) computes that through its
 factors. Hosts that cannot be converted (an attention with add_bias_kv / add_zero_attn) keep their targets
 dense: unsupported_host() says why, and decompose() warns once."""
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,10 +140,20 @@ def unsupported_attention(mha):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _attention_types():
+    return (nn.MultiheadAttention, SplitMultiheadAttention) + _swin_attention_types()
+
+
+def is_attention(module):
+    """Whether `module` is an attention module trp knows (nn.MultiheadAttention, SplitMultiheadAttention,
+    torchvision's Swin window attentions)."""
+    return isinstance(module, _attention_types())
+
+
 def attention_modules(model):
     """[(name, module)] of the attention modules of `model` (what makes it a transformer for trp)."""
-    types = (nn.MultiheadAttention, SplitMultiheadAttention) + _swin_attention_types()
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+    return [(n, m) for n, m in model.named_modules() if is_attention(m)]
 
 
 def block_names(model):
