@@ -276,7 +276,7 @@ def markdown(rows):
              "(b) batched SVD | lowrank_project | vs (a) | vs (b) |" + "".join(f" {names[k]} |" for k in solvers),
              "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(solvers)]
     for r in rows:
-        if r["weights"] == "trajectory":
+        if r["weights"] in ("trajectory", "settled"):  # their own tables
             continue
         extra = "".join(f" {r[k]*1e3:.2f} ms |" if k in r else " - |" for k in solvers)
         lines.append(
