@@ -205,16 +205,20 @@ def trajectory(model_name, scheme, steps, device="cpu", seed=0, repeats=3):
             "step_vs_cold": med["cold"] / med["step"], "raw": times}
 
 
-def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, device="cpu"):
+def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, device="cpu", inplace=True):
     """Where a settled RankPruner.step() goes: after `settle` trajectory steps (ranks settled), per step the
-    whole step(), the time inside trp_kernels.lowrank_project (the ops with their Python and dispatch) and
-    inside the compiled warm kernel (trp_kernels.warm.compiled_step); medians over `steps` steps."""
+    whole step(), the time inside the projection functions (with their Python and dispatch: the in-place
+    trp_kernels.inplace.lowrank_project_, or trp_kernels.lowrank_project per group when the pruner stacks the
+    groups: inplace=False) and inside the compiled kernels they call; medians over `steps` steps."""
     pruner, gen = trajectory_pruner(model_name, scheme, device)
+    pruner.inplace = inplace
     for _ in range(settle):
         pruner.step()
         sgd_like_step(pruner, gen)
     spent = {"op": 0.0, "kernel": 0.0}
-    real_op, real_kernel = trp_kernels.lowrank_project, trp_kernels.warm.compiled_step
+    timed = [(trp_kernels, "lowrank_project", "op"), (trp_kernels.warm, "compiled_step", "kernel"),
+             (trp_kernels.inplace, "lowrank_project_", "op"), (trp_kernels.inplace, "kernel", "kernel")]
+    real = [getattr(module, name) for module, name, _ in timed]
 
     def timed_as(key, fn):
         def run(*args, **kwargs):
@@ -227,8 +231,8 @@ def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, devi
         return run
 
     rows = []
-    trp_kernels.lowrank_project = timed_as("op", real_op)
-    trp_kernels.warm.compiled_step = timed_as("kernel", real_kernel)
+    for (module, name, key), fn in zip(timed, real):
+        setattr(module, name, timed_as(key, fn))
     try:
         for _ in range(steps):
             mats = [to_matrix(m.weight.detach(), scheme).contiguous() for _, m in pruner.layers]
@@ -239,9 +243,11 @@ def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, devi
             rows.append((t_step, spent["op"], spent["kernel"], t_loop, warm))
             sgd_like_step(pruner, gen)
     finally:
-        trp_kernels.lowrank_project, trp_kernels.warm.compiled_step = real_op, real_kernel
+        for (module, name, _), fn in zip(timed, real):
+            setattr(module, name, fn)
     med = [statistics.median(r[i] for r in rows) for i in range(4)]
-    return {"model": model_name, "scheme": scheme, "weights": "settled", "settle": settle, "steps": steps,
+    return {"model": model_name, "scheme": scheme, "weights": "settled", "path": "in place" if inplace else "stacked",
+            "settle": settle, "steps": steps,
             "all_warm_steps": sum(r[4] for r in rows), "step_s": med[0], "ops_s": med[1], "kernels_s": med[2],
             "ops_python_s": med[1] - med[2], "pruner_python_s": med[0] - med[1], "loop_s": med[3],
             "step_vs_loop": med[3] / med[0],
@@ -320,7 +326,9 @@ def main(argv=None):
         done = run(results, 1.0 if args.smoke else args.repeats_scale, ("trp",) if args.smoke else ("init", "trp"),
                    cases, args.device, budget)
     if args.part == "breakdown":
-        results.add(breakdown(*(("resnet20", "channel", 8, 2) if args.smoke else ()), device=args.device))
+        for inplace in (True, False):  # the pruner's path on the CPU, and the stacked one (the GPU's)
+            results.add(breakdown(*(("resnet20", "channel", 8, 2) if args.smoke else ()), device=args.device,
+                                  inplace=inplace))
     if done and args.part in ("all", "trajectory"):
         done = run_trajectories(results, [("resnet20", "channel", 1)] if args.smoke else TRAJECTORY_CASES,
                                 args.device, budget, 1.0 if args.smoke else args.repeats_scale)
@@ -332,11 +340,12 @@ def main(argv=None):
         print(markdown(results.rows))
     for r in results.rows:
         if r["weights"] == "settled":
-            print(f"\n{r['model']} {r['scheme']}, settled RankPruner.step() (median of {r['steps']} steps, "
-                  f"{r['all_warm_steps']} with every matrix warm): {r['step_s']*1e3:.2f} ms = compiled kernels "
-                  f"{r['kernels_s']*1e3:.2f} ms + the ops' Python and dispatch {r['ops_python_s']*1e3:.2f} ms + "
-                  f"the pruner's stacking, checks and write-back {r['pruner_python_s']*1e3:.2f} ms; per-layer "
-                  f"SVD loop on the same weights {r['loop_s']*1e3:.1f} ms ({r['step_vs_loop']:.1f}x)")
+            print(f"\n{r['model']} {r['scheme']}, settled RankPruner.step(), {r['path']} (median of {r['steps']} "
+                  f"steps, {r['all_warm_steps']} with every matrix warm): {r['step_s']*1e3:.2f} ms = compiled "
+                  f"kernels {r['kernels_s']*1e3:.2f} ms + the projection functions' Python and dispatch "
+                  f"{r['ops_python_s']*1e3:.2f} ms + the pruner's own Python (stacking, checks and write-back when "
+                  f"stacked) {r['pruner_python_s']*1e3:.2f} ms; per-layer SVD loop on the same weights "
+                  f"{r['loop_s']*1e3:.1f} ms ({r['step_vs_loop']:.1f}x)")
     if any(r["weights"] == "trajectory" for r in results.rows):
         print("\nTRP trajectory:\n")
         print(trajectory_markdown([r for r in results.rows if r["weights"] == "trajectory"]))

@@ -145,8 +145,26 @@ def test_one_lowrank_project_call_per_group(monkeypatch):
 
     monkeypatch.setattr(trp_kernels, "lowrank_project", spy)
     pruner = trp.RankPruner(SmallNet(), "channel")
+    pruner.inplace = False  # the stacked path (GPUs, sharding, spatial, nd)
     pruner.step()
     assert sorted(calls) == sorted([(2, 6, 54), (1, 8, 36)])  # a and b share one call
+
+
+def test_the_in_place_cpu_path_is_one_call_for_all_groups(monkeypatch):
+    if trp_kernels.inplace.max_n() == 0:
+        pytest.skip("trp_kernels._C without the in-place CPU op")
+    calls = []
+    real = trp_kernels.inplace.lowrank_project_
+
+    def spy(groups, energy, warm, **kw):
+        calls.append([[tuple(m.shape) for m in mats] for mats in groups])
+        return real(groups, energy, warm, **kw)
+
+    monkeypatch.setattr(trp_kernels.inplace, "lowrank_project_", spy)
+    monkeypatch.setattr(trp_kernels, "lowrank_project", None)  # never called
+    pruner = trp.RankPruner(SmallNet(), "channel")
+    pruner.step()
+    assert sorted(calls[0]) == sorted([[(6, 54), (6, 54)], [(8, 36)]]) and len(calls) == 1
 
 
 def test_non_finite_weight_names_layer_and_modifies_nothing():

@@ -4,7 +4,7 @@
 Each op is a torch.library custom op with a fake kernel; its kernels are the C++/CUDA ones of the compiled
 extension trp_kernels._C, Triton kernels, and the PyTorch reference (trp_kernels.reference), which is
 also the fallback when nothing was compiled."""
-from . import _extension, conv, decoupled, project, reference
+from . import _extension, conv, decoupled, inplace, project, reference
 from .conv import factorized_conv_channel, factorized_conv_spatial
 from .decoupled import decoupled_conv
 from .project import WarmStart, lowrank_project

@@ -123,10 +123,15 @@ def _cold_with_basis(W, energy, max_rank, subgradient, cpp):
     return W_low, rank, (G if subgradient else W.new_empty(0)), basis
 
 
-def _basis_fits(basis, W):
-    n = min(W.shape[1], W.shape[2])
-    return (_warm.is_basis(basis) and basis.device == W.device and basis.shape[0] == W.shape[0] and basis.shape[1] == n
-            and 1 <= basis.shape[2] <= n)
+def warm_usable(basis, shape, device, energy):
+    """Whether a call on matrices [B, p, q] (`shape`) on `device` takes the warm step from `basis`: a state
+    of this batch (trp_kernels.warm.is_basis, [B, n, m] with 1 <= m <= n, on the device) that is worth it
+    (n >= MIN_N, m <= MAX_FRACTION * n) at an energy below 1 (which keeps every direction)."""
+    B, p, q = shape
+    n = min(p, q)
+    return (_warm.is_basis(basis) and basis.device == torch.device(device) and basis.shape[0] == B
+            and basis.shape[1] == n and 1 <= basis.shape[2] <= n and n >= _warm.MIN_N
+            and basis.shape[2] <= _warm.MAX_FRACTION * n and energy < 1.0)
 
 
 @torch.library.custom_op("trp_kernels::lowrank_project_warm", mutates_args=())
@@ -143,8 +148,7 @@ def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, 
         W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
         return (W_low, rank, G if subgradient else W.new_empty(0), W.new_zeros(B, n, 0, dtype=torch.float64),
                 rank.new_zeros(B, dtype=torch.bool))
-    if not (_basis_fits(basis, W) and n >= _warm.MIN_N and basis.shape[2] <= _warm.MAX_FRACTION * n
-            and energy < 1.0):
+    if not warm_usable(basis, W.shape, W.device, energy):
         W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient, cpp)
         return W_low, rank, G, _warm.next_basis(full, rank), rank.new_zeros(B, dtype=torch.bool)
     compiled = cpp and _extension.has_kernel("lowrank_project_warm", key)

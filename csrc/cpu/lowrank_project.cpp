@@ -23,9 +23,6 @@ struct NoSync {
 // (n = 8: 0.17 vs 0.25 ms) and loses from n = 16 on (16: 1.95 vs 1.0 ms; 64: 120 vs 27 ms); README,
 // "Batched low-rank projection", has the table.
 constexpr int64_t kCpuJacobiMaxN = 8;
-// Up to this Gram size LAPACK runs one matrix per thread; above it one batched call lets MKL thread
-// each (large) matrix.
-constexpr int64_t kCpuPerMatrixMaxN = 128;
 
 // The shared Jacobi core run serially on one matrix: g (n x n, row-major) -> evals descending, evecs
 // as columns (row-major n x n).

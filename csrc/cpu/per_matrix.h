@@ -22,6 +22,10 @@
 
 namespace trp {
 
+// Up to this Gram size LAPACK runs one matrix per thread; above it one batched call lets MKL thread
+// each (large) matrix.
+constexpr int64_t kCpuPerMatrixMaxN = 128;
+
 struct WarmOneOut {
   int64_t rank = 0;
   bool ok = false;
@@ -55,6 +59,7 @@ inline double gram_one(const double* a64, int p, int q, double* M) {
 // W_low = X_k X_k^T A (left) or A X_k X_k^T and G with X_k diag(inv_s), in the precision Real of a (row-major
 // p x q), from the leading k of the m columns of X (column-major n x m, float64, descending). As
 // project_on_basis: without G and with all n vectors at hand, the n - k discarded ones when fewer.
+// w_low may be a itself (the in-place projection): a is read in full before w_low is written.
 template <typename Real>
 void project_one(const Real* a, int p, int q, const double* X, int m, int k, const double* inv_s,
                  bool subgradient, Real* w_low, Real* g) {
@@ -67,11 +72,13 @@ void project_one(const Real* a, int p, int q, const double* X, int m, int k, con
   }
   const bool rest = !subgradient && m == n && n - k < k;
   if (rest && k == n) {  // nothing discarded
-    std::copy_n(a, size_t(p) * q, w_low);
+    if (w_low != a) std::copy_n(a, size_t(p) * q, w_low);
     return;
   }
   const int first = rest ? k : 0, cols = rest ? n - k : k;
   std::vector<Real> Xk(size_t(n) * cols), Xs(subgradient ? size_t(n) * k : 0), C(size_t(cols) * (left ? q : p));
+  std::vector<Real> discarded(rest && w_low == a ? size_t(p) * q : 0);
+  Real* out = discarded.empty() ? w_low : discarded.data();  // the product, before W_low = A - it
   for (int j = 0; j < cols; ++j)
     for (int i = 0; i < n; ++i) {
       Xk[size_t(j) * n + i] = Real(X[size_t(first + j) * n + i]);
@@ -79,24 +86,25 @@ void project_one(const Real* a, int p, int q, const double* X, int m, int k, con
     }
   if (left) {
     blas::gemm('N', 'N', q, cols, p, a, lda, Xk.data(), n, C.data(), q);  // C = Ac X_k: (X_k^T A)^T, q x k
-    blas::gemm('N', 'T', q, p, cols, C.data(), q, Xk.data(), n, w_low, q);
+    blas::gemm('N', 'T', q, p, cols, C.data(), q, Xk.data(), n, out, q);
     if (subgradient) blas::gemm('N', 'T', q, p, k, C.data(), q, Xs.data(), n, g, q);
   } else {
     blas::gemm('T', 'N', cols, p, q, Xk.data(), n, a, lda, C.data(), cols);  // C = X_k^T Ac: (A X_k)^T, k x p
-    blas::gemm('N', 'N', q, p, cols, Xk.data(), n, C.data(), cols, w_low, q);
+    blas::gemm('N', 'N', q, p, cols, Xk.data(), n, C.data(), cols, out, q);
     if (subgradient) blas::gemm('N', 'N', q, p, k, Xs.data(), n, C.data(), k, g, q);
   }
   if (rest)  // W_low = A - (discarded part)
-    for (size_t i = 0; i < size_t(p) * q; ++i) w_low[i] = a[i] - w_low[i];
+    for (size_t i = 0; i < size_t(p) * q; ++i) w_low[i] = a[i] - out[i];
 }
 
 // One matrix. a: row-major p x q in the projection precision Real; a64: the same in float64 (may alias a when
 // Real = double); basis: row-major n x m (the previous kept vectors, zero columns allowed). Writes x_out
-// (row-major n x m, the Ritz vectors) and, when the certificate holds, w_low / g (row-major p x q).
+// (row-major n x m, row stride ldx: the Ritz vectors) and, when the certificate holds, w_low / g (row-major
+// p x q; w_low may be a: then a is left as it was when the certificate fails).
 template <typename Real>
 WarmOneOut warm_one(const Real* a, const double* a64, int p, int q, const double* basis, int m, double energy,
                     int64_t max_rank, bool subgradient, const WarmParams& params, Real* w_low, Real* g,
-                    double* x_out) {
+                    double* x_out, int ldx) {
   const int n = p <= q ? p : q;
   std::vector<double> M(size_t(n) * n), Y(size_t(n) * m), Z(size_t(n) * m), T(size_t(m) * m);
   const double trace = gram_one(a64, p, q, M.data());
@@ -163,7 +171,7 @@ WarmOneOut warm_one(const Real* a, const double* a64, int p, int q, const double
     res2[j] = s;
   }
   for (int i = 0; i < n; ++i)
-    for (int j = 0; j < m; ++j) x_out[size_t(i) * m + j] = X[size_t(j) * n + i];
+    for (int j = 0; j < m; ++j) x_out[size_t(i) * ldx + j] = X[size_t(j) * n + i];
   std::vector<double> keep(m), inv_s(m);
   bool ok = false;
   out.rank = warm_certify(trace, theta.data(), res2.data(), m, energy, max_rank, gram_noise_rel(p, q), params.tol,
@@ -175,10 +183,11 @@ WarmOneOut warm_one(const Real* a, const double* a64, int p, int q, const double
 }
 
 // Full solve of one matrix: eigenvectors of the Gram matrix (LAPACK), the energy rule, the projection.
-// basis_out (row-major n x n, may be null): the eigenvectors as columns, descending.
+// basis_out (row-major n x n, row stride ldb; may be null): the eigenvectors as columns, descending. w_low may
+// be a.
 template <typename Real>
 int64_t cold_one(const Real* a, const double* a64, int p, int q, double energy, int64_t max_rank,
-                 bool subgradient, Real* w_low, Real* g, double* basis_out) {
+                 bool subgradient, Real* w_low, Real* g, double* basis_out, int ldb) {
   const int n = p <= q ? p : q;
   std::vector<double> M(size_t(n) * n), V(size_t(n) * n), w(n), lam(n), keep(n), inv_s(n);
   gram_one(a64, p, q, M.data());
@@ -191,7 +200,7 @@ int64_t cold_one(const Real* a, const double* a64, int p, int q, double energy, 
                                           inv_s.data());
   if (basis_out)
     for (int i = 0; i < n; ++i)
-      for (int j = 0; j < n; ++j) basis_out[size_t(i) * n + j] = V[size_t(j) * n + i];
+      for (int j = 0; j < n; ++j) basis_out[size_t(i) * ldb + j] = V[size_t(j) * n + i];
   project_one(a, p, q, V.data(), n, int(rank), inv_s.data(), subgradient, w_low, g);
   return rank;
 }
@@ -236,7 +245,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_project_per_matrix
   const int64_t max_r = max_rank.value_or(-1);
   auto [W_low, G] = for_each_matrix(W, subgradient, [&](int64_t b, const auto* a, const double* a64, auto* w_low,
                                                          auto* g) {
-    rk[b] = cold_one(a, a64, int(p), int(q), energy, max_r, subgradient, w_low, g, bp ? bp + b * n * n : nullptr);
+    rk[b] = cold_one(a, a64, int(p), int(q), energy, max_r, subgradient, w_low, g, bp ? bp + b * n * n : nullptr,
+                     int(n));
   });
   return {W_low, rank, G};
 }
@@ -259,7 +269,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lo
   auto [W_low, G] = for_each_matrix(W, subgradient, [&](int64_t b, const auto* a, const double* a64, auto* w_low,
                                                          auto* g) {
     const WarmOneOut r = warm_one(a, a64, int(p), int(q), bp + b * n * m, int(m), energy, max_r, subgradient,
-                                  params, w_low, g, xp + b * n * m);
+                                  params, w_low, g, xp + b * n * m, int(m));
     rk[b] = r.rank;
     okp[b] = r.ok;
   });

@@ -19,6 +19,7 @@ import copy
 import torch
 
 import trp_kernels
+from trp_kernels import inplace
 from trp_kernels.project import check_max_rank, finite_flag, finite_rows
 
 from . import checks
@@ -115,6 +116,9 @@ class RankPruner:
             costs = CostModel(model, scheme, self.layers, input_size)
             self.budget = SpeedupController(costs, target_speedup, warmup)
             self.energy = self.budget.energy
+        self._inplace_cache = None     # (parameter addresses, _find_inplace_groups() for them)
+        self.inplace = True            # False: always stack the groups (the path for GPUs, sharding, spatial
+                                       # and nd), e.g. to compare the two (same results: tests)
         self.steps = 0                 # number of step() calls so far
         self.last_projected = False    # whether the latest step() projected
 
@@ -149,12 +153,62 @@ class RankPruner:
     def _matrices(self, group):
         return to_matrix(torch.stack([t.read() for t in group.targets]), self.scheme)
 
+    def _inplace_groups(self):
+        """Each group's matrices as views of the layers' weights when the in-place CPU op takes them all
+        (trp_kernels.inplace: CPU, no sharding, every matrix a contiguous view of its weight, n small enough),
+        else None. One call for all groups instead of stacking each group and copying the results back."""
+        if not self.inplace or self._sharding is not None:
+            return None
+        # The views stay valid while every parameter keeps its storage (a cached view keeps its storage alive,
+        # so a new one, after .to() or .data =, never has the same address)
+        key = [t.param.data_ptr() for t in self.targets]
+        if self._inplace_cache is not None and self._inplace_cache[0] == key:
+            return self._inplace_cache[1]
+        self._inplace_cache = (key, self._find_inplace_groups())
+        return self._inplace_cache[1]
+
+    def _find_inplace_groups(self):
+        groups = []
+        for g in self._groups:
+            mats = []
+            for t in g.targets:
+                w = t.read()
+                m = to_matrix(w, self.scheme)
+                if m.dim() != 2 or m.untyped_storage().data_ptr() != w.untyped_storage().data_ptr():
+                    return None  # a copy (spatial), or nd's batch of filter matrices
+                mats.append(m)
+            groups.append(mats)
+        return groups if inplace.supports(groups) else None
+
+    def _project_inplace(self, groups):
+        want_g = self.nuclear > 0
+        G = None
+        if want_g:
+            G = [g.G if g.G is not None and g.G.shape == (len(mats), *mats[0].shape) and g.G.dtype == mats[0].dtype
+                 and g.G.device == mats[0].device and g.G.is_contiguous()
+                 else mats[0].new_empty(len(mats), *mats[0].shape) for g, mats in zip(self._groups, groups)]
+        try:
+            ranks = inplace.lowrank_project_(groups, self.energy, [g.warm for g in self._groups],
+                                             max_rank=self.max_rank, G=G)
+        except inplace.NonFiniteError as exc:
+            bad = [self._groups[i].names[j] for i, j in exc.bad]
+            raise ValueError(f"RankPruner: non-finite weights (NaN or Inf) in layer(s) {', '.join(bad)}; "
+                             "no layer was modified") from None
+        for i, (g, rank) in enumerate(zip(self._groups, ranks)):
+            g.rank, g.G = rank, (G[i] if want_g else None)
+
     @torch.no_grad()
     def project(self):
         """Projects every selected layer on its energy-rule low-rank approximation now (in place).
 
         All groups are checked and computed before any weight is written: if a layer holds NaN/Inf, a
         ValueError names it and no layer is modified."""
+        groups = self._inplace_groups()
+        if groups is not None:
+            self._project_inplace(groups)
+            if self.budget is not None:
+                self.energy = self.budget.update(self.ranks)
+            return
         stacks = [self._matrices(g) for g in self._groups]
         # The op's cheap per-group flag, but one host sync per device for all groups; only a suspect device
         # pays for the exact test. The op is then told not to check (and sync) again.
@@ -245,7 +299,8 @@ class RankPruner:
         state = {"steps": self.steps, "last_projected": self.last_projected, "config": self.config(),
                  "ranks": self.ranks, "warm_bases": warm_bases(self._owned_groups())}
         if self.nuclear_every == "step":
-            state["subgradients"] = {n: G for g in self._groups if g.G is not None
+            # copies: the next projection may write the pruner's buffers in place
+            state["subgradients"] = {n: G.clone() for g in self._groups if g.G is not None
                                      for n, G in zip(g.names, g.G.unbind(0))}
         if self.budget is not None:
             state["budget"] = self.budget.state_dict()

@@ -1,0 +1,79 @@
+"""The projection of many small matrices in one call, in place: the CPU path RankPruner takes when every
+matrix it projects is a contiguous view of its layer's weight with min(p, q) <= max_n() (ResNet-56 and
+other CIFAR networks under the channel scheme: each conv weight [n, c, kh, kw] is the n x c*kh*kw matrix).
+
+Same results as lowrank_project with a WarmStart per group (the same per-matrix kernels, bit for bit: tests),
+without what surrounds them there: stacking the layers into a batch and copying the results back, a new
+subgradient tensor per call, one op call per group, and the host round trip that sends matrices whose
+certificate failed to the full solve (here the thread that tried the warm step solves the matrix at once).
+All matrices are checked before any is written: a NaN/Inf anywhere raises NonFiniteError and changes
+nothing."""
+import torch
+
+from . import _extension, warm as _warm
+from .project import WarmStart, backend_for, warm_usable
+
+
+class NonFiniteError(ValueError):
+    """Some matrix holds NaN or Inf; `bad` lists (group index, index in the group) of each such matrix."""
+
+    def __init__(self, bad):
+        self.bad = bad
+        super().__init__(f"lowrank_project_: matrices {bad} (group, index) contain NaN or Inf; nothing was "
+                         "modified")
+
+
+def max_n():
+    """The largest min(p, q) the in-place CPU op takes (0 when the compiled extension lacks it, or when
+    TRP_PROJECT_BACKEND=reference asks for the PyTorch reference)."""
+    if not _extension.has_kernel("lowrank_project_inplace_", "CPU") or backend_for("cpu") != "cpp":
+        return 0
+    return torch.ops.trp_kernels_C.lowrank_project_inplace_max_n()
+
+
+def supports(groups):
+    """Whether lowrank_project_ takes these groups of matrices: CPU float32/float64 contiguous tensors with
+    min(p, q) <= max_n(), one shape and dtype per group."""
+    limit = max_n()
+    for mats in groups:
+        first = mats[0]
+        if first.dim() != 2 or min(first.shape) > limit or min(first.shape) < 1 \
+                or first.dtype not in (torch.float32, torch.float64):
+            return False
+        if any(m.device.type != "cpu" or not m.is_contiguous() or m.shape != first.shape or m.dtype != first.dtype
+               for m in mats):
+            return False
+    return True
+
+
+def kernel(*args):
+    """The compiled op trp_kernels_C::lowrank_project_inplace_ (one name that benchmarks can time)."""
+    return torch.ops.trp_kernels_C.lowrank_project_inplace_(*args)
+
+
+def lowrank_project_(groups, energy, warm, *, max_rank=None, G=None):
+    """Projects every matrix of `groups` (lists of [p, q] tensors, one shape and dtype per list, supports()
+    holds) in place on its energy-rule truncated SVD, as lowrank_project(torch.stack(group), energy,
+    max_rank=max_rank, subgradient=G is not None, warm=warm[i]) followed by a copy back would.
+
+    warm: one WarmStart per group (updated). G: None, or one [B, p, q] buffer per group (contiguous, the group's
+    dtype) that receives the subgradient U_k V_k^T. Returns the rank tensors (int64 [B]), one per group."""
+    if len(warm) != len(groups) or not all(isinstance(w, WarmStart) for w in warm):
+        raise TypeError("lowrank_project_: warm must hold one trp_kernels.WarmStart per group")
+    flat = [m for mats in groups for m in mats]
+    sizes = [len(mats) for mats in groups]
+    bases = [state.basis.contiguous() if warm_usable(state.basis, (len(mats), *mats[0].shape), "cpu", energy)
+             else None for mats, state in zip(groups, warm)]
+    finite, ranks, nexts, flags = kernel(
+        flat, sizes, bases, [] if G is None else list(G), float(energy), max_rank, G is not None,
+        _warm.POWER_STEPS, _warm.RANK_MARGIN, _warm.SUBSPACE_TOL, _warm.NOISE_FLOOR)
+    if not ranks:
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        bad = [(i, j) for i, s in enumerate(starts) for j in range(sizes[i]) if not bool(finite[s + j])]
+        raise NonFiniteError(bad)
+    torch.autograd.graph.increment_version(flat)  # written through their data pointers
+    if G is not None:
+        torch.autograd.graph.increment_version(list(G))
+    for state, basis, flag in zip(warm, nexts, flags):
+        state.basis, state.warm = basis, flag
+    return ranks
