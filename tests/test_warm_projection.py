@@ -287,3 +287,19 @@ def test_a_sharded_pruner_saves_and_keeps_only_the_bases_of_its_own_groups():
     assert set(pruner.state_dict()["warm_bases"]) == set(pruner._groups[0].names)
     pruner.load_state_dict(state)
     assert pruner._groups[0].warm.basis is not None and pruner._groups[1].warm.basis is None
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="trp_kernels._C not built")
+@pytest.mark.parametrize("shape, dtype", [((2, 770, 900), torch.float32), ((1, 1000, 790), torch.float64)])
+def test_large_matrices_take_the_blocked_gram_matrix(shape, dtype):
+    """n >= 768 (ResNet-50 spatial's sizes): the batched drivers build the Gram matrix tile by tile (the lower
+    triangle, mirrored). Full solve and warm step against float64 SVD."""
+    gen = torch.Generator().manual_seed(4)
+    W = make_batch(*shape, "decay", seed=21, dtype=dtype)
+    state = WarmStart()
+    out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+    check_projection(W, 0.9, *out)
+    W = sgd_like(out[0], 0.01, gen)
+    out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+    assert bool(state.warm.all())
+    check_projection(W, 0.9, *out)

@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include <algorithm>
 #include <functional>
 #include <optional>
 #include <tuple>
@@ -33,13 +34,39 @@ inline double gram_noise_rel(int64_t p, int64_t q) { return 16.0 * 2.22044604925
 
 inline int64_t n_of(int64_t p, int64_t q) { return p < q ? p : q; }
 
+// From this Gram size on, gram_of computes the lower block triangle only (tiles of kGramTile rows) and mirrors
+// it: (t + 1) / (2t) of the flops for t tiles, in GEMMs still large enough to run at full speed (measured on
+// the 2-core build machine: ResNet-50 spatial's [3, 1536, 1536] 0.24 s instead of 0.34 s, [6, 768, 768]
+// 0.047 s instead of 0.062 s).
+constexpr int64_t kGramTile = 384;
+constexpr int64_t kGramBlockedMinN = 2 * kGramTile;
+
 // The float64 Gram matrix of the smaller side: (A64 = W in float64, gram [B, n, n] exactly symmetric,
 // left = whether it is A A^T).
 inline std::tuple<at::Tensor, at::Tensor, bool> gram_of(const at::Tensor& W) {
   const at::Tensor A64 = W.to(at::kDouble).contiguous();
   const bool left = W.size(1) <= W.size(2);
-  at::Tensor gram = left ? at::bmm(A64, A64.transpose(1, 2)) : at::bmm(A64.transpose(1, 2), A64);
-  gram = (gram + gram.transpose(1, 2)).mul_(0.5);  // exactly symmetric for the eigensolver
+  const at::Tensor F = left ? A64 : A64.transpose(1, 2);  // gram = F F^T, F [B, n, k]
+  const int64_t n = F.size(1);
+  if (n < kGramBlockedMinN) {
+    at::Tensor gram = at::bmm(F, F.transpose(1, 2));
+    gram = (gram + gram.transpose(1, 2)).mul_(0.5);  // exactly symmetric for the eigensolver
+    return {A64, gram, left};
+  }
+  at::Tensor gram = at::empty({F.size(0), n, n}, A64.options());
+  for (int64_t i = 0; i < n; i += kGramTile) {
+    const int64_t rows = std::min(kGramTile, n - i);
+    // rows i.. against every row up to their own last: the tiles left of the diagonal and the diagonal one
+    const at::Tensor block = at::bmm(F.narrow(1, i, rows), F.narrow(1, 0, i + rows).transpose(1, 2));
+    gram.narrow(1, i, rows).narrow(2, 0, i + rows).copy_(block);
+    gram.narrow(2, i, rows).narrow(1, 0, i).copy_(block.narrow(2, 0, i).transpose(1, 2));
+  }
+  // the diagonal tiles: exactly symmetric too
+  for (int64_t i = 0; i < n; i += kGramTile) {
+    const int64_t rows = std::min(kGramTile, n - i);
+    at::Tensor d = gram.narrow(1, i, rows).narrow(2, i, rows);
+    d.copy_((d + d.transpose(1, 2)).mul_(0.5));
+  }
   return {A64, gram, left};
 }
 
