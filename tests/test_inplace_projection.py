@@ -2,6 +2,9 @@
 the stacked warm-started lowrank_project over trajectories (warm steps, full solves, rank changes, a zeroed and a
 suddenly moved matrix, float32/float64, with and without subgradient and max_rank), nothing written on NaN/Inf,
 clear errors on bad input, and RankPruner's two paths giving the same training run."""
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -162,3 +165,14 @@ def test_the_reference_backend_setting_sends_the_pruner_to_the_stacked_path(monk
     monkeypatch.setenv(trp_kernels.project.BACKEND_ENV, "reference")
     assert inplace.max_n() == 0
     assert trp.RankPruner(_net(), "channel", energy=0.5)._inplace_groups() is None
+
+
+def test_a_copied_pruner_writes_its_own_model_only():
+    (model, pruner), _ = _pair()
+    _train(model, pruner, 2)
+    twin = copy.deepcopy(pruner)  # with a copy of the model: its targets are the copy's parameters
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert pickle.loads(pickle.dumps(pruner))._inplace_cache is None

@@ -369,6 +369,10 @@ class RankPruner:
                                  f"expected {expected}")
         return rank, G
 
+    def __getstate__(self):
+        # pickles and copies do not carry the cached views of this model's weights (a copy's model is another)
+        return {**self.__dict__, "_inplace_cache": None}
+
     def __repr__(self):
         return (f"RankPruner(scheme={self.scheme!r}, energy={self.energy}, period={self.period}, "
                 f"nuclear={self.nuclear}, nuclear_every={self.nuclear_every!r}, "
