@@ -248,7 +248,8 @@ def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, devi
         for (module, name, _), fn in zip(timed, real):
             setattr(module, name, fn)
     med = [statistics.median(r[i] for r in rows) for i in range(4)]
-    return {"model": model_name, "scheme": scheme, "weights": "settled", "path": "in place" if inplace else "stacked",
+    path = "in place" if pruner._inplace_groups() is not None else "stacked"  # the one the pruner took
+    return {"model": model_name, "scheme": scheme, "weights": "settled", "path": path,
             "settle": settle, "steps": steps,
             "all_warm_steps": sum(r[4] for r in rows), "step_s": med[0], "ops_s": med[1], "kernels_s": med[2],
             "ops_python_s": med[1] - med[2], "pruner_python_s": med[0] - med[1], "loop_s": med[3],
@@ -328,9 +329,11 @@ def main(argv=None):
         done = run(results, 1.0 if args.smoke else args.repeats_scale, ("trp",) if args.smoke else ("init", "trp"),
                    cases, args.device, budget)
     if args.part == "breakdown":
-        for inplace in (True, False):  # the pruner's path on the CPU, and the stacked one (the GPU's)
-            results.add(breakdown(*(("resnet20", "channel", 8, 2) if args.smoke else ()), device=args.device,
-                                  inplace=inplace))
+        for inplace in (True, False):  # the pruner's own path (in place on the CPU), and the stacked one
+            row = breakdown(*(("resnet20", "channel", 8, 2) if args.smoke else ()), device=args.device,
+                            inplace=inplace)
+            if inplace or row["path"] not in [r["path"] for r in results.rows]:
+                results.add(row)
     if done and args.part in ("all", "trajectory"):
         done = run_trajectories(results, [("resnet20", "channel", 1)] if args.smoke else TRAJECTORY_CASES,
                                 args.device, budget, 1.0 if args.smoke else args.repeats_scale)

@@ -41,11 +41,13 @@ def test_lowrank_breakdown_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lowrank_table.py"), "--part", "breakdown",
                            "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["weights"] == "settled" and row["steps"] == 2 and len(row["raw"]["step"]) == 2
-    assert 0 < row["kernels_s"] <= row["ops_s"] <= row["step_s"] and row["loop_s"] > 0
-    assert abs(row["ops_python_s"] + row["pruner_python_s"] + row["kernels_s"] - row["step_s"]) < 1e-9
-    assert "settled RankPruner.step()" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["path"] for row in rows] == ["in place", "stacked"]  # the CPU's path and the GPU's
+    for row in rows:
+        assert row["weights"] == "settled" and row["steps"] == 2 and len(row["raw"]["step"]) == 2
+        assert 0 < row["kernels_s"] <= row["ops_s"] <= row["step_s"] and row["loop_s"] > 0
+        assert abs(row["ops_python_s"] + row["pruner_python_s"] + row["kernels_s"] - row["step_s"]) < 1e-9
+    assert "settled RankPruner.step(), in place" in proc.stdout
 
 
 def _bench_functions():

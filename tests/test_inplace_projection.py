@@ -92,8 +92,13 @@ def test_bad_input_gets_a_clear_error():
     assert not inplace.supports([[W[0].half()]]) and not inplace.supports([[W[0].clone()[None]]])
     with pytest.raises(RuntimeError, match=r"G\[0\] must be a contiguous \[B, p, q\] buffer"):
         inplace.lowrank_project_(ok, 0.9, [WarmStart()], G=[torch.zeros(2, 20, 31)])
-    with pytest.raises(RuntimeError, match="energy must be in"):
+    with pytest.raises(ValueError, match="energy must be a number in"):
         inplace.lowrank_project_(ok, 1.5, [WarmStart()])
+    with pytest.raises(ValueError, match="max_rank must be None or an int >= 1"):
+        inplace.lowrank_project_(ok, 0.9, [WarmStart()], max_rank=0)
+    with pytest.raises(ValueError, match="must not require grad"):
+        inplace.lowrank_project_([[W[0].clone().requires_grad_()]], 0.9, [WarmStart()])
+    assert not inplace.supports([[]])
     with pytest.raises(TypeError, match="one trp_kernels.WarmStart per group"):
         inplace.lowrank_project_(ok, 0.9, [])
     assert torch.equal(torch.stack(ok[0]), W)  # nothing was written by the failed calls

@@ -11,7 +11,7 @@ nothing."""
 import torch
 
 from . import _extension, warm as _warm
-from .project import WarmStart, backend_for, warm_usable
+from .project import WarmStart, backend_for, check_energy, check_max_rank, warm_usable
 
 
 class NonFiniteError(ValueError):
@@ -36,6 +36,8 @@ def supports(groups):
     min(p, q) <= max_n(), one shape and dtype per group."""
     limit = max_n()
     for mats in groups:
+        if not mats:
+            return False
         first = mats[0]
         if first.dim() != 2 or min(first.shape) > limit or min(first.shape) < 1 \
                 or first.dtype not in (torch.float32, torch.float64):
@@ -58,14 +60,22 @@ def lowrank_project_(groups, energy, warm, *, max_rank=None, G=None):
 
     warm: one WarmStart per group (updated). G: None, or one [B, p, q] buffer per group (contiguous, the group's
     dtype) that receives the subgradient U_k V_k^T. Returns the rank tensors (int64 [B]), one per group."""
+    energy = check_energy(energy, "lowrank_project_: energy")
+    check_max_rank(max_rank, "lowrank_project_: max_rank")
     if len(warm) != len(groups) or not all(isinstance(w, WarmStart) for w in warm):
         raise TypeError("lowrank_project_: warm must hold one trp_kernels.WarmStart per group")
+    if max_n() == 0:
+        raise RuntimeError("lowrank_project_: needs the compiled CPU op of trp_kernels._C "
+                           f"({_extension.error() or 'not in this build, or TRP_PROJECT_BACKEND=reference'})")
     flat = [m for mats in groups for m in mats]
+    if any(m.requires_grad for m in flat):
+        raise ValueError("lowrank_project_: the matrices must not require grad (pass detached views, e.g. "
+                         "weight.detach().view(n, -1))")
     sizes = [len(mats) for mats in groups]
     bases = [state.basis.contiguous() if warm_usable(state.basis, (len(mats), *mats[0].shape), "cpu", energy)
              else None for mats, state in zip(groups, warm)]
     finite, ranks, nexts, flags = kernel(
-        flat, sizes, bases, [] if G is None else list(G), float(energy), max_rank, G is not None,
+        flat, sizes, bases, [] if G is None else list(G), energy, max_rank, G is not None,
         _warm.POWER_STEPS, _warm.RANK_MARGIN, _warm.SUBSPACE_TOL, _warm.NOISE_FLOOR)
     if not ranks:
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
