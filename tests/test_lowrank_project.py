@@ -123,7 +123,9 @@ if HAS_CPP:
 
 @pytest.mark.parametrize("backend", sorted(CPU_BACKENDS))
 @pytest.mark.parametrize("kind", ["decay", "flat", "lowrank", "repeated", "zero"])
-@pytest.mark.parametrize("shape", [(3, 12, 20), (2, 21, 9)])
+# (2, 13, 31) and (1, 1, 7): odd row counts and row lengths for the per-matrix path's Gram kernel (2 x 4 tiles,
+# 4-wide vectors)
+@pytest.mark.parametrize("shape", [(3, 12, 20), (2, 21, 9), (2, 13, 31), (1, 1, 7)])
 def test_against_svd(backend, kind, shape):
     W = make_batch(*shape, kind, seed=len(kind) * 31 + shape[1])  # deterministic (str hash is not)
     W_in = W.clone()

@@ -19,6 +19,7 @@
 #include "common/warm_certify.h"
 #include "common/warm_driver.h"
 #include "cpu/blas.h"
+#include "cpu/gram_rows.h"
 
 namespace trp {
 
@@ -40,20 +41,42 @@ inline void symmetrize(double* a, int n) {
     }
 }
 
+// Whether gram_one needs the matrix in float64 (a64): not when the rows' Gram kernel takes it as it is.
+inline bool gram_needs_float64(int p, int q) { return !(p <= q && gram::available()); }
+
 // The float64 Gram matrix of the smaller side into M (n x n, exactly symmetric); returns its trace.
-// a64: row-major p x q.
-inline double gram_one(const double* a64, int p, int q, double* M) {
+// a: row-major p x q; a64: the same in float64 (used, and then needed, only when gram_needs_float64).
+template <typename Real>
+double gram_one(const Real* a, const double* a64, int p, int q, double* M) {
   const bool left = p <= q;
   const int n = left ? p : q;
-  // A A^T = Ac^T Ac (left) or A^T A = Ac Ac^T, Ac = the column-major q x p
-  if (left)
-    blas::gemm('T', 'N', n, n, q, a64, q, a64, q, M, n);
-  else
-    blas::gemm('N', 'T', n, n, p, a64, q, a64, q, M, n);
-  symmetrize(M, n);
+  if (!gram_needs_float64(p, q)) {
+    gram::rows(a, n, q, q, M);  // A A^T: dot products of rows, the lower triangle only
+  } else {
+    // A A^T = Ac^T Ac (left) or A^T A = Ac Ac^T, Ac = the column-major q x p
+    if (left)
+      blas::gemm('T', 'N', n, n, q, a64, q, a64, q, M, n);
+    else
+      blas::gemm('N', 'T', n, n, p, a64, q, a64, q, M, n);
+    symmetrize(M, n);
+  }
   double trace = 0.0;
   for (int i = 0; i < n; ++i) trace += M[size_t(i) * n + i];
   return trace;
+}
+
+// a64 for gram_one: a itself in float64, else its float64 copy in `scratch` when the Gram matrix needs it
+// (null when not).
+template <typename Real>
+const double* float64_view(const Real* a, int p, int q, std::vector<double>& scratch) {
+  if constexpr (std::is_same_v<Real, double>) {
+    return a;
+  } else {
+    if (!gram_needs_float64(p, q)) return nullptr;
+    scratch.resize(size_t(p) * q);
+    std::copy_n(a, size_t(p) * q, scratch.data());
+    return scratch.data();
+  }
 }
 
 // W_low = X_k X_k^T A (left) or A X_k X_k^T and G with X_k diag(inv_s), in the precision Real of a (row-major
@@ -107,7 +130,7 @@ WarmOneOut warm_one(const Real* a, const double* a64, int p, int q, const double
                     double* x_out, int ldx) {
   const int n = p <= q ? p : q;
   std::vector<double> M(size_t(n) * n), Y(size_t(n) * m), Z(size_t(n) * m), T(size_t(m) * m);
-  const double trace = gram_one(a64, p, q, M.data());
+  const double trace = gram_one(a, a64, p, q, M.data());
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < m; ++j) {
       const double v = basis[size_t(i) * m + j];
@@ -190,7 +213,7 @@ int64_t cold_one(const Real* a, const double* a64, int p, int q, double energy, 
                  bool subgradient, Real* w_low, Real* g, double* basis_out, int ldb) {
   const int n = p <= q ? p : q;
   std::vector<double> M(size_t(n) * n), V(size_t(n) * n), w(n), lam(n), keep(n), inv_s(n);
-  gram_one(a64, p, q, M.data());
+  gram_one(a, a64, p, q, M.data());
   TORCH_CHECK(blas::syevd(n, M.data(), n, w.data()) == 0, "lowrank_project: the eigensolver did not converge");
   for (int j = 0; j < n; ++j) {  // descending
     lam[j] = w[n - 1 - j];
@@ -205,7 +228,8 @@ int64_t cold_one(const Real* a, const double* a64, int p, int q, double energy, 
   return rank;
 }
 
-// Runs fn(b, a, a64, w_low, g) on every matrix of W [B, p, q] (float32/float64; other dtypes in float32),
+// Runs fn(b, a, a64, w_low, g) on every matrix of W [B, p, q] (float32/float64; other dtypes in float32; a64 as
+// float64_view gives it),
 // matrices spread over the threads; returns (W_low, G or an empty tensor) in W's dtype.
 template <typename Fn>
 std::tuple<at::Tensor, at::Tensor> for_each_matrix(const at::Tensor& W_in, bool subgradient, const Fn& fn) {
@@ -214,17 +238,17 @@ std::tuple<at::Tensor, at::Tensor> for_each_matrix(const at::Tensor& W_in, bool 
   const int64_t B = W.size(0), mat = W.size(1) * W.size(2);
   at::Tensor W_low = at::empty_like(W);  // every matrix is written (the warm step: every certified one)
   at::Tensor G = subgradient ? at::empty_like(W) : W.new_empty({0});
+  const int p = int(W.size(1)), q = int(W.size(2));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     const blas::SequentialScope one_thread_each;  // the threads are spread over the matrices
-    std::vector<double> a64(dbl ? 0 : size_t(mat));
+    std::vector<double> scratch;
     for (int64_t b = begin; b < end; ++b) {
       if (dbl) {
         const double* a = W.data_ptr<double>() + b * mat;
         fn(b, a, a, W_low.data_ptr<double>() + b * mat, subgradient ? G.data_ptr<double>() + b * mat : nullptr);
       } else {
         const float* a = W.data_ptr<float>() + b * mat;
-        std::copy_n(a, mat, a64.data());
-        fn(b, a, static_cast<const double*>(a64.data()), W_low.data_ptr<float>() + b * mat,
+        fn(b, a, float64_view(a, p, q, scratch), W_low.data_ptr<float>() + b * mat,
            subgradient ? G.data_ptr<float>() + b * mat : nullptr);
       }
     }

@@ -58,12 +58,7 @@ template <typename Real>
 void project_matrix(Real* a, const Group& g, int64_t b, double energy, int64_t max_rank, bool subgradient,
                     const WarmParams& params, Real* gb, std::vector<double>& a64, int64_t* rank, bool* warm) {
   const int p = int(g.p), q = int(g.q), n = int(g.n);
-  const double* a_64 = reinterpret_cast<const double*>(a);
-  if constexpr (!std::is_same_v<Real, double>) {
-    a64.resize(size_t(p) * q);
-    std::copy_n(a, size_t(p) * q, a64.data());
-    a_64 = a64.data();
-  }
+  const double* a_64 = float64_view(a, p, q, a64);
   double* vectors = g.vectors.data_ptr<double>() + b * n * n;
   if (g.m > 0) {
     const WarmOneOut r = warm_one(a, a_64, p, q, g.basis + b * n * g.m, int(g.m), energy, max_rank, subgradient,
