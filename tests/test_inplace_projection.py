@@ -96,6 +96,10 @@ def test_bad_input_gets_a_clear_error():
         inplace.lowrank_project_(ok, 1.5, [WarmStart()])
     with pytest.raises(ValueError, match="max_rank must be None or an int >= 1"):
         inplace.lowrank_project_(ok, 0.9, [WarmStart()], max_rank=0)
+    shared = [[W[0], W[0]]]  # the same memory twice: the threads would race on it
+    assert not inplace.supports(shared)
+    with pytest.raises(RuntimeError, match="share memory"):
+        inplace.lowrank_project_(shared, 0.9, [WarmStart()])
     with pytest.raises(ValueError, match="must not require grad"):
         inplace.lowrank_project_([[W[0].clone().requires_grad_()]], 0.9, [WarmStart()])
     assert not inplace.supports([[]])
@@ -181,3 +185,18 @@ def test_a_copied_pruner_writes_its_own_model_only():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert pickle.loads(pickle.dumps(pruner))._inplace_cache is None
+
+
+def test_rank_pruner_with_tied_layers_takes_the_stacked_path():
+    models = []
+    for inplace_path in (True, False):
+        torch.manual_seed(6)
+        model = torch.nn.Sequential(*_net(), torch.nn.Conv2d(24, 24, 3, padding=1).double())
+        model[3].weight = model[2].weight  # tied: one parameter, two selected layers
+        pruner = trp.RankPruner(model, "channel", energy=0.5, nuclear=1e-3)
+        pruner.inplace = inplace_path
+        assert pruner._inplace_groups() is None
+        _train(model, pruner, 3)
+        models.append(model)
+    for k, v in models[0].state_dict().items():
+        assert torch.equal(v, models[1].state_dict()[k]), k

@@ -31,9 +31,16 @@ def max_n():
     return torch.ops.trp_kernels_C.lowrank_project_inplace_max_n()
 
 
+def _overlap(mats):
+    """Whether two of the matrices share memory (the same weight twice, tied layers): the op's threads would
+    then read and write the same memory concurrently."""
+    spans = sorted((m.data_ptr(), m.data_ptr() + m.numel() * m.element_size()) for m in mats)
+    return any(end > start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
 def supports(groups):
     """Whether lowrank_project_ takes these groups of matrices: CPU float32/float64 contiguous tensors with
-    min(p, q) <= max_n(), one shape and dtype per group."""
+    min(p, q) <= max_n(), one shape and dtype per group, no two sharing memory."""
     limit = max_n()
     for mats in groups:
         if not mats:
@@ -45,7 +52,7 @@ def supports(groups):
         if any(m.device.type != "cpu" or not m.is_contiguous() or m.shape != first.shape or m.dtype != first.dtype
                for m in mats):
             return False
-    return True
+    return not _overlap([m for mats in groups for m in mats])
 
 
 def kernel(*args):

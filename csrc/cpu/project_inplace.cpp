@@ -12,7 +12,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "cpu/per_matrix.h"
@@ -133,6 +135,17 @@ lowrank_project_inplace_cpu(at::TensorList matrices, at::IntArrayRef group_sizes
   }
   TORCH_CHECK(total == int64_t(matrices.size()),
               "lowrank_project_inplace_: group sizes must add up to the number of matrices");
+  // Each matrix is written by one thread: none may share memory with another (the same weight twice)
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (const at::Tensor& w : matrices) {
+    const auto start = reinterpret_cast<uintptr_t>(w.data_ptr());
+    spans.emplace_back(start, start + w.numel() * w.element_size());
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t j = 1; j < spans.size(); ++j)
+    TORCH_CHECK(spans[j - 1].second <= spans[j].first,
+                "lowrank_project_inplace_: two matrices share memory (the same weight twice?); each must be "
+                "written once");
 
   at::Tensor finite = at::empty({total}, at::TensorOptions().dtype(at::kBool));
   bool* fp = finite.data_ptr<bool>();
