@@ -203,7 +203,8 @@ def test_train_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "trp.cli", "train", *TINY, "--epochs", "1", "--no-report", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the failing rank's own output comes first, the launcher's summary last
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[:4000] + "\n...\n" + proc.stderr[-1500:]
     assert ckpt.load_checkpoint(out / train.CHECKPOINT)["config"]["nproc"] == 2
 
 
