@@ -5,7 +5,9 @@
 // copy back (each matrix is read and overwritten where it lives, a view of its layer's weight), the
 // subgradient written into buffers the caller keeps between calls, the fallback to the full solve of a
 // matrix whose certificate fails done on the spot by the thread that tried it, and the matrices of all
-// groups shared out over the threads by their cost.
+// groups shared out over the threads by their cost. Every matrix is checked for NaN/Inf before any is written;
+// only a LAPACK failure on finite input (never seen) could raise after some matrices were written: those then
+// hold their projections, which are valid.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
