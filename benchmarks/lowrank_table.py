@@ -257,6 +257,45 @@ def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, devi
             "raw": {k: [r[i] for r in rows] for i, k in enumerate(("step", "ops", "kernels", "loop"))}}
 
 
+PATH_CASES = [("torchvision:resnet50", "channel"), ("torchvision:resnet50", "spatial")]
+
+
+def paths(model_name, scheme, repeats=3):
+    """The CPU kernel's two paths per shape group with n >= 64 ("trp" weights, energy 0.9, subgradient on): the
+    full solve (lowrank_project_solver "lapack" = one matrix per thread, "lapack_batched") and the warm step
+    from the projected weights' basis after a 1% update (warm.compiled_step "per_matrix" / "batched")."""
+    rows = []
+    for shape, W in group(workload(model_name, scheme, "trp")).items():
+        if min(shape) < 64:
+            continue
+        W_low, rank, _, basis = torch.ops.trp_kernels_C.lowrank_project_basis(W, ENERGY, None, True)
+        state = trp_kernels.warm.next_basis(basis, rank)
+        gen = torch.Generator().manual_seed(2)
+        moved = W_low + SGD_STEP * float(W_low.square().mean().sqrt()) * torch.randn(W_low.shape, generator=gen)
+        times = {}
+        for name, solver in (("cold_per_matrix", "lapack"), ("cold_batched", "lapack_batched")):
+            times[name] = harness.median_time(lambda: torch.ops.trp_kernels_C.lowrank_project_solver(
+                W, ENERGY, None, True, solver), repeats)[0]
+        for name, solver in (("warm_per_matrix", "per_matrix"), ("warm_batched", "batched")):
+            times[name] = harness.median_time(lambda: trp_kernels.warm.compiled_step(
+                moved, state, ENERGY, None, True, solver), repeats)[0]
+        ok = trp_kernels.warm.compiled_step(moved, state, ENERGY, None, True, "per_matrix")[4]
+        rows.append({"model": model_name, "scheme": scheme, "weights": "paths", "shape": list(W.shape),
+                     "basis_width": state.shape[2], "warm_certified": int(ok.sum()),
+                     **{f"{k}_s": v for k, v in times.items()}})
+    return rows
+
+
+def paths_markdown(rows):
+    lines = ["| network | scheme | group [B, p, q] | basis width | full solve, one matrix per thread | full solve, "
+             "batched | warm step, one matrix per thread | warm step, batched |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model'].split(':')[-1]} | {r['scheme']} | {r['shape']} | {r['basis_width']} | "
+                     + " | ".join(f"{r[k] * 1e3:.1f} ms" for k in ("cold_per_matrix_s", "cold_batched_s",
+                                                                 "warm_per_matrix_s", "warm_batched_s")) + " |")
+    return "\n".join(lines)
+
+
 def run_trajectories(results, cases=TRAJECTORY_CASES, device="cpu", budget=None, steps_scale=1.0):
     for model_name, scheme, steps in cases:
         if budget is not None and budget.over():
@@ -285,7 +324,7 @@ def markdown(rows):
              "(b) batched SVD | lowrank_project | vs (a) | vs (b) |" + "".join(f" {names[k]} |" for k in solvers),
              "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(solvers)]
     for r in rows:
-        if r["weights"] in ("trajectory", "settled"):  # their own tables
+        if r["weights"] in ("trajectory", "settled", "paths"):  # their own tables
             continue
         extra = "".join(f" {r[k]*1e3:.2f} ms |" if k in r else " - |" for k in solvers)
         lines.append(
@@ -305,9 +344,10 @@ def main(argv=None):
                         help="one tiny case, one repeat: checks that the script works (dry runs, CI)")
     parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json "
                                                     "(--part trajectory: results/lowrank_trajectory_<device>.json)")
-    parser.add_argument("--part", choices=["all", "static", "trajectory", "breakdown"], default="all",
+    parser.add_argument("--part", choices=["all", "static", "trajectory", "breakdown", "paths"], default="all",
                         help="static: the init/trp weight rows; trajectory: the TRP trajectory rows (warm start); "
-                             "breakdown: where a settled ResNet-56 RankPruner.step() goes (not part of all)")
+                             "breakdown: where a settled ResNet-56 RankPruner.step() goes; paths: the CPU kernel's "
+                             "one-matrix-per-thread and batched paths per ResNet-50 group (these two not part of all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice); on a CPU shared with other jobs "
                              "1 avoids OpenMP oversubscription, which distorts small ops")
@@ -315,8 +355,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.out is None:
-        name = {"trajectory": "lowrank_trajectory", "breakdown": "lowrank_breakdown"}.get(args.part,
-                                                                                          "lowrank_project")
+        name = {"trajectory": "lowrank_trajectory", "breakdown": "lowrank_breakdown",
+                "paths": "lowrank_paths"}.get(args.part, "lowrank_project")
         args.out = str(harness.ROOT / "results" / f"{name}_{args.device}.json")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is available")
@@ -334,6 +374,10 @@ def main(argv=None):
                             inplace=inplace)
             if inplace or row["path"] not in [r["path"] for r in results.rows]:
                 results.add(row)
+    if args.part == "paths":
+        for model_name, scheme in [("resnet20", "channel")] if args.smoke else PATH_CASES:
+            for row in paths(model_name, scheme, 1 if args.smoke else 3):
+                results.add(row)
     if done and args.part in ("all", "trajectory"):
         done = run_trajectories(results, [("resnet20", "channel", 1)] if args.smoke else TRAJECTORY_CASES,
                                 args.device, budget, 1.0 if args.smoke else args.repeats_scale)
@@ -341,8 +385,10 @@ def main(argv=None):
     m = results.doc["machine"]
     print(f"{results.doc['date']}, {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
           f"energy {ENERGY}, backend {results.doc['backend']}\n")
-    if any(r["weights"] not in ("trajectory", "settled") for r in results.rows):
+    if any(r["weights"] not in ("trajectory", "settled", "paths") for r in results.rows):
         print(markdown(results.rows))
+    if any(r["weights"] == "paths" for r in results.rows):
+        print(paths_markdown([r for r in results.rows if r["weights"] == "paths"]))
     for r in results.rows:
         if r["weights"] == "settled":
             print(f"\n{r['model']} {r['scheme']}, settled RankPruner.step(), {r['path']} (median of {r['steps']} "

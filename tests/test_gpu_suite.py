@@ -50,6 +50,19 @@ def test_lowrank_breakdown_smoke(tmp_path):
     assert "settled RankPruner.step(), in place" in proc.stdout
 
 
+def test_lowrank_paths_smoke(tmp_path):
+    """benchmarks/lowrank_table.py --part paths: both CPU paths timed per group, the warm step certified."""
+    out = tmp_path / "paths.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lowrank_table.py"), "--part", "paths",
+                           "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["weights"] == "paths" and r["warm_certified"] == r["shape"][0] for r in rows)
+    assert all(r[k] > 0 for r in rows for k in ("cold_per_matrix_s", "cold_batched_s", "warm_per_matrix_s",
+                                                "warm_batched_s"))
+    assert "one matrix per thread" in proc.stdout
+
+
 def _bench_functions():
     """Every test function defined in benchmarks/bench_*.py, as (file name, function name)."""
     import ast

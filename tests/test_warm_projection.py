@@ -292,14 +292,16 @@ def test_a_sharded_pruner_saves_and_keeps_only_the_bases_of_its_own_groups():
 @pytest.mark.skipif(not HAS_CPP, reason="trp_kernels._C not built")
 @pytest.mark.parametrize("shape, dtype", [((2, 770, 900), torch.float32), ((1, 1000, 790), torch.float64)])
 def test_large_matrices_take_the_blocked_gram_matrix(shape, dtype):
-    """n >= 768 (ResNet-50 spatial's sizes): the batched drivers build the Gram matrix tile by tile (the lower
-    triangle, mirrored). Full solve and warm step against float64 SVD."""
+    """n >= 768 (ResNet-50 spatial's sizes): the batched drivers (the CPU's above n = 1024, the GPU's) build the
+    Gram matrix tile by tile (the lower triangle, mirrored). Their full solve and warm step, and the CPU's own
+    choice, against float64 SVD."""
     gen = torch.Generator().manual_seed(4)
     W = make_batch(*shape, "decay", seed=21, dtype=dtype)
-    state = WarmStart()
-    out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
-    check_projection(W, 0.9, *out)
-    W = sgd_like(out[0], 0.01, gen)
-    out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
-    assert bool(state.warm.all())
-    check_projection(W, 0.9, *out)
+    W_low, rank, G, basis = torch.ops.trp_kernels_C.lowrank_project_basis(W, 0.9, None, True)
+    check_projection(W, 0.9, W_low, rank, G)
+    check_projection(W, 0.9, *torch.ops.trp_kernels_C.lowrank_project_solver(W, 0.9, None, True, "lapack_batched"))
+    W, state = sgd_like(W_low, 0.01, gen), warm.next_basis(basis, rank)
+    for solver in ("batched", "auto"):
+        out = warm.compiled_step(W, state, 0.9, None, True, solver)
+        assert bool(out[4].all())
+        check_projection(W, 0.9, *out[:3])

@@ -23,9 +23,11 @@
 
 namespace trp {
 
-// Up to this Gram size LAPACK runs one matrix per thread; above it one batched call lets MKL thread
-// each (large) matrix.
-constexpr int64_t kCpuPerMatrixMaxN = 128;
+// Up to this Gram size the CPU runs one matrix per thread (direct BLAS/LAPACK, the Gram kernel of the rows);
+// above it one batched ATen call per step lets MKL thread each large product. Measured on the 2-core build
+// machine with the ResNet-50 groups (`benchmarks/lowrank_table.py --part paths`): one matrix per thread is
+// faster at n = 64-768 for the full solve and the warm step; at n = 1536 the batched full solve is faster.
+constexpr int64_t kCpuPerMatrixMaxN = 1024;
 
 struct WarmOneOut {
   int64_t rank = 0;
