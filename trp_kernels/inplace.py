@@ -1,6 +1,6 @@
 """The projection of many small matrices in one call, in place: the CPU path RankPruner takes when every
-matrix it projects is a contiguous view of its layer's weight with min(p, q) <= max_n() (ResNet-56 and
-other CIFAR networks under the channel scheme: each conv weight [n, c, kh, kw] is the n x c*kh*kw matrix).
+matrix it projects is a contiguous view of its layer's weight with min(p, q) <= max_n() (ResNet-20/56 and
+ResNet-50 under the channel scheme: each conv weight [n, c, kh, kw] is the n x c*kh*kw matrix).
 
 Same results as lowrank_project with a WarmStart per group (the same per-matrix kernels, bit for bit: tests),
 without what surrounds them there: stacking the layers into a batch and copying the results back, a new

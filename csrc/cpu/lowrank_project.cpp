@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warm_certify_cpu(
   return {rank, keep, inv_s, ok};
 }
 
-// solver: "auto" (per matrix up to kCpuPerMatrixMaxN, where ATen's per-op cost dominates, when torch exports
+// solver: "auto" (per matrix up to kCpuWarmPerMatrixMaxN, measured faster there, when torch exports
 // BLAS/LAPACK; else batched), "per_matrix" or "batched" (tests, benchmarks).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_warm_cpu_solver(
     const at::Tensor& W, const at::Tensor& basis, double energy, std::optional<int64_t> max_rank,
@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_p
               "lowrank_project_warm: solver must be auto, per_matrix or batched, got ", solver);
   check_warm_args(W, basis, energy, max_rank);
   const WarmParams params{power_steps, {rank_margin, subspace_tol, noise_floor}};
-  const bool small = n_of(W.size(1), W.size(2)) <= kCpuPerMatrixMaxN;
+  const bool small = n_of(W.size(1), W.size(2)) <= kCpuWarmPerMatrixMaxN;
   const bool per_matrix = solver == "per_matrix" || (solver == "auto" && small && blas::available());
   TORCH_CHECK(!per_matrix || blas::available(),
               "lowrank_project_warm: solver per_matrix needs the BLAS/LAPACK symbols of torch's CPU library");

@@ -1,9 +1,9 @@
-// The projection on the CPU for small matrices, one matrix per thread: the full solve (as
+// The projection on the CPU one matrix per thread (n <= kCpuPerMatrixMaxN): the full solve (as
 // csrc/common/lowrank_driver.h) and the warm-started step (as csrc/common/warm_driver.h, specification
 // trp_kernels/warm.py), the same steps fused per matrix with direct BLAS/LAPACK calls on thread-local
 // scratch. At n <= 128 the batched drivers' dozens of ATen ops per group (dispatch, temporaries, batched
 // LAPACK setup, layout copies) cost several times their arithmetic; here what remains is the float64 Gram
-// matrix, the eigensolve and the projection GEMMs. Column-major throughout (a row-major [p, q] matrix is a
+// matrix (one triangle: csrc/cpu/gram_rows.h), the eigensolve and the projection GEMMs. Column-major throughout (a row-major [p, q] matrix is a
 // column-major q x p one).
 #pragma once
 
@@ -26,8 +26,10 @@ namespace trp {
 // Up to this Gram size the CPU runs one matrix per thread (direct BLAS/LAPACK, the Gram kernel of the rows);
 // above it one batched ATen call per step lets MKL thread each large product. Measured on the 2-core build
 // machine with the ResNet-50 groups (`benchmarks/lowrank_table.py --part paths`): one matrix per thread is
-// faster at n = 64-768 for the full solve and the warm step; at n = 1536 the batched full solve is faster.
+// faster at n = 64-768 for the full solve and the warm step; at n = 1536 the batched full solve is faster,
+// the warm step still slower batched (its products are m columns wide, which MKL threads less well).
 constexpr int64_t kCpuPerMatrixMaxN = 1024;
+constexpr int64_t kCpuWarmPerMatrixMaxN = 1536;  // the warm step: up to the largest size measured
 
 struct WarmOneOut {
   int64_t rank = 0;
