@@ -32,6 +32,8 @@ from trp.schemes import to_matrix  # noqa: E402
 from trp_kernels import reference  # noqa: E402
 
 ENERGY = 0.9
+OWN_TABLES = ("trajectory", "settled", "paths")  # row kinds printed in their own tables, not markdown()
+OUT_NAMES = {"trajectory": "lowrank_trajectory", "breakdown": "lowrank_breakdown", "paths": "lowrank_paths"}
 
 
 def workload(model_name, scheme, weights, seed=0):
@@ -324,7 +326,7 @@ def markdown(rows):
              "(b) batched SVD | lowrank_project | vs (a) | vs (b) |" + "".join(f" {names[k]} |" for k in solvers),
              "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(solvers)]
     for r in rows:
-        if r["weights"] in ("trajectory", "settled", "paths"):  # their own tables
+        if r["weights"] in OWN_TABLES:
             continue
         extra = "".join(f" {r[k]*1e3:.2f} ms |" if k in r else " - |" for k in solvers)
         lines.append(
@@ -342,8 +344,9 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=0, help="start no new case after this long")
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny case, one repeat: checks that the script works (dry runs, CI)")
-    parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json "
-                                                    "(--part trajectory: results/lowrank_trajectory_<device>.json)")
+    parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json (--part "
+                        + ", ".join(f"{part}: results/{name}_<device>.json" for part, name in OUT_NAMES.items())
+                        + ")")
     parser.add_argument("--part", choices=["all", "static", "trajectory", "breakdown", "paths"], default="all",
                         help="static: the init/trp weight rows; trajectory: the TRP trajectory rows (warm start); "
                              "breakdown: where a settled ResNet-56 RankPruner.step() goes; paths: the CPU kernel's "
@@ -355,8 +358,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.out is None:
-        name = {"trajectory": "lowrank_trajectory", "breakdown": "lowrank_breakdown",
-                "paths": "lowrank_paths"}.get(args.part, "lowrank_project")
+        name = OUT_NAMES.get(args.part, "lowrank_project")
         args.out = str(harness.ROOT / "results" / f"{name}_{args.device}.json")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is available")
@@ -385,7 +387,7 @@ def main(argv=None):
     m = results.doc["machine"]
     print(f"{results.doc['date']}, {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
           f"energy {ENERGY}, backend {results.doc['backend']}\n")
-    if any(r["weights"] not in ("trajectory", "settled", "paths") for r in results.rows):
+    if any(r["weights"] not in OWN_TABLES for r in results.rows):
         print(markdown(results.rows))
     if any(r["weights"] == "paths" for r in results.rows):
         print(paths_markdown([r for r in results.rows if r["weights"] == "paths"]))

@@ -35,32 +35,33 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "n=64" in (out / "sanitizer.log").read_text()
 
 
-def test_lowrank_breakdown_smoke(tmp_path):
-    """benchmarks/lowrank_table.py --part breakdown: the settled-step breakdown adds up and names its parts."""
-    out = tmp_path / "breakdown.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lowrank_table.py"), "--part", "breakdown",
+def _lowrank_table_smoke(tmp_path, part):
+    """benchmarks/lowrank_table.py --part `part` --smoke: (its stdout, the rows of its JSON)."""
+    out = tmp_path / f"{part}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lowrank_table.py"), "--part", part,
                            "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    return proc.stdout, json.loads(out.read_text())["rows"]
+
+
+def test_lowrank_breakdown_smoke(tmp_path):
+    """benchmarks/lowrank_table.py --part breakdown: the settled-step breakdown adds up and names its parts."""
+    stdout, rows = _lowrank_table_smoke(tmp_path, "breakdown")
     assert [row["path"] for row in rows] == ["in place", "stacked"]  # the CPU's path and the GPU's
     for row in rows:
         assert row["weights"] == "settled" and row["steps"] == 2 and len(row["raw"]["step"]) == 2
         assert 0 < row["kernels_s"] <= row["ops_s"] <= row["step_s"] and row["loop_s"] > 0
         assert abs(row["ops_python_s"] + row["pruner_python_s"] + row["kernels_s"] - row["step_s"]) < 1e-9
-    assert "settled RankPruner.step(), in place" in proc.stdout
+    assert "settled RankPruner.step(), in place" in stdout
 
 
 def test_lowrank_paths_smoke(tmp_path):
     """benchmarks/lowrank_table.py --part paths: both CPU paths timed per group, the warm step certified."""
-    out = tmp_path / "paths.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lowrank_table.py"), "--part", "paths",
-                           "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    stdout, rows = _lowrank_table_smoke(tmp_path, "paths")
     assert rows and all(r["weights"] == "paths" and r["warm_certified"] == r["shape"][0] for r in rows)
     assert all(r[k] > 0 for r in rows for k in ("cold_per_matrix_s", "cold_batched_s", "warm_per_matrix_s",
                                                 "warm_batched_s"))
-    assert "one matrix per thread" in proc.stdout
+    assert "one matrix per thread" in stdout
 
 
 def _bench_functions():

@@ -82,8 +82,7 @@ def lowrank_project_(groups, energy, warm, *, max_rank=None, G=None):
     bases = [state.basis.contiguous() if warm_usable(state.basis, (len(mats), *mats[0].shape), "cpu", energy)
              else None for mats, state in zip(groups, warm)]
     finite, ranks, nexts, flags = kernel(
-        flat, sizes, bases, [] if G is None else list(G), energy, max_rank, G is not None,
-        _warm.POWER_STEPS, _warm.RANK_MARGIN, _warm.SUBSPACE_TOL, _warm.NOISE_FLOOR)
+        flat, sizes, bases, [] if G is None else list(G), energy, max_rank, G is not None, *_warm.kernel_params())
     if not ranks:
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         bad = [(i, j) for i, s in enumerate(starts) for j in range(sizes[i]) if not bool(finite[s + j])]

@@ -173,10 +173,16 @@ def step(W, basis, energy, max_rank, subgradient):
     return W_low.to(W.dtype), rank, (G.to(W.dtype) if subgradient else W.new_empty(0)), X, ok & usable
 
 
+def kernel_params():
+    """This module's constants as the compiled kernels take them: (power_steps, rank_margin, subspace_tol,
+    noise_floor)."""
+    return POWER_STEPS, RANK_MARGIN, SUBSPACE_TOL, NOISE_FLOOR
+
+
 def compiled_step(W, basis, energy, max_rank, subgradient, solver=None):
     """step() by the compiled kernel (trp_kernels_C::lowrank_project_warm), with this module's constants;
     solver ("auto", "per_matrix", "batched"; CPU only) picks the CPU kernel's path (tests, benchmarks)."""
-    args = (W, basis, energy, max_rank, subgradient, POWER_STEPS, RANK_MARGIN, SUBSPACE_TOL, NOISE_FLOOR)
+    args = (W, basis, energy, max_rank, subgradient, *kernel_params())
     if solver is None:
         return torch.ops.trp_kernels_C.lowrank_project_warm(*args)
     return torch.ops.trp_kernels_C.lowrank_project_warm_solver(*args, solver)

@@ -114,11 +114,15 @@ inline std::tuple<at::Tensor, at::Tensor> project_on_basis(const at::Tensor& W, 
   return {W_low.to(W.scalar_type()), subgradient ? G.to(W.scalar_type()) : W.new_empty({0})};
 }
 
+inline void check_energy_and_max_rank(double energy, std::optional<int64_t> max_rank) {
+  TORCH_CHECK(energy > 0.0 && energy <= 1.0, "lowrank_project: energy must be in (0, 1], got ", energy);
+  TORCH_CHECK(!max_rank.has_value() || *max_rank >= 1, "lowrank_project: max_rank must be >= 1");
+}
+
 inline void check_project_args(const at::Tensor& W, double energy, std::optional<int64_t> max_rank) {
   TORCH_CHECK(W.dim() == 3, "lowrank_project: W must be 3-D [B, p, q], got ", W.sizes());
   TORCH_CHECK(at::isFloatingType(W.scalar_type()), "lowrank_project: W must be floating point");
-  TORCH_CHECK(energy > 0.0 && energy <= 1.0, "lowrank_project: energy must be in (0, 1], got ", energy);
-  TORCH_CHECK(!max_rank.has_value() || *max_rank >= 1, "lowrank_project: max_rank must be >= 1");
+  check_energy_and_max_rank(energy, max_rank);
 }
 
 // basis (optional): set to the Gram matrix's eigenvectors [B, n, n] float64, as columns in descending order

@@ -30,14 +30,18 @@ struct WarmParams {
   WarmTolerances tol;
 };
 
-inline void check_warm_args(const at::Tensor& W, const at::Tensor& basis, double energy,
-                            std::optional<int64_t> max_rank) {
-  check_project_args(W, energy, max_rank);
-  const int64_t B = W.size(0), n = n_of(W.size(1), W.size(2));
+// A warm-start state for B matrices with n = min(p, q): float64 [B, n, m], 1 <= m <= n.
+inline void check_warm_basis(const at::Tensor& basis, int64_t B, int64_t n) {
   TORCH_CHECK(basis.dim() == 3 && basis.size(0) == B && basis.size(1) == n && basis.size(2) >= 1 &&
                   basis.size(2) <= n && basis.scalar_type() == at::kDouble,
               "lowrank_project_warm: basis must be float64 [B, n, m] with 1 <= m <= n = min(p, q), got ",
               basis.sizes(), " ", basis.scalar_type());
+}
+
+inline void check_warm_args(const at::Tensor& W, const at::Tensor& basis, double energy,
+                            std::optional<int64_t> max_rank) {
+  check_project_args(W, energy, max_rank);
+  check_warm_basis(basis, W.size(0), n_of(W.size(1), W.size(2)));
 }
 
 // W [B, p, q], basis [B, n, m] float64 -> (W_low, rank, G, X [B, n, m] Ritz vectors, ok bool [B]).

@@ -2,9 +2,8 @@
 // one-matrix-per-thread CPU path. torch's CPU library exports dgemm but not dsyrk, and a GEMM computes both
 // triangles: twice the flops of what is needed. This kernel computes each entry once, as a float64 dot
 // product of two rows read straight from the input (float32 rows are widened on the fly, so no float64 copy
-// of the matrix is made), in 2 x 4 tiles of dot products that keep eight AVX2 accumulators busy. Measured
-// per 64 x 576 float32 matrix on the 2-core build machine: README, "Batched low-rank projection". Other CPUs
-// (no AVX2/FMA, or not x86) take the GEMM.
+// of the matrix is made), in 2 x 4 tiles of dot products that keep eight AVX2 accumulators busy (measured:
+// README, "Warm start", the settled ResNet-56 step). Other CPUs (no AVX2/FMA, or not x86) take the GEMM.
 #pragma once
 
 #include <algorithm>

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -233,8 +234,7 @@ int64_t cold_one(const Real* a, const double* a64, int p, int q, double energy, 
 }
 
 // Runs fn(b, a, a64, w_low, g) on every matrix of W [B, p, q] (float32/float64; other dtypes in float32; a64 as
-// float64_view gives it),
-// matrices spread over the threads; returns (W_low, G or an empty tensor) in W's dtype.
+// float64_view gives it), matrices spread over the threads; returns (W_low, G or an empty tensor) in W's dtype.
 template <typename Fn>
 std::tuple<at::Tensor, at::Tensor> for_each_matrix(const at::Tensor& W_in, bool subgradient, const Fn& fn) {
   const bool dbl = W_in.scalar_type() == at::kDouble;
@@ -246,16 +246,13 @@ std::tuple<at::Tensor, at::Tensor> for_each_matrix(const at::Tensor& W_in, bool 
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     const blas::SequentialScope one_thread_each;  // the threads are spread over the matrices
     std::vector<double> scratch;
-    for (int64_t b = begin; b < end; ++b) {
-      if (dbl) {
-        const double* a = W.data_ptr<double>() + b * mat;
-        fn(b, a, a, W_low.data_ptr<double>() + b * mat, subgradient ? G.data_ptr<double>() + b * mat : nullptr);
-      } else {
-        const float* a = W.data_ptr<float>() + b * mat;
-        fn(b, a, float64_view(a, p, q, scratch), W_low.data_ptr<float>() + b * mat,
-           subgradient ? G.data_ptr<float>() + b * mat : nullptr);
+    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "lowrank_project_per_matrix", [&] {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* a = W.data_ptr<scalar_t>() + b * mat;
+        fn(b, a, float64_view(a, p, q, scratch), W_low.data_ptr<scalar_t>() + b * mat,
+           subgradient ? G.data_ptr<scalar_t>() + b * mat : nullptr);
       }
-    }
+    });
   });
   const auto dtype = W_in.scalar_type();
   return {W_low.to(dtype), subgradient ? G.to(dtype) : W_in.new_empty({0})};

@@ -9,6 +9,7 @@
 // only a LAPACK failure on finite input (never seen) could raise after some matrices were written: those then
 // hold their projections, which are valid.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -90,8 +91,7 @@ lowrank_project_inplace_cpu(at::TensorList matrices, at::IntArrayRef group_sizes
                             double rank_margin, double subspace_tol, double noise_floor) {
   TORCH_CHECK(blas::available(),
               "lowrank_project_inplace_: needs the BLAS/LAPACK symbols of torch's CPU library");
-  TORCH_CHECK(energy > 0.0 && energy <= 1.0, "lowrank_project_inplace_: energy must be in (0, 1], got ", energy);
-  TORCH_CHECK(!max_rank.has_value() || *max_rank >= 1, "lowrank_project_inplace_: max_rank must be >= 1");
+  check_energy_and_max_rank(energy, max_rank);
   const int64_t groups = int64_t(group_sizes.size());
   TORCH_CHECK(int64_t(bases.size()) == groups, "lowrank_project_inplace_: one basis (or None) per group");
   TORCH_CHECK(G.size() == (subgradient ? size_t(groups) : 0),
@@ -127,10 +127,9 @@ lowrank_project_inplace_cpu(at::TensorList matrices, at::IntArrayRef group_sizes
                   "lowrank_project_inplace_: G[", i, "] must be a contiguous [B, p, q] buffer in the group's dtype");
     const std::optional<at::Tensor> basis = bases.get(i);
     if (basis.has_value() && basis->defined()) {
-      TORCH_CHECK(basis->scalar_type() == at::kDouble && basis->dim() == 3 && basis->size(0) == g.count &&
-                      basis->size(1) == g.n && basis->size(2) >= 1 && basis->size(2) <= g.n &&
-                      basis->is_contiguous() && basis->device().is_cpu(),
-                  "lowrank_project_inplace_: basis ", i, " must be a contiguous float64 [B, n, m], 1 <= m <= n");
+      check_warm_basis(*basis, g.count, g.n);
+      TORCH_CHECK(basis->is_contiguous() && basis->device().is_cpu(),
+                  "lowrank_project_inplace_: basis ", i, " must be a contiguous CPU tensor");
       g.m = basis->size(2);
       g.basis = basis->data_ptr<double>();
     }
@@ -154,8 +153,8 @@ lowrank_project_inplace_cpu(at::TensorList matrices, at::IntArrayRef group_sizes
   at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const at::Tensor& w = matrices[j];
-      fp[j] = w.scalar_type() == at::kDouble ? all_finite(w.data_ptr<double>(), w.numel())
-                                             : all_finite(w.data_ptr<float>(), w.numel());
+      AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "lowrank_project_inplace_",
+                                 [&] { fp[j] = all_finite(w.data_ptr<scalar_t>(), w.numel()); });
     }
   });
   std::vector<at::Tensor> ranks, next, warm;
@@ -189,14 +188,11 @@ lowrank_project_inplace_cpu(at::TensorList matrices, at::IntArrayRef group_sizes
       for (int64_t j : share[t]) {
         const int64_t i = group_of[j], b = j - gs[i].first;
         const at::Tensor& w = matrices[j];
-        if (w.scalar_type() == at::kDouble)
-          project_matrix(w.data_ptr<double>(), gs[i], b, energy, max_r, subgradient, params,
-                         subgradient ? G[i].data_ptr<double>() + b * gs[i].p * gs[i].q : nullptr, a64,
+        AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "lowrank_project_inplace_", [&] {
+          project_matrix(w.data_ptr<scalar_t>(), gs[i], b, energy, max_r, subgradient, params,
+                         subgradient ? G[i].data_ptr<scalar_t>() + b * gs[i].p * gs[i].q : nullptr, a64,
                          rank_ptr[i] + b, warm_ptr[i] + b);
-        else
-          project_matrix(w.data_ptr<float>(), gs[i], b, energy, max_r, subgradient, params,
-                         subgradient ? G[i].data_ptr<float>() + b * gs[i].p * gs[i].q : nullptr, a64,
-                         rank_ptr[i] + b, warm_ptr[i] + b);
+        });
       }
   });
   // The next call's state: each matrix's kept vectors, zero columns up to the group's largest rank (as
