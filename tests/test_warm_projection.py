@@ -305,3 +305,48 @@ def test_large_matrices_take_the_blocked_gram_matrix(shape, dtype):
         out = warm.compiled_step(W, state, 0.9, None, True, solver)
         assert bool(out[4].all())
         check_projection(W, 0.9, *out[:3])
+
+
+@pytest.mark.parametrize("cut_gap", [1e-1, 1e-3, 1e-6])
+def test_the_subspace_bound_holds_where_the_kept_and_next_values_are_close(cut_gap):
+    """warm.subspace_bound against the exact angle (float64 eigh): never below it, over blocks tilted by
+    1e-2 .. 1e-8 from the exact top-m eigenvectors and cuts where the kept and the next eigenvalue are close.
+    There the first-order bound ||R_{1:k}|| / gap_k is useless (far above 1) and the second-order one is not."""
+    gen = torch.Generator().manual_seed(21)
+    n, m, B = 60, 14, 4
+    lam = torch.cat([torch.linspace(2.0, 1.0, m), 1e-3 * torch.rand(n - m, generator=gen, dtype=torch.float64)])
+    lam = lam.to(torch.float64)
+    lam[7] = lam[6] - cut_gap  # the cut after 7 directions: a close pair
+    V = torch.linalg.qr(torch.randn(B, n, n, generator=gen, dtype=torch.float64))[0]
+    M = V @ torch.diag_embed(lam.expand(B, n)) @ V.mT
+    rank = torch.full((B,), 7)
+    Vk = V[:, :, :7]
+    seen_second_order = False
+    for tilt in (1e-2, 1e-4, 1e-6, 1e-8):
+        basis = V[:, :, :m] + tilt * torch.randn(B, n, m, generator=gen, dtype=torch.float64)
+        theta, X, res2, usable = warm.rayleigh_ritz(M, basis, steps=0)
+        assert bool(usable.all())
+        bound = warm.subspace_bound(M.diagonal(dim1=-2, dim2=-1).sum(-1), theta, res2, rank)
+        Xk = X[:, :, :7]
+        true = (Vk - Xk @ (Xk.mT @ Vk)).flatten(1).norm(dim=1)  # ||sin angle||_F
+        assert bool((true <= bound * (1 + 1e-9) + 1e-13).all()), (tilt, true, bound)
+        first = res2[:, :7].sum(-1).sqrt() / (theta[:, 6] - theta[:, 7])  # no first-order bound beats this
+        seen_second_order |= bool((bound < 1e-3 * first).all() & (bound < 1e-2).all())
+    assert seen_second_order or cut_gap > 1e-3  # at a wide cut the first-order bound is as good
+
+
+@pytest.mark.parametrize("shape", [(3, 128, 128), (2, 180, 110)])
+def test_flat_spectra_are_certified_by_the_second_order_bound(backend, shape):
+    """A wide layer at initialisation (a flat spectrum: the kept and the next singular value close) on a
+    TRP trajectory: every warm step is certified (the first-order bound alone fails most of them) and equals
+    the full solve."""
+    gen = torch.Generator().manual_seed(22)
+    W = torch.randn(shape, generator=gen) / shape[2] ** 0.5
+    state = WarmStart()
+    out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+    for t in range(6):
+        W = sgd_like(out[0], 0.03, gen)
+        out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+        assert_same_as_cold(W, 0.9, out, svd=t == 5)
+        if t > 0:  # the first: the basis may be wider than warm.MAX_FRACTION * n
+            assert bool(state.warm.all()), (t, out[1])

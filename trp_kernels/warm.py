@@ -11,13 +11,20 @@ and tau = trace(M) - sum(theta) (the energy outside span(X), exact), per matrix 
     Theta(j) = theta_1 + ... + theta_j  <=  F(j) = lam_1 + ... + lam_j  <=  Theta(j) + eps_j
     eps_j = ||R_{1:j}||_F^2 / gap_j,  gap_j = theta_j - ||R_{1:j}||_F - max(theta_{j+1}, tau)
                                                - 2 ||R_{j+1:m}||_F
-    sin(angle(span X_{1:k}, exact top-k subspace)) <= ||R_{1:k}||_F / gap_k
+    sin(angle(span X_{1:k}, exact top-k subspace)) <= min(||R_{1:k}||_F / gap_k, sqrt(s_b^2 + s_c^2))
+    s_c = ||R||_F / (theta_k - tau),  s_b = ||R_{k+1:m}||_F s_c / (theta_k - theta_{k+1})
 
 (Ky Fan's maximum principle for the lower bound; for the upper one, M <= diag(H11 + E^T E / d, M22 + d I)
 in the Loewner order with the off-diagonal block E of the split after the leading j Ritz vectors, whose
 complement has no eigenvalue above max(theta_{j+1}, tau) + 2 ||R_{j+1:m}||_F; then lam_i >= theta_i
-(Cauchy interlacing) carries the bound to every j' <= j; the angle bound is Davis and Kahan's sin-theta
-theorem with the same gap.) A matrix takes the warm result only when these bounds prove (a) the same
+(Cauchy interlacing) carries the bound to every j' <= j; the first angle bound is Davis and Kahan's
+sin-theta theorem with the same gap. The second is of second order in the residual, so it holds where the
+kept and the next Ritz value are close, as they are in the flat spectra of wide layers: in the basis
+[X_{1:k}, X_{k+1:m}, Q_perp] the exact top-k eigenvectors U = (U_a; U_b; U_c) satisfy the Sylvester equations
+U_c Lam - M22 U_c = R_hat (U_a; U_b) and U_b Lam - Theta_2 U_b = R_hat_2^T U_c, with Lam >= lam_k >= theta_k,
+M22 <= tau (the trace of a positive semidefinite block bounds its eigenvalues) and Theta_2 <= theta_{k+1};
+so ||U_c||_F <= s_c and ||U_b||_F <= s_b. Float64 rounding of the Ritz vectors themselves,
+eps ||M|| / (theta_k - theta_{k+1}), is the full solve's own level and far below the tolerance.) A matrix takes the warm result only when these bounds prove (a) the same
 energy-rule rank as the exact spectrum, with a margin of RANK_MARGIN * ||W||_F^2 at the threshold (below
 it the full solve's own rounding decides), and (b) a kept subspace within SUBSPACE_TOL, which bounds
 ||W_low - W_low_exact||_F / ||W||_F and, with the factor 1 + sqrt(theta_1 / theta_k), the subgradient's
@@ -95,9 +102,9 @@ def _at(t, idx):
     return t.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
 
 
-def certify(trace, theta, res2, energy, max_rank, noise_rel):
-    """(rank int64 [B], ok bool [B]): the energy-rule rank from the Ritz values, and whether the bounds of
-    the module docstring prove it equal to the exact one with the kept subspace within SUBSPACE_TOL."""
+def _terms(trace, theta, res2):
+    """The certificate's per-column quantities: (theta clamped at 0, tau, ||R_{1:j}||^2, ||R_{j+1:m}||,
+    theta_{j+1} (0 after the last), gap_j)."""
     B, m = theta.shape
     theta = theta.clamp_min(0.0)  # Ritz values of a positive semidefinite matrix; negative ones are rounding
     slack = 8.0 * torch.finfo(torch.float64).eps * m * trace
@@ -106,7 +113,38 @@ def certify(trace, theta, res2, energy, max_rank, noise_rel):
     res_tail = (res_head[:, -1:] - res_head).clamp_min(0.0).sqrt()  # ||R_{j+1:m}||
     theta_next = torch.cat([theta[:, 1:], theta.new_zeros(B, 1)], dim=-1)
     gap = theta - res_head.sqrt() - torch.maximum(theta_next, tau[:, None]) - 2.0 * res_tail
-    eps = torch.where(gap > 0, res_head / gap.clamp_min(torch.finfo(torch.float64).tiny),
+    return theta, tau, res_head, res_tail, theta_next, gap
+
+
+def _subspace_sin(terms, i):
+    """The bound on the sine of the angle between the leading i + 1 Ritz vectors and the exact top i + 1
+    eigenvectors: the smaller of the first- and the second-order bound of the module docstring (inf where
+    neither applies)."""
+    theta, tau, res_head, res_tail, theta_next, gap = terms
+    tiny = torch.finfo(torch.float64).tiny
+    inf = torch.full_like(tau, float("inf"))
+    gap_k, theta_k, theta_k1 = _at(gap, i), _at(theta, i), _at(theta_next, i)
+    first = torch.where(gap_k > 0, _at(res_head, i).sqrt() / gap_k.clamp_min(tiny), inf)
+    out_gap, in_gap = theta_k - tau, theta_k - theta_k1
+    s_c = res_head[:, -1].sqrt() / out_gap.clamp_min(tiny)
+    s_b = _at(res_tail, i) * s_c / in_gap.clamp_min(tiny)  # zero at k = m: nothing else in the block
+    second = torch.where((out_gap > 0) & (in_gap > 0), (s_b.square() + s_c.square()).sqrt(), inf)
+    return torch.minimum(first, second)
+
+
+def subspace_bound(trace, theta, res2, rank):
+    """Per matrix, the certificate's bound on the sine of the angle between the span of the leading `rank`
+    Ritz vectors and the exact top-`rank` eigenvectors of the Gram matrix (rank int64 [B], 1..m)."""
+    return _subspace_sin(_terms(trace, theta, res2), rank - 1)
+
+
+def certify(trace, theta, res2, energy, max_rank, noise_rel):
+    """(rank int64 [B], ok bool [B]): the energy-rule rank from the Ritz values, and whether the bounds of
+    the module docstring prove it equal to the exact one with the kept subspace within SUBSPACE_TOL."""
+    m = theta.shape[1]
+    terms = _terms(trace, theta, res2)
+    theta, gap = terms[0], terms[5]
+    eps = torch.where(gap > 0, terms[2] / gap.clamp_min(torch.finfo(torch.float64).tiny),
                       torch.full_like(gap, float("inf")))
     eps_from = eps.flip(-1).cummin(-1).values.flip(-1)  # min over j' >= j: bounds every F(j) with j <= j'
     cum = theta.cumsum(-1)
@@ -123,10 +161,8 @@ def certify(trace, theta, res2, energy, max_rank, noise_rel):
     j = (rank - 2).clamp(0, m - 1)
     ok &= (rank == 1) | (_at(cum, j) + _at(eps_from, j) < target - margin)
     # the kept subspace, and kept directions clearly above the Gram matrix's rounding level
-    gap_k = _at(gap, i)
-    sin = _at(res_head, i).sqrt() / gap_k.clamp_min(torch.finfo(torch.float64).tiny)
     theta_k = _at(theta, i)
-    ok &= (gap_k > 0) & (sin * (1.0 + (theta[:, 0] / theta_k).sqrt()) <= SUBSPACE_TOL)
+    ok &= _subspace_sin(terms, i) * (1.0 + (theta[:, 0] / theta_k).sqrt()) <= SUBSPACE_TOL
     ok &= theta_k > NOISE_FLOOR * noise_rel * theta[:, 0]
     zero = trace == 0
     return torch.where(zero, torch.zeros_like(rank), rank.clamp(max=m)), ok | zero  # not ok: any rank <= m

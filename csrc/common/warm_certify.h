@@ -69,10 +69,19 @@ TRP_HD int64_t warm_certify(double trace, const double* theta, const double* res
       }
       good = capped || cum_k >= target + margin;
       good = good && (rank == 1 || cum_j + eps_min < target - margin);
+      // the kept subspace: the smaller of the first-order (Davis-Kahan) and the second-order bound
       const double gap_k = warm_gap(theta, m, k, head_k, res_total, tau);
       const double th_k = theta[k] > 0.0 ? theta[k] : 0.0;
-      good = good && gap_k > 0.0 && th_k > tol.noise_floor * noise_rel * th0 &&
-             sqrt(head_k) / gap_k * (1.0 + sqrt(th0 / th_k)) <= tol.subspace_tol;
+      const double th_k1 = k + 1 < m && theta[k + 1] > 0.0 ? theta[k + 1] : 0.0;
+      const double out_gap = th_k - tau, in_gap = th_k - th_k1;
+      double sin = gap_k > 0.0 ? sqrt(head_k) / gap_k : INFINITY;
+      if (out_gap > 0.0 && in_gap > 0.0) {
+        const double s_c = sqrt(res_total) / out_gap;
+        const double s_b = (res_total - head_k > 0.0 ? sqrt(res_total - head_k) : 0.0) * s_c / in_gap;
+        const double second = sqrt(s_b * s_b + s_c * s_c);
+        sin = second < sin ? second : sin;
+      }
+      good = good && th_k > tol.noise_floor * noise_rel * th0 && sin * (1.0 + sqrt(th0 / th_k)) <= tol.subspace_tol;
     }
     if (!good) rank = rank > m ? m : rank;
   }
