@@ -108,12 +108,12 @@ def test_bad_input_gets_a_clear_error():
     assert torch.equal(torch.stack(ok[0]), W)  # nothing was written by the failed calls
 
 
-def _pair(**kwargs):
+def _pair(scheme="channel", **kwargs):
     """Two identical models and pruners: the in-place path and the stacked one."""
     out = []
     for inplace_path in (True, False):
         model = _net()
-        pruner = trp.RankPruner(model, "channel", energy=0.5, nuclear=1e-3, **kwargs)
+        pruner = trp.RankPruner(model, scheme, energy=0.5, nuclear=1e-3, **kwargs)
         pruner.inplace = inplace_path
         out.append((model, pruner))
     return out
@@ -200,3 +200,61 @@ def test_rank_pruner_with_tied_layers_takes_the_stacked_path():
         models.append(model)
     for k, v in models[0].state_dict().items():
         assert torch.equal(v, models[1].state_dict()[k]), k
+
+
+def _no_stacked_calls(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the stacked path ran")
+    monkeypatch.setattr(trp_kernels, "lowrank_project", fail)
+    monkeypatch.setattr(trp_kernels.project, "lowrank_project", fail)
+
+
+@pytest.mark.parametrize("layout", ["spatial", "channels_last"])
+def test_copied_matrices_take_the_in_place_op_on_staged_copies_and_train_identically(layout, monkeypatch):
+    """Matrices that are copies of the weights (the spatial scheme; channel on channels_last weights) are
+    stacked per group and projected by one in-place op call for all groups, then copied back: the same run as
+    the stacked path, one op call per group."""
+    (m1, p1), (m2, p2) = _pair("spatial" if layout == "spatial" else "channel")
+    if layout == "channels_last":
+        for m in (m1, m2):
+            m.to(memory_format=torch.channels_last)
+    assert p1._inplace_groups() is None  # not views: staged
+    with monkeypatch.context() as patch:
+        _no_stacked_calls(patch)
+        _train(m1, p1, 5)
+        with pytest.raises(AssertionError, match="the stacked path ran"):
+            _train(m2, p2, 1)
+    _train(m2, p2, 5)
+    assert any(bool(g.warm.warm.any()) for g in p1._groups)  # the warm path ran
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    assert p1.ranks == p2.ranks
+    assert all(torch.equal(g1.G, g2.G) for g1, g2 in zip(p1._groups, p2._groups))
+    if layout == "channels_last":
+        assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in m1)
+
+
+def test_staged_non_finite_weights_are_named_and_nothing_changes():
+    (model, pruner), _ = _pair("spatial")
+    _train(model, pruner, 2)
+    names = pruner.layer_names
+    with torch.no_grad():
+        model.get_submodule(names[1]).weight[1, 2, 0, 1] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ranks = pruner.ranks
+    with pytest.raises(ValueError, match=f"non-finite weights .* in layer\\(s\\) {names[1]}; no layer was modified"):
+        pruner.project()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+    assert pruner.ranks == ranks
+
+
+def test_nd_filter_batches_keep_the_stacked_path(monkeypatch):
+    model = _net()
+    pruner = trp.RankPruner(model, "nd", energy=0.5)
+    with monkeypatch.context() as patch:
+        _no_stacked_calls(patch)
+        with pytest.raises(AssertionError, match="the stacked path ran"):
+            pruner.project()
+    pruner.project()
+    assert all(r is not None for r in pruner.ranks.values())

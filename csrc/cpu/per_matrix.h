@@ -31,6 +31,10 @@ namespace trp {
 // the warm step still slower batched (its products are m columns wide, which MKL threads less well).
 constexpr int64_t kCpuPerMatrixMaxN = 1024;
 constexpr int64_t kCpuWarmPerMatrixMaxN = 1536;  // the warm step: up to the largest size measured
+// The in-place op (project_inplace.cpp) runs a TRP run's steps, warm but for its first call and the rare
+// fallback, one matrix per thread with all groups' matrices shared out by cost (no group of 3 on 2 threads
+// waiting for its third): up to the warm step's limit.
+constexpr int64_t kCpuInplaceMaxN = kCpuWarmPerMatrixMaxN;
 
 struct WarmOneOut {
   int64_t rank = 0;

@@ -1,6 +1,6 @@
 // trp_kernels_C::lowrank_project_inplace_: the projection of many small matrices (several shape groups) in
 // one call, in place, on the CPU: what RankPruner runs every projection for networks whose matrices all have
-// n <= kCpuPerMatrixMaxN (trp_kernels/inplace.py). The same per-matrix kernels as the functional ops
+// n <= kCpuInplaceMaxN (trp_kernels/inplace.py). The same per-matrix kernels as the functional ops
 // (csrc/cpu/per_matrix.h), without what surrounds them there: no stacking of the layers into a batch and no
 // copy back (each matrix is read and overwritten where it lives, a view of its layer's weight), the
 // subgradient written into buffers the caller keeps between calls, the fallback to the full solve of a
@@ -111,7 +111,7 @@ lowrank_project_inplace_cpu(at::TensorList matrices, at::IntArrayRef group_sizes
     g.p = w0.size(0);
     g.q = w0.size(1);
     g.n = n_of(g.p, g.q);
-    TORCH_CHECK(g.n <= kCpuPerMatrixMaxN, "lowrank_project_inplace_: matrices with min(p, q) > ", kCpuPerMatrixMaxN,
+    TORCH_CHECK(g.n <= kCpuInplaceMaxN, "lowrank_project_inplace_: matrices with min(p, q) > ", kCpuInplaceMaxN,
                 " take the batched path (lowrank_project)");
     for (int64_t b = g.first; b < total; ++b) {
       const at::Tensor& w = matrices[b];
@@ -214,7 +214,7 @@ lowrank_project_inplace_cpu(at::TensorList matrices, at::IntArrayRef group_sizes
 
 }  // namespace
 
-int64_t inplace_max_n() { return blas::available() ? kCpuPerMatrixMaxN : 0; }
+int64_t inplace_max_n() { return blas::available() ? kCpuInplaceMaxN : 0; }
 
 }  // namespace trp
 

@@ -117,8 +117,8 @@ class RankPruner:
             self.budget = SpeedupController(costs, target_speedup, warmup)
             self.energy = self.budget.energy
         self._inplace_cache = None     # (parameter addresses, _find_inplace_groups() for them)
-        self.inplace = True            # False: always stack the groups (the path for GPUs, sharding, spatial
-                                       # and nd), e.g. to compare the two (same results: tests)
+        self.inplace = True            # False: always stack the groups and project them one op call each (the
+                                       # path for GPUs, sharding and nd), e.g. to compare (same results: tests)
         self.steps = 0                 # number of step() calls so far
         self.last_projected = False    # whether the latest step() projected
 
@@ -197,6 +197,23 @@ class RankPruner:
         for i, (g, rank) in enumerate(zip(self._groups, ranks)):
             g.rank, g.G = rank, (G[i] if want_g else None)
 
+    def _staged_inplace(self, stacks):
+        """The in-place op on the groups' stacked matrices, for layers whose matrix is a copy (spatial) on the
+        CPU: one call for all groups (matrices shared out over the threads by cost, the fallback on the spot)
+        instead of one per group, then the copy back. Returns whether it projected (False: the op does not
+        take these matrices, e.g. nd's filter batches, a GPU, n > inplace.max_n())."""
+        if not self.inplace or self._sharding is not None:
+            return False
+        groups = [list(W.unbind(0)) for W in stacks]
+        if not inplace.supports(groups):
+            return False
+        self._project_inplace(groups)  # raises before any weight is written (only the copies are touched)
+        for g, W in zip(self._groups, stacks):
+            torch._foreach_copy_([t.read() for t in g.targets], list(from_matrix(W, self.scheme, g.shape).unbind(0)))
+        if self.budget is not None:
+            self.energy = self.budget.update(self.ranks)
+        return True
+
     @torch.no_grad()
     def project(self):
         """Projects every selected layer on its energy-rule low-rank approximation now (in place).
@@ -210,6 +227,8 @@ class RankPruner:
                 self.energy = self.budget.update(self.ranks)
             return
         stacks = [self._matrices(g) for g in self._groups]
+        if self._staged_inplace(stacks):
+            return
         # The op's cheap per-group flag, but one host sync per device for all groups; only a suspect device
         # pays for the exact test. The op is then told not to check (and sync) again.
         flags = {}
