@@ -350,3 +350,20 @@ def test_flat_spectra_are_certified_by_the_second_order_bound(backend, shape):
         assert_same_as_cold(W, 0.9, out, svd=t == 5)
         if t > 0:  # the first: the basis may be wider than warm.MAX_FRACTION * n
             assert bool(state.warm.all()), (t, out[1])
+
+
+@pytest.mark.parametrize("scale", [1e21, 1e-21])
+def test_weights_far_outside_float32_gram_range_stay_warm(backend, scale):
+    """The first power step runs in float32 on M / trace(M): weights scaled by 1e21 (a Gram matrix beyond
+    float32's largest number) or 1e-21 (below its smallest normal one) still take the warm path and equal the
+    full solve."""
+    gen = torch.Generator().manual_seed(23)
+    W = (make_batch(3, 24, 40, "decay", seed=14, dtype=torch.float64) * scale)
+    state = WarmStart()
+    out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+    for t in range(3):
+        rms = out[0].flatten(1).square().mean(dim=1).sqrt()[:, None, None]  # (sgd_like's floor is 1e-3)
+        W = out[0] + 0.01 * rms * torch.randn(W.shape, generator=gen, dtype=W.dtype)
+        out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+        assert_same_as_cold(W, 0.9, out, svd=False)
+        assert bool(state.warm.all())

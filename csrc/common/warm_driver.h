@@ -2,7 +2,7 @@
 // same code issues MKL/LAPACK calls on the CPU and cuBLAS/cuSOLVER ones on the GPU; the per-matrix
 // certificate is passed in). The algorithm, its bounds and its Python twin: trp_kernels/warm.py.
 //
-//   Y = M^2 basis (M the float64 Gram matrix), columns scaled to unit norm, Cholesky QR -> Q;
+//   Y = M^2 basis (M the float64 Gram matrix; the first product in float32), columns scaled to unit norm, Cholesky QR -> Q;
 //   H = Q^T M Q = S diag(theta) S^T;  X = Q S;  R = M X - X diag(theta);
 //   certificate(theta, ||R columns||^2, trace M) -> rank, keep, inv_s, ok;  projection on X as the full solve.
 #pragma once
@@ -55,7 +55,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lo
   const at::Tensor basis = at::where(at::isfinite(basis_in), basis_in, at::zeros_like(basis_in));
   auto [A64, M, left] = gram_of(W);
   at::Tensor Y = basis;
-  for (int64_t s = 0; s < params.power_steps; ++s) Y = at::bmm(M, Y);
+  for (int64_t s = 0; s < params.power_steps; ++s) {
+    if (s == 0 && params.power_steps > 1) {  // float32, on M / trace(M) (warm.py: FLOAT32_FIRST_STEP)
+      const at::Tensor tr = M.diagonal(0, 1, 2).sum(-1).view({-1, 1, 1});
+      Y = at::bmm(M.div(at::where(tr > 0, tr, at::ones_like(tr))).to(at::kFloat), Y.to(at::kFloat)).to(at::kDouble);
+    } else {
+      Y = at::bmm(M, Y);
+    }
+  }
   const at::Tensor norms = at::linalg_vector_norm(Y, 2, {1}, /*keepdim=*/true);
   const at::Tensor live = norms > std::get<0>(norms.max(2, /*keepdim=*/true)) * 1e-200;
   Y = at::where(live, Y / norms.clamp_min(1e-300), at::zeros_like(Y));

@@ -88,6 +88,16 @@ const double* float64_view(const Real* a, int p, int q, std::vector<double>& scr
   }
 }
 
+// T (m x m, exactly symmetric) = Y^T Y for the column-major n x m Y: its columns are the rows of the row-major
+// m x n view, so the rows' Gram kernel computes one triangle (half a GEMM's flops) where it runs.
+inline void columns_gram(const double* Y, int n, int m, double* T) {
+  if (gram::available()) {
+    gram::rows(Y, m, n, n, T);
+  } else {
+    blas::gemm('T', 'N', m, m, n, Y, n, Y, n, T, m);
+  }
+}
+
 // W_low = X_k X_k^T A (left) or A X_k X_k^T and G with X_k diag(inv_s), in the precision Real of a (row-major
 // p x q), from the leading k of the m columns of X (column-major n x m, float64, descending). As
 // project_on_basis: without G and with all n vectors at hand, the n - k discarded ones when fewer.
@@ -146,6 +156,15 @@ WarmOneOut warm_one(const Real* a, const double* a64, int p, int q, const double
       Y[size_t(j) * n + i] = std::isfinite(v) ? v : 0.0;  // a corrupted state: zero columns, then the full solve
     }
   for (int64_t s = 0; s < params.power_steps; ++s) {
+    if (s == 0 && params.power_steps > 1) {  // float32, on M / trace(M) (warm.py: FLOAT32_FIRST_STEP)
+      std::vector<float> M32(size_t(n) * n), Y32(size_t(n) * m), Z32(size_t(n) * m);
+      const double scale = trace > 0.0 ? 1.0 / trace : 1.0;
+      for (size_t i = 0; i < M32.size(); ++i) M32[i] = float(M[i] * scale);
+      std::copy(Y.begin(), Y.end(), Y32.begin());
+      blas::gemm('N', 'N', n, m, n, M32.data(), n, Y32.data(), n, Z32.data(), n);
+      std::copy(Z32.begin(), Z32.end(), Y.begin());
+      continue;
+    }
     blas::gemm('N', 'N', n, m, n, M.data(), n, Y.data(), n, Z.data(), n);
     std::swap(Y, Z);
   }
@@ -165,14 +184,14 @@ WarmOneOut warm_one(const Real* a, const double* a64, int p, int q, const double
     for (int i = 0; i < n; ++i) Y[size_t(j) * n + i] *= scale;
   }
   // Cholesky QR: Y^T Y = U^T U, Q = Y U^-1 (in Y)
-  blas::gemm('T', 'N', m, m, n, Y.data(), n, Y.data(), n, T.data(), m);
+  columns_gram(Y.data(), n, m, T.data());
   for (int j = 0; j < m; ++j)
     if (!live[j]) T[size_t(j) * m + j] += 1.0;
   bool usable = blas::potrf_upper(m, T.data(), m) == 0;
   WarmOneOut out;
   if (!usable) return out;
   blas::trsm_right_upper(n, m, T.data(), m, Y.data(), n);
-  blas::gemm('T', 'N', m, m, n, Y.data(), n, Y.data(), n, T.data(), m);
+  columns_gram(Y.data(), n, m, T.data());
   for (int j = 0; j < m && usable; ++j)
     for (int i = 0; i < m; ++i)
       if (std::fabs(T[size_t(j) * m + i] - (i == j && live[j] ? 1.0 : 0.0)) > 1e-12) {
