@@ -32,8 +32,9 @@ from trp.schemes import to_matrix  # noqa: E402
 from trp_kernels import reference  # noqa: E402
 
 ENERGY = 0.9
-OWN_TABLES = ("trajectory", "settled", "paths")  # row kinds printed in their own tables, not markdown()
-OUT_NAMES = {"trajectory": "lowrank_trajectory", "breakdown": "lowrank_breakdown", "paths": "lowrank_paths"}
+OWN_TABLES = ("trajectory", "settled", "paths", "widths")  # row kinds printed in their own tables, not markdown()
+OUT_NAMES = {"trajectory": "lowrank_trajectory", "breakdown": "lowrank_breakdown", "paths": "lowrank_paths",
+             "widths": "lowrank_widths"}
 
 
 def workload(model_name, scheme, weights, seed=0):
@@ -288,6 +289,42 @@ def paths(model_name, scheme, repeats=3):
     return rows
 
 
+WIDTH_SHAPES = [(64, 576), (256, 2304), (768, 768), (1536, 1536)]  # ResNet-56 channel, ResNet-50 channel/spatial
+WIDTH_ENERGIES = (0.95, 0.9, 0.8, 0.7)
+
+
+def widths(shapes=WIDTH_SHAPES, repeats=2):
+    """Where the warm step stops paying (warm.MAX_FRACTION): per shape and basis width (the rank a full solve of
+    a freshly initialised matrix keeps at each of WIDTH_ENERGIES), the full solve against the warm step after a
+    1% update at that energy, one matrix, the one-matrix-per-thread kernels (fastest time of the repeats)."""
+    rows = []
+    for p, q in shapes:
+        gen = torch.Generator().manual_seed(3)
+        W0 = torch.randn(1, p, q, generator=gen) / q ** 0.5
+        for energy in WIDTH_ENERGIES:
+            W_low, rank, _, basis = torch.ops.trp_kernels_C.lowrank_project_basis(W0, energy, None, True)
+            state = trp_kernels.warm.next_basis(basis, rank)
+            W = W_low + SGD_STEP * float(W_low.square().mean().sqrt()) * torch.randn(W_low.shape, generator=gen)
+            cold = min(harness.timed(lambda: torch.ops.trp_kernels_C.lowrank_project_solver(
+                W, energy, None, True, "lapack")) for _ in range(repeats))
+            warm_s = min(harness.timed(lambda: trp_kernels.warm.compiled_step(
+                W, state, energy, None, True, "per_matrix")) for _ in range(repeats))
+            ok = trp_kernels.warm.compiled_step(W, state, energy, None, True, "per_matrix")[4]
+            rows.append({"model": "random init", "scheme": "-", "weights": "widths", "shape": [p, q],
+                         "energy": energy, "basis_fraction": state.shape[2] / min(p, q),
+                         "warm_certified": bool(ok.all()), "cold_s": cold, "warm_s": warm_s,
+                         "warm_vs_cold": warm_s / cold})
+    return rows
+
+
+def widths_markdown(rows):
+    lines = ["| matrix | basis width / n | full solve | warm step | warm / full | certified |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['basis_fraction']:.2f} | {r['cold_s'] * 1e3:.1f} ms | "
+                     f"{r['warm_s'] * 1e3:.1f} ms | {r['warm_vs_cold']:.2f} | {'yes' if r['warm_certified'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def paths_markdown(rows):
     lines = ["| network | scheme | group [B, p, q] | basis width | full solve, one matrix per thread | full solve, "
              "batched | warm step, one matrix per thread | warm step, batched |", "|---|---|---|---|---|---|---|---|"]
@@ -347,10 +384,12 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json (--part "
                         + ", ".join(f"{part}: results/{name}_<device>.json" for part, name in OUT_NAMES.items())
                         + ")")
-    parser.add_argument("--part", choices=["all", "static", "trajectory", "breakdown", "paths"], default="all",
+    parser.add_argument("--part", choices=["all", "static", "trajectory", "breakdown", "paths", "widths"],
+                        default="all",
                         help="static: the init/trp weight rows; trajectory: the TRP trajectory rows (warm start); "
                              "breakdown: where a settled ResNet-56 RankPruner.step() goes; paths: the CPU kernel's "
-                             "one-matrix-per-thread and batched paths per ResNet-50 group (these two not part of all)")
+                             "one-matrix-per-thread and batched paths per ResNet-50 group; widths: the warm step "
+                             "against the full solve per basis width (the last three not part of all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice); on a CPU shared with other jobs "
                              "1 avoids OpenMP oversubscription, which distorts small ops")
@@ -380,6 +419,9 @@ def main(argv=None):
         for model_name, scheme in [("resnet20", "channel")] if args.smoke else PATH_CASES:
             for row in paths(model_name, scheme, 1 if args.smoke else 3):
                 results.add(row)
+    if args.part == "widths":
+        for row in widths([(24, 40)] if args.smoke else WIDTH_SHAPES, 1 if args.smoke else 2):
+            results.add(row)
     if done and args.part in ("all", "trajectory"):
         done = run_trajectories(results, [("resnet20", "channel", 1)] if args.smoke else TRAJECTORY_CASES,
                                 args.device, budget, 1.0 if args.smoke else args.repeats_scale)
@@ -389,6 +431,8 @@ def main(argv=None):
           f"energy {ENERGY}, backend {results.doc['backend']}\n")
     if any(r["weights"] not in OWN_TABLES for r in results.rows):
         print(markdown(results.rows))
+    if any(r["weights"] == "widths" for r in results.rows):
+        print(widths_markdown([r for r in results.rows if r["weights"] == "widths"]))
     if any(r["weights"] == "paths" for r in results.rows):
         print(paths_markdown([r for r in results.rows if r["weights"] == "paths"]))
     for r in results.rows:

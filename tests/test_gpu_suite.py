@@ -64,6 +64,16 @@ def test_lowrank_paths_smoke(tmp_path):
     assert "one matrix per thread" in stdout
 
 
+def test_lowrank_widths_smoke(tmp_path):
+    """benchmarks/lowrank_table.py --part widths: the full solve and the warm step per basis width, certified."""
+    stdout, rows = _lowrank_table_smoke(tmp_path, "widths")
+    assert [r["energy"] for r in rows] == [0.95, 0.9, 0.8, 0.7]
+    assert all(r["weights"] == "widths" and r["warm_certified"] and r["cold_s"] > 0 and r["warm_s"] > 0 for r in rows)
+    fractions = [r["basis_fraction"] for r in rows]
+    assert fractions == sorted(fractions, reverse=True) and 0 < fractions[-1] < fractions[0] <= 1
+    assert "warm / full" in stdout
+
+
 def _bench_functions():
     """Every test function defined in benchmarks/bench_*.py, as (file name, function name)."""
     import ast

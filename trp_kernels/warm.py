@@ -45,8 +45,9 @@ POWER_STEPS = 2          # each divides the distance to the kept subspace by ~(u
 # float64 product; the Rayleigh-Ritz step and the residuals, which the certificate reads, stay float64.
 NOISE_FLOOR = 1e3        # kept Ritz values must exceed this many times the Gram matrix's rounding level
 MIN_N = 16               # smaller matrices always take the full solve (as fast there: measured, README)
-MAX_FRACTION = 0.5       # nor does a basis wider than this fraction of n: the power steps, orthonormalisation
-                         # and m x m eigensolve then cost as much as the full eigensolve (measured, README)
+MAX_FRACTION = 0.55      # nor does a basis wider than this fraction of n: from about 0.6 n the power steps,
+                         # orthonormalisation and m x m eigensolve cost as much as the full eigensolve
+                         # (`benchmarks/lowrank_table.py --part widths`, README)
 
 
 def is_basis(t):
