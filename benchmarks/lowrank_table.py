@@ -251,7 +251,7 @@ def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, devi
         for (module, name, _), fn in zip(timed, real):
             setattr(module, name, fn)
     med = [statistics.median(r[i] for r in rows) for i in range(4)]
-    path = "in place" if pruner._inplace_groups() is not None else "stacked"  # the one the pruner took
+    path = pruner.path  # the one the pruner took
     return {"model": model_name, "scheme": scheme, "weights": "settled", "path": path,
             "settle": settle, "steps": steps,
             "all_warm_steps": sum(r[4] for r in rows), "step_s": med[0], "ops_s": med[1], "kernels_s": med[2],

@@ -122,8 +122,10 @@ def _pair(scheme="channel", **kwargs):
 def test_rank_pruner_paths_train_identically_and_resume_across_paths():
     (m1, p1), (m2, p2) = _pair()
     assert p1._inplace_groups() is not None and p2._inplace_groups() is None
+    assert p1.path is None
     _train(m1, p1, 5)
     _train(m2, p2, 5)
+    assert (p1.path, p2.path) == ("in place", "stacked")
     assert any(bool(g.warm.warm.any()) for g in p1._groups)  # the warm path ran
     for k, v in m1.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
@@ -225,6 +227,7 @@ def test_copied_matrices_take_the_in_place_op_on_staged_copies_and_train_identic
         with pytest.raises(AssertionError, match="the stacked path ran"):
             _train(m2, p2, 1)
     _train(m2, p2, 5)
+    assert (p1.path, p2.path) == ("staged", "stacked")
     assert any(bool(g.warm.warm.any()) for g in p1._groups)  # the warm path ran
     for k, v in m1.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k

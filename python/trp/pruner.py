@@ -119,6 +119,8 @@ class RankPruner:
         self._inplace_cache = None     # (parameter addresses, _find_inplace_groups() for them)
         self.inplace = True            # False: always stack the groups and project them one op call each (the
                                        # path for GPUs, sharding and nd), e.g. to compare (same results: tests)
+        self.path = None               # how the latest projection ran: "in place" (views of the weights), "staged"
+                                       # (the in-place op on stacked copies) or "stacked" (one call per group)
         self.steps = 0                 # number of step() calls so far
         self.last_projected = False    # whether the latest step() projected
 
@@ -223,12 +225,15 @@ class RankPruner:
         groups = self._inplace_groups()
         if groups is not None:
             self._project_inplace(groups)
+            self.path = "in place"
             if self.budget is not None:
                 self.energy = self.budget.update(self.ranks)
             return
         stacks = [self._matrices(g) for g in self._groups]
         if self._staged_inplace(stacks):
+            self.path = "staged"
             return
+        self.path = "stacked"
         # The op's cheap per-group flag, but one host sync per device for all groups; only a suspect device
         # pays for the exact test. The op is then told not to check (and sync) again.
         flags = {}
