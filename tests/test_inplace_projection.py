@@ -119,17 +119,25 @@ def _pair(scheme="channel", **kwargs):
     return out
 
 
+def _assert_same_run(one, stacked, path):
+    """The pruner of `one` took `path`, the other the stacked one, the warm step ran, and the two runs are bit
+    for bit the same (weights, ranks, subgradients)."""
+    (m1, p1), (m2, p2) = one, stacked
+    assert (p1.path, p2.path) == (path, "stacked")
+    assert any(bool(g.warm.warm.any()) for g in p1._groups)
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    assert p1.ranks == p2.ranks
+    assert all(torch.equal(g1.G, g2.G) for g1, g2 in zip(p1._groups, p2._groups))
+
+
 def test_rank_pruner_paths_train_identically_and_resume_across_paths():
     (m1, p1), (m2, p2) = _pair()
     assert p1._inplace_groups() is not None and p2._inplace_groups() is None
     assert p1.path is None
     _train(m1, p1, 5)
     _train(m2, p2, 5)
-    assert (p1.path, p2.path) == ("in place", "stacked")
-    assert any(bool(g.warm.warm.any()) for g in p1._groups)  # the warm path ran
-    for k, v in m1.state_dict().items():
-        assert torch.equal(v, m2.state_dict()[k]), k
-    assert p1.ranks == p2.ranks
+    _assert_same_run((m1, p1), (m2, p2), "in place")
     # a state saved by one path resumes on the other, exactly
     p2.load_state_dict(p1.state_dict())
     _train(m1, p1, 3, seed=1)
@@ -227,12 +235,7 @@ def test_copied_matrices_take_the_in_place_op_on_staged_copies_and_train_identic
         with pytest.raises(AssertionError, match="the stacked path ran"):
             _train(m2, p2, 1)
     _train(m2, p2, 5)
-    assert (p1.path, p2.path) == ("staged", "stacked")
-    assert any(bool(g.warm.warm.any()) for g in p1._groups)  # the warm path ran
-    for k, v in m1.state_dict().items():
-        assert torch.equal(v, m2.state_dict()[k]), k
-    assert p1.ranks == p2.ranks
-    assert all(torch.equal(g1.G, g2.G) for g1, g2 in zip(p1._groups, p2._groups))
+    _assert_same_run((m1, p1), (m2, p2), "staged")
     if layout == "channels_last":
         assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in m1)
 

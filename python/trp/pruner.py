@@ -199,6 +199,11 @@ class RankPruner:
         for i, (g, rank) in enumerate(zip(self._groups, ranks)):
             g.rank, g.G = rank, (G[i] if want_g else None)
 
+    def _write_back(self, group, W_low):
+        """Copies a group's projected stack [B, ...matrix] into its layers' weights."""
+        torch._foreach_copy_([t.read() for t in group.targets],
+                             list(from_matrix(W_low, self.scheme, group.shape).unbind(0)))
+
     def _staged_inplace(self, stacks):
         """The in-place op on the groups' stacked matrices, for layers whose matrix is a copy (spatial) on the
         CPU: one call for all groups (matrices shared out over the threads by cost, the fallback on the spot)
@@ -211,9 +216,7 @@ class RankPruner:
             return False
         self._project_inplace(groups)  # raises before any weight is written (only the copies are touched)
         for g, W in zip(self._groups, stacks):
-            torch._foreach_copy_([t.read() for t in g.targets], list(from_matrix(W, self.scheme, g.shape).unbind(0)))
-        if self.budget is not None:
-            self.energy = self.budget.update(self.ranks)
+            self._write_back(g, W)
         return True
 
     @torch.no_grad()
@@ -226,14 +229,19 @@ class RankPruner:
         if groups is not None:
             self._project_inplace(groups)
             self.path = "in place"
-            if self.budget is not None:
-                self.energy = self.budget.update(self.ranks)
-            return
-        stacks = [self._matrices(g) for g in self._groups]
-        if self._staged_inplace(stacks):
-            self.path = "staged"
-            return
-        self.path = "stacked"
+        else:
+            stacks = [self._matrices(g) for g in self._groups]
+            if self._staged_inplace(stacks):
+                self.path = "staged"
+            else:
+                self._project_stacked(stacks)
+                self.path = "stacked"
+        if self.budget is not None:
+            self.energy = self.budget.update(self.ranks)
+
+    def _project_stacked(self, stacks):
+        """One lowrank_project call per group on its stacked matrices (sharded when a process group is set),
+        all groups checked for NaN/Inf first, then the copy back."""
         # The op's cheap per-group flag, but one host sync per device for all groups; only a suspect device
         # pays for the exact test. The op is then told not to check (and sync) again.
         flags = {}
@@ -266,11 +274,8 @@ class RankPruner:
                 ((W.shape, W.dtype, W.device), (W.shape[:-2], torch.int64, W.device),
                  (W.shape, W.dtype, W.device) if want_g else None) for W in stacks])
         for g, (W_low, rank, G) in zip(self._groups, results):
-            torch._foreach_copy_([t.read() for t in g.targets],
-                                 list(from_matrix(W_low, self.scheme, g.shape).unbind(0)))
+            self._write_back(g, W_low)
             g.rank, g.G = rank, G
-        if self.budget is not None:
-            self.energy = self.budget.update(self.ranks)
 
     def step(self):
         """Call once per training iteration, before the forward pass. Projects on the first call and
