@@ -1,6 +1,8 @@
-"""The projection of many small matrices in one call, in place: the CPU path RankPruner takes when every
-matrix it projects is a contiguous view of its layer's weight with min(p, q) <= max_n() (ResNet-20/56 and
-ResNet-50 under the channel scheme: each conv weight [n, c, kh, kw] is the n x c*kh*kw matrix).
+"""The projection of many matrices in one call, in place: the CPU path RankPruner takes when every matrix it
+projects has min(p, q) <= max_n(): on the matrices themselves where each is a contiguous view of its layer's
+weight (ResNet-20/56 and ResNet-50 under the channel scheme: each conv weight [n, c, kh, kw] is the
+n x c*kh*kw matrix), else on the groups' stacked copies, which the pruner then copies back (spatial,
+channels_last).
 
 Same results as lowrank_project with a WarmStart per group (the same per-matrix kernels, bit for bit: tests),
 without what surrounds them there: stacking the layers into a batch and copying the results back, a new

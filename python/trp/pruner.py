@@ -10,7 +10,8 @@
 
 The selected layers are grouped by (matrix shape, dtype, device); each group is one batched
 trp_kernels.lowrank_project call, which also returns the nuclear-norm subgradient U_k V_k^T, warm-started
-from the group's previous projection (trp_kernels.WarmStart: same results, less time). Under the nd
+from the group's previous projection (trp_kernels.WarmStart: same results, less time); on the CPU one call of
+trp_kernels.inplace for all groups instead, with the same results (`path` says which ran). Under the nd
 scheme every filter is its own matrix: a group's call covers all filters of all its layers. A group holds
 trp.targets.Target objects: a whole weight or a row block of one (the q, k, v rows of a packed attention
 in_proj_weight), read, written and regularized through the target's views of the parameter."""
