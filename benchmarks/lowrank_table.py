@@ -318,10 +318,12 @@ def widths(shapes=WIDTH_SHAPES, repeats=2):
 
 
 def widths_markdown(rows):
-    lines = ["| matrix | basis width / n | full solve | warm step | warm / full | certified |", "|---|---|---|---|---|---|"]
+    lines = ["| matrix | basis width / n | full solve | warm step | warm / full | certified |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['basis_fraction']:.2f} | {r['cold_s'] * 1e3:.1f} ms | "
-                     f"{r['warm_s'] * 1e3:.1f} ms | {r['warm_vs_cold']:.2f} | {'yes' if r['warm_certified'] else 'no'} |")
+        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['basis_fraction']:.2f} | "
+                     f"{r['cold_s'] * 1e3:.1f} ms | {r['warm_s'] * 1e3:.1f} ms | {r['warm_vs_cold']:.2f} | "
+                     f"{'yes' if r['warm_certified'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -24,11 +24,11 @@ kept and the next Ritz value are close, as they are in the flat spectra of wide 
 U_c Lam - M22 U_c = R_hat (U_a; U_b) and U_b Lam - Theta_2 U_b = R_hat_2^T U_c, with Lam >= lam_k >= theta_k,
 M22 <= tau (the trace of a positive semidefinite block bounds its eigenvalues) and Theta_2 <= theta_{k+1};
 so ||U_c||_F <= s_c and ||U_b||_F <= s_b. Float64 rounding of the Ritz vectors themselves,
-eps ||M|| / (theta_k - theta_{k+1}), is the full solve's own level and far below the tolerance.) A matrix takes the warm result only when these bounds prove (a) the same
-energy-rule rank as the exact spectrum, with a margin of RANK_MARGIN * ||W||_F^2 at the threshold (below
-it the full solve's own rounding decides), and (b) a kept subspace within SUBSPACE_TOL, which bounds
-||W_low - W_low_exact||_F / ||W||_F and, with the factor 1 + sqrt(theta_1 / theta_k), the subgradient's
-error. Every other matrix (and every matrix on the first call) takes the full solve.
+eps ||M|| / (theta_k - theta_{k+1}), is the full solve's own level and far below the tolerance.) A matrix
+takes the warm result only when these bounds prove (a) the same energy-rule rank as the exact spectrum, with a
+margin of RANK_MARGIN * ||W||_F^2 at the threshold (below it the full solve's own rounding decides), and
+(b) a kept subspace within SUBSPACE_TOL, which bounds ||W_low - W_low_exact||_F / ||W||_F and, with the
+factor 1 + sqrt(theta_1 / theta_k), the subgradient's error. Every other matrix (and every matrix on the first call) takes the full solve.
 
 This module is the executable specification (batched torch ops, any device) and the fallback; the compiled
 kernels (csrc/common/warm_driver.h, warm_certify.h: one launch sequence per batch on the GPU) run the same
@@ -72,9 +72,9 @@ def gram(W):
 
 def rayleigh_ritz(M, basis, steps=POWER_STEPS):
     """`steps` block power steps from `basis` [B, n, m] (the kept singular vectors of the previous call, zero
-    columns beyond each matrix's rank; the first of two or more in float32) and a Rayleigh-Ritz step on the span reached: (theta [B, m]
-    descending, X [B, n, m] orthonormal Ritz vectors (zero columns where the span has fewer dimensions),
-    squared residual norms of the columns [B, m], usable bool [B]).
+    columns beyond each matrix's rank; the first of two or more in float32) and a Rayleigh-Ritz step on the
+    span reached: (theta [B, m] descending, X [B, n, m] orthonormal Ritz vectors (zero columns where the span
+    has fewer dimensions), squared residual norms of the columns [B, m], usable bool [B]).
 
     Y = M^steps basis needs no orthonormalisation in between: its columns stay close to distinct
     eigenvectors (they are the previous ones), so after scaling them to unit norm Y^T Y is close to the

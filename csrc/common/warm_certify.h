@@ -81,7 +81,8 @@ TRP_HD int64_t warm_certify(double trace, const double* theta, const double* res
         const double second = sqrt(s_b * s_b + s_c * s_c);
         sin = second < sin ? second : sin;
       }
-      good = good && th_k > tol.noise_floor * noise_rel * th0 && sin * (1.0 + sqrt(th0 / th_k)) <= tol.subspace_tol;
+      good = good && th_k > tol.noise_floor * noise_rel * th0 &&
+             sin * (1.0 + sqrt(th0 / th_k)) <= tol.subspace_tol;
     }
     if (!good) rank = rank > m ? m : rank;
   }

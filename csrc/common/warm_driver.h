@@ -2,7 +2,8 @@
 // same code issues MKL/LAPACK calls on the CPU and cuBLAS/cuSOLVER ones on the GPU; the per-matrix
 // certificate is passed in). The algorithm, its bounds and its Python twin: trp_kernels/warm.py.
 //
-//   Y = M^2 basis (M the float64 Gram matrix; the first product in float32), columns scaled to unit norm, Cholesky QR -> Q;
+//   Y = M^2 basis (M the float64 Gram matrix; the first product in float32), columns scaled to unit norm,
+//   Cholesky QR -> Q;
 //   H = Q^T M Q = S diag(theta) S^T;  X = Q S;  R = M X - X diag(theta);
 //   certificate(theta, ||R columns||^2, trace M) -> rank, keep, inv_s, ok;  projection on X as the full solve.
 #pragma once
