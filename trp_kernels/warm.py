@@ -28,7 +28,8 @@ eps ||M|| / (theta_k - theta_{k+1}), is the full solve's own level and far below
 takes the warm result only when these bounds prove (a) the same energy-rule rank as the exact spectrum, with a
 margin of RANK_MARGIN * ||W||_F^2 at the threshold (below it the full solve's own rounding decides), and
 (b) a kept subspace within SUBSPACE_TOL, which bounds ||W_low - W_low_exact||_F / ||W||_F and, with the
-factor 1 + sqrt(theta_1 / theta_k), the subgradient's error. Every other matrix (and every matrix on the first call) takes the full solve.
+factor 1 + sqrt(theta_1 / theta_k), the subgradient's error. Every other matrix (and every matrix on the
+first call) takes the full solve.
 
 This module is the executable specification (batched torch ops, any device) and the fallback; the compiled
 kernels (csrc/common/warm_driver.h, warm_certify.h: one launch sequence per batch on the GPU) run the same
