@@ -74,15 +74,13 @@ def bench(results, net, batch, runtime, threads, fit_repeats, repeats):
 
 
 def markdown(rows):
-    lines = ["| network | batch | runtime | threads | dense ms | decomposed ms (x) | fitted ms (x) | layers kept "
-             "| MAC speed-up decomposed / fitted |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['net']} {'x'.join(map(str, r['input'][1:]))} | {r['batch']} | {r['runtime']} | "
-                     f"{r['threads']} | {r['ms_dense']:.2f} | {r['ms_decomposed']:.2f} "
-                     f"({r['speedup_decomposed']:.2f}x) | {_fitted(r)} | "
-                     f"{r['layers_kept']}/{r['layers_factorized']} | {r['mac_speedup_decomposed']:.2f}x / "
-                     f"{r['mac_speedup_fitted']:.2f}x |")
-    return "\n".join(lines)
+    return harness.markdown_table(
+        ["network", "batch", "runtime", "threads", "dense ms", "decomposed ms (x)", "fitted ms (x)", "layers kept",
+         "MAC speed-up decomposed / fitted"],
+        [[f"{r['net']} {'x'.join(map(str, r['input'][1:]))}", r["batch"], r["runtime"], r["threads"],
+          f"{r['ms_dense']:.2f}", f"{r['ms_decomposed']:.2f} ({r['speedup_decomposed']:.2f}x)", _fitted(r),
+          f"{r['layers_kept']}/{r['layers_factorized']}",
+          f"{r['mac_speedup_decomposed']:.2f}x / {r['mac_speedup_fitted']:.2f}x"] for r in rows])
 
 
 def _fitted(row):

@@ -111,14 +111,13 @@ def markdown(rows, doc):
     lines = [f"RankPruner.project() per step, 1 process vs 2 gloo processes (sharded), CPU ({m['cpu']}, "
              f"{m['cores']} cores), 1 torch thread per process, energy 0.9, nuclear 3e-4; medians of "
              f"{rows[0]['steps'] if rows else 0} interleaved steps.", "",
-             "| model | scheme | layers | 1 process (ms) | 2 processes (ms) | speed-up | CPU ms: 1 process / "
-             "busiest rank | CPU ratio | estimated cost share per rank |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        share = " / ".join(f"{v:.2f}" for v in r["cost_share_per_rank"])
-        lines.append(f"| {r['model']} | {r['scheme']} | {r['layers']} | {r['ms_1proc']:.1f} | "
-                     f"{r['ms_2proc']:.1f} | {r['speedup']:.2f}x | {r['cpu_ms_1proc']:.1f} / "
-                     f"{r['cpu_ms_2proc_max_rank']:.1f} | {r['cpu_ratio']:.2f}x | {share} |")
+             harness.markdown_table(
+                 ["model", "scheme", "layers", "1 process (ms)", "2 processes (ms)", "speed-up",
+                  "CPU ms: 1 process / busiest rank", "CPU ratio", "estimated cost share per rank"],
+                 [[r["model"], r["scheme"], r["layers"], f"{r['ms_1proc']:.1f}", f"{r['ms_2proc']:.1f}",
+                   f"{r['speedup']:.2f}x", f"{r['cpu_ms_1proc']:.1f} / {r['cpu_ms_2proc_max_rank']:.1f}",
+                   f"{r['cpu_ratio']:.2f}x", " / ".join(f"{v:.2f}" for v in r["cost_share_per_rank"])]
+                  for r in rows])]
     return "\n".join(lines)
 
 

@@ -25,6 +25,14 @@ from trp.storage import atomic_write  # noqa: E402
 from trp_kernels import conv  # noqa: E402  (its CUDA timing)
 
 
+def markdown_table(header, rows):
+    """A markdown table: the header's cells, a separator with one column per header cell, and each row's cells
+    (each converted with str)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, cells)) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
 def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

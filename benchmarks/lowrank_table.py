@@ -318,23 +318,20 @@ def widths(shapes=WIDTH_SHAPES, repeats=2):
 
 
 def widths_markdown(rows):
-    lines = ["| matrix | basis width / n | full solve | warm step | warm / full | certified |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['basis_fraction']:.2f} | "
-                     f"{r['cold_s'] * 1e3:.1f} ms | {r['warm_s'] * 1e3:.1f} ms | {r['warm_vs_cold']:.2f} | "
-                     f"{'yes' if r['warm_certified'] else 'no'} |")
-    return "\n".join(lines)
+    return harness.markdown_table(
+        ["matrix", "basis width / n", "full solve", "warm step", "warm / full", "certified"],
+        [[f"{r['shape'][0]} x {r['shape'][1]}", f"{r['basis_fraction']:.2f}", f"{r['cold_s'] * 1e3:.1f} ms",
+          f"{r['warm_s'] * 1e3:.1f} ms", f"{r['warm_vs_cold']:.2f}", "yes" if r["warm_certified"] else "no"]
+         for r in rows])
 
 
 def paths_markdown(rows):
-    lines = ["| network | scheme | group [B, p, q] | basis width | full solve, one matrix per thread | full solve, "
-             "batched | warm step, one matrix per thread | warm step, batched |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model'].split(':')[-1]} | {r['scheme']} | {r['shape']} | {r['basis_width']} | "
-                     + " | ".join(f"{r[k] * 1e3:.1f} ms" for k in ("cold_per_matrix_s", "cold_batched_s",
-                                                                 "warm_per_matrix_s", "warm_batched_s")) + " |")
-    return "\n".join(lines)
+    times = ("cold_per_matrix_s", "cold_batched_s", "warm_per_matrix_s", "warm_batched_s")
+    return harness.markdown_table(
+        ["network", "scheme", "group [B, p, q]", "basis width", "full solve, one matrix per thread",
+         "full solve, batched", "warm step, one matrix per thread", "warm step, batched"],
+        [[r["model"].split(":")[-1], r["scheme"], r["shape"], r["basis_width"]]
+         + [f"{r[k] * 1e3:.1f} ms" for k in times] for r in rows])
 
 
 def run_trajectories(results, cases=TRAJECTORY_CASES, device="cpu", budget=None, steps_scale=1.0):
@@ -346,34 +343,26 @@ def run_trajectories(results, cases=TRAJECTORY_CASES, device="cpu", budget=None,
 
 
 def trajectory_markdown(rows):
-    lines = ["| network | scheme | layers | steps | mean rank / n | warm matrices | (a) per-layer SVD loop | "
-             "full solve | RankPruner.step() (warm) | step vs (a) | full solve vs (a) | step vs full solve |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['model'].replace('torchvision:', '')} | {r['scheme']} | {r['layers']} | {r['steps']} | "
-            f"{r['mean_rank_fraction']:.2f} | {100 * r['warm_fraction']:.0f}% | {r['loop_s']*1e3:.1f} ms | "
-            f"{r['cold_s']*1e3:.1f} ms | {r['step_s']*1e3:.1f} ms | {r['step_vs_loop']:.1f}x | "
-            f"{r['cold_vs_loop']:.1f}x | {r['step_vs_cold']:.1f}x |")
-    return "\n".join(lines)
+    return harness.markdown_table(
+        ["network", "scheme", "layers", "steps", "mean rank / n", "warm matrices", "(a) per-layer SVD loop",
+         "full solve", "RankPruner.step() (warm)", "step vs (a)", "full solve vs (a)", "step vs full solve"],
+        [[r["model"].replace("torchvision:", ""), r["scheme"], r["layers"], r["steps"],
+          f"{r['mean_rank_fraction']:.2f}", f"{100 * r['warm_fraction']:.0f}%", f"{r['loop_s']*1e3:.1f} ms",
+          f"{r['cold_s']*1e3:.1f} ms", f"{r['step_s']*1e3:.1f} ms", f"{r['step_vs_loop']:.1f}x",
+          f"{r['cold_vs_loop']:.1f}x", f"{r['step_vs_cold']:.1f}x"] for r in rows])
 
 
 def markdown(rows):
     solvers = [k for k in ("ours_jacobi_s", "ours_lapack_s") if any(k in r for r in rows)]
     names = {"ours_jacobi_s": "Jacobi kernel", "ours_lapack_s": "cuSOLVER/LAPACK eigh"}
-    lines = ["| network | scheme | weights | layers (groups) | mean rank / n | (a) per-layer SVD loop | "
-             "(b) batched SVD | lowrank_project | vs (a) | vs (b) |" + "".join(f" {names[k]} |" for k in solvers),
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(solvers)]
-    for r in rows:
-        if r["weights"] in OWN_TABLES:
-            continue
-        extra = "".join(f" {r[k]*1e3:.2f} ms |" if k in r else " - |" for k in solvers)
-        lines.append(
-            f"| {r['model'].replace('torchvision:', '')} | {r['scheme']} | {r['weights']} | {r['layers']} "
-            f"({len(r['groups'])}) | {r['mean_rank_fraction']:.2f} | {r['loop_s']*1e3:.1f} ms | "
-            f"{r['batched_svd_s']*1e3:.1f} ms | {r['ours_s']*1e3:.1f} ms | {r['speedup_vs_loop']:.1f}x | "
-            f"{r['speedup_vs_batched_svd']:.1f}x |" + extra)
-    return "\n".join(lines)
+    return harness.markdown_table(
+        ["network", "scheme", "weights", "layers (groups)", "mean rank / n", "(a) per-layer SVD loop",
+         "(b) batched SVD", "lowrank_project", "vs (a)", "vs (b)"] + [names[k] for k in solvers],
+        [[r["model"].replace("torchvision:", ""), r["scheme"], r["weights"], f"{r['layers']} ({len(r['groups'])})",
+          f"{r['mean_rank_fraction']:.2f}", f"{r['loop_s']*1e3:.1f} ms", f"{r['batched_svd_s']*1e3:.1f} ms",
+          f"{r['ours_s']*1e3:.1f} ms", f"{r['speedup_vs_loop']:.1f}x", f"{r['speedup_vs_batched_svd']:.1f}x"]
+         + [f"{r[k]*1e3:.2f} ms" if k in r else "-" for k in solvers]
+         for r in rows if r["weights"] not in OWN_TABLES])
 
 
 def main(argv=None):

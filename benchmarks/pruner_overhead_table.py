@@ -130,13 +130,12 @@ def markdown(rows, doc):
     where = m.get("gpu") or f"CPU ({m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s))"
     lines = [f"TRP overhead per training step on {where}: medians of interleaved rounds, channel scheme, "
              f"energy 0.9, nuclear 3e-4, lowrank_project backend: {doc['backend']}.", "",
-             "| model | batch | amp | period | step without TRP (ms) | step with TRP (ms) | overhead | "
-             "TRP time per projection (ms) | overhead from TRP time |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r.get('amp', 'off')} | {r['period']} | "
-                     f"{r['step_ms_no_trp']:.1f} | {r['step_ms_trp']:.1f} | {r['overhead']:.3f}x | "
-                     f"{r['trp_ms_per_projection']:.2f} | {r['overhead_from_trp_ms']:.4f}x |")
+             harness.markdown_table(
+                 ["model", "batch", "amp", "period", "step without TRP (ms)", "step with TRP (ms)", "overhead",
+                  "TRP time per projection (ms)", "overhead from TRP time"],
+                 [[r["model"], r["batch"], r.get("amp", "off"), r["period"], f"{r['step_ms_no_trp']:.1f}",
+                   f"{r['step_ms_trp']:.1f}", f"{r['overhead']:.3f}x", f"{r['trp_ms_per_projection']:.2f}",
+                   f"{r['overhead_from_trp_ms']:.4f}x"] for r in rows])]
     return "\n".join(lines)
 
 
