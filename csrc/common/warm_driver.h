@@ -55,10 +55,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lo
   at::NoTF32Guard no_tf32;  // as in lowrank_project_gram
   const at::Tensor basis = at::where(at::isfinite(basis_in), basis_in, at::zeros_like(basis_in));
   auto [A64, M, left] = gram_of(W);
+  const at::Tensor trace = M.diagonal(0, 1, 2).sum(-1).contiguous();
   at::Tensor Y = basis;
   for (int64_t s = 0; s < params.power_steps; ++s) {
     if (s == 0 && params.power_steps > 1) {  // float32, on M / trace(M) (warm.py: FLOAT32_FIRST_STEP)
-      const at::Tensor tr = M.diagonal(0, 1, 2).sum(-1).view({-1, 1, 1});
+      const at::Tensor tr = trace.view({-1, 1, 1});
       Y = at::bmm(M.div(at::where(tr > 0, tr, at::ones_like(tr))).to(at::kFloat), Y.to(at::kFloat)).to(at::kDouble);
     } else {
       Y = at::bmm(M, Y);
@@ -82,7 +83,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lo
   const at::Tensor X = at::bmm(Q, S);
   const at::Tensor R = at::bmm(MQ, S) - X * theta.unsqueeze(1);
   const at::Tensor res2 = R.square().sum(1).contiguous();
-  const at::Tensor trace = M.diagonal(0, 1, 2).sum(-1).contiguous();
   auto [rank, keep, inv_s, ok] = certify(trace, theta, res2, energy, max_rank.value_or(-1), gram_noise_rel(p, q),
                                         params.tol);
   ok = ok & usable;

@@ -156,11 +156,16 @@ class RankPruner:
     def _matrices(self, group):
         return to_matrix(torch.stack([t.read() for t in group.targets]), self.scheme)
 
+    def _inplace_allowed(self):
+        """Whether the in-place op may project at all: switched on, and no sharding (each process projects only
+        its own groups, then exchanges them)."""
+        return self.inplace and self._sharding is None
+
     def _inplace_groups(self):
         """Each group's matrices as views of the layers' weights when the in-place CPU op takes them all
         (trp_kernels.inplace: CPU, no sharding, every matrix a contiguous view of its weight, n small enough),
         else None. One call for all groups instead of stacking each group and copying the results back."""
-        if not self.inplace or self._sharding is not None:
+        if not self._inplace_allowed():
             return None
         # The views stay valid while every parameter keeps its storage (a cached view keeps its storage alive,
         # so a new one, after .to() or .data =, never has the same address)
@@ -210,7 +215,7 @@ class RankPruner:
         CPU: one call for all groups (matrices shared out over the threads by cost, the fallback on the spot)
         instead of one per group, then the copy back. Returns whether it projected (False: the op does not
         take these matrices, e.g. nd's filter batches, a GPU, n > inplace.max_n())."""
-        if not self.inplace or self._sharding is not None:
+        if not self._inplace_allowed():
             return False
         groups = [list(W.unbind(0)) for W in stacks]
         if not inplace.supports(groups):
