@@ -9,11 +9,14 @@
 #   build            setup.py build_ext --inplace, CUDA required, sm_90 only (TORCH_CUDA_ARCH_LIST overrides)
 #   backend_info     what was built and what each op runs
 #   lowrank_tests    `cuda` tests of lowrank_project (+ edge cases: n 54/55/64, B 0 and 200000, zeros, dtypes,
-#                    side stream, TF32 on)
+#                    side stream, TF32 on) and of its warm start (the CUDA kernel against its Python spec and
+#                    the full solve over trajectories, fallbacks, n = 1536, RankPruner on a CUDA model)
 #   racecheck        compute-sanitizer racecheck of the Jacobi kernel (benchmarks/sanitize_jacobi.py)
 #   conv_tests       `cuda` tests of the fused convs, modules and decomposition with one tile config per shape
 #                    (inductor, channels_last, autocast included)
-#   lowrank_table    projection vs per-layer SVD loop vs batched SVD, Jacobi vs cuSOLVER (ResNet-56, ResNet-50)
+#   lowrank_table    the TRP trajectory first (RankPruner.step() warm vs the full solve vs the per-layer SVD loop,
+#                    ResNet-56 channel, ResNet-50 channel and spatial), then projection vs per-layer SVD loop vs
+#                    batched SVD, Jacobi vs cuSOLVER (ResNet-56, ResNet-50); one JSON
 #   pruner_overhead  TRP step overhead at periods 1/5/20, fp32 and bf16 autocast (ResNet-20/56, ResNet-50)
 #   conv_layers      fused vs two cuDNN convs vs dense per layer, fp16/fp32, batch 1/32/128
 #   conv_e2e         decomposed vs dense networks end to end (auto's per-shape choices included)
@@ -80,7 +83,8 @@ fi
 step backend_info 30 "$WORK/backend_info.log" "$PY" -c \
   "import json, trp_kernels; print(json.dumps(trp_kernels.backend_info()))"
 
-pytest_step lowrank_tests 60 -m cuda tests/test_lowrank_project.py tests/test_lowrank_project_cuda.py
+pytest_step lowrank_tests 90 -m cuda tests/test_lowrank_project.py tests/test_lowrank_project_cuda.py \
+  tests/test_warm_projection.py
 if [ $DRY = 1 ]; then
   step racecheck 30 "$RES/sanitizer.log" "$PY" benchmarks/sanitize_jacobi.py --device cpu
 else
@@ -90,8 +94,8 @@ fi
 TRP_TRITON_AUTOTUNE=off pytest_step conv_tests 90 -m cuda tests/test_factorized_conv.py tests/test_modules.py \
   tests/test_decompose.py
 
-step lowrank_table 40 "$RES/tables.log" "$PY" benchmarks/lowrank_table.py --device $DEV --repeats-scale 0.6 \
-  --budget-s 25 --out "$RES/lowrank_project_$DEV.json" "${SMOKE[@]}"
+step lowrank_table 75 "$RES/tables.log" "$PY" benchmarks/lowrank_table.py --device $DEV --repeats-scale 0.6 \
+  --part trajectory static --budget-s 60 --out "$RES/lowrank_project_$DEV.json" "${SMOKE[@]}"
 step pruner_overhead 50 "$RES/tables.log" "$PY" benchmarks/pruner_overhead_table.py --device $DEV \
   --models resnet20 resnet56 torchvision:resnet50 --amp off bf16 --rounds 6 --budget 5 --total-budget 35 \
   --out "$RES/pruner_overhead_$DEV.json" "${SMOKE[@]}"

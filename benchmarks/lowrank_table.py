@@ -33,6 +33,7 @@ from trp_kernels import reference  # noqa: E402
 
 ENERGY = 0.9
 OWN_TABLES = ("trajectory", "settled", "paths", "widths")  # row kinds printed in their own tables, not markdown()
+PARTS = ("static", "trajectory", "breakdown", "paths", "widths")
 OUT_NAMES = {"trajectory": "lowrank_trajectory", "breakdown": "lowrank_breakdown", "paths": "lowrank_paths",
              "widths": "lowrank_widths"}
 
@@ -375,20 +376,22 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="default: results/lowrank_project_<device>.json (--part "
                         + ", ".join(f"{part}: results/{name}_<device>.json" for part, name in OUT_NAMES.items())
                         + ")")
-    parser.add_argument("--part", choices=["all", "static", "trajectory", "breakdown", "paths", "widths"],
-                        default="all",
+    parser.add_argument("--part", nargs="+", choices=["all", *PARTS], default=["all"],
                         help="static: the init/trp weight rows; trajectory: the TRP trajectory rows (warm start); "
                              "breakdown: where a settled ResNet-56 RankPruner.step() goes; paths: the CPU kernel's "
                              "one-matrix-per-thread and batched paths per ResNet-50 group; widths: the warm step "
-                             "against the full solve per basis width (the last three not part of all)")
+                             "against the full solve per basis width (the last three not part of all: static, "
+                             "then trajectory). Several run in the order given, into one file; --budget-s stops "
+                             "the static and trajectory parts from starting a new case")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice); on a CPU shared with other jobs "
                              "1 avoids OpenMP oversubscription, which distorts small ops")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    parts = [p for part in args.part for p in (("static", "trajectory") if part == "all" else (part,))]
     if args.out is None:
-        name = OUT_NAMES.get(args.part, "lowrank_project")
+        name = OUT_NAMES.get(parts[0], "lowrank_project") if len(parts) == 1 else "lowrank_project"
         args.out = str(harness.ROOT / "results" / f"{name}_{args.device}.json")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is available")
@@ -397,25 +400,28 @@ def main(argv=None):
     cases = SMOKE_CASES if args.smoke else CASES
     budget = harness.Budget(args.budget_s)
     done = True
-    if args.part in ("all", "static"):
-        done = run(results, 1.0 if args.smoke else args.repeats_scale, ("trp",) if args.smoke else ("init", "trp"),
-                   cases, args.device, budget)
-    if args.part == "breakdown":
-        for inplace in (True, False):  # the pruner's own path (in place on the CPU), and the stacked one
-            row = breakdown(*(("resnet20", "channel", 8, 2) if args.smoke else ()), device=args.device,
-                            inplace=inplace)
-            if inplace or row["path"] not in [r["path"] for r in results.rows]:
+    for part in parts:
+        if not done:  # the budget ran out
+            break
+        if part == "static":
+            done = run(results, 1.0 if args.smoke else args.repeats_scale,
+                       ("trp",) if args.smoke else ("init", "trp"), cases, args.device, budget)
+        elif part == "trajectory":
+            done = run_trajectories(results, [("resnet20", "channel", 1)] if args.smoke else TRAJECTORY_CASES,
+                                    args.device, budget, 1.0 if args.smoke else args.repeats_scale)
+        elif part == "breakdown":
+            for inplace in (True, False):  # the pruner's own path (in place on the CPU), and the stacked one
+                row = breakdown(*(("resnet20", "channel", 8, 2) if args.smoke else ()), device=args.device,
+                                inplace=inplace)
+                if inplace or row["path"] not in [r["path"] for r in results.rows]:
+                    results.add(row)
+        elif part == "paths":
+            for model_name, scheme in [("resnet20", "channel")] if args.smoke else PATH_CASES:
+                for row in paths(model_name, scheme, 1 if args.smoke else 3):
+                    results.add(row)
+        else:  # widths
+            for row in widths([(24, 40)] if args.smoke else WIDTH_SHAPES, 1 if args.smoke else 2):
                 results.add(row)
-    if args.part == "paths":
-        for model_name, scheme in [("resnet20", "channel")] if args.smoke else PATH_CASES:
-            for row in paths(model_name, scheme, 1 if args.smoke else 3):
-                results.add(row)
-    if args.part == "widths":
-        for row in widths([(24, 40)] if args.smoke else WIDTH_SHAPES, 1 if args.smoke else 2):
-            results.add(row)
-    if done and args.part in ("all", "trajectory"):
-        done = run_trajectories(results, [("resnet20", "channel", 1)] if args.smoke else TRAJECTORY_CASES,
-                                args.device, budget, 1.0 if args.smoke else args.repeats_scale)
     results.finish(truncated_by_budget=not done)
     m = results.doc["machine"]
     print(f"{results.doc['date']}, {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']}, "

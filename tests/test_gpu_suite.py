@@ -33,6 +33,8 @@ def test_gpu_suite_dry_run(tmp_path):
         assert doc["complete"] and doc["rows"], name
         assert doc["machine"]["torch"] and doc["date"].endswith("+00:00")
     assert "n=64" in (out / "sanitizer.log").read_text()
+    kinds = [r["weights"] for r in json.loads((out / "lowrank_project_cpu.json").read_text())["rows"]]
+    assert kinds[0] == "trajectory" and "trp" in kinds  # the warm start's trajectory first, then the static rows
 
 
 def _lowrank_table_smoke(tmp_path, part):

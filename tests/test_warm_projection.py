@@ -1,6 +1,7 @@
 """Warm-started lowrank_project (trp_kernels/warm.py, WarmStart): equal to the full solve within the contract
 over SGD-like trajectories (rank changes, energy changes, max_rank), pathological matrices, fallback, the
-compiled step against its Python specification, the op schema, and RankPruner carrying the state."""
+compiled step against its Python specification, the op schema, and RankPruner carrying the state. The `cuda`
+backend (the CUDA kernel: warm_driver.h on the device) runs in benchmarks/gpu_suite.sh."""
 import io
 
 import pytest
@@ -8,14 +9,25 @@ import torch
 
 import trp
 import trp_kernels
+from trp.schemes import to_matrix
 from trp_kernels import WarmStart, _extension, project, warm
 
 from test_lowrank_project import check_projection, make_batch
 
 HAS_CPP = _extension.has_kernel("lowrank_project_warm", "CPU")
+CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
 # cpp: the CPU kernel's own choice (one matrix per thread at these sizes); cpp-batched: its batched driver (the
-# one large matrices and the GPU run)
-BACKENDS = ["reference"] + (["cpp", "cpp-batched"] if HAS_CPP else [])
+# one large matrices and the GPU run); cuda: the compiled CUDA kernel on the GPU
+BACKENDS = ["reference"] + (["cpp", "cpp-batched"] if HAS_CPP else []) + [CUDA]
+
+
+def need_cuda_kernel():
+    if not _extension.has_kernel("lowrank_project_warm", "CUDA"):
+        pytest.skip(f"trp_kernels._C has no CUDA warm kernel ({_extension.error() or 'built without CUDA'})")
+
+
+def device_of(backend):
+    return "cuda" if backend == "cuda" else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +44,9 @@ def solver_step(solver):
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setenv(project.BACKEND_ENV, request.param.split("-")[0])
+    if request.param == "cuda":
+        need_cuda_kernel()
+    monkeypatch.setenv(project.BACKEND_ENV, "cpp" if request.param == "cuda" else request.param.split("-")[0])
     if request.param == "cpp-batched":
         monkeypatch.setattr(warm, "compiled_step", solver_step("batched"))
     return request.param
@@ -58,7 +72,7 @@ def assert_same_as_cold(W, energy, out, max_rank=None, svd=True):
 def sgd_like(W_low, size, gen):
     """The next weights of a TRP run: the projected weights plus a dense update of relative size `size`."""
     rms = W_low.flatten(1).square().mean(dim=1).sqrt().clamp_min(1e-3)[:, None, None]
-    return W_low + size * rms * torch.randn(W_low.shape, generator=gen, dtype=W_low.dtype)
+    return W_low + size * rms * torch.randn(W_low.shape, generator=gen, dtype=W_low.dtype).to(W_low.device)
 
 
 @pytest.mark.parametrize("shape", [(3, 20, 44), (3, 36, 18)])
@@ -67,7 +81,7 @@ def test_fifty_step_trajectory_equals_full_solve(backend, shape):
     if backend == "reference" and shape[1] > shape[2] and HAS_CPP:
         pytest.skip("the reference's p > q case: test_compiled_step_matches_its_python_specification")
     gen = torch.Generator().manual_seed(shape[1])
-    W = make_batch(*shape, "decay", seed=3) + 0.05 * make_batch(*shape, "flat", seed=4)
+    W = (make_batch(*shape, "decay", seed=3) + 0.05 * make_batch(*shape, "flat", seed=4)).to(device_of(backend))
     state, warm_calls, ranks = WarmStart(), 0, set()
     for t in range(50):
         energy = (0.9, 0.8, 0.95)[(t // 10) % 3]
@@ -85,7 +99,7 @@ def test_fifty_step_trajectory_equals_full_solve(backend, shape):
 def test_trajectory_with_max_rank_and_float64(backend):
     """max_rank decides the rank at every step (energy 0.99999 wants more than 6 directions)."""
     gen = torch.Generator().manual_seed(1)
-    W = make_batch(3, 24, 40, "flat", seed=5, dtype=torch.float64)
+    W = make_batch(3, 24, 40, "flat", seed=5, dtype=torch.float64).to(device_of(backend))
     state, warm_calls = WarmStart(), 0
     for t in range(12):
         out = trp_kernels.lowrank_project(W, 0.99999, max_rank=6, subgradient=True, warm=state)
@@ -99,7 +113,8 @@ def test_trajectory_with_max_rank_and_float64(backend):
 def test_pathological_matrices(backend):
     """Repeated singular values, a zeroed matrix, a sudden large update: NaN-free and within the contract."""
     gen = torch.Generator().manual_seed(2)
-    W = torch.cat([make_batch(2, 24, 48, "repeated", seed=6), make_batch(2, 24, 48, "decay", seed=7)])
+    dev = device_of(backend)
+    W = torch.cat([make_batch(2, 24, 48, "repeated", seed=6), make_batch(2, 24, 48, "decay", seed=7)]).to(dev)
     state = WarmStart()
     out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
     for t in range(6):
@@ -107,7 +122,7 @@ def test_pathological_matrices(backend):
         if t == 2:
             W[1] = 0.0   # a layer set to zero
         if t == 4:
-            W[3] = torch.randn(24, 48, generator=gen)  # a sudden large update
+            W[3] = torch.randn(24, 48, generator=gen).to(dev)  # a sudden large update
         out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
         assert_same_as_cold(W, 0.9, out)
         if t == 2:
@@ -115,7 +130,7 @@ def test_pathological_matrices(backend):
         if t == 4:
             assert not bool(state.warm[3])  # the update is not "small": the full solve
     # exactly repeated singular values at the cut: still the same rank and a best approximation
-    W = make_batch(3, 20, 40, "repeated", seed=8)
+    W = make_batch(3, 20, 40, "repeated", seed=8).to(dev)
     state = WarmStart()
     for _ in range(3):
         out = trp_kernels.lowrank_project(W, 0.5, subgradient=True, warm=state)
@@ -124,7 +139,8 @@ def test_pathological_matrices(backend):
 
 @pytest.mark.parametrize("corrupt", ["nan", "random", "shape", "device-dtype"])
 def test_a_bad_state_falls_back_to_the_full_solve(backend, corrupt):
-    W = make_batch(3, 20, 36, "decay", seed=9)
+    dev = device_of(backend)
+    W = make_batch(3, 20, 36, "decay", seed=9).to(dev)
     state = WarmStart()
     trp_kernels.lowrank_project(W, 0.9, warm=state)
     gen = torch.Generator().manual_seed(3)
@@ -132,7 +148,7 @@ def test_a_bad_state_falls_back_to_the_full_solve(backend, corrupt):
         state.basis[1] = float("nan")
     elif corrupt == "random":
         state.basis = torch.linalg.qr(torch.randn(3, 20, state.basis.shape[2], generator=gen,
-                                                  dtype=torch.float64))[0]
+                                                  dtype=torch.float64))[0].to(dev)
     elif corrupt == "shape":
         state.basis = state.basis[:2]
     else:
@@ -144,17 +160,22 @@ def test_a_bad_state_falls_back_to_the_full_solve(backend, corrupt):
     if corrupt == "nan":
         assert not bool(state.warm[1])
     assert state.basis.shape[:2] == (3, 20) and state.basis.dtype == torch.float64
+    assert state.basis.device == W.device
 
 
-@pytest.mark.skipif(not HAS_CPP, reason="trp_kernels._C not built")
-@pytest.mark.parametrize("solver", ["auto", "per_matrix", "batched"])
+@pytest.mark.parametrize("solver", ["auto", "per_matrix", "batched", CUDA])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_compiled_step_matches_its_python_specification(solver, dtype):
+    """The CPU kernel's paths (solver) and the CUDA kernel (the spec run on the GPU too) against warm.step."""
+    if solver == "cuda":
+        need_cuda_kernel()
+    elif not HAS_CPP:
+        pytest.skip("trp_kernels._C not built")
     gen = torch.Generator().manual_seed(4)
-    step = solver_step(solver)
+    step = warm.compiled_step if solver == "cuda" else solver_step(solver)
     for shape in [(5, 24, 70), (4, 40, 18)]:
-        W = make_batch(*shape, "decay", seed=11) + 0.05 * make_batch(*shape, "flat", seed=12)
-        W_low, rank, _, full = project._cold_with_basis(W, 0.9, None, True, HAS_CPP)
+        W = (make_batch(*shape, "decay", seed=11) + 0.05 * make_batch(*shape, "flat", seed=12)).to(device_of(solver))
+        W_low, rank, _, full = project._cold_with_basis(W, 0.9, None, True, True)
         basis = warm.next_basis(full, rank)
         basis[0, :, -1] = 0.0  # a zero column (a matrix of lower rank than the batch's largest)
         W = sgd_like(W_low, 0.01, gen).to(dtype)
@@ -341,7 +362,7 @@ def test_flat_spectra_are_certified_by_the_second_order_bound(backend, shape):
     TRP trajectory: every warm step is certified (the first-order bound alone fails most of them) and equals
     the full solve."""
     gen = torch.Generator().manual_seed(22)
-    W = torch.randn(shape, generator=gen) / shape[2] ** 0.5
+    W = (torch.randn(shape, generator=gen) / shape[2] ** 0.5).to(device_of(backend))
     state = WarmStart()
     out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
     for t in range(6):
@@ -358,12 +379,55 @@ def test_weights_far_outside_float32_gram_range_stay_warm(backend, scale):
     float32's largest number) or 1e-21 (below its smallest normal one) still take the warm path and equal the
     full solve."""
     gen = torch.Generator().manual_seed(23)
-    W = (make_batch(3, 24, 40, "decay", seed=14, dtype=torch.float64) * scale)
+    W = (make_batch(3, 24, 40, "decay", seed=14, dtype=torch.float64) * scale).to(device_of(backend))
     state = WarmStart()
     out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
     for t in range(3):
         rms = out[0].flatten(1).square().mean(dim=1).sqrt()[:, None, None]  # (sgd_like's floor is 1e-3)
-        W = out[0] + 0.01 * rms * torch.randn(W.shape, generator=gen, dtype=W.dtype)
+        W = out[0] + 0.01 * rms * torch.randn(W.shape, generator=gen, dtype=W.dtype).to(W.device)
         out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
         assert_same_as_cold(W, 0.9, out, svd=False)
         assert bool(state.warm.all())
+
+
+@pytest.mark.cuda
+def test_rank_pruner_on_the_gpu_projects_warm_within_the_contract():
+    """RankPruner on a CUDA model: one stacked op call per group (the CUDA warm kernel, one host
+    synchronisation per group); every projection equals the full solve of the weights it projected."""
+    need_cuda_kernel()
+    model = _net().cuda()
+    pruner = trp.RankPruner(model, "channel", energy=0.5, nuclear=1e-3)  # ranks below warm.MAX_FRACTION
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(6)
+    warm_steps = 0
+    for _ in range(6):
+        before = [to_matrix(m.weight.detach(), "channel").clone() for _, m in pruner.layers]
+        pruner.step()
+        assert pruner.path == "stacked"
+        warm_steps += any(bool(g.warm.warm.any()) for g in pruner._groups)
+        for W, (name, m) in zip(before, pruner.layers):
+            after = to_matrix(m.weight.detach(), "channel")[None]
+            rank = torch.tensor([pruner.ranks[name]], device=after.device)
+            assert_same_as_cold(W[None], 0.5, (after, rank, torch.zeros_like(after)), svd=False)
+        x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64).cuda()
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        pruner.regularize()
+        opt.step()
+    assert warm_steps >= 3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(2, 770, 900), (1, 1536, 1536)])
+def test_large_matrices_on_the_gpu(shape):
+    """ResNet-50 spatial's sizes on the GPU's batched driver (the tiled Gram matrix, the library eigensolver
+    for the full solve): the full solve and the warm step after a 1% update, against float64 SVD."""
+    need_cuda_kernel()
+    gen = torch.Generator().manual_seed(4)
+    W = make_batch(*shape, "decay", seed=21).cuda()
+    W_low, rank, G, basis = torch.ops.trp_kernels_C.lowrank_project_basis(W, 0.9, None, True)
+    check_projection(W, 0.9, W_low, rank, G)
+    W, state = sgd_like(W_low, 0.01, gen), warm.next_basis(basis, rank)
+    out = warm.compiled_step(W, state, 0.9, None, True)
+    assert bool(out[4].all())
+    check_projection(W, 0.9, *out[:3])
