@@ -205,7 +205,8 @@ def trajectory(model_name, scheme, steps, device="cpu", seed=0, repeats=3):
               f"RankPruner.step() {t_step*1e3:.1f} ms", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": model_name, "scheme": scheme, "weights": "trajectory", "layers": len(pruner.layers),
-            "steps": steps, "repeats": repeats, "sgd_step": SGD_STEP, "mean_rank_fraction": sum(fractions) / len(fractions),
+            "steps": steps, "repeats": repeats, "sgd_step": SGD_STEP,
+            "mean_rank_fraction": sum(fractions) / len(fractions),
             "warm_fraction": warm / total, "loop_s": med["loop"], "cold_s": med["cold"], "step_s": med["step"],
             "step_vs_loop": med["loop"] / med["step"], "cold_vs_loop": med["loop"] / med["cold"],
             "step_vs_cold": med["cold"] / med["step"], "raw": times}
