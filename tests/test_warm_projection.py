@@ -242,12 +242,17 @@ def test_an_extension_built_before_the_warm_start_runs_its_full_solve(monkeypatc
         assert state.basis.shape == (3, 20, 0) and not bool(state.warm.any())
 
 
-def _train(model, pruner, steps, seed=0):
+def _train(model, pruner, steps, seed=0, after_step=None):
+    """`steps` SGD iterations with the pruner's step and regularize; after_step(): called after each
+    pruner.step(), before the update."""
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    device = next(model.parameters()).device
     for _ in range(steps):
         pruner.step()
-        loss = model(torch.randn(2, 3, 8, 8, dtype=torch.float64)).square().mean()
+        if after_step is not None:
+            after_step()
+        loss = model(torch.randn(2, 3, 8, 8, dtype=torch.float64, device=device)).square().mean()
         opt.zero_grad()
         loss.backward()
         pruner.regularize()
@@ -310,19 +315,27 @@ def test_a_sharded_pruner_saves_and_keeps_only_the_bases_of_its_own_groups():
     assert pruner._groups[0].warm.basis is not None and pruner._groups[1].warm.basis is None
 
 
-@pytest.mark.skipif(not HAS_CPP, reason="trp_kernels._C not built")
-@pytest.mark.parametrize("shape, dtype", [((2, 770, 900), torch.float32), ((1, 1000, 790), torch.float64)])
-def test_large_matrices_take_the_blocked_gram_matrix(shape, dtype):
-    """n >= 768 (ResNet-50 spatial's sizes): the batched drivers (the CPU's above n = 1024, the GPU's) build the
-    Gram matrix tile by tile (the lower triangle, mirrored). Their full solve and warm step, and the CPU's own
-    choice, against float64 SVD."""
+@pytest.mark.parametrize("device, shape, dtype", [
+    ("cpu", (2, 770, 900), torch.float32), ("cpu", (1, 1000, 790), torch.float64),
+    pytest.param("cuda", (2, 770, 900), torch.float32, marks=pytest.mark.cuda),
+    pytest.param("cuda", (1, 1536, 1536), torch.float32, marks=pytest.mark.cuda)])
+def test_large_matrices_take_the_blocked_gram_matrix(device, shape, dtype):
+    """n >= 768 (ResNet-50 spatial's sizes, up to its largest on the GPU): the batched drivers (the CPU's above
+    n = 1024, the GPU's) build the Gram matrix tile by tile (the lower triangle, mirrored). Their full solve
+    and warm step after a 1% update, and the CPU's own choice, against float64 SVD."""
+    if device == "cuda":
+        need_cuda_kernel()
+    elif not HAS_CPP:
+        pytest.skip("trp_kernels._C not built")
     gen = torch.Generator().manual_seed(4)
-    W = make_batch(*shape, "decay", seed=21, dtype=dtype)
+    W = make_batch(*shape, "decay", seed=21, dtype=dtype).to(device)
     W_low, rank, G, basis = torch.ops.trp_kernels_C.lowrank_project_basis(W, 0.9, None, True)
     check_projection(W, 0.9, W_low, rank, G)
-    check_projection(W, 0.9, *torch.ops.trp_kernels_C.lowrank_project_solver(W, 0.9, None, True, "lapack_batched"))
+    if device == "cpu":  # the CPU's own choice below took the per-matrix full solve at these sizes
+        check_projection(W, 0.9, *torch.ops.trp_kernels_C.lowrank_project_solver(W, 0.9, None, True,
+                                                                                   "lapack_batched"))
     W, state = sgd_like(W_low, 0.01, gen), warm.next_basis(basis, rank)
-    for solver in ("batched", "auto"):
+    for solver in ("batched", "auto") if device == "cpu" else (None,):  # None: the device's own kernel
         out = warm.compiled_step(W, state, 0.9, None, True, solver)
         assert bool(out[4].all())
         check_projection(W, 0.9, *out[:3])
@@ -397,37 +410,18 @@ def test_rank_pruner_on_the_gpu_projects_warm_within_the_contract():
     need_cuda_kernel()
     model = _net().cuda()
     pruner = trp.RankPruner(model, "channel", energy=0.5, nuclear=1e-3)  # ranks below warm.MAX_FRACTION
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    gen = torch.Generator().manual_seed(6)
-    warm_steps = 0
-    for _ in range(6):
-        before = [to_matrix(m.weight.detach(), "channel").clone() for _, m in pruner.layers]
-        pruner.step()
+    warm_steps = []
+
+    def check(before):  # the weights pruner.step() just wrote against the full solve of those it read
         assert pruner.path == "stacked"
-        warm_steps += any(bool(g.warm.warm.any()) for g in pruner._groups)
+        warm_steps.append(any(bool(g.warm.warm.any()) for g in pruner._groups))
         for W, (name, m) in zip(before, pruner.layers):
             after = to_matrix(m.weight.detach(), "channel")[None]
             rank = torch.tensor([pruner.ranks[name]], device=after.device)
             assert_same_as_cold(W[None], 0.5, (after, rank, torch.zeros_like(after)), svd=False)
-        x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64).cuda()
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        pruner.regularize()
-        opt.step()
-    assert warm_steps >= 3
 
+    for t in range(6):
+        before = [to_matrix(m.weight.detach(), "channel").clone() for _, m in pruner.layers]
+        _train(model, pruner, 1, seed=t, after_step=lambda: check(before))
+    assert sum(warm_steps) >= 3
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("shape", [(2, 770, 900), (1, 1536, 1536)])
-def test_large_matrices_on_the_gpu(shape):
-    """ResNet-50 spatial's sizes on the GPU's batched driver (the tiled Gram matrix, the library eigensolver
-    for the full solve): the full solve and the warm step after a 1% update, against float64 SVD."""
-    need_cuda_kernel()
-    gen = torch.Generator().manual_seed(4)
-    W = make_batch(*shape, "decay", seed=21).cuda()
-    W_low, rank, G, basis = torch.ops.trp_kernels_C.lowrank_project_basis(W, 0.9, None, True)
-    check_projection(W, 0.9, W_low, rank, G)
-    W, state = sgd_like(W_low, 0.01, gen), warm.next_basis(basis, rank)
-    out = warm.compiled_step(W, state, 0.9, None, True)
-    assert bool(out[4].all())
-    check_projection(W, 0.9, *out[:3])
