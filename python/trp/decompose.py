@@ -10,7 +10,7 @@ from . import transformer
 from .flops import count_macs
 from .modules import FACTORIZED, FACTORIZED_TYPES, FactorizedLinear
 from .schemes import check_scheme
-from .selection import Selection, plan_layers
+from .selection import NOT_NAMED, Selection, plan_layers
 
 # The released code's deployment rule for network decoupling: per-filter energy 0.85 (channel/spatial use
 # an absolute cutoff of 0.05 after TRP, which per-filter matrices with small singular values do not suit).
@@ -77,7 +77,8 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     check_scheme(scheme)
     selection = plan_layers(model, scheme, _implied_layers(layers, rank), exclude)
     selected = selection.targets
-    skipped = dict(selection.skipped)
+    skipped = {n: ("not in the rank= map" if why == NOT_NAMED and isinstance(rank, dict) else why)
+               for n, why in selection.skipped.items()}
     budget = None
     if target_speedup is not None:
         if energy is not None or threshold is not None or rank is not None:

@@ -119,6 +119,14 @@ def is_candidate(module):
     return find_adapter(module)[0] is not None or isinstance(module, _OTHER_CONVS)
 
 
+def _type_name(module):
+    """The layer's class name (for a parametrized layer, the class torch.nn.utils.parametrize derived from)."""
+    cls = type(module)
+    if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized") and cls.__bases__:
+        cls = cls.__bases__[0]
+    return cls.__name__
+
+
 def _hook_names(module):
     hooks = list(module._forward_pre_hooks.values()) + list(module._forward_hooks.values())
     return [getattr(h, "__qualname__", None) or type(h).__name__ for h in hooks]
@@ -150,7 +158,7 @@ def effective_weight(module):
 
 def _projected_parameter(module):
     """(the Parameter the pruner projects, None) or (None, reason)."""
-    name = type(module).__name__
+    name = _type_name(module)
     if parametrize.is_parametrized(module, "weight"):
         plist = module.parametrizations["weight"]
         rules = [_lookup(_PARAMETRIZATIONS, type(p)) for p in plist]
@@ -167,8 +175,6 @@ def _projected_parameter(module):
                           "parameter of the weight's shape")
         return param, None
     param = module._parameters.get("weight")
-    if isinstance(param, nn.parameter.UninitializedParameter):
-        return None, f"{name} is uninitialized (a lazy module): run one forward pass first"
     if not isinstance(param, nn.Parameter):
         return None, f"{name}.weight is not a Parameter (computed by {type(module.weight).__name__} code TRP cannot run)"
     return param, None
@@ -185,21 +191,23 @@ def resolve(module):
         (None, None, reason) with a short phrase naming the layer's type.
     """
     adapter, owner = find_adapter(module)
-    cls = type(module)
+    cls, name = type(module), _type_name(module)
     if adapter is None:
-        return None, None, f"{cls.__name__} (TRP factorizes Conv2d- and Linear-like layers; " \
+        return None, None, f"{name} (TRP factorizes Conv2d- and Linear-like layers; " \
                            "trp.register_layer_adapter adds others)"
     overridden = [a for a in adapter.forward_attrs if getattr(cls, a, None) is not getattr(owner, a, None)]
     if overridden:
-        return None, None, (f"{cls.__name__} overrides {'/'.join(overridden)} of {owner.__name__}: TRP cannot "
+        return None, None, (f"{name} overrides {'/'.join(overridden)} of {owner.__name__}: TRP cannot "
                             "reproduce its computation (trp.register_layer_adapter can declare it)")
+    if isinstance(module._parameters.get("weight"), nn.parameter.UninitializedParameter):
+        return None, None, f"{name} is uninitialized (a lazy module): run one forward pass first"
     hooks = _hook_names(module)
     if hooks:
-        return None, None, (f"{cls.__name__} has forward hooks ({', '.join(hooks)}) that a factorized layer "
+        return None, None, (f"{name} has forward hooks ({', '.join(hooks)}) that a factorized layer "
                             "would not run (for weight_norm / spectral_norm use torch.nn.utils.parametrizations)")
     why = adapter.unsupported(module)
     if why is not None:
-        return None, None, f"{cls.__name__}: {why}"
+        return None, None, f"{name}: {why}"
     param, why = _projected_parameter(module)
     if why is not None:
         return None, None, why

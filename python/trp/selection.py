@@ -39,6 +39,7 @@ from .targets import survey
 
 PRESETS = ("default", "paper")
 _INELIGIBLE = "not eligible: "
+NOT_NAMED = "not named in layers="
 TINY = 16  # the default skips matrices (pointwise convs, Linear-like) with a side below this: little to save
 TINY_LINEAR = TINY  # the name earlier versions exported
 
@@ -95,11 +96,14 @@ def _signatures(model):
     shapes, and its children's structures by name."""
     memo = {}
 
+    def shape(t):  # a lazy module's parameters have none yet
+        return None if isinstance(t, nn.parameter.UninitializedTensorMixin) else tuple(t.shape)
+
     def sig(m):
         key = id(m)
         if key not in memo:
-            memo[key] = (type(m), tuple((n, tuple(p.shape)) for n, p in m._parameters.items() if p is not None),
-                         tuple((n, tuple(b.shape)) for n, b in m._buffers.items() if b is not None),
+            memo[key] = (type(m), tuple((n, shape(p)) for n, p in m._parameters.items() if p is not None),
+                         tuple((n, shape(b)) for n, b in m._buffers.items() if b is not None),
                          tuple((n, sig(c)) for n, c in m._modules.items() if c is not None))
         return memo[key]
 
@@ -281,7 +285,7 @@ def plan_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
 
     reasons, chosen, named_explicitly = {}, [], []
     specs = _as_list(layers, "layers")
-    ctx = _context(model, scheme, cands) if any(isinstance(s, str) and s in PRESETS for s in specs) else None
+    ctx = _context(model, scheme, cands)
     for spec in specs:
         if isinstance(spec, str) and spec in PRESETS:
             for c in cands:
@@ -326,8 +330,8 @@ def plan_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
             skipped[c.name] = reasons[c.name]
         elif c.refused is not None:
             skipped[c.name] = _INELIGIBLE + c.refused
-        else:
-            skipped[c.name] = "not named in layers="
+        else:  # the default's reason when it has one (stem, depthwise, ...): more telling
+            skipped[c.name] = _preset_reason("default", c, ctx) or NOT_NAMED
     return Selection([c.target for c in cands if c.name in selected], skipped, scheme)
 
 
