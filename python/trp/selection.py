@@ -22,7 +22,8 @@ trp.models' CIFAR ResNets do with "paper" to keep the paper's experiments as the
     (trp.transformer). Skipped: tiny matrices, tied weights (a parameter shared by two modules, such as a
     tied LM head: changing one changes the other) and those whose host cannot run factorized.
   Never: the stem, depthwise convs (one input channel per group: every matrix has rank 1), Linear-like
-  layers outside the blocks (embeddings, the classifier head, patch merging, poolers).
+  layers outside the blocks (embeddings, the classifier head, patch merging, poolers), the network's last
+  layer when it lies outside the blocks (a classifier head, also a 1x1 conv one).
 
 plan_layers returns a Selection: the targets and, for every other candidate layer, why it is skipped.
 Layers that look like a conv or a Linear but are not eligible (an nn.Conv2d subclass with its own forward,
@@ -169,6 +170,8 @@ def _preset_reason(preset, c, ctx):
     if c.kind == "conv":
         if c.name == ctx["stem"]:
             return "stem (the network's first conv)"
+        if c.name == ctx["last"]:
+            return "classifier head (the network's last layer, outside the blocks)"
         cin, cout, kernel, groups = _conv_geometry(c)
         if groups > 1 and cin == groups:
             return "depthwise conv (one input channel per group: its matrices have rank 1; stays dense)"
@@ -211,8 +214,9 @@ def _context(model, scheme, cands):
     convs = [c.name for c in cands if c.kind == "conv"]
     blocks = block_names(model)
     outside = [c.name for c in cands if c.kind == "linear" and not _inside(c.name, blocks)]
+    last = cands[-1].name if cands and not _inside(cands[-1].name, blocks) else None  # e.g. BiT's 1x1 conv head
     return {"model": model, "scheme": scheme, "stem": convs[0] if convs else None, "blocks": blocks,
-            "head": outside[-1] if outside else None, "shared": _shared(model)}
+            "head": outside[-1] if outside else None, "last": last, "shared": _shared(model)}
 
 
 # --- the plan -------------------------------------------------------------------------------------------
