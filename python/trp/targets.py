@@ -39,7 +39,7 @@ class Target:
     @property
     def is_linear(self):
         """True for every Linear-like matrix (out x in), False for a conv weight."""
-        return self.param.dim() == 2
+        return self.param.dim() == 2 if self.adapter is None else self.adapter.kind == "linear"
 
     @property
     def shape(self):
