@@ -22,8 +22,8 @@ trp.models' CIFAR ResNets do with "paper" to keep the paper's experiments as the
     (trp.transformer). Skipped: tiny matrices, tied weights (a parameter shared by two modules, such as a
     tied LM head: changing one changes the other) and those whose host cannot run factorized.
   Never: the stem, depthwise convs (one input channel per group: every matrix has rank 1), Linear-like
-  layers outside the blocks (embeddings, the classifier head, patch merging, poolers), the network's last
-  layer when it lies outside the blocks (a classifier head, also a 1x1 conv one).
+  layers outside the blocks (embeddings, the classifier head, patch merging, poolers), and the network's
+  last layer when it is a 1x1 conv outside the blocks (a conv classifier head: BiT, FCN, SqueezeNet).
 
 plan_layers returns a Selection: the targets and, for every other candidate layer, why it is skipped.
 Layers that look like a conv or a Linear but are not eligible (an nn.Conv2d subclass with its own forward,
@@ -42,7 +42,6 @@ PRESETS = ("default", "paper")
 _INELIGIBLE = "not eligible: "
 NOT_NAMED = "not named in layers="
 TINY = 16  # the default skips matrices (pointwise convs, Linear-like) with a side below this: little to save
-TINY_LINEAR = TINY  # the name earlier versions exported
 
 
 def check_module(model, name="model"):
@@ -170,9 +169,9 @@ def _preset_reason(preset, c, ctx):
     if c.kind == "conv":
         if c.name == ctx["stem"]:
             return "stem (the network's first conv)"
-        if c.name == ctx["last"]:
-            return "classifier head (the network's last layer, outside the blocks)"
         cin, cout, kernel, groups = _conv_geometry(c)
+        if c.name == ctx["last"] and kernel == (1, 1):
+            return "classifier head (the network's last layer, a 1x1 conv outside the blocks)"
         if groups > 1 and cin == groups:
             return "depthwise conv (one input channel per group: its matrices have rank 1; stays dense)"
         if preset == "paper":
@@ -352,4 +351,4 @@ def select_layers(model, scheme="channel", layers=None, exclude=None, warn=True)
 
 
 __all__ = ["select_layers", "select_targets", "plan_layers", "Selection", "block_names", "check_module",
-           "PRESETS", "TINY", "TINY_LINEAR"]
+           "PRESETS", "TINY", "NOT_NAMED"]
