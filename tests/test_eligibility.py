@@ -18,7 +18,7 @@ CLASSES = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedConv2
 
 
 def rel(a, b):
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def energy_rank(M, energy):

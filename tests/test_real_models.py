@@ -20,7 +20,7 @@ CAP = 200
 
 
 def rel(a, b):
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def _quiet(fn, *args, **kwargs):

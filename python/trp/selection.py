@@ -159,8 +159,11 @@ def _conv_geometry(c):
     if c.target is not None:
         n, cg, kh, kw = c.target.shape
         return cg * c.target.groups, n, (kh, kw), c.target.groups
-    m = c.module
-    return m.in_channels, m.out_channels, tuple(m.kernel_size), m.groups
+    m = c.module  # an ineligible conv-kind layer: nn.Conv2d's attributes, if it has them
+    try:
+        return m.in_channels, m.out_channels, tuple(m.kernel_size), m.groups
+    except (AttributeError, TypeError):
+        return None
 
 
 def _preset_reason(preset, c, ctx):
@@ -169,7 +172,10 @@ def _preset_reason(preset, c, ctx):
     if c.kind == "conv":
         if c.name == ctx["stem"]:
             return "stem (the network's first conv)"
-        cin, cout, kernel, groups = _conv_geometry(c)
+        geometry = _conv_geometry(c)
+        if geometry is None:
+            return None  # refused below, with its reason
+        cin, cout, kernel, groups = geometry
         if c.name == ctx["last"] and kernel == (1, 1):
             return "classifier head (the network's last layer, a 1x1 conv outside the blocks)"
         if groups > 1 and cin == groups:
