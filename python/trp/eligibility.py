@@ -176,7 +176,7 @@ def _projected_parameter(module):
         return param, None
     param = module._parameters.get("weight")
     if not isinstance(param, nn.Parameter):
-        return None, f"{name}.weight is not a Parameter (computed by {type(module.weight).__name__} code TRP cannot run)"
+        return None, f"{name}.weight is not a Parameter: nothing TRP can project in place"
     return param, None
 
 
