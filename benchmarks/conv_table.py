@@ -140,7 +140,7 @@ def decompose_at_paper_ranks(model, net, scheme):
     energy rule would keep nearly full rank)."""
     import trp
     ranks = {}
-    for name, _ in trp.select_layers(model, scheme):
+    for name, _ in trp.select_layers(model, scheme, layers="paper"):
         m = model.get_submodule(name)
         if not isinstance(m, torch.nn.Conv2d):
             continue

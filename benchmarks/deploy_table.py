@@ -38,7 +38,7 @@ def decompose(model, net):
     every selected (3x3) conv with n output channels."""
     if net != "resnet50":
         return decompose_at_paper_ranks(model, net, "channel")
-    ranks = {name: max(1, m.out_channels // 3) for name, m in trp.select_layers(model, "channel")}
+    ranks = {name: max(1, m.out_channels // 3) for name, m in trp.select_layers(model, "channel", layers="paper")}
     return trp.decompose(model, "channel", rank=ranks)
 
 

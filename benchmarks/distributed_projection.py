@@ -53,10 +53,10 @@ def _timed(fn):
 def measure(name, scheme, steps, rank, solo_group):
     torch.manual_seed(0)
     model = trp.models.build(name, **workload(name))
-    sharded = trp.RankPruner(model, scheme, energy=0.9, nuclear=3e-4)
+    sharded = trp.RankPruner(model, scheme, energy=0.9, nuclear=3e-4, layers="paper")
     solo_model = copy.deepcopy(model) if rank == 0 else None
-    solo = trp.RankPruner(solo_model, scheme, energy=0.9, nuclear=3e-4, process_group=solo_group) \
-        if rank == 0 else None
+    solo = trp.RankPruner(solo_model, scheme, energy=0.9, nuclear=3e-4, process_group=solo_group,
+                          layers="paper") if rank == 0 else None
     gen = torch.Generator().manual_seed(1)
     one, two, cpu_one, cpu_two = [], [], [], []
     for step in range(steps + 1):  # the first step warms up (allocations, first SVDs) and is not recorded

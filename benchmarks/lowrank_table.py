@@ -43,7 +43,7 @@ def workload(model_name, scheme, weights, seed=0):
     torch.manual_seed(seed)
     kwargs = {"num_classes": 1000} if model_name.startswith("torchvision:") else {}
     model = trp.models.build(model_name, **kwargs)
-    layers = [model.get_submodule(name) for name, _ in trp.select_layers(model, scheme, warn=False)]
+    layers = [model.get_submodule(name) for name, _ in trp.select_layers(model, scheme, layers="paper", warn=False)]
     mats = [to_matrix(m.weight.detach().float(), scheme).contiguous() for m in layers]
     if weights == "trp":
         gen = torch.Generator().manual_seed(seed + 1)
@@ -166,7 +166,7 @@ def trajectory_pruner(model_name, scheme, device="cpu", seed=0):
     torch.manual_seed(seed)
     kwargs = {"num_classes": 1000} if model_name.startswith("torchvision:") else {}
     model = trp.models.build(model_name, **kwargs).to(device)
-    pruner = trp.RankPruner(model, scheme, energy=ENERGY, period=1, nuclear=3e-4)
+    pruner = trp.RankPruner(model, scheme, energy=ENERGY, period=1, nuclear=3e-4, layers="paper")
     return pruner, torch.Generator().manual_seed(seed + 1)
 
 

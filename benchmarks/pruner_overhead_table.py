@@ -52,7 +52,8 @@ class Runner:
         self.device, self.amp = torch.device(device), AMP[amp]
         self.model = trp.models.build(name, **kwargs).to(self.device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        self.pruner = (trp.RankPruner(self.model, "channel", energy=0.9, period=period, nuclear=3e-4)
+        self.pruner = (trp.RankPruner(self.model, "channel", energy=0.9, period=period, nuclear=3e-4,
+                                         layers="paper")
                        if period else None)
         # fp16 needs loss scaling; the pruner's regularize() then runs after unscale_ (README)
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None

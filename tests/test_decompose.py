@@ -146,10 +146,13 @@ def _names(model, **kw):
 
 def test_default_selection_and_one_warning_for_unsupported():
     with pytest.warns(UserWarning) as record:
-        names = [n for n, _ in trp.select_layers(Net(), "channel")]
-    assert names == ["a", "b"]  # not the first conv, not 1x1; grouped/circular skipped
-    assert len(record) == 1
-    assert "depthwise" in str(record[0].message) and "circular" in str(record[0].message)
+        selection = trp.plan_layers(Net(), "channel")
+    assert selection.names == ["a", "b"]  # not the stem, not a tiny 1x1, not depthwise, not circular
+    assert len(record) == 1  # only for the layer it cannot reproduce (depthwise is a rule, not a failure)
+    assert "circular" in str(record[0].message) and "depthwise" not in str(record[0].message)
+    assert set(selection.skipped) == {"stem", "point", "depthwise", "circular", "up", "fc"}
+    assert "depthwise" in selection.skipped["depthwise"] and "stem" in selection.skipped["stem"]
+    assert "padding_mode='circular'" in selection.skipped["circular"]
 
 
 def test_selection_by_name_regex_type_and_exclude():
@@ -160,8 +163,10 @@ def test_selection_by_name_regex_type_and_exclude():
     assert _names(net, layers=[nn.Linear]) == ["fc"]
     assert _names(net, exclude=["a"]) == ["b"]
     assert _names(net, layers=nn.Conv2d, exclude=[r"d.*", "circular"]) == ["stem", "a", "b", "point"]
-    with pytest.warns(UserWarning, match="up"):
-        assert [n for n, _ in trp.select_layers(net, layers=["up", "a"])] == ["a"]
+    with pytest.raises(ValueError, match="up .ConvTranspose2d"):  # named: refused, not skipped
+        trp.select_layers(net, layers=["up", "a"])
+    with pytest.raises(ValueError, match="circular"):  # a type spec that takes an ineligible layer too
+        trp.select_layers(net, layers=nn.Conv2d)
 
 
 def test_selection_errors():
@@ -192,8 +197,10 @@ def test_decompose_bad_criteria():
         trp.decompose(net, "channel", threshold=-1.0)
     with pytest.raises(ValueError, match="'channel', 'spatial'"):
         trp.decompose(net, "svd", energy=0.9)
-    with pytest.raises(ValueError, match="not selected"):
-        trp.decompose(net, "channel", rank={"point": 2})
+    with pytest.raises(ValueError, match="circular.*padding_mode"):  # rank= names a layer it cannot factorize
+        trp.decompose(net, "channel", rank={"circular": 2})
+    with pytest.raises(ValueError, match=r"not selected.*\['a'\]"):
+        trp.decompose(net, "channel", rank={"a": 2}, exclude=["a"])
     for bad in ("x", None, Net):
         with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
             trp.decompose(bad, "channel", energy=0.9)

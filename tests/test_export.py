@@ -58,7 +58,7 @@ def _decomposed_resnet18():
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     # layer4's 512-channel convs stay dense: their float64 SVDs would be most of this test's time
-    return trp.decompose(tv.models.resnet18(num_classes=10).eval(), "channel", energy=0.5,
+    return trp.decompose(tv.models.resnet18(num_classes=10).eval(), "channel", energy=0.5, layers="paper",
                          exclude=[r"layer4\..*"]).eval()
 
 

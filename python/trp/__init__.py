@@ -4,8 +4,10 @@
     ...  pruner.step() before each forward, pruner.regularize() after backward ...
     compact = trp.decompose(model, scheme="channel", threshold=0.05)
 """
-from . import models, modules, rank, schemes
+from . import adapters, eligibility, models, modules, rank, schemes
+from .adapters import LayerAdapter
 from .decompose import decompose, factorized_layers
+from .eligibility import register_layer_adapter, register_weight_parametrization
 from .deploy import fit_latency, merge_back, round_ranks
 from .export import export_onnx
 from .flops import count_flops, count_macs, count_params, macs_by_layer, measure_latency
@@ -14,10 +16,11 @@ from .modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear,
 from .pruner import RankPruner
 from .report import Report, report
 from .schemes import SCHEMES
-from .selection import select_layers, select_targets
+from .selection import Selection, plan_layers, select_layers, select_targets
 from .transformer import SplitMultiheadAttention
 
-__all__ = ["models", "modules", "rank", "schemes", "SCHEMES", "RankPruner", "decompose", "factorized_layers",
-           "select_layers", "select_targets", "SplitMultiheadAttention", "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear",
+__all__ = ["adapters", "eligibility", "models", "modules", "rank", "schemes", "SCHEMES", "RankPruner", "decompose",
+           "factorized_layers", "select_layers", "select_targets", "plan_layers", "Selection", "LayerAdapter",
+           "register_layer_adapter", "register_weight_parametrization", "SplitMultiheadAttention", "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear",
            "save", "load", "count_macs", "count_flops", "count_params", "macs_by_layer", "measure_latency",
            "report", "Report", "export_onnx", "fit_latency", "merge_back", "round_ranks"]

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn as nn
 
-from . import checks
+from . import checks, eligibility
 from .flops import _conv_macs, _input_shape, count_macs, io_shapes
 from .modules import FACTORIZED, FactorizedLinear, conv_padding4
 from .schemes import layer_matrix_shape
@@ -42,14 +42,16 @@ class CostModel:
         from .decompose import dense_macs_per_output_pixel
         shape = _input_shape(input_size)
         self.scheme, self.names = scheme, [n for n, _ in layers]
-        self.linear = any(isinstance(m, nn.Linear) for _, m in layers)  # then Linear MACs count too
+        self.linear = any(eligibility.kind_of(m) == "linear" for _, m in layers)  # then Linear MACs count too
         self.total_dense = count_macs(model, shape, linear=self.linear)
         seen = io_shapes(model, layers, shape)
         self.dense, self.per_rank, self.pay_rank, self.full_rank = {}, {}, {}, {}
-        for name, module in layers:
-            if not isinstance(module, (nn.Conv2d, nn.Linear)):
-                raise ValueError(f"target_speedup counts the MACs of Conv2d and Linear layers; {name!r} is a "
-                                 f"{type(module).__name__}: exclude it")
+        for name, layer in layers:
+            adapter, _, why = eligibility.resolve(layer)
+            if adapter is None:
+                raise ValueError(f"target_speedup counts the MACs of Conv2d- and Linear-like layers; {name!r} is "
+                                 f"not one ({why}): exclude it")
+            module = eligibility.dense_equivalent(layer, adapter)  # the geometry of what the layer computes
             if name not in seen:
                 raise ValueError(f"layer {name!r} did not run in a forward pass of input_size {shape}: its "
                                  "cost is unknown; exclude it")
@@ -61,7 +63,7 @@ class CostModel:
             else:
                 one = FACTORIZED[scheme](module.in_channels, module.out_channels, module.kernel_size, 1,
                                          module.stride, conv_padding4(module), module.dilation, bias=False,
-                                         device="meta")
+                                         device="meta", groups=module.groups)
                 dense, per_rank = _conv_macs(module, _meta(x), _meta(y)), _conv_macs(one, _meta(x), _meta(y))
             dims = layer_matrix_shape(module, scheme)
             self.full_rank[name] = min(dims[-2:])
@@ -215,10 +217,15 @@ class SpeedupController:
 
 
 def spectra(model, scheme, layers):
-    """{name: singular values (float64, descending; nd: [n, K] per filter)} of the selected layers."""
+    """{name: singular values (float64, descending; nd: [n, K] per filter; a grouped conv: [g, K] per
+    group)} of the weights the selected layers compute with."""
     from .schemes import to_matrix
-    return {name: torch.linalg.svdvals(to_matrix(m.weight.detach(), scheme).to(torch.float64))
-            for name, m in layers}
+    out = {}
+    for name, m in layers:
+        dense = eligibility.dense_equivalent(m, eligibility.resolve(m)[0])
+        out[name] = torch.linalg.svdvals(to_matrix(dense.weight.detach(), scheme, getattr(dense, "groups", 1))
+                                         .to(torch.float64))
+    return out
 
 
 __all__ = ["CostModel", "SpeedupController", "allocate", "spectra", "layer_gains", "check_target_speedup",

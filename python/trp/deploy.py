@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
+from . import eligibility
 from . import export as export_mod
 from .checks import integer, real
 from .decompose import dense_macs_per_output_pixel
@@ -39,7 +40,7 @@ def dense_layer(module):
             top, bottom, left, right = padding
             pad, padding = nn.ZeroPad2d((left, right, top, bottom)), 0
         target = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, padding,
-                           module.dilation, bias=bias is not None, **factory)
+                           module.dilation, module.groups, bias=bias is not None, **factory)
         layer = target if pad is None else nn.Sequential(pad, target)
     with torch.no_grad():
         target.weight.copy_(w)
@@ -80,6 +81,10 @@ def round_ranks(model, multiple, dense=None):
         source = dense_layer(module) if dense is None else copy.deepcopy(dense.get_submodule(name))
         if isinstance(source, nn.Sequential):  # asymmetric explicit padding: refactorize the exact form
             continue
+        adapter, _, why = eligibility.resolve(source)
+        if adapter is None:
+            raise ValueError(f"round_ranks: dense layer {name!r} is not one TRP can factorize: {why}")
+        source = eligibility.dense_equivalent(source, adapter)  # transformers' Conv1D: its nn.Linear
         if isinstance(module, FactorizedLinear):
             new = FactorizedLinear.from_linear(source, rank=target)
         else:

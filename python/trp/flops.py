@@ -1,8 +1,10 @@
 """Cost of a network: multiply-accumulates as the paper counts them, FLOPs, parameters, measured latency.
 
-count_macs counts the conv layers only (dense nn.Conv2d and the factorized convs), per forward pass of
+count_macs counts the conv layers only (dense nn.Conv2d, other conv-kind layers with an adapter
+(trp.eligibility) and the factorized convs), per forward pass of
 `input_size`, from the shapes seen in one forward pass; the paper's speed-up is the ratio of these counts
-(FC, BN and pooling ignored). With linear=True the Linear layers count too, and with attention=True the
+(FC, BN and pooling ignored). With linear=True the Linear layers (and Linear-like ones with an adapter, such
+as transformers' Conv1D) count too, and with attention=True the
 attention matmuls (Q K^T and A V; trp.attention_macs) and the projections that an attention applies without
 calling a Linear module (the packed in_proj of nn.MultiheadAttention, torchvision Swin's qkv/proj): the
 count for transformers. count_flops uses torch.utils.flop_counter (so it agrees with it), with
@@ -16,7 +18,7 @@ from torch.utils import flop_counter
 
 import trp_kernels  # noqa: F401  (registers the torch.ops.trp_kernels ops)
 
-from . import attention_macs
+from . import attention_macs, eligibility
 from .modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
 
 
@@ -64,17 +66,17 @@ def io_shapes(model, layers, input_size):
 def _conv_macs(module, x, y):
     """Multiply-adds of one call, from the input x and output y."""
     n = x.shape[0]
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d) or eligibility.kind_of(module) == "conv":
         kh, kw = module.kernel_size
         return n * y.shape[1] * y.shape[2] * y.shape[3] * (module.in_channels // module.groups) * kh * kw
     kh, kw = module.kernel_size
     oh, ow = y.shape[2], y.shape[3]
     r, c, m = module.rank, module.in_channels, module.out_channels
-    if isinstance(module, ChannelFactorizedConv2d):
+    if isinstance(module, ChannelFactorizedConv2d):  # with groups g too: g*r filters over c/g channels each
         return n * oh * ow * r * (c * kh * kw + m)
     if isinstance(module, DecoupledConv2d):
-        # the 1 x 1 conv c -> m*r runs at the input resolution, the grouped kh x kw conv at the output's
-        return n * (x.shape[2] * x.shape[3] * c * m * r + oh * ow * m * r * kh * kw)
+        # the 1 x 1 conv c/g -> m*r runs at the input resolution, the grouped kh x kw conv at the output's
+        return n * (x.shape[2] * x.shape[3] * c // module.groups * m * r + oh * ow * m * r * kh * kw)
     # spatial: the kh x 1 conv runs at horizontal stride 1 without horizontal padding, so its output is
     # oh x (input width); the 1 x kw conv then makes oh x ow
     return n * (oh * x.shape[3] * r * c * kh + oh * ow * m * r * kw)
@@ -94,8 +96,8 @@ def macs_by_layer(model, input_size, linear=False, attention=False):
 
     def hook_for(name):
         def hook(module, inputs, output):
-            if isinstance(module, nn.Linear):
-                macs = inputs[0].numel() // module.in_features * module.in_features * module.out_features
+            if is_linear(module):  # tokens x in x out, whatever the weight's layout (Conv1D: [in, out])
+                macs = inputs[0].numel() * output.shape[-1]
             else:
                 macs = _conv_macs(module, inputs[0], output)
             counts[name] = counts.get(name, 0) + int(macs)
@@ -108,8 +110,11 @@ def macs_by_layer(model, input_size, linear=False, attention=False):
                 counts[key] = counts.get(key, 0) + int(macs)
         return hook
 
+    def is_linear(module):
+        return isinstance(module, nn.Linear) or eligibility.kind_of(module) == "linear"
+
     for name, module in model.named_modules():
-        if isinstance(module, conv_types) or (linear and isinstance(module, nn.Linear)):
+        if isinstance(module, conv_types) or eligibility.kind_of(module) == "conv" or (linear and is_linear(module)):
             if isinstance(module, nn.Linear) and id(module) in inside_factorized_linear:
                 name = name.rsplit(".", 1)[0]  # report a FactorizedLinear under its own name
             handles.append(module.register_forward_hook(hook_for(name)))

@@ -9,7 +9,7 @@ import os
 import torch
 import torch.nn as nn
 
-from . import models
+from . import eligibility, models
 from .checkpoint import load_weights
 from .integrity import digest
 from .modules import FACTORIZED, FACTORIZED_TYPES
@@ -81,17 +81,19 @@ def _install_layers(model, layers, path):
         kind = cfg.get("type") if isinstance(cfg, dict) else None
         if kind not in FACTORIZED:
             raise ValueError(f"trp.load: {path} is damaged: layer {name!r} has an unknown type {kind!r}")
+        adapter, _, _ = eligibility.resolve(dense)  # the base's layer: nn.Linear, Conv1D, a parametrized conv..
+        layer = None if adapter is None else eligibility.dense_equivalent(dense, adapter)
         if kind == "linear":
-            ok = isinstance(dense, nn.Linear) and (dense.in_features, dense.out_features) == (
+            ok = isinstance(layer, nn.Linear) and (layer.in_features, layer.out_features) == (
                 cfg["in_features"], cfg["out_features"])
         else:
-            ok = isinstance(dense, nn.Conv2d) and (dense.in_channels, dense.out_channels,
-                                                   tuple(dense.kernel_size)) == (
-                cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]))
+            ok = isinstance(layer, nn.Conv2d) and (layer.in_channels, layer.out_channels,
+                                                   tuple(layer.kernel_size), layer.groups) == (
+                cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), cfg.get("groups", 1))
         if not ok:
             raise ValueError(f"trp.load: {path} was saved from another architecture: its layer {name!r} "
                              f"({kind}, {cfg}) does not fit the model's {dense!r}")
-        w = dense.weight
+        w = layer.weight
         factorized = FACTORIZED[kind].from_config(cfg, device=w.device, dtype=w.dtype)
         factorized.train(dense.training)
         model.set_submodule(name, factorized)

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 import trp_kernels
 from trp_kernels import geometry
 
+from . import checks, eligibility
 from . import rank as rank_rules
 from .schemes import to_matrix
 
@@ -56,19 +57,46 @@ def conv_padding_attr(padding4, given):
     return (top, left) if (top, left) == (bottom, right) else tuple(padding4)
 
 
+def _dense_layer(layer, kind, where):
+    """The nn.Conv2d / nn.Linear that the eligible `layer` of `kind` computes (trp.eligibility), else
+    ValueError naming `where` and the reason."""
+    adapter, _, why = eligibility.resolve(layer) if isinstance(layer, nn.Module) else (None, None, None)
+    if adapter is None or adapter.kind != kind:
+        want = {"conv": "an eligible conv (nn.Conv2d with zero padding, or a type with a conv adapter)",
+                "linear": "an nn.Linear (or a type with a linear adapter)"}[kind]
+        raise ValueError(f"{where} needs {want}, got {type(layer).__name__}" + (f": {why}" if why else ""))
+    return eligibility.dense_equivalent(layer, adapter)
+
+
+def _pad(x, padding4):
+    """(x, padding for F.conv2d) for (top, bottom, left, right) zero padding: symmetric padding is left to
+    the conv, asymmetric padding is applied here."""
+    top, bottom, left, right = padding4
+    if (top, left) == (bottom, right):
+        return x, (top, left)
+    return F.pad(x, (left, right, top, bottom)), 0
+
+
 class _FactorizedConv2d(nn.Module):
     """Base of the factorized convs: a drop-in for the nn.Conv2d it replaces (the attributes code reads on
     one - in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode - and
-    batched [N, C, H, W] or unbatched [C, H, W] input)."""
+    batched [N, C, H, W] or unbatched [C, H, W] input).
+
+    groups g > 1 replaces a grouped conv: each group's filters are their own matrix (trp.schemes), factorized
+    at the shared `rank` into a grouped pair of convs (g * rank intermediate channels), exact. Grouped layers
+    run as two F.conv2d calls (standard convs, also in ONNX); groups=1 runs the fused trp_kernels op."""
     scheme = None
-    groups = 1
     padding_mode = "zeros"
 
     def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1,
-                 bias=True, device=None, dtype=None):
+                 bias=True, device=None, dtype=None, groups=1):
         super().__init__()
         rank = rank_rules.check_rank(rank)
         self.in_channels, self.out_channels, self.rank = int(in_channels), int(out_channels), rank
+        self.groups = checks.integer(groups, "groups", 1)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups={self.groups} must divide in_channels ({self.in_channels}) and "
+                             f"out_channels ({self.out_channels})")
         self.kernel_size = geometry.pair(kernel_size, "kernel_size")
         self.stride, self.dilation = geometry.pair(stride, "stride"), geometry.pair(dilation, "dilation")
         # also "same" / "valid", as nn.Conv2d takes them; the ops get (top, bottom, left, right)
@@ -92,8 +120,9 @@ class _FactorizedConv2d(nn.Module):
         return getattr(self, self._names[0]), getattr(self, self._names[1])
 
     def extra_repr(self):
+        groups = f", groups={self.groups}" if self.groups != 1 else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}{groups}, "
                 f"bias={self.bias is not None}")
 
     def config(self):
@@ -101,26 +130,34 @@ class _FactorizedConv2d(nn.Module):
         return {"type": self.scheme, "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "rank": self.rank, "stride": list(self.stride),
                 "padding": list(self.padding4), "dilation": list(self.dilation),
-                "bias": self.bias is not None}
+                "bias": self.bias is not None, "groups": self.groups}
 
     @classmethod
     def from_config(cls, cfg, device=None, dtype=None):
         return cls(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), cfg["rank"],
                    tuple(cfg["stride"]), tuple(cfg["padding"]), tuple(cfg["dilation"]), cfg["bias"],
-                   device=device, dtype=dtype)
+                   device=device, dtype=dtype, groups=cfg.get("groups", 1))
 
     @classmethod
     def from_conv(cls, conv, rank=None, *, energy=None, threshold=None):
-        """The factorized equivalent of an nn.Conv2d (groups=1, zero padding) at a rank given directly
-        or chosen by energy / absolute singular-value threshold; exact when the weight's rank <= rank."""
-        if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(f"{cls.__name__}.from_conv needs an nn.Conv2d with groups=1 and "
-                             f"padding_mode='zeros', got {conv!r}")
+        """The factorized equivalent of a conv layer at a rank given directly or chosen by energy / absolute
+        singular-value threshold; exact when the weight's rank (every group's) <= rank.
+
+        Args:
+            conv: an eligible conv-kind layer (trp.eligibility: nn.Conv2d with zero padding, any groups, or a
+                type with a conv adapter); the layer it computes in eval mode is factorized.
+            rank, energy, threshold: exactly one rank criterion (trp.rank).
+
+        Raises:
+            ValueError: `conv` is not an eligible conv, or a bad criterion.
+        """
+        conv = _dense_layer(conv, "conv", f"{cls.__name__}.from_conv")
         kind, value = rank_rules.check_criterion(energy, threshold, rank)
-        A, B, r, _ = _svd_factors(to_matrix(conv.weight, cls.scheme), kind, value)
+        A, B, r, _ = _svd_factors(to_matrix(conv.weight, cls.scheme, conv.groups), kind, value)
         w = conv.weight
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, r, conv.stride,
-                     conv.padding, conv.dilation, conv.bias is not None, device=w.device, dtype=w.dtype)
+                     conv.padding, conv.dilation, conv.bias is not None, device=w.device, dtype=w.dtype,
+                     groups=conv.groups)
         module.load_factors(A, B)
         if conv.bias is not None:
             with torch.no_grad():
@@ -128,12 +165,13 @@ class _FactorizedConv2d(nn.Module):
         return module
 
     def forward(self, x):
+        conv = self._conv if self.groups == 1 else self._grouped_conv
         if x.dim() == 3:  # unbatched, as nn.Conv2d accepts it
-            return self._conv(x.unsqueeze(0)).squeeze(0)
+            return conv(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: expected a 3-D (unbatched) or 4-D (batched) input, got "
                              f"shape {tuple(x.shape)}")
-        return self._conv(x)
+        return conv(x)
 
     def load_factors(self, A, B):
         """Sets the weights from M ~= A @ B (M the scheme matrix [p, q], A [p, rank], B [rank, q])."""
@@ -151,16 +189,20 @@ class ChannelFactorizedConv2d(_FactorizedConv2d):
 
     def _factor_shapes(self):
         kh, kw = self.kernel_size
-        return (self.rank, self.in_channels, kh, kw), (self.out_channels, self.rank, 1, 1)
+        g = self.groups
+        return (g * self.rank, self.in_channels // g, kh, kw), (self.out_channels, self.rank, 1, 1)
 
     def _factors_from_matrices(self, A, B):
-        # M = W.reshape(n, c*kh*kw) ~= A B: B's rows are the rank-k filters, A mixes them per output.
+        # M = W.reshape(n, c*kh*kw) ~= A B: B's rows are the rank-k filters, A mixes them per output (per
+        # group with groups: A [g, n/g, r], B [g, r, c/g*kh*kw], stacked group after group).
         return B.reshape(self.c_weight.shape), A.reshape(self.p_weight.shape)
 
     def dense_weight(self):
-        """The equivalent dense conv weight [out, in, kh, kw]."""
-        return (self.p_weight.flatten(1) @ self.c_weight.flatten(1)).reshape(
-            self.out_channels, self.in_channels, *self.kernel_size)
+        """The equivalent dense conv weight [out, in / groups, kh, kw]."""
+        g = self.groups
+        p = self.p_weight.reshape(g, self.out_channels // g, self.rank)
+        return (p @ self.c_weight.reshape(g, self.rank, -1)).reshape(
+            self.out_channels, self.in_channels // g, *self.kernel_size)
 
     def macs_per_output_pixel(self):
         kh, kw = self.kernel_size
@@ -169,6 +211,11 @@ class ChannelFactorizedConv2d(_FactorizedConv2d):
     def _conv(self, x):
         return trp_kernels.factorized_conv_channel(x, self.c_weight, self.p_weight, self.bias,
                                                    self.stride, self.padding4, self.dilation)
+
+    def _grouped_conv(self, x):
+        x, padding = _pad(x, self.padding4)
+        y = F.conv2d(x, self.c_weight, None, self.stride, padding, self.dilation, self.groups)
+        return F.conv2d(y, self.p_weight, self.bias, 1, 0, 1, self.groups)
 
 
 class SpatialFactorizedConv2d(_FactorizedConv2d):
@@ -179,20 +226,24 @@ class SpatialFactorizedConv2d(_FactorizedConv2d):
 
     def _factor_shapes(self):
         kh, kw = self.kernel_size
-        return (self.rank, self.in_channels, kh, 1), (self.out_channels, self.rank, 1, kw)
+        g = self.groups
+        return (g * self.rank, self.in_channels // g, kh, 1), (self.out_channels, self.rank, 1, kw)
 
     def _factors_from_matrices(self, A, B):
-        # M[(c, i), (n, j)] = W[n, c, i, j] ~= A B: A's columns are vertical filters, B's rows horizontal.
+        # M[(c, i), (n, j)] = W[n, c, i, j] ~= A B: A's columns are vertical filters, B's rows horizontal
+        # (per group with groups: A [g, c/g*kh, r], B [g, r, n/g*kw]).
         kh, kw = self.kernel_size
-        v = A.T.reshape(self.rank, self.in_channels, kh, 1)
-        h = B.reshape(self.rank, self.out_channels, kw).permute(1, 0, 2).unsqueeze(2)
+        g, r = self.groups, self.rank
+        v = A.transpose(-1, -2).reshape(g * r, self.in_channels // g, kh, 1)
+        h = B.reshape(g, r, self.out_channels // g, kw).permute(0, 2, 1, 3).reshape(self.out_channels, r, 1, kw)
         return v, h
 
     def dense_weight(self):
         kh, kw = self.kernel_size
-        v = self.v_weight.reshape(self.rank, self.in_channels, kh)
-        h = self.h_weight.reshape(self.out_channels, self.rank, kw)
-        return torch.einsum("rci,nrj->ncij", v, h)
+        g, r = self.groups, self.rank
+        v = self.v_weight.reshape(g, r, self.in_channels // g, kh)
+        h = self.h_weight.reshape(g, self.out_channels // g, r, kw)
+        return torch.einsum("grci,gnrj->gncij", v, h).reshape(self.out_channels, self.in_channels // g, kh, kw)
 
     def macs_per_output_pixel(self):
         # the kh x 1 conv runs at horizontal stride 1, so with a horizontal stride s it computes about s
@@ -203,6 +254,13 @@ class SpatialFactorizedConv2d(_FactorizedConv2d):
     def _conv(self, x):
         return trp_kernels.factorized_conv_spatial(x, self.v_weight, self.h_weight, self.bias,
                                                    self.stride, self.padding4, self.dilation)
+
+    def _grouped_conv(self, x):
+        # as the fused op: the kh x 1 conv at horizontal stride 1 without horizontal padding, then 1 x kw
+        top, bottom, left, right = self.padding4
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        y = F.conv2d(F.pad(x, (0, 0, top, bottom)), self.v_weight, None, (sh, 1), 0, (dh, 1), self.groups)
+        return F.conv2d(F.pad(y, (left, right, 0, 0)), self.h_weight, self.bias, (1, sw), 0, (1, dw), self.groups)
 
 
 class DecoupledConv2d(_FactorizedConv2d):
@@ -215,28 +273,32 @@ class DecoupledConv2d(_FactorizedConv2d):
     _names = ("pw_weight", "dw_weight")
 
     def _factor_shapes(self):
-        return (self.out_channels * self.rank, self.in_channels, 1, 1), (self.out_channels, self.rank,
-                                                                         *self.kernel_size)
+        return (self.out_channels * self.rank, self.in_channels // self.groups, 1, 1), (
+            self.out_channels, self.rank, *self.kernel_size)
 
     def _factors_from_matrices(self, A, B):
         # A [n, c, r]: column j of filter i is pointwise channel i*r+j; B [n, r, kh*kw]: its depthwise taps.
         return A.transpose(1, 2).reshape(self.pw_weight.shape), B.reshape(self.dw_weight.shape)
 
     def dense_weight(self):
-        n, r = self.out_channels, self.rank
-        pw = self.pw_weight.reshape(n, r, self.in_channels)
-        return torch.einsum("nrc,nrt->nct", pw, self.dw_weight.flatten(2)).reshape(
-            n, self.in_channels, *self.kernel_size)
+        n, r, c = self.out_channels, self.rank, self.in_channels // self.groups
+        pw = self.pw_weight.reshape(n, r, c)
+        return torch.einsum("nrc,nrt->nct", pw, self.dw_weight.flatten(2)).reshape(n, c, *self.kernel_size)
 
     def macs_per_output_pixel(self):
         # the 1 x 1 conv runs at the input resolution: about stride_h * stride_w input pixels per output pixel
         kh, kw = self.kernel_size
         sh, sw = self.stride
-        return self.rank * self.out_channels * (self.in_channels * sh * sw + kh * kw)
+        return self.rank * self.out_channels * (self.in_channels // self.groups * sh * sw + kh * kw)
 
     def _conv(self, x):
         return trp_kernels.decoupled_conv(x, self.pw_weight, self.dw_weight, self.bias, self.stride,
                                           self.padding4, self.dilation)
+
+    def _grouped_conv(self, x):
+        y = F.conv2d(x, self.pw_weight, None, 1, 0, 1, self.groups)  # filter i's paths read group i's inputs
+        y, padding = _pad(y, self.padding4)
+        return F.conv2d(y, self.dw_weight, self.bias, self.stride, padding, self.dilation, self.out_channels)
 
 
 class FactorizedWeight:
@@ -305,8 +367,18 @@ class FactorizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear, rank=None, *, energy=None, threshold=None):
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"FactorizedLinear.from_linear needs an nn.Linear, got {linear!r}")
+        """The factorized equivalent of a Linear-like layer at a rank given directly or chosen by energy /
+        absolute singular-value threshold; exact when the weight's rank <= rank.
+
+        Args:
+            linear: an eligible linear-kind layer (trp.eligibility: nn.Linear, transformers' Conv1D, a
+                parametrized Linear, a type with a linear adapter); the layer it computes in eval mode.
+            rank, energy, threshold: exactly one rank criterion (trp.rank).
+
+        Raises:
+            ValueError: `linear` is not an eligible Linear-like layer, or a bad criterion.
+        """
+        linear = _dense_layer(linear, "linear", "FactorizedLinear.from_linear")
         kind, value = rank_rules.check_criterion(energy, threshold, rank)
         A, B, r, _ = _svd_factors(linear.weight, kind, value)
         w = linear.weight

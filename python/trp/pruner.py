@@ -12,7 +12,8 @@ The selected layers are grouped by (matrix shape, dtype, device); each group is 
 trp_kernels.lowrank_project call, which also returns the nuclear-norm subgradient U_k V_k^T, warm-started
 from the group's previous projection (trp_kernels.WarmStart: same results, less time); on the CPU one call of
 trp_kernels.inplace for all groups instead, with the same results (`path` says which ran). Under the nd
-scheme every filter is its own matrix: a group's call covers all filters of all its layers. A group holds
+scheme every filter is its own matrix, and under channel / spatial every group of a grouped conv: a group's
+call covers all filters (conv groups) of all its layers, and a layer's rank is the largest. A group holds
 trp.targets.Target objects: a whole weight or a row block of one (the q, k, v rows of a packed attention
 in_proj_weight), read, written and regularized through the target's views of the parameter."""
 import copy
@@ -27,7 +28,7 @@ from . import checks
 from . import distributed
 from .rank import check_energy
 from .schemes import check_scheme, from_matrix, matrix_shape, to_matrix
-from .selection import select_targets
+from .selection import PRESETS, plan_layers
 from .warm_state import restore_warm_basis, warm_bases
 
 NUCLEAR_EVERY = ("projection", "step")
@@ -59,6 +60,7 @@ class _Group:
         self.targets = targets
         self.names = [t.name for t in targets]
         self.shape = targets[0].shape
+        self.groups = targets[0].groups  # a grouped conv: `groups` matrices per layer
         self.rank = None  # int64 [B] (nd: [B, n], per filter) on the device, from the last projection
         self.G = None     # [B, p, q] nuclear subgradient from the last projection, or None
         self.warm = trp_kernels.WarmStart()  # kept bases carried to the next projection (warm start)
@@ -71,8 +73,9 @@ class RankPruner:
     rank is the largest of its filters'). energy: fraction of squared singular values each projection
     keeps, in (0, 1] (the released code's T = 0.9). period: project every `period` calls of step(), the
     first call included (m in the paper). nuclear: weight lambda of the nuclear-norm term, >= 0.
-    layers / exclude: module names, regexes or types (default: every non-1x1 Conv2d but the first conv and,
-    in a transformer, the Linear-like matrices of its blocks: trp.selection).
+    layers / exclude: a preset ("default", "paper"), module names, regexes or types (default: the "default"
+    preset: dense, grouped and pointwise convs but the stem and depthwise ones, and the Linear-like matrices
+    of the network's repeated blocks: trp.selection). `skipped` says why each other layer is not pruned.
     nuclear_every: "projection" (the released code: the subgradient is added on projection iterations
     only) or "step" (every iteration, with U_k V_k^T of the latest projection).
     max_rank: optional cap on every layer's rank.
@@ -92,15 +95,19 @@ class RankPruner:
         model = distributed.unwrap(model)
         self.scheme, self.energy, self.period = scheme, float(energy), period
         self.nuclear, self.nuclear_every, self.max_rank = float(nuclear), nuclear_every, max_rank
-        self.targets = select_targets(model, scheme, layers, exclude)
+        selection = plan_layers(model, scheme, layers, exclude)
+        self.targets = selection.targets
+        self.skipped = selection.skipped  # {layer name: why it is not pruned}
         self.layers = [(t.name, t.module) for t in self.targets]  # q/k/v: the attention module
         if not self.targets:
-            raise ValueError("RankPruner: no layer selected (the model has no Conv2d with a kernel other "
-                             "than 1x1 besides its first conv, and no transformer block); pass layers=")
+            raise ValueError(f"RankPruner: no layer selected for scheme {scheme!r}: "
+                             f"{selection.summary() or 'the model has no conv or Linear layer'}. Pass layers= "
+                             "(module names, regexes, types such as nn.Conv2d, or a preset: "
+                             f"{', '.join(PRESETS)}) to choose layers")
         groups = {}
         for t in self.targets:
             w = t.read()
-            key = (matrix_shape(t.shape, scheme), t.shape, w.dtype, w.device)
+            key = (matrix_shape(t.shape, scheme, t.groups), t.shape, t.groups, w.dtype, w.device)
             groups.setdefault(key, []).append(t)
         self._sharding = None
         if pg is not None:  # heavy groups split, and all shared out by cost: fixed for the whole run
@@ -135,14 +142,16 @@ class RankPruner:
         out = {n: None for n in self.layer_names}
         for g in self._groups:
             if g.rank is not None:
-                rank = g.rank if g.rank.dim() == 1 else g.rank.amax(dim=1)  # nd: the layer needs max_i k_i
+                # nd (a grouped conv): the layer needs the largest rank of its filters (groups)
+                rank = g.rank if g.rank.dim() == 1 else g.rank.amax(dim=1)
                 out.update(zip(g.names, rank.tolist()))
         return out
 
     @property
     def filter_ranks(self):
         """nd scheme: {layer name: [rank of each filter]} after the latest projection (None before it, and
-        for layers restored from a state, which records the layer ranks only). Other schemes: the ranks."""
+        for layers restored from a state, which records the layer ranks only); a grouped conv under channel /
+        spatial: [rank of each group]. Other layers: the ranks."""
         out = {n: None for n in self.layer_names}
         for g in self._groups:
             if g.rank is not None:
@@ -154,7 +163,7 @@ class RankPruner:
         return [g for i, g in enumerate(self._groups) if self._sharding is None or self._sharding.owns(i)]
 
     def _matrices(self, group):
-        return to_matrix(torch.stack([t.read() for t in group.targets]), self.scheme)
+        return to_matrix(torch.stack([t.read() for t in group.targets]), self.scheme, group.groups)
 
     def _inplace_allowed(self):
         """Whether the in-place op may project at all: switched on, and no sharding (each process projects only
@@ -181,7 +190,7 @@ class RankPruner:
             mats = []
             for t in g.targets:
                 w = t.read()
-                m = to_matrix(w, self.scheme)
+                m = to_matrix(w, self.scheme, t.groups)
                 if m.dim() != 2 or m.untyped_storage().data_ptr() != w.untyped_storage().data_ptr():
                     return None  # a copy (spatial), or nd's batch of filter matrices
                 mats.append(m)
@@ -208,7 +217,7 @@ class RankPruner:
     def _write_back(self, group, W_low):
         """Copies a group's projected stack [B, ...matrix] into its layers' weights."""
         torch._foreach_copy_([t.read() for t in group.targets],
-                             list(from_matrix(W_low, self.scheme, group.shape).unbind(0)))
+                             list(from_matrix(W_low, self.scheme, group.shape, group.groups).unbind(0)))
 
     def _staged_inplace(self, stacks):
         """The in-place op on the groups' stacked matrices, for layers whose matrix is a copy (spatial) on the
@@ -303,7 +312,7 @@ class RankPruner:
         for g in self._groups:
             if g.G is None:
                 continue
-            sub = from_matrix(g.G, self.scheme, g.shape).unbind(0)
+            sub = from_matrix(g.G, self.scheme, g.shape, g.groups).unbind(0)
             grads, updates = [], []
             for t, s in zip(g.targets, sub):
                 grad = t.grad_view()  # None for a frozen weight
@@ -398,7 +407,7 @@ class RankPruner:
                                 dtype=torch.int64, device=w.device)
         if subs and all(n in subs for n in g.names):
             G = torch.stack([subs[n] for n in g.names]).to(device=w.device, dtype=w.dtype)
-            expected = (len(g.names), *to_matrix(w, self.scheme).shape)
+            expected = (len(g.names), *to_matrix(w, self.scheme, g.groups).shape)
             if tuple(G.shape) != expected:
                 raise ValueError(f"subgradients of {', '.join(g.names)} have shape {tuple(G.shape)}, "
                                  f"expected {expected}")

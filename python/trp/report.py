@@ -2,22 +2,24 @@
 import torch
 import torch.nn as nn
 
+from . import eligibility
 from .flops import count_params, macs_by_layer, measure_latency
 from .modules import FACTORIZED_TYPES, FactorizedLinear
 from .rank import energy_kept
 from .schemes import matrix_shape, to_matrix
-from .targets import candidates
+from .targets import candidates, survey
 from .transformer import block_names
 
 
 class Report:
-    """Per-layer rows and totals. str() is a markdown table; to_dict() plain data (JSON-ready)."""
+    """Per-layer rows, totals and the layers left dense with their reasons (`skipped`: {name: reason}).
+    str() is a markdown table; to_dict() plain data (JSON-ready)."""
 
-    def __init__(self, rows, totals):
-        self.rows, self.totals = rows, totals
+    def __init__(self, rows, totals, skipped=None):
+        self.rows, self.totals, self.skipped = rows, totals, dict(skipped or {})
 
     def to_dict(self):
-        return {"layers": [dict(r) for r in self.rows], "totals": dict(self.totals)}
+        return {"layers": [dict(r) for r in self.rows], "totals": dict(self.totals), "skipped": dict(self.skipped)}
 
     def __str__(self):
         head = "| layer | matrix | rank | energy kept | MACs dense | MACs factorized |"
@@ -37,6 +39,13 @@ class Report:
         if t.get("latency_dense_s") is not None:
             lines.append(f"latency ({t['latency_device']}, median): {t['latency_dense_s'] * 1e3:.2f} ms -> "
                          f"{t['latency_compact_s'] * 1e3:.2f} ms ({t['latency_ratio']:.2f}x)")
+        if self.skipped:
+            by_reason = {}
+            for name, why in self.skipped.items():
+                by_reason.setdefault(why, []).append(name)
+            lines.append(f"left dense: {len(self.skipped)} layers")
+            lines += [f"- {len(names)} x {why}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+                      for why, names in by_reason.items()]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -59,11 +68,26 @@ def _layer_row(name, dense_weight, compact_layer, macs_dense, macs_compact):
            "macs_dense": macs_dense, "macs_factorized": macs_compact}
     if isinstance(compact_layer, FACTORIZED_TYPES):
         scheme = "channel" if isinstance(compact_layer, FactorizedLinear) else compact_layer.scheme
-        w = dense_weight
-        sigma = torch.linalg.svdvals(to_matrix(w, scheme).to(torch.float64))
-        row.update(type=compact_layer.scheme, matrix=list(matrix_shape(tuple(w.shape), scheme)),
+        w, groups = dense_weight, getattr(compact_layer, "groups", 1)
+        sigma = torch.linalg.svdvals(to_matrix(w, scheme, groups).to(torch.float64))
+        row.update(type=compact_layer.scheme, matrix=list(matrix_shape(tuple(w.shape), scheme, groups)),
                    rank=compact_layer.rank, energy_kept=energy_kept(sigma, compact_layer.rank))
     return row
+
+
+def _is_linear(module):
+    return isinstance(module, (nn.Linear, FactorizedLinear)) or eligibility.kind_of(module) == "linear"
+
+
+def _skipped(dense, compact):
+    """{name: reason} of the dense model's candidate layers that `compact` keeps dense: decompose's record
+    (trp_skipped), else "not factorized" for each."""
+    recorded = getattr(compact, "trp_skipped", None)
+    if isinstance(recorded, dict):
+        return dict(recorded)
+    factorized = {n for n, m in compact.named_modules() if isinstance(m, FACTORIZED_TYPES)}
+    return {n: "not factorized (the compact model has no decomposition record)"
+            for n, _, _, _ in survey(dense) if n not in factorized}
 
 
 def report(dense, compact, input_size, latency=True, warmup=3, repeats=10, device=None):
@@ -73,12 +97,15 @@ def report(dense, compact, input_size, latency=True, warmup=3, repeats=10, devic
     weight's squared singular values that the rank keeps; nd: of all its filters'), MACs dense / factorized. Totals: conv MACs and
     the paper's speed-up (their ratio), parameters, and with latency=True the median forward latency ratio.
     For a transformer (a model with attention modules) the totals count convs, Linear layers and attention
-    matmuls (totals["macs_counted"]), since its Linear layers are what TRP factorizes."""
+    matmuls (totals["macs_counted"]), since its Linear layers are what TRP factorizes; for another model
+    with factorized Linear-like layers, convs and Linear-like layers. `skipped` (and totals["layers_skipped"])
+    lists every candidate layer left dense with its reason (decompose records them)."""
     transformer = bool(block_names(dense))
+    wide = transformer or any(isinstance(m, FactorizedLinear) for m in compact.modules())
     md = macs_by_layer(dense, input_size, linear=True, attention=transformer)
     mc = macs_by_layer(compact, input_size, linear=True, attention=transformer)
     dense_mods, compact_mods = dict(dense.named_modules()), dict(compact.named_modules())
-    weights = {t.name: t.read() for t in candidates(dense)}  # q/k/v rows too
+    weights = {t.name: t.effective() for t in candidates(dense)}  # q/k/v rows too
     rows = []
     for name, macs in md.items():
         c_layer = compact_mods.get(name)
@@ -87,19 +114,19 @@ def report(dense, compact, input_size, latency=True, warmup=3, repeats=10, devic
                                    and not isinstance(c_layer, FACTORIZED_TYPES)):
             continue  # dense FC / attention matmuls: no rank to show, not worth a row
         rows.append(_layer_row(name, weights[name], c_layer, macs, mc.get(name, 0)))
-    if transformer:
+    if wide:
         conv_dense, conv_compact = sum(md.values()), sum(mc.values())
     else:
-        conv_dense = sum(v for n, v in md.items() if not isinstance(dense_mods[n], nn.Linear))
-        conv_compact = sum(v for n, v in mc.items()
-                           if not isinstance(compact_mods[n], (nn.Linear, FactorizedLinear)))
+        conv_dense = sum(v for n, v in md.items() if not _is_linear(dense_mods[n]))
+        conv_compact = sum(v for n, v in mc.items() if not _is_linear(compact_mods[n]))
+    skipped = _skipped(dense, compact)
     p_dense, p_compact = count_params(dense), count_params(compact)
     totals = {"macs_dense": conv_dense, "macs_compact": conv_compact,
               "speedup": conv_dense / conv_compact if conv_compact else float("inf"),
               "params_dense": p_dense, "params_compact": p_compact,
               "params_ratio": p_dense / p_compact if p_compact else float("inf"),
-              "layers_factorized": sum(r["rank"] is not None for r in rows),
-              "macs_counted": "conv + linear + attention" if transformer else "conv",
+              "layers_factorized": sum(r["rank"] is not None for r in rows), "layers_skipped": len(skipped),
+              "macs_counted": "conv + linear + attention" if transformer else "conv + linear" if wide else "conv",
               "latency_dense_s": None, "latency_compact_s": None, "latency_ratio": None,
               "latency_device": None}
     if latency:
@@ -108,7 +135,7 @@ def report(dense, compact, input_size, latency=True, warmup=3, repeats=10, devic
         param = next(compact.parameters(), None)
         totals.update(latency_dense_s=ld, latency_compact_s=lc, latency_ratio=ld / lc,
                       latency_device=str(device or (param.device if param is not None else "cpu")))
-    return Report(rows, totals)
+    return Report(rows, totals, skipped)
 
 
 __all__ = ["report", "Report"]

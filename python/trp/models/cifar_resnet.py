@@ -24,6 +24,10 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    # TRP's default layers for these models (trp.selection): the paper's rule, whose results they reproduce
+    # (the "default" preset would add the two 1x1 shortcut convs)
+    trp_layers = "paper"
+
     def __init__(self, depth=20, num_classes=10, in_channels=3):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
