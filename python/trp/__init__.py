@@ -4,7 +4,7 @@
     ...  pruner.step() before each forward, pruner.regularize() after backward ...
     compact = trp.decompose(model, scheme="channel", threshold=0.05)
 """
-from . import models, modules, rank, schemes
+from . import integrations, models, modules, rank, schemes
 from .decompose import decompose, factorized_layers
 from .deploy import fit_latency, merge_back, round_ranks
 from .export import export_onnx
@@ -17,7 +17,7 @@ from .schemes import SCHEMES
 from .selection import select_layers, select_targets
 from .transformer import SplitMultiheadAttention
 
-__all__ = ["models", "modules", "rank", "schemes", "SCHEMES", "RankPruner", "decompose", "factorized_layers",
+__all__ = ["integrations", "models", "modules", "rank", "schemes", "SCHEMES", "RankPruner", "decompose", "factorized_layers",
            "select_layers", "select_targets", "SplitMultiheadAttention", "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear",
            "save", "load", "count_macs", "count_flops", "count_params", "macs_by_layer", "measure_latency",
            "report", "Report", "export_onnx", "fit_latency", "merge_back", "round_ranks"]
