@@ -3,6 +3,7 @@ steps, gradient accumulation 2): projection once per optimizer step, the nuclear
 accumulated gradients exactly once per optimizer step, exact resume from the run's own checkpoint with the
 pruner state, decomposition at the end that reproduces the projected model, and the misuse errors."""
 import os
+import re
 import subprocess
 import sys
 import types
@@ -420,15 +421,14 @@ def test_lightning_callback_resumes_exactly_from_its_own_checkpoint(tmp_path):
 
     opts = dict(energy=0.8, period=3, nuclear=1e-2, layers=PL_LAYERS)
     full_cb = TRPLightningCallback(**opts)
-    full, _ = _pl_run(tmp_path / "full", [full_cb, checkpoints(tmp_path / "full")], max_epochs=3,
-                      enable_checkpointing=True)
+    full, _ = _pl_run(tmp_path / "full", [full_cb], max_epochs=2)
     cut_cb = TRPLightningCallback(**opts)
     _pl_run(tmp_path / "cut", [cut_cb, checkpoints(tmp_path / "cut")], max_epochs=1, enable_checkpointing=True)
     assert cut_cb.pruner.steps == 4  # 4 is not a multiple of the period: a restarted pruner would differ
     resumed_cb = TRPLightningCallback(**opts)
-    resumed, trainer = _pl_run(tmp_path / "cut", [resumed_cb, checkpoints(tmp_path / "cut")], max_epochs=3,
-                               ckpt=str(tmp_path / "cut" / "epoch=0.ckpt"), enable_checkpointing=True, init_seed=1)
-    assert trainer.global_step == 12 and resumed_cb.pruner.steps == 12
+    resumed, trainer = _pl_run(tmp_path / "cut", [resumed_cb], max_epochs=2,
+                               ckpt=str(tmp_path / "cut" / "epoch=0.ckpt"), init_seed=1)
+    assert trainer.global_step == 8 and resumed_cb.pruner.steps == 8
     for n, p in _params(full).items():
         assert torch.equal(p, dict(resumed.named_parameters())[n]), n
     _assert_same_pruner_state(full_cb.pruner, resumed_cb.pruner)
@@ -466,3 +466,28 @@ def test_lightning_callback_decomposes_by_a_criterion_at_the_end(tmp_path):
     module, _ = _pl_run(tmp_path, [cb], max_epochs=1)
     layers = trp.factorized_layers(trp.load(path, base=_lit_module()))
     assert {n: m.rank for n, m in layers.items()} == {n: 2 for n in PL_LAYERS}
+
+
+# --- the guide's examples ---------------------------------------------------------------------------------
+
+GUIDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "guides",
+                     "integrations.md")
+
+
+def _guide_examples():
+    with open(GUIDE) as f:
+        text = f.read()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("framework", ["transformers", "lightning.pytorch"])
+def test_the_guide_examples_run_and_decompose(framework, tmp_path, monkeypatch):
+    pytest.importorskip(framework)
+    (code,) = [c for c in _guide_examples() if f"import {framework}" in c or f"from {framework} import" in c]
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "guide_example"}
+    exec(compile(code, GUIDE, "exec"), namespace)
+    cb = namespace["trp_cb"]
+    assert cb.pruner.steps == 8  # the number the guide's comment states
+    assert set(trp.factorized_layers(namespace["compact"])) == set(cb.pruner.layer_names)
+    assert set(trp.factorized_layers(cb.compact)) == set(cb.pruner.layer_names)
