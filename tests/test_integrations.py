@@ -124,6 +124,13 @@ def test_callbacks_refuse_bad_arguments_before_training():
         driver.attach(TinyNet())
     with pytest.raises(RuntimeError, match="an optimizer step without a training batch before it"):
         driver.before_optimizer_step()
+    driver.attach(model)
+    driver.begin_step()
+    with pytest.raises(RuntimeError, match="none of the pruned weights has a gradient at the optimizer step"):
+        driver.before_optimizer_step()  # a backward pass ran through another model, none through this one
+    model(torch.zeros(1, 3, 6, 6), torch.zeros(1, dtype=torch.long))["loss"].backward()
+    driver.before_optimizer_step()
+    assert not driver.open and pruner.steps == 1
 
 
 # --- Hugging Face Trainer ---------------------------------------------------------------------------------
@@ -143,15 +150,15 @@ class _HFDataset(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
-def _hf_run(out, callbacks, max_steps=4, resume=None, init_seed=0, model=None, **overrides):
+def _hf_run(out, callbacks, max_steps=4, resume=None, init_seed=0, model=None, model_init=None, **overrides):
     transformers = _hf()
     torch.manual_seed(init_seed)
-    model = TinyNet() if model is None else model
+    model = TinyNet() if model is None and model_init is None else model
     kwargs = dict(output_dir=str(out), use_cpu=True, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                   max_steps=max_steps, learning_rate=0.01, lr_scheduler_type="constant", save_strategy="no",
                   logging_strategy="no", report_to=[], disable_tqdm=True, seed=0, dataloader_num_workers=0)
     kwargs.update(overrides)
-    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**kwargs),
+    trainer = transformers.Trainer(model=model, model_init=model_init, args=transformers.TrainingArguments(**kwargs),
                                    train_dataset=_HFDataset(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer
@@ -291,6 +298,8 @@ def test_trainer_callback_refuses_a_model_without_selected_layers_and_bad_setups
 
     with pytest.raises(ValueError, match="^TRPTrainerCallback: RankPruner: no layer selected"):
         _hf_run(tmp_path, [TRPTrainerCallback(layers=LAYERS, exclude=LAYERS)])
+    # model_init=: the Trainer hands its callbacks the model it trains (the pruner's weights get gradients)
+    _hf_run(tmp_path, [TRPTrainerCallback(layers=LAYERS)], model_init=TinyNet, max_steps=1)
     state = types.SimpleNamespace(is_hyper_param_search=False)
     args = types.SimpleNamespace(deepspeed=None, fsdp=None, fp16=True, max_grad_norm=0.0)
     with pytest.raises(ValueError, match="fp16 training needs max_grad_norm > 0"):
@@ -445,6 +454,25 @@ def test_lightning_callback_refuses_a_checkpoint_without_pruner_state_and_manual
                 accumulate_grad_batches=1)
     with pytest.raises(ValueError, match="^TRPLightningCallback: RankPruner: no layer selected"):
         _pl_run(tmp_path, [TRPLightningCallback(layers=PL_LAYERS, exclude=PL_LAYERS)])
+
+
+def test_lightning_callback_refuses_a_fused_optimizer_under_a_grad_scaler():
+    _pl()
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from trp.integrations.lightning import check_trainer
+    params = [nn.Parameter(torch.zeros(2))]
+    module = types.SimpleNamespace(automatic_optimization=True)
+
+    def trainer(fused, scaler):
+        precision = (MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu")) if scaler
+                     else MixedPrecision("bf16-mixed", "cpu"))
+        return types.SimpleNamespace(precision_plugin=precision,
+                                     optimizers=[torch.optim.AdamW(params, fused=fused)])
+
+    with pytest.raises(ValueError, match="a fused optimizer \\(AdamW\\) unscales 16-mixed gradients inside its step"):
+        check_trainer(trainer(True, True), module)
+    check_trainer(trainer(False, True), module)  # unscaled by the plugin before the hook
+    check_trainer(trainer(True, False), module)  # bf16: no scaling at all
 
 
 def test_lightning_callback_decomposes_at_the_pruner_ranks_at_the_end(tmp_path):

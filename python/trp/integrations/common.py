@@ -126,12 +126,18 @@ class StepDriver:
 
         Raises:
             RuntimeError: an optimizer step that no training batch announced (a hook schedule this driver
-                does not know: the nuclear term would be added for the wrong step).
+                does not know: the nuclear term would be added for the wrong step), or trainable pruned
+                weights of which none has a gradient (the pruner works on another model than the trained
+                one).
         """
         if not self.open:
             raise RuntimeError(f"{self.owner}: an optimizer step without a training batch before it; the "
                                "callback supports one optimizer step per accumulation window (automatic "
                                "optimization)")
+        trainable = [t.param for t in self.pruner.targets if t.param.requires_grad]
+        if trainable and all(p.grad is None for p in trainable):
+            raise RuntimeError(f"{self.owner}: none of the pruned weights has a gradient at the optimizer step: "
+                               "the pruner works on another model than the one being trained")
         self.pruner.regularize()
         self.open = False
 
