@@ -111,9 +111,9 @@ def test_callbacks_refuse_bad_arguments_before_training():
         StepDriver("X", pruner, {"energy": 0.5})
     with pytest.raises(TypeError, match="pruner must be a trp.RankPruner, got TinyNet"):
         StepDriver("X", model)
-    with pytest.raises(TypeError, match="not a RankPruner option: .*'enrgy'"):
+    with pytest.raises(TypeError, match="^X: not a RankPruner option: .*'enrgy'"):
         StepDriver("X", None, {"enrgy": 0.5})
-    with pytest.raises(ValueError, match="decompose_at_end must be None, 'ranks'"):
+    with pytest.raises(ValueError, match="^X: decompose_at_end must be None, 'ranks'"):
         StepDriver("X", None, {}, decompose_at_end="rank")
     with pytest.raises(ValueError, match="exactly one rank criterion"):
         StepDriver("X", None, {}, decompose_at_end={"energy": 0.9, "rank": 2})

@@ -80,9 +80,12 @@ class StepDriver:
             if options:
                 raise ValueError(f"{owner}: give a pruner or RankPruner options ({', '.join(sorted(options))}), "
                                  "not both")
-        check_pruner_options(options)
+        try:
+            check_pruner_options(options)
+            self.decompose_at_end = check_decompose_at_end(decompose_at_end)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{owner}: {exc}") from None
         self.owner, self.pruner, self.options = owner, pruner, options
-        self.decompose_at_end = check_decompose_at_end(decompose_at_end)
         self.open = False     # step() ran for the current optimizer step and regularize() has not yet
         self.compact = None   # the decomposed model, after finish()
 
