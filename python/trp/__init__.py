@@ -4,7 +4,7 @@
     ...  pruner.step() before each forward, pruner.regularize() after backward ...
     compact = trp.decompose(model, scheme="channel", threshold=0.05)
 """
-from . import adapters, eligibility, models, modules, rank, schemes
+from . import adapters, eligibility, integrations, models, modules, rank, schemes
 from .adapters import LayerAdapter
 from .decompose import decompose, factorized_layers
 from .eligibility import register_layer_adapter, register_weight_parametrization
@@ -19,7 +19,7 @@ from .schemes import SCHEMES
 from .selection import Selection, plan_layers, select_layers, select_targets
 from .transformer import SplitMultiheadAttention
 
-__all__ = ["adapters", "eligibility", "models", "modules", "rank", "schemes", "SCHEMES", "RankPruner", "decompose",
+__all__ = ["adapters", "eligibility", "integrations", "models", "modules", "rank", "schemes", "SCHEMES", "RankPruner", "decompose",
            "factorized_layers", "select_layers", "select_targets", "plan_layers", "Selection", "LayerAdapter",
            "register_layer_adapter", "register_weight_parametrization", "SplitMultiheadAttention", "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear",
            "save", "load", "count_macs", "count_flops", "count_params", "macs_by_layer", "measure_latency",
