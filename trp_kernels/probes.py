@@ -1,0 +1,115 @@
+"""The self-checks' probes (trp_kernels/selfcheck.py): each runs a kernel once on inputs shaped like the real call and
+compares it with the float64 reference. Returns (ok, detail) as selfcheck.verify expects.
+
+Projection: matrices with a designed spectrum, so that the energy rule has a clear answer (no rank tie that two
+correct kernels could break differently) and the kept subspace is well separated (eigengap >= 0.45 of the largest
+eigenvalue): sigma_i^2 = 1 - 0.5 i / k for the k kept directions, 0.05 * 2^-(i - k) after them, and the energy
+halfway through the k-th increment. Convolutions: the real call itself (a convolution has no ties), against the
+float64 two-convolution reference, element by element within the a-priori rounding bound of the kernel."""
+import torch
+
+from . import reference, warm
+
+PROBE_MATRICES = 2
+# relative Frobenius error allowed for W_low and G: the op's contract (float32/float64), and the output rounding
+# of the half types with room for their input rounding (as tests/test_lowrank_project.py)
+PROJECTION_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def designed_batch(B, p, q, rank, dtype, device, seed=0):
+    """(W [B, p, q] in dtype on device, energy): B matrices whose energy rule keeps exactly `rank` directions
+    (1 <= rank <= min(p, q)) with clear gaps, see the module docstring."""
+    n = min(p, q)
+    k = max(1, min(int(rank), n))
+    i = torch.arange(n, dtype=torch.float64)
+    lam = torch.where(i < k, 1.0 - 0.5 * i / k, 0.05 * torch.pow(0.5, (i - k).clamp_min(0)))
+    prefix = lam.cumsum(0)
+    energy = float((prefix[k - 1] - 0.5 * lam[k - 1]) / prefix[-1])
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.randn(B, p, n, generator=gen, dtype=torch.float64).to(device)
+    V = torch.randn(B, q, n, generator=gen, dtype=torch.float64).to(device)
+    U, V = torch.linalg.qr(U).Q, torch.linalg.qr(V).Q
+    W = (U * lam.to(device).sqrt()) @ V.mT
+    return W.to(dtype), energy
+
+
+def _rel(a, b):
+    b = b.to(torch.float64)
+    return float((a.to(torch.float64) - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def compare_projection(W, energy, max_rank, subgradient, got, rows=None):
+    """(ok, detail): the kernel's (W_low, rank, G) for W against reference.lowrank_project; rows (bool [B]): only
+    these matrices count (the warm step's certified ones)."""
+    W_low, rank, G = got[:3]
+    ref_low, ref_rank, ref_G = reference.lowrank_project(W, energy, max_rank, subgradient)
+    if rows is not None:
+        W, W_low, rank, ref_low, ref_rank = W[rows], W_low[rows], rank[rows], ref_low[rows], ref_rank[rows]
+        if subgradient:
+            G, ref_G = G[rows], ref_G[rows]
+    tol = PROJECTION_TOL.get(W.dtype, 1e-2)
+    if not torch.equal(rank.cpu(), ref_rank.cpu()):
+        return False, f"ranks {rank.tolist()}, reference {ref_rank.tolist()}"
+    err = _rel(W_low, ref_low)
+    g_err = _rel(G, ref_G) if subgradient else 0.0
+    good = err <= tol and g_err <= tol  # False for NaN too
+    return good, f"W_low error {err:.1e}, G error {g_err:.1e} (tolerance {tol:.0e}), ranks {rank.tolist()}"
+
+
+def projection(kernel, shape, dtype, device, max_rank, subgradient):
+    """The full solve `kernel(W, energy, max_rank, subgradient)` -> (W_low, rank, G) on designed matrices of the
+    call's shape [B, p, q] (at most PROBE_MATRICES of them)."""
+    B, p, q = shape
+    n = min(p, q)
+    W, energy = designed_batch(min(B, PROBE_MATRICES), p, q, max(1, n // 3), dtype, device)
+    return compare_projection(W, energy, max_rank, subgradient, kernel(W, energy, max_rank, subgradient))
+
+
+def warm_step(kernel, shape, dtype, device, width, max_rank, subgradient):
+    """The warm step `kernel(W, basis, energy, max_rank, subgradient)` -> (W_low, rank, G, X, ok) from the exact
+    kept basis of designed matrices (rank = the call's basis width) to those matrices after a small update.
+    Only certified matrices (ok) are compared; none certified is a pass (they would take the full solve),
+    noted in the detail."""
+    B, p, q = shape
+    W0, energy = designed_batch(min(B, PROBE_MATRICES), p, q, width, dtype, device)
+    basis = reference.lowrank_project_basis(W0, energy)[3][..., :width].contiguous()
+    gen = torch.Generator().manual_seed(1)
+    update = torch.randn(W0.shape, generator=gen, dtype=torch.float64).to(device)
+    W = (W0.to(torch.float64) + 1e-4 * update * (W0.double().norm() / update.norm())).to(dtype)
+    got = kernel(W, basis, energy, max_rank, subgradient)
+    ok = got[4]
+    if not bool(ok.any()):
+        return True, "no probe matrix certified (the full solve would run)"
+    good, detail = compare_projection(W, energy, max_rank, subgradient, got, rows=ok)
+    return good, f"{detail}, {int(ok.sum())} of {ok.numel()} certified"
+
+
+def _reduction(w):
+    return int(w.shape[1] * w.shape[2] * w.shape[3])
+
+
+def convolution(kind, y, x, w1, w2, bias, stride, padding, dilation):
+    """The fused kernel's output y for this call against the float64 two-convolution reference, element by
+    element: |y - ref| <= 2 (2 u + (K1 + K2 + 2) u32) |ref|_abs, where |ref|_abs is the reference on absolute
+    values, u the unit roundoff of the dtype (the intermediate and the output are rounded to it), u32 that of
+    the float32 accumulators and K1, K2 the two reductions' lengths: the first-order rounding bound, doubled.
+    None (inconclusive) when the call holds non-finite values."""
+    fn = getattr(reference, f"factorized_conv_{kind}")
+    args64 = [t.to(torch.float64) if t is not None else None for t in (x, w1, w2, bias)]
+    ref = fn(*args64, stride, padding, dilation)
+    bound_abs = fn(*[t.abs() if t is not None else None for t in args64], stride, padding, dilation)
+    limit = torch.finfo(y.dtype).max
+    if not bool(torch.isfinite(bound_abs).all()) or float(bound_abs.abs().max()) >= limit:
+        return None, "non-finite or overflowing values in the call"
+    u, u32 = torch.finfo(y.dtype).eps / 2, torch.finfo(torch.float32).eps / 2
+    tol = 2.0 * (2.0 * u + (_reduction(w1) + _reduction(w2) + 2) * u32)
+    excess = ((y.to(torch.float64) - ref).abs() - tol * bound_abs).nan_to_num(nan=float("inf"))
+    worst = float(excess.max())
+    if worst <= 0.0:
+        return True, f"within {tol:.1e} of the absolute-value bound"
+    bad = int((excess > 0).sum())
+    return False, (f"{bad} of {y.numel()} outputs outside the rounding bound (tolerance {tol:.1e} x |ref|, worst "
+                   f"excess {worst:.2e})")
+
+
+__all__ = ["designed_batch", "projection", "warm_step", "convolution", "compare_projection"]
