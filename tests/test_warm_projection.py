@@ -321,6 +321,29 @@ def test_a_sharded_pruner_saves_and_keeps_only_the_bases_of_its_own_groups():
     assert pruner._groups[0].warm.basis is not None and pruner._groups[1].warm.basis is None
 
 
+def test_lowrank_project_many_equals_one_call_per_batch(backend):
+    """Several batches with their warm states in one call (one host read for all): the same results and states as
+    one lowrank_project call per batch, a batch without a state included; bad arguments are refused."""
+    gen = torch.Generator().manual_seed(4)
+    dev = device_of(backend)
+    Ws = [make_batch(3, 20, 36, "decay", seed=1).to(dev), make_batch(2, 40, 24, "decay", seed=2).to(dev),
+          make_batch(4, 16, 30, "flat", seed=3).to(dev)]
+    many, single = [WarmStart(), WarmStart(), None], [WarmStart(), WarmStart(), None]
+    for t in range(3):
+        outs = trp_kernels.lowrank_project_many(Ws, 0.9, subgradient=True, warms=many)
+        for W, state, out in zip(Ws, single, outs):
+            ref = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+            assert all(torch.equal(a, b) for a, b in zip(out, ref))
+        for a, b in zip(many[:2], single[:2]):
+            assert torch.equal(a.basis, b.basis) and torch.equal(a.warm, b.warm)
+        Ws = [sgd_like(out[0], 0.01, gen) for out in outs]
+    assert bool(many[0].warm.any())  # the warm path ran
+    with pytest.raises(TypeError, match="one trp_kernels.WarmStart"):
+        trp_kernels.lowrank_project_many(Ws, 0.9, warms=[WarmStart()])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        trp_kernels.lowrank_project_many([torch.full((1, 20, 20), float("nan"))], 0.9, warms=[WarmStart()])
+
+
 class HostReads:
     """Counts the calls that read tensor values on the host (on a GPU each is a synchronisation), wherever they
     happen (inside custom ops too): the Tensor methods that do it, wrapped while the context is open."""
