@@ -162,6 +162,7 @@ def test_the_in_place_cpu_path_is_one_call_for_all_groups(monkeypatch):
 
     monkeypatch.setattr(trp_kernels.inplace, "lowrank_project_", spy)
     monkeypatch.setattr(trp_kernels, "lowrank_project", None)  # never called
+    monkeypatch.setattr(trp_kernels, "lowrank_project_many", None)  # nor the stacked path
     pruner = trp.RankPruner(SmallNet(), "channel")
     pruner.step()
     assert sorted(calls[0]) == sorted([[(6, 54), (6, 54)], [(8, 36)]]) and len(calls) == 1
