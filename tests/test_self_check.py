@@ -5,6 +5,7 @@ kernel is checked once per signature; nothing is checked during a CUDA graph cap
 torch.distributed (2 gloo processes). Also the precision setting held at "ieee" while a projection runs, and the
 decision to fall back on a GPU the build has no kernel image for."""
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +127,11 @@ def test_the_probe_has_a_clear_rank_and_passes_the_real_kernels(shape):
         assert ok, detail
         ok, detail = probes.warm_step(warm.compiled_step, shape, dtype, "cpu", 4, None, True)
         assert ok and "certified" in detail and not detail.startswith("no probe"), detail
+
+
+def test_the_warm_signature_splits_where_the_cuda_ritz_step_changes_eigensolver():
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "common" / "block_kernels.h").read_text()
+    assert f"constexpr int kJacobiMaxN = {probes.JACOBI_MAX_N};" in header
 
 
 @needs_cpp

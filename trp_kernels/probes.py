@@ -17,7 +17,7 @@ REFLECTORS = 4
 # basis is at most JACOBI_MAX_N wide (the Ritz step's eigensolver), so a wider basis is probed at JACOBI_MAX_N + 1.
 # Small ranks keep the energy rule's margin (about 1 / (3 rank) of the energy) far above bfloat16's rounding.
 COLD_RANK = 32
-JACOBI_MAX_N = 64
+JACOBI_MAX_N = 64  # csrc/common/block_kernels.h kJacobiMaxN (tests/test_self_check.py compares them)
 # the warm probe's update: its singular vectors turned by this angle, a TRP step's order of magnitude (the warm
 # step's certificate proves the result, within warm.SUBSPACE_TOL, for turns up to about 5e-5 on these spectra)
 ROTATION = 1e-5

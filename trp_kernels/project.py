@@ -166,13 +166,12 @@ def _compiled_warm(W, basis, max_rank, subgradient):
     if not selfcheck.applies(W.device, compiled_cpu=True):
         return True
     m = basis.shape[2]
-    signature = (W.dtype, tuple(W.shape[1:]), f"basis width {'<=' if m <= JACOBI_MAX_N else '>'} {JACOBI_MAX_N}",
-                 "subgradient" if subgradient else "no subgradient", "max_rank" if max_rank is not None else "energy rule")
+    jacobi = probes.JACOBI_MAX_N
+    signature = (W.dtype, tuple(W.shape[1:]), f"basis width {'<=' if m <= jacobi else '>'} {jacobi}",
+                 "subgradient" if subgradient else "no subgradient",
+                 "max_rank" if max_rank is not None else "energy rule")
     return selfcheck.verify("lowrank_project_warm", W.device, signature, lambda: probes.warm_step(
         _warm.compiled_step, W.shape, W.dtype, W.device, m, max_rank, subgradient))
-
-
-JACOBI_MAX_N = 64  # csrc/common/block_kernels.h kJacobiMaxN: the CUDA kernels' Jacobi eigensolver's largest size
 
 
 class _Pending:
@@ -200,15 +199,17 @@ def _warm_launch(W, basis, energy, max_rank, subgradient):
         if cpp and not _extension.has_kernel("lowrank_project_basis", _dispatch_key(W.device)):
             # a compiled extension older than the warm start: its full solve, as without a state (and no state)
             W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
-            return _Pending(W, energy, max_rank, subgradient, cpp,
-                            (W_low, rank, G if subgradient else W.new_empty(0), W.new_zeros(B, n, 0, dtype=torch.float64),
-                             rank.new_zeros(B, dtype=torch.bool)), warm=False)
+            no_state = W.new_zeros(B, n, 0, dtype=torch.float64)
+            return _Pending(W, energy, max_rank, subgradient, cpp, (W_low, rank, G if subgradient else W.new_empty(0),
+                                                                    no_state, rank.new_zeros(B, dtype=torch.bool)),
+                            warm=False)
         if not warm_usable(basis, W.shape, W.device, energy):
             W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient, cpp)
             return _Pending(W, energy, max_rank, subgradient, cpp,
                             (W_low, rank, G, full, rank.new_zeros(B, dtype=torch.bool)), warm=False)
         step = _warm.compiled_step if cpp and _compiled_warm(W, basis, max_rank, subgradient) else _warm.step
-        return _Pending(W, energy, max_rank, subgradient, cpp, step(W, basis, energy, max_rank, subgradient), warm=True)
+        return _Pending(W, energy, max_rank, subgradient, cpp, step(W, basis, energy, max_rank, subgradient),
+                        warm=True)
 
 
 def _warm_finish(pending, top, fallbacks):
@@ -362,7 +363,8 @@ def lowrank_project_many(Ws, energy, *, max_rank=None, subgradient=False, warms=
     pending = []
     for i, (W, state) in enumerate(zip(Ws, warms)):
         if state is None:
-            out[i] = lowrank_project(W, energy, max_rank=max_rank, subgradient=subgradient, check_finite=check_finite)
+            out[i] = lowrank_project(W, energy, max_rank=max_rank, subgradient=subgradient,
+                                     check_finite=check_finite)
             continue
         if check_finite:
             _check_finite_each([W])

@@ -98,7 +98,9 @@ std::tuple<at::Tensor, at::Tensor> aten_eigh_cuda(const at::Tensor& gram) {
 // The eigensolver for a batch of n x n matrices: the Jacobi kernel where it fits (no host synchronisation,
 // all matrices at once), else cuSOLVER through ATen (one sync for its error check; for n > 32 PyTorch runs
 // the batch one matrix at a time).
-EighFn eigh_for(int64_t n, bool jacobi) { return jacobi && jacobi_fits(n) ? EighFn(jacobi_eigh_cuda_impl) : EighFn(aten_eigh_cuda); }
+EighFn eigh_for(int64_t n, bool jacobi) {
+  return jacobi && jacobi_fits(n) ? EighFn(jacobi_eigh_cuda_impl) : EighFn(aten_eigh_cuda);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warm_certify_cuda(
     const at::Tensor& trace_in, const at::Tensor& theta_in, const at::Tensor& res2_in, double energy,

@@ -128,7 +128,8 @@ std::vector<std::pair<std::string, std::vector<double>>> test_matrices(int n, bo
       const size_t ij = static_cast<size_t>(i) * n + j, ji = static_cast<size_t>(j) * n + i;
       sym[ij] = x[ij] + x[ji];
       double g = 0.0;
-      for (int k = 0; k < n; ++k) g += x[static_cast<size_t>(i) * n + k] * x[static_cast<size_t>(j) * n + k] * std::pow(0.7, k);
+      for (int k = 0; k < n; ++k)
+        g += x[static_cast<size_t>(i) * n + k] * x[static_cast<size_t>(j) * n + k] * std::pow(0.7, k);
       gram[ij] = g;
       ones[ij] = (i == j ? 1.0 : 0.0) + u[static_cast<size_t>(i)] * u[static_cast<size_t>(j)];
       near[ij] = i == j ? std::pow(0.9, i) : 1e-6 * (x[ij] + x[ji]);
@@ -149,7 +150,8 @@ double jacobi_error(const std::vector<double>& a, const std::vector<double>& eva
         av += a[static_cast<size_t>(i) * n + k] * evecs[static_cast<size_t>(k) * n + j];
         vv += evecs[static_cast<size_t>(k) * n + i] * evecs[static_cast<size_t>(k) * n + j];
       }
-      err = std::fmax(err, std::fabs(av - evals[static_cast<size_t>(j)] * evecs[static_cast<size_t>(i) * n + j]) / (scale * n));
+      const double lam_v = evals[static_cast<size_t>(j)] * evecs[static_cast<size_t>(i) * n + j];
+      err = std::fmax(err, std::fabs(av - lam_v) / (scale * n));
       err = std::fmax(err, std::fabs(vv - (i == j ? 1.0 : 0.0)));
     }
   for (int j = 1; j < n; ++j)
