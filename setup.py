@@ -16,6 +16,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 ARCH_FILE = os.path.join(ROOT, "csrc", "cuda_arches.txt")  # also read by CMakeLists.txt
 
 
+# The device code's flags (CMakeLists.txt has the same): --fmad=false, see cxx_flags in build_extensions.
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--fmad=false"]
+
+
 def cuda_arch_list():
     """TORCH_CUDA_ARCH_LIST, else the list in csrc/cuda_arches.txt (e.g. "8.0;9.0+PTX")."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -73,7 +77,10 @@ def build_extensions():
                  f"torch.version.cuda={torch.version.cuda}, CUDA toolkit={cuda_home} (set CUDA_HOME)")
     os.environ.setdefault("MAX_JOBS", "2")
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]  # torch 2.14 headers need C++20
+    # torch 2.14 headers need C++20. No contraction of a * b + c into FMAs, on the host (-ffp-contract=off: GCC
+    # contracts by default where the target has FMA, e.g. aarch64) nor on the device (--fmad=false): the CPU's
+    # one-thread path and the GPU's kernels compute the same expressions bit for bit (docs/design/gpu-trust.md).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     define_macros = [("TRP_PYTHON_MODULE", "1")]
     if cuda_home and cuda_sources:
         # cpp_extension reads its module-level CUDA_HOME when it compiles (nvcc, include and library paths).
@@ -87,7 +94,7 @@ def build_extensions():
             define_macros=define_macros + [("TRP_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"],
+                "nvcc": NVCC_FLAGS,
             },
             extra_link_args=["-fopenmp"],
         )

@@ -215,15 +215,15 @@ def trajectory(model_name, scheme, steps, device="cpu", seed=0, repeats=3):
 def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, device="cpu", inplace=True):
     """Where a settled RankPruner.step() goes: after `settle` trajectory steps (ranks settled), per step the
     whole step(), the time inside the projection functions (with their Python and dispatch: the in-place
-    trp_kernels.inplace.lowrank_project_, or trp_kernels.lowrank_project per group when the pruner stacks the
-    groups: inplace=False) and inside the compiled kernels they call; medians over `steps` steps."""
+    trp_kernels.inplace.lowrank_project_, or trp_kernels.lowrank_project_many for all groups when the pruner stacks
+    them: inplace=False) and inside the compiled kernels they call; medians over `steps` steps."""
     pruner, gen = trajectory_pruner(model_name, scheme, device)
     pruner.inplace = inplace
     for _ in range(settle):
         pruner.step()
         sgd_like_step(pruner, gen)
     spent = {"op": 0.0, "kernel": 0.0}
-    timed = [(trp_kernels, "lowrank_project", "op"), (trp_kernels.warm, "compiled_step", "kernel"),
+    timed = [(trp_kernels, "lowrank_project_many", "op"), (trp_kernels.warm, "compiled_step", "kernel"),
              (trp_kernels.inplace, "lowrank_project_", "op"), (trp_kernels.inplace, "kernel", "kernel")]
     real = [getattr(module, name) for module, name, _ in timed]
 

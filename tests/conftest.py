@@ -1,5 +1,6 @@
 """Shared test setup. Triton kernels run under the interpreter when no GPU is present: TRITON_INTERPRET
-must be set before triton is first imported, so it is set here, at collection start."""
+must be set before triton is first imported, so it is set here, at collection start. A kernel whose first-use
+self-check fails (trp_kernels/selfcheck.py) is an error in the tests, not a silent fallback to the reference."""
 import os
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRP_KERNELS_SELF_CHECK_FAILURE", "error")
 
 
 def pytest_collection_modifyitems(config, items):

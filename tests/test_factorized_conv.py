@@ -524,6 +524,7 @@ def test_device_guard_wraps_dispatch_and_launch(backend, monkeypatch):
     monkeypatch.setattr(conv, "_on_device", Recorder)
     monkeypatch.setattr(conv, "choose_backend", choose)
     monkeypatch.setattr(conv, "_triton", lambda: StubTriton)
+    monkeypatch.setenv("TRP_KERNELS_SELF_CHECK", "0")  # the stub's zeros would fail the first-use check
     x, w1, w2, b = make("channel", 1, 3, 5, 5, 2, 5, 3, 3, True)
     conv._run("channel", x, w1, w2, b, [1, 1], [1] * 4, [1, 1])
     assert seen == [("choose", [x.device]), ("kernel", [x.device])]

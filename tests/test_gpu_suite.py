@@ -2,6 +2,7 @@
 GPU slot is never spent on a broken suite. Also the shared results schema of the table scripts."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["backend_info", "lowrank_tests", "racecheck", "conv_tests", "lowrank_table", "pruner_overhead",
-         "conv_layers", "conv_e2e"]
+SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
+# the dry run's steps (no build), in the order of value: checks, the projection's tests and tables, the convs'
+STEPS = ["preflight", "build_checks", "self_checks", "lowrank_tests", "racecheck", "lowrank_table", "pruner_overhead",
+         "conv_tests", "conv_layers", "conv_e2e"]
 
 
 @pytest.mark.slow
@@ -18,7 +21,7 @@ def test_gpu_suite_dry_run(tmp_path):
     out = tmp_path / "suite"
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("TRITON_INTERPRET", None)  # as on the GPU machine; the suite's own pytest runs set what they need
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--dry-run", str(out)],
+    proc = subprocess.run(["bash", str(SUITE), "--dry-run", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     suite = json.loads((out / "suite.json").read_text())
@@ -33,8 +36,56 @@ def test_gpu_suite_dry_run(tmp_path):
         assert doc["complete"] and doc["rows"], name
         assert doc["machine"]["torch"] and doc["date"].endswith("+00:00")
     assert "n=64" in (out / "sanitizer.log").read_text()
+    checks = suite["backend_info"]["self_check"]
+    assert checks["verdicts"] and all(v["ok"] for v in checks["verdicts"]) and checks["failure"] == "error"
+    collected = re.findall(r"^(\d+)(?:/\d+)? tests? collected", (out / "tests.log").read_text(), re.M)
+    assert len(collected) == 3 and all(int(n) > 0 for n in collected), collected  # build, lowrank, conv tests
     kinds = [r["weights"] for r in json.loads((out / "lowrank_project_cpu.json").read_text())["rows"]]
     assert kinds[0] == "trajectory" and "trp" in kinds  # the warm start's trajectory first, then the static rows
+
+
+def _limits():
+    out = subprocess.run(["bash", str(SUITE), "--limits"], capture_output=True, text=True, check=True).stdout
+    pairs = [line.split() for line in out.splitlines()]
+    return [(name, int(v)) for name, v in pairs if name != "budget"], int(dict(pairs)["budget"])
+
+
+def test_step_limits_add_up_within_the_budget_in_the_order_the_steps_run():
+    """No step is cut for lack of time when every step uses its whole limit; and the script runs its steps in the
+    declared order (the order of value: checks first, the conv tables last)."""
+    limits, budget = _limits()
+    assert sum(v for _, v in limits) <= budget, limits
+    body = SUITE.read_text().split("\nsummary() {", 1)[1]  # the steps' calls, after the helpers' definitions
+    calls = re.findall(r"^\s*(?:\w+=\S+ )*(?:step|pytest_step) (\w+)", body, re.M)
+    ran = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]  # racecheck: dry run or not
+    assert ran == [name for name, _ in limits], ran
+
+
+def test_preflight_names_a_missing_module_within_seconds(tmp_path):
+    script = tmp_path / "uses_missing.py"
+    script.write_text("import os\nimport no_such_module_trp\n\ndef later():\n    import another_missing_one\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite_preflight.py"), "--dry-run",
+                           str(script), str(ROOT / "tests" / "test_lowrank_project.py")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "missing module no_such_module_trp (imported by uses_missing.py)" in proc.stdout
+    assert "another_missing_one" not in proc.stdout  # imported inside a function: optional, not required
+
+
+def test_a_failed_preflight_stops_the_suite(tmp_path):
+    """The suite records the preflight and stops: no build, no tests, no tables spend the slot."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\ncase \"$1\" in *gpu_suite_preflight.py) echo 'preflight: missing module x'; "
+                      f"exit 1;; esac\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    out = tmp_path / "suite"
+    env = dict(os.environ, PYTHON=str(python))
+    proc = subprocess.run(["bash", str(SUITE), "--dry-run", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    suite = json.loads((out / "suite.json").read_text())
+    assert [(s["step"], s["rc"]) for s in suite["steps"]] == [("preflight", 1)]
+    assert "missing module x" in (out / "build.log").read_text()
 
 
 def _lowrank_table_smoke(tmp_path, part):

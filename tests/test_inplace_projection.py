@@ -215,8 +215,8 @@ def test_rank_pruner_with_tied_layers_takes_the_stacked_path():
 def _no_stacked_calls(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the stacked path ran")
-    monkeypatch.setattr(trp_kernels, "lowrank_project", fail)
-    monkeypatch.setattr(trp_kernels.project, "lowrank_project", fail)
+    monkeypatch.setattr(trp_kernels, "lowrank_project_many", fail)  # the pruner's stacked path: all groups at once
+    monkeypatch.setattr(trp_kernels.project, "lowrank_project_many", fail)
 
 
 @pytest.mark.parametrize("layout", ["spatial", "channels_last"])

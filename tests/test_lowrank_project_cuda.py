@@ -94,7 +94,9 @@ def test_side_stream_orders_with_its_inputs():
     with torch.cuda.stream(side):
         Ws = W * 1.0  # produced on the side stream
         torch.cuda._sleep(10_000_000)  # delay so that a kernel on the wrong stream would read early
-        got = trp_kernels.lowrank_project(Ws * 2.0, 0.9)
+        # check_finite=False: its host read would wait for the side stream before any kernel is launched, and
+        # the test could not fail
+        got = trp_kernels.lowrank_project(Ws * 2.0, 0.9, check_finite=False)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     assert torch.equal(got[1], expected[1])
@@ -117,3 +119,18 @@ def test_tf32_switched_on_keeps_the_contract(setting):
         torch.backends.cuda.matmul.allow_tf32 = old_flag
         torch.set_float32_matmul_precision(old_precision)
     check_projection(W.cpu(), 0.9, W_low.cpu(), rank.cpu(), G.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 33, 54, 55, 64])
+def test_the_cuda_jacobi_kernel_equals_the_cpu_bit_for_bit(n):
+    """The device code is compiled without FMA contraction (--fmad=false) and runs the block functions the CPU's
+    one-thread path runs (csrc/common/block_kernels.h): the same eigenvalues and eigenvectors, bit for bit."""
+    if not _extension.has_kernel("jacobi_eigh", "CUDA"):
+        pytest.skip("trp_kernels._C has no CUDA kernel")
+    gen = torch.Generator().manual_seed(n)
+    X = torch.randn(5, n, n, generator=gen, dtype=torch.float64)
+    A = torch.cat([X + X.mT, X @ X.mT])
+    ev_cpu, V_cpu = torch.ops.trp_kernels_C.jacobi_eigh(A)
+    ev_gpu, V_gpu = torch.ops.trp_kernels_C.jacobi_eigh(A.cuda())
+    assert torch.equal(ev_gpu.cpu(), ev_cpu) and torch.equal(V_gpu.cpu(), V_cpu)

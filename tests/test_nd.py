@@ -62,10 +62,11 @@ def test_projection_is_the_exact_per_filter_truncation(energy):
 def test_one_projection_call_per_group_covers_all_filters(monkeypatch):
     import trp_kernels
     calls = []
-    real = trp_kernels.lowrank_project
-    monkeypatch.setattr(trp_kernels, "lowrank_project", lambda W, *a, **k: calls.append(W.shape) or real(W, *a, **k))
+    real = trp_kernels.lowrank_project_many
+    monkeypatch.setattr(trp_kernels, "lowrank_project_many",
+                        lambda Ws, *a, **k: calls.append([W.shape for W in Ws]) or real(Ws, *a, **k))
     trp.RankPruner(SmallNet(), "nd", energy=0.9).step()
-    assert sorted(calls) == sorted([(2 * 6, 6, 9), (8, 6, 6)])  # [layers * filters, c, kh*kw]
+    assert len(calls) == 1 and sorted(calls[0]) == sorted([(2 * 6, 6, 9), (8, 6, 6)])  # [layers * filters, c, kh*kw]
 
 
 def test_subgradient_equals_autograd_of_per_filter_nuclear_norm():

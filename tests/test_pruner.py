@@ -135,19 +135,19 @@ def test_nuclear_every_step_reuses_latest_basis_and_nuclear_zero_is_noop():
     assert all(p.grad is None for p in off.layers[0][1].parameters())
 
 
-def test_one_lowrank_project_call_per_group(monkeypatch):
+def test_one_batch_per_group_in_one_call(monkeypatch):
     calls = []
-    real = trp_kernels.lowrank_project
+    real = trp_kernels.lowrank_project_many
 
-    def spy(W, energy, **kw):
-        calls.append(tuple(W.shape))
-        return real(W, energy, **kw)
+    def spy(Ws, energy, **kw):
+        calls.append([tuple(W.shape) for W in Ws])
+        return real(Ws, energy, **kw)
 
-    monkeypatch.setattr(trp_kernels, "lowrank_project", spy)
+    monkeypatch.setattr(trp_kernels, "lowrank_project_many", spy)
     pruner = trp.RankPruner(SmallNet(), "channel")
-    pruner.inplace = False  # the stacked path (GPUs, sharding, spatial, nd)
+    pruner.inplace = False  # the stacked path (GPUs, sharding, spatial, nd): one host read for all groups
     pruner.step()
-    assert sorted(calls) == sorted([(2, 6, 54), (1, 8, 36)])  # a and b share one call
+    assert len(calls) == 1 and sorted(calls[0]) == sorted([(2, 6, 54), (1, 8, 36)])  # a and b share one batch
 
 
 def test_the_in_place_cpu_path_is_one_call_for_all_groups(monkeypatch):
@@ -162,6 +162,7 @@ def test_the_in_place_cpu_path_is_one_call_for_all_groups(monkeypatch):
 
     monkeypatch.setattr(trp_kernels.inplace, "lowrank_project_", spy)
     monkeypatch.setattr(trp_kernels, "lowrank_project", None)  # never called
+    monkeypatch.setattr(trp_kernels, "lowrank_project_many", None)  # nor the stacked path
     pruner = trp.RankPruner(SmallNet(), "channel")
     pruner.step()
     assert sorted(calls[0]) == sorted([[(6, 54), (6, 54)], [(8, 36)]]) and len(calls) == 1

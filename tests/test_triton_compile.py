@@ -161,7 +161,7 @@ def worker(index, count, all_configs, cuobjdump):
         print(json.dumps(result), flush=True)
 
 
-def _tool(name):
+def nvidia_tool(name):
     """Path of an NVIDIA tool: Triton's bundled one, else the CUDA toolkit's; None if neither exists."""
     try:
         import triton
@@ -178,7 +178,7 @@ def _tool(name):
 
 def run_all(all_configs=False, workers=WORKERS):
     """Runs the workers in subprocesses (never under the interpreter); returns one result per case."""
-    cuobjdump = _tool("cuobjdump")
+    cuobjdump = nvidia_tool("cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(i), str(workers),
@@ -205,11 +205,62 @@ def _summary(results):
     return "\n".join(lines)
 
 
+def _meta_call(kind, x_format, w_format):
+    """(module, named launch arguments, constexprs) of one call on meta tensors (no GPU, no interpreter)."""
+    import torch
+
+    from trp_kernels import geometry
+    from trp_kernels.triton import channel, decoupled, spatial
+    mod = {"channel": channel, "spatial": spatial, "decoupled": decoupled}[kind]
+    meta = dict(device="meta", dtype=torch.float16)
+    x = torch.empty(4, 32, 14, 14, **meta).to(memory_format=x_format)
+    shapes = {"channel": ((16, 32, 3, 3), (32, 16, 1, 1)), "spatial": ((16, 32, 3, 1), (32, 16, 1, 3)),
+              "decoupled": ((32 * 4, 32, 1, 1), (32, 4, 3, 3))}[kind]
+    w1, w2 = (torch.empty(*shape, **meta).to(memory_format=w_format) for shape in shapes)
+    conv = ([1, 1], [1] * 4, [1, 1])
+    y = geometry.empty_output(kind, x, w1, w2, *conv)
+    _, args, consts = mod.launch_args(x, w1, w2, None, *conv, y)
+    return mod, dict(zip(getattr(mod, f"_{kind}_kernel").arg_names, args)), consts
+
+
+@pytest.mark.parametrize("kind", ["channel", "spatial", "decoupled"])
+def test_the_autotune_key_tells_the_input_layouts_apart(kind):
+    """NCHW and channels_last inputs of the same shapes want different tiles: the autotuner's key must differ,
+    also when a channels_last weight makes both outputs channels_last (y's strides alone do not tell)."""
+    import torch
+    keys = []
+    for x_format in (torch.contiguous_format, torch.channels_last):
+        mod, named, consts = _meta_call(kind, x_format, torch.channels_last)
+        keys.append([named.get(k, consts.get(k)) for k in mod._AUTOTUNE_KEY])
+    assert keys[0] != keys[1], keys
+
+
+def test_the_decoupled_kernel_refuses_more_filters_than_the_grid_axis_holds():
+    """Its grid's second axis holds the filter blocks (one filter per program when BLOCK_Q = R_PAD), and CUDA allows
+    65535 there: more filters run as two convolutions instead of failing to launch on the GPU."""
+    import torch
+
+    from trp_kernels.triton import _common, decoupled
+    _, named, consts = _meta_call("decoupled", torch.contiguous_format, torch.contiguous_format)
+    grid, _, _ = decoupled.launch_args(*(named[k] for k in ("X", "PW", "DW")), None, [1, 1], [1] * 4, [1, 1],
+                                       named["Y"])
+    assert grid({"BLOCK_M": 16, "BLOCK_Q": consts["R_PAD"]})[1] == named["NOUT"] == 32  # axis 1: one per filter
+    assert not _common.grid_fits((1, 65536)) and _common.grid_fits((2 ** 31 - 1, 65535, 65535))
+    if not (torch.cuda.is_available() or _common.interpreting()):
+        pytest.skip("supported() answers for CUDA tensors, or CPU ones under TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.empty(1, 4, 8, 8, device=device)
+    for n, ok in ((65535, True), (65536, False)):
+        pw, dw = torch.empty(n * 2, 4, 1, 1, device=device), torch.empty(n, 2, 3, 3, device=device)
+        why = decoupled.supported(x, pw, dw, None, (8, 8))
+        assert (why is None) == ok, why
+
+
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm80_sm90_without_spills():
     pytest.importorskip("triton")
     for tool in ("ptxas", "cuobjdump"):
-        if _tool(tool) is None:
+        if nvidia_tool(tool) is None:
             pytest.skip(f"{tool} not found (neither bundled with Triton nor in a CUDA toolkit)")
     results = run_all()
     assert results, "no config was compiled"

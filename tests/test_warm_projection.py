@@ -3,6 +3,7 @@ over SGD-like trajectories (rank changes, energy changes, max_rank), pathologica
 compiled step against its Python specification, the op schema, and RankPruner carrying the state. The `cuda`
 backend (the CUDA kernel: warm_driver.h on the device) runs in benchmarks/gpu_suite.sh."""
 import io
+import warnings
 
 import pytest
 import torch
@@ -137,8 +138,10 @@ def test_pathological_matrices(backend):
         assert_same_as_cold(W, 0.5, out)
 
 
-@pytest.mark.parametrize("corrupt", ["nan", "random", "shape", "device-dtype"])
+@pytest.mark.parametrize("corrupt", ["nan", "random", "repeated-column", "shape", "device-dtype"])
 def test_a_bad_state_falls_back_to_the_full_solve(backend, corrupt):
+    """A corrupted state is never an error: a repeated column makes Cholesky QR break down, whose garbage Q must
+    not reach the eigensolver (it raised "linalg.eigh: ... failed to converge" before)."""
     dev = device_of(backend)
     W = make_batch(3, 20, 36, "decay", seed=9).to(dev)
     state = WarmStart()
@@ -149,13 +152,16 @@ def test_a_bad_state_falls_back_to_the_full_solve(backend, corrupt):
     elif corrupt == "random":
         state.basis = torch.linalg.qr(torch.randn(3, 20, state.basis.shape[2], generator=gen,
                                                   dtype=torch.float64))[0].to(dev)
+    elif corrupt == "repeated-column":
+        assert state.basis.shape[2] >= 2
+        state.basis[..., 1] = state.basis[..., 0]
     elif corrupt == "shape":
         state.basis = state.basis[:2]
     else:
         state.basis = state.basis.float()
     out = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
     assert_same_as_cold(W, 0.9, out)
-    if corrupt in ("shape", "device-dtype"):
+    if corrupt in ("shape", "device-dtype", "repeated-column"):
         assert not bool(state.warm.any())
     if corrupt == "nan":
         assert not bool(state.warm[1])
@@ -313,6 +319,120 @@ def test_a_sharded_pruner_saves_and_keeps_only_the_bases_of_its_own_groups():
     assert set(pruner.state_dict()["warm_bases"]) == set(pruner._groups[0].names)
     pruner.load_state_dict(state)
     assert pruner._groups[0].warm.basis is not None and pruner._groups[1].warm.basis is None
+
+
+def test_lowrank_project_many_equals_one_call_per_batch(backend):
+    """Several batches with their warm states in one call (one host read for all): the same results and states as
+    one lowrank_project call per batch, a batch without a state included; bad arguments are refused."""
+    gen = torch.Generator().manual_seed(4)
+    dev = device_of(backend)
+    Ws = [make_batch(3, 20, 36, "decay", seed=1).to(dev), make_batch(2, 40, 24, "decay", seed=2).to(dev),
+          make_batch(4, 16, 30, "flat", seed=3).to(dev)]
+    many, single = [WarmStart(), WarmStart(), None], [WarmStart(), WarmStart(), None]
+    for t in range(3):
+        outs = trp_kernels.lowrank_project_many(Ws, 0.9, subgradient=True, warms=many)
+        for W, state, out in zip(Ws, single, outs):
+            ref = trp_kernels.lowrank_project(W, 0.9, subgradient=True, warm=state)
+            assert all(torch.equal(a, b) for a, b in zip(out, ref))
+        for a, b in zip(many[:2], single[:2]):
+            assert torch.equal(a.basis, b.basis) and torch.equal(a.warm, b.warm)
+        Ws = [sgd_like(out[0], 0.01, gen) for out in outs]
+    assert bool(many[0].warm.any())  # the warm path ran
+    with pytest.raises(TypeError, match="one trp_kernels.WarmStart"):
+        trp_kernels.lowrank_project_many(Ws, 0.9, warms=[WarmStart()])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        trp_kernels.lowrank_project_many([torch.full((1, 20, 20), float("nan"))], 0.9, warms=[WarmStart()])
+
+
+class HostReads:
+    """Counts the calls that read tensor values on the host (on a GPU each is a synchronisation), wherever they
+    happen (inside custom ops too): the Tensor methods that do it, wrapped while the context is open."""
+    READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "numpy", "cpu")
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self.active = False
+        for name in self.READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
+
+    def _counting(self, name, method):
+        def wrapper(t, *args, **kwargs):
+            if self.active:
+                self.calls.append(name)
+            return method(t, *args, **kwargs)
+        return wrapper
+
+    def __enter__(self):
+        self.calls, self.active = [], True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+
+def _convs(widths, device):
+    """A chain of convs with distinct output widths (one pruner group each, the first conv aside) whose weights
+    have decaying spectra (ranks well below warm.MAX_FRACTION of n: the warm step takes them)."""
+    layers, c = [torch.nn.Conv2d(3, 8, 3)], 8
+    for i, w in enumerate(widths):
+        conv = torch.nn.Conv2d(c, w, 3)
+        with torch.no_grad():
+            conv.weight.copy_(make_batch(1, w, c * 9, "decay", seed=i)[0].view(w, c, 3, 3))
+        layers.append(conv)
+        c = w
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def _host_reads_per_step(widths, device, counter, steps=3):
+    model = _convs(widths, device)
+    pruner = trp.RankPruner(model, "channel", energy=0.9, nuclear=1e-3)
+    pruner.inplace = False  # the stacked path: the GPU's (the CPU's in-place op is one C++ call)
+    assert len(pruner._groups) == len(widths)
+    gen = torch.Generator().manual_seed(0)
+    reads = []
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-4 * torch.randn(p.shape, generator=gen).to(device))  # a small SGD-like step
+        with counter:
+            pruner.step()
+        reads.append(counter.calls)
+    assert all(bool(g.warm.warm.all()) for g in pruner._groups)  # the warm path ran in the last step
+    return reads
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpp"] if HAS_CPP else []))
+def test_rank_pruner_step_reads_the_device_the_same_few_times_whatever_the_number_of_groups(backend, monkeypatch):
+    """RankPruner.step() on the stacked path: one read for the finiteness check and one for all groups' warm
+    results (their largest ranks and fallbacks), not two more per group (on a GPU each read is a synchronisation)."""
+    monkeypatch.setenv(project.BACKEND_ENV, backend)
+    counter = HostReads(monkeypatch)
+    one, four = _host_reads_per_step([16], "cpu", counter), _host_reads_per_step([16, 20, 24, 28], "cpu", counter)
+    assert [len(r) for r in one] == [len(r) for r in four] == [2, 2, 2], (one, four)
+
+
+@pytest.mark.cuda
+def test_rank_pruner_warm_step_synchronises_the_same_few_times_whatever_the_number_of_groups():
+    """The same on the GPU, counted by CUDA's synchronisation debug mode (the C++ kernels' own syncs too: the Ritz
+    step's eigensolve is the Jacobi kernel, no cuSOLVER info check)."""
+    need_cuda_kernel()
+    counts = []
+    for widths in ([16], [16, 20, 24, 28]):
+        model = _convs(widths, "cuda")
+        pruner = trp.RankPruner(model, "channel", energy=0.9, nuclear=1e-3)
+        for _ in range(2):
+            pruner.step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pruner.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert all(bool(g.warm.warm.all()) for g in pruner._groups)
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1] <= 2, counts
 
 
 @pytest.mark.parametrize("device, shape, dtype", [

@@ -4,13 +4,14 @@
 Each op is a torch.library custom op with a fake kernel; its kernels are the C++/CUDA ones of the compiled
 extension trp_kernels._C, Triton kernels, and the PyTorch reference (trp_kernels.reference), which is
 also the fallback when nothing was compiled."""
-from . import _extension, conv, decoupled, inplace, project, reference
+from . import _extension, conv, decoupled, inplace, project, reference, selfcheck
 from .conv import factorized_conv_channel, factorized_conv_spatial
 from .decoupled import decoupled_conv
-from .project import WarmStart, lowrank_project
+from .project import WarmStart, lowrank_project, lowrank_project_many
+from .selfcheck import SelfCheckError
 
-__all__ = ["lowrank_project", "WarmStart", "factorized_conv_channel", "factorized_conv_spatial", "decoupled_conv",
-           "backend_info", "reference"]
+__all__ = ["lowrank_project", "lowrank_project_many", "WarmStart", "factorized_conv_channel",
+           "factorized_conv_spatial", "decoupled_conv", "backend_info", "reference", "selfcheck", "SelfCheckError"]
 
 
 def backend_info():
@@ -25,4 +26,5 @@ def backend_info():
         "cuda_available": torch.cuda.is_available(),
         "lowrank_project": project.backend_info(),
         "factorized_conv": conv.backend_info(),  # decoupled_conv included (same setting and caches)
+        "self_check": selfcheck.info(),  # every first-use verdict of this process (trp_kernels/selfcheck.py)
     }

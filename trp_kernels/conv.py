@@ -13,7 +13,10 @@ Backends (env TRP_CONV_BACKEND, read at every call):
   faster than the two cuDNN convolutions; otherwise the two convolutions. CPU tensors: two convolutions
   (oneDNN). While a CUDA graph is being captured nothing is measured: an unmeasured shape runs two convs.
 - triton: always the Triton kernel; on CPU tensors only under TRITON_INTERPRET=1, else RuntimeError.
-- torch: always the two convolutions (the reference)."""
+- torch: always the two convolutions (the reference).
+
+The Triton kernels check themselves on first use per call signature and tile configuration (against the float64
+reference, trp_kernels/selfcheck.py): one that disagrees is not used again on that device in this process."""
 import contextlib
 import os
 import threading
@@ -22,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import geometry, onnx, reference
+from . import geometry, onnx, probes, reference, selfcheck
 
 BACKEND_ENV = "TRP_CONV_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
@@ -183,16 +186,29 @@ def choose_backend(kind, x, w1, w2, bias, stride, padding, dilation):
     return _measured_choice(key, lambda: _measure(kind, (x, w1, w2, bias, stride, padding, dilation), key))
 
 
+def _self_checked(kind, y, args):
+    """Whether the fused kernel's output y for this call may be used: its first use per signature and tile
+    configuration is compared with the float64 reference (trp_kernels/selfcheck.py, probes.convolution)."""
+    x = args[0]
+    if not selfcheck.applies(x.device):
+        return True
+    signature = (*_signature(kind, *args)[2:], _triton().last_config(kind))
+    return selfcheck.verify(f"triton_{kind}", x.device, signature, lambda: probes.convolution(kind, y, *args))
+
+
 def _run(kind, x, w1, w2, bias, stride, padding, dilation):
+    args = (x, w1, w2, bias, stride, padding, dilation)
     # the measurement (with its autotuning) and the launch both run on x's device
     with _on_device(x.device):
-        backend = choose_backend(kind, x, w1, w2, bias, stride, padding, dilation)
+        backend = choose_backend(kind, *args)
+        if backend == "triton" and not selfcheck.usable(f"triton_{kind}", x.device):
+            backend = "torch"  # failed its self-check earlier in this process
+        y = getattr(_triton(), f"factorized_conv_{kind}")(*args) if backend == "triton" else None
+        if y is not None and not _self_checked(kind, y, args):
+            backend, y = "torch", None
         _last_backend[kind] = backend
-        if backend == "triton":
-            fn = getattr(_triton(), f"factorized_conv_{kind}")
-        else:
-            fn = getattr(reference, f"factorized_conv_{kind}")
-        y = fn(x, w1, w2, bias, stride, padding, dilation)
+        if y is None:
+            y = getattr(reference, f"factorized_conv_{kind}")(*args)
     # conv2d may pick another layout than the rule in corner cases (ambiguous strides): the fake kernel
     # promises geometry.output_memory_format, so every backend returns it (a no-op when it already is)
     return y.contiguous(memory_format=geometry.output_memory_format(x, w1, w2))

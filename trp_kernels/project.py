@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _extension, reference, warm as _warm
+from . import _extension, precision, probes, reference, selfcheck, warm as _warm
 
 BACKEND_ENV = "TRP_PROJECT_BACKEND"
 BACKENDS = ("auto", "cpp", "reference")
@@ -32,7 +32,9 @@ def _dispatch_key(device):
 
 
 def backend_for(device):
-    """The implementation lowrank_project runs for tensors on `device`: "cpp" or "reference"."""
+    """The implementation lowrank_project runs for tensors on `device`: "cpp" or "reference". A CUDA device for
+    which this build has no kernel image (e.g. sm_75 when built for 8.0;9.0+PTX) gets the reference, with a
+    warning once (TRP_PROJECT_BACKEND=cpp: RuntimeError)."""
     device = torch.device(device)
     choice = _requested_backend()
     compiled = _extension.has_kernel("lowrank_project", _dispatch_key(device))
@@ -41,6 +43,14 @@ def backend_for(device):
                            f"{device.type} ({_extension.error() or 'built without it'})")
     if choice == "auto" and not compiled:
         _extension.warn_fallback("lowrank_project")
+    if compiled and choice != "reference" and device.type == "cuda":
+        why = _extension.cuda_image_missing(device)
+        if why is not None:
+            if choice == "cpp":
+                raise RuntimeError(f"{BACKEND_ENV}=cpp but {why}")
+            _extension.warn_once(f"cuda-image:{why}", f"trp_kernels: {why}; lowrank_project runs the PyTorch "
+                                 "reference there")
+            return "reference"
     return "cpp" if compiled and choice != "reference" else "reference"
 
 
@@ -92,15 +102,29 @@ def check_finite(W):
         raise ValueError(f"lowrank_project: W[{bad}] contains NaN or Inf; nothing was computed")
 
 
+def _compiled(W, max_rank, subgradient):
+    """Whether the compiled full solve may run on W's device: built, chosen (backend_for) and trusted by its
+    self-check (trp_kernels/selfcheck.py, first use per dtype and shape)."""
+    if backend_for(W.device) != "cpp":
+        return False
+    if not selfcheck.applies(W.device, compiled_cpu=True) or W.shape[0] == 0 or min(W.shape[1:]) == 0:
+        return True
+    signature = (W.dtype, tuple(W.shape[1:]), "subgradient" if subgradient else "no subgradient",
+                 "max_rank" if max_rank is not None else "energy rule")
+    return selfcheck.verify("lowrank_project", W.device, signature, lambda: probes.projection(
+        torch.ops.trp_kernels_C.lowrank_project, W.shape, W.dtype, W.device, max_rank, subgradient))
+
+
 @torch.library.custom_op("trp_kernels::lowrank_project", mutates_args=())
 def _lowrank_project_op(W: Tensor, energy: float, max_rank: Optional[int], subgradient: bool,
                         check: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     if check:
         check_finite(W)
-    if backend_for(W.device) == "cpp":
-        W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
-    else:
-        W_low, rank, G = reference.lowrank_project(W, energy, max_rank, subgradient)
+    with precision.ieee_matmul(W.device.type):
+        if _compiled(W, max_rank, subgradient):
+            W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
+        else:
+            W_low, rank, G = reference.lowrank_project(W, energy, max_rank, subgradient)
     if G is None or not subgradient:
         G = W.new_empty(0)
     return W_low, rank, G
@@ -134,30 +158,74 @@ def warm_usable(basis, shape, device, energy):
             and basis.shape[2] <= _warm.MAX_FRACTION * n and energy < 1.0)
 
 
-@torch.library.custom_op("trp_kernels::lowrank_project_warm", mutates_args=())
-def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, max_rank: Optional[int],
-                             subgradient: bool, check: bool = True
-                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if check:
-        check_finite(W)
+def _compiled_warm(W, basis, max_rank, subgradient):
+    """Whether the compiled warm step may run on W's device from `basis` (as _compiled: built and trusted). The
+    shape class includes whether the basis is narrow enough for the Jacobi eigensolver of the Ritz step."""
+    if not _extension.has_kernel("lowrank_project_warm", _dispatch_key(W.device)):
+        return False
+    if not selfcheck.applies(W.device, compiled_cpu=True):
+        return True
+    m = basis.shape[2]
+    jacobi = probes.JACOBI_MAX_N
+    signature = (W.dtype, tuple(W.shape[1:]), f"basis width {'<=' if m <= jacobi else '>'} {jacobi}",
+                 "subgradient" if subgradient else "no subgradient",
+                 "max_rank" if max_rank is not None else "energy rule")
+    return selfcheck.verify("lowrank_project_warm", W.device, signature, lambda: probes.warm_step(
+        _warm.compiled_step, W.shape, W.dtype, W.device, m, max_rank, subgradient))
+
+
+class _Pending:
+    """One batch's warm-start call between its launch (no host synchronisation) and its finish: the results so far
+    and what the finish needs to know from the device (the largest rank; whether some matrix fell back)."""
+
+    def __init__(self, W, energy, max_rank, subgradient, cpp, results, warm):
+        self.W, self.energy, self.max_rank, self.subgradient, self.cpp = W, energy, max_rank, subgradient, cpp
+        self.results, self.warm = results, warm  # (W_low, rank, G, vectors, ok); warm: ok is meaningful
+
+    def device_values(self):
+        """0-dim int64 tensors on the device: (largest rank, number of matrices that need the full solve)."""
+        rank, ok = self.results[1], self.results[4]
+        top = rank.max() if rank.numel() else rank.new_zeros(())
+        return top, ((~ok).sum() if self.warm else rank.new_zeros(()))
+
+
+def _warm_launch(W, basis, energy, max_rank, subgradient):
+    """Runs one warm-start call up to the point where the host must look at the results (no synchronisation on the
+    GPU): the full solve with its basis when `basis` is not a usable state, else the warm step."""
     B, p, q = W.shape
     n = min(p, q)
-    cpp, key = backend_for(W.device) == "cpp", _dispatch_key(W.device)
-    if cpp and not _extension.has_kernel("lowrank_project_basis", key):
-        # a compiled extension older than the warm start: its full solve, as without a state (and no state)
-        W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
-        return (W_low, rank, G if subgradient else W.new_empty(0), W.new_zeros(B, n, 0, dtype=torch.float64),
-                rank.new_zeros(B, dtype=torch.bool))
-    if not warm_usable(basis, W.shape, W.device, energy):
-        W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient, cpp)
-        return W_low, rank, G, _warm.next_basis(full, rank), rank.new_zeros(B, dtype=torch.bool)
-    compiled = cpp and _extension.has_kernel("lowrank_project_warm", key)
-    W_low, rank, G, X, ok = (_warm.compiled_step if compiled else _warm.step)(W, basis, energy, max_rank,
-                                                                             subgradient)
-    cold = (~ok).nonzero().squeeze(1)  # the one host synchronisation of the warm path
-    if cold.numel() == 0:
-        return W_low, rank, G, _warm.next_basis(X, rank), ok
-    c_low, c_rank, c_G, c_basis = _cold_with_basis(W[cold], energy, max_rank, subgradient, cpp)
+    with precision.ieee_matmul(W.device.type):
+        cpp = _compiled(W, max_rank, subgradient)
+        if cpp and not _extension.has_kernel("lowrank_project_basis", _dispatch_key(W.device)):
+            # a compiled extension older than the warm start: its full solve, as without a state (and no state)
+            W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
+            no_state = W.new_zeros(B, n, 0, dtype=torch.float64)
+            return _Pending(W, energy, max_rank, subgradient, cpp, (W_low, rank, G if subgradient else W.new_empty(0),
+                                                                    no_state, rank.new_zeros(B, dtype=torch.bool)),
+                            warm=False)
+        if not warm_usable(basis, W.shape, W.device, energy):
+            W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient, cpp)
+            return _Pending(W, energy, max_rank, subgradient, cpp,
+                            (W_low, rank, G, full, rank.new_zeros(B, dtype=torch.bool)), warm=False)
+        step = _warm.compiled_step if cpp and _compiled_warm(W, basis, max_rank, subgradient) else _warm.step
+        return _Pending(W, energy, max_rank, subgradient, cpp, step(W, basis, energy, max_rank, subgradient),
+                        warm=True)
+
+
+def _warm_finish(pending, top, fallbacks):
+    """(W_low, rank, G, next basis, ok) of a launched call, given its device values read on the host (`top`: the
+    largest rank, `fallbacks`: how many matrices failed their certificate). Only when some did does this
+    synchronise again (their full solve)."""
+    W_low, rank, G, X, ok = pending.results
+    if X.shape[-1] == 0:  # an extension without the warm start: no state
+        return pending.results
+    if not fallbacks:
+        return W_low, rank, G, _warm.next_basis(X, rank, top), ok
+    W, energy, max_rank, subgradient = pending.W, pending.energy, pending.max_rank, pending.subgradient
+    B, n = W.shape[0], min(W.shape[1:])
+    cold = (~ok).nonzero().squeeze(1)
+    with precision.ieee_matmul(W.device.type):
+        c_low, c_rank, c_G, c_basis = _cold_with_basis(W[cold], energy, max_rank, subgradient, pending.cpp)
     W_low[cold], rank[cold] = c_low, c_rank
     if subgradient:
         G[cold] = c_G
@@ -166,6 +234,30 @@ def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, 
     vectors[..., :X.shape[-1]] = X
     vectors[cold] = c_basis[..., :vectors.shape[-1]]
     return W_low, rank, G, _warm.next_basis(vectors, rank), ok
+
+
+def _host_values(pendings):
+    """Each launched call's (largest rank, fallback count) as Python ints: one device-to-host copy (one
+    synchronisation) per device for all of them."""
+    values = [None] * len(pendings)
+    by_device = {}
+    for i, pending in enumerate(pendings):
+        by_device.setdefault(pending.W.device, []).append(i)
+    for indices in by_device.values():
+        flat = torch.stack([v for i in indices for v in pendings[i].device_values()]).tolist()
+        for j, i in enumerate(indices):
+            values[i] = (int(flat[2 * j]), int(flat[2 * j + 1]))
+    return values
+
+
+@torch.library.custom_op("trp_kernels::lowrank_project_warm", mutates_args=())
+def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, max_rank: Optional[int],
+                             subgradient: bool, check: bool = True
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if check:
+        check_finite(W)
+    pending = _warm_launch(W, basis, energy, max_rank, subgradient)
+    return _warm_finish(pending, *_host_values([pending])[0])
 
 
 @_lowrank_project_warm_op.register_fake
@@ -239,10 +331,55 @@ def lowrank_project(W, energy, *, max_rank=None, subgradient=False, check_finite
     return W_low, rank, (G if subgradient else None)
 
 
+def _check_finite_each(Ws):
+    for W in Ws:
+        check_finite(W)
+
+
+def lowrank_project_many(Ws, energy, *, max_rank=None, subgradient=False, warms=None, check_finite=True):
+    """lowrank_project on several batches of matrices (e.g. one per layer shape) with one host synchronisation per
+    device for all of them, instead of two per batch on the warm path: each batch's call runs up to the point where
+    its results must be read on the host, then one copy reads them all.
+
+    Args:
+        Ws: a list of tensors [B_i, p_i, q_i] (any shapes, dtypes and devices).
+        energy, max_rank, subgradient: as lowrank_project, for every batch.
+        warms: None, or one trp_kernels.WarmStart (or None) per batch.
+        check_finite: as lowrank_project (one synchronisation per batch when True).
+
+    Returns:
+        list: one (W_low, rank, G or None) per batch, as lowrank_project returns.
+
+    Raises:
+        ValueError: a batch is not a valid input (lowrank_project's checks) or holds NaN/Inf.
+        TypeError: warms is not a list of WarmStart / None of the same length.
+    """
+    warms = [None] * len(Ws) if warms is None else list(warms)
+    if len(warms) != len(Ws) or not all(w is None or isinstance(w, WarmStart) for w in warms):
+        raise TypeError("lowrank_project_many: warms must be None or one trp_kernels.WarmStart (or None) per batch")
+    for W in Ws:
+        validate(W, energy, max_rank)
+    out = [None] * len(Ws)
+    pending = []
+    for i, (W, state) in enumerate(zip(Ws, warms)):
+        if state is None:
+            out[i] = lowrank_project(W, energy, max_rank=max_rank, subgradient=subgradient,
+                                     check_finite=check_finite)
+            continue
+        if check_finite:
+            _check_finite_each([W])
+        pending.append((i, _warm_launch(W, state.basis, float(energy), max_rank, bool(subgradient))))
+    for (i, p), values in zip(pending, _host_values([p for _, p in pending])):
+        W_low, rank, G, warms[i].basis, warms[i].warm = _warm_finish(p, *values)
+        out[i] = (W_low, rank, G if subgradient else None)
+    return out
+
+
 def backend_info():
     return {
         "cpu": backend_for("cpu"),
         "cuda": backend_for("cuda") if torch.cuda.is_available() else None,
         "compiled_cpu": _extension.has_kernel("lowrank_project", "CPU"),
         "compiled_cuda": _extension.has_kernel("lowrank_project", "CUDA"),
+        "cuda_kernel_images": _extension.cuda_images(),
     }

@@ -98,7 +98,9 @@ def rayleigh_ritz(M, basis, steps=POWER_STEPS):
     Q = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)  # Y L^-T
     usable = info == 0
     eye = torch.diag_embed(live.squeeze(-2).to(Y.dtype))
-    usable &= (Q.mT @ Q - eye).abs().amax(dim=(-2, -1)) <= 1e-12
+    usable &= (Q.mT @ Q - eye).abs().amax(dim=(-2, -1)) <= 1e-12  # False for NaN too
+    # where Cholesky broke down Q holds garbage (Inf, NaN): Q = 0, so H = 0 and the eigensolver never sees it
+    Q = torch.where(usable[:, None, None], Q, torch.zeros_like(Q))
     MQ = M @ Q
     H = Q.mT @ MQ
     theta, S = torch.linalg.eigh((H + H.mT) * 0.5)
@@ -181,7 +183,7 @@ def certify(trace, theta, res2, energy, max_rank, noise_rel):
 def project(W, A, left, X, theta, rank, subgradient, noise_rel):
     """W_low = X_k X_k^T W (or W X_k X_k^T) and G = U_k V_k^T from the kept Ritz vectors, GEMMs in float32
     for float32/16 inputs as in the full solve (its accuracy is decided by the float64 basis)."""
-    kmax = max(int(rank.max()), 1) if rank.numel() else 1
+    kmax = X.shape[-1]  # the basis width bounds every rank: no host synchronisation to find the largest
     rdt = torch.float64 if W.dtype == torch.float64 else torch.float32
     keep = torch.arange(kmax, device=W.device) < rank[:, None]
     Xk = (X[:, :, :kmax] * keep.unsqueeze(-2)).to(rdt)
@@ -198,10 +200,13 @@ def project(W, A, left, X, theta, rank, subgradient, noise_rel):
     return W_low, G
 
 
-def next_basis(vectors, rank):
+def next_basis(vectors, rank, largest=None):
     """The state for the next call: each matrix's kept vectors (the leading rank[b] columns of `vectors`
-    [B, n, >= max rank]), zero columns up to the batch's largest rank (at least one column)."""
-    m = max(int(rank.max()) if rank.numel() else 0, 1)
+    [B, n, >= max rank]), zero columns up to the batch's largest rank (at least one column). largest: that
+    rank when the caller has it on the host already (else it is read: a synchronisation on the GPU)."""
+    if largest is None:
+        largest = int(rank.max()) if rank.numel() else 0
+    m = max(int(largest), 1)
     keep = torch.arange(m, device=rank.device) < rank[:, None]
     return vectors[..., :m] * keep.unsqueeze(-2).to(vectors.dtype)
 

@@ -1,7 +1,18 @@
 // Host/device-shared numeric core of the low-rank projection: a parallel-ordered two-sided Jacobi
-// eigensolver for small symmetric matrices and the energy-rank rule. The CPU kernel runs exactly this
-// code with one "thread" (tid = 0, nthreads = 1); the CUDA kernel runs it with one block per matrix,
-// the same phases separated by __syncthreads(). So what the GPU computes is tested on the CPU.
+// eigensolver for small symmetric matrices and the energy-rank rule. Every function takes the calling
+// thread's index and the block's thread count (tid, nthreads) and a barrier `sync` between phases: the CPU
+// kernel runs them with one "thread" (tid = 0, nthreads = 1, no barrier); the CUDA kernel with one block
+// per matrix (__syncthreads); the block emulator (csrc/emulator/block_emulator.cpp) with one std::thread per
+// CUDA thread and a real barrier, so the very code the GPU runs is run, and raced, on the CPU in CI.
+//
+// A Sync provides `void operator()()` (a block barrier) and `int any(int pred)` (a barrier that also returns
+// whether pred was nonzero in some thread: __syncthreads_or). No thread writes a location that another thread
+// reads or writes between two barriers, so results do not depend on the thread count or the schedule: the
+// emulator checks them bit for bit against the one-thread path.
+//
+// Floating point: no expression here relies on fused multiply-adds. The CUDA sources are compiled with
+// --fmad=false (setup.py, CMakeLists.txt) and the CPU sources with -ffp-contract=off, so that the GPU computes
+// bit for bit what the CPU computes (docs/design/gpu-trust.md).
 #pragma once
 
 #include <cmath>
@@ -157,32 +168,30 @@ TRP_HD float jacobi_tol<float>() { return 2e-7f; }
 
 // Eigen-decomposition of the symmetric n x n matrix `a` (row-major, leading dimension lda; destroyed:
 // its diagonal ends up holding the eigenvalues) by cyclic sweeps of round-robin rounds. `vt` (ldv) must
-// hold the identity on entry and holds the eigenvectors as rows on exit. `flag` is one int visible to
-// all threads (shared memory on the GPU). `sync` is a barrier between phases (no-op on the CPU,
-// __syncthreads on the GPU). Returns the number of sweeps done.
+// hold the identity on entry and holds the eigenvectors as rows on exit. `sync` separates the phases
+// (see the top of this file). Returns the number of sweeps done.
 template <typename T, typename Sync>
-TRP_HD int jacobi_solve(T* a, int lda, T* vt, int ldv, int n, T floor, JacobiRound<T> r, int* flag,
-                        int tid, int nthreads, Sync sync) {
+TRP_HD int jacobi_solve(T* a, int lda, T* vt, int ldv, int n, T floor, JacobiRound<T> r, int tid,
+                        int nthreads, Sync sync) {
   const int m = jacobi_players(n);
   const T tol = jacobi_tol<T>();
   int sweep = 0;
   while (sweep < kJacobiMaxSweeps) {
-    if (tid == 0) *flag = 0;
-    sync();
+    int rotated = 0;
     for (int round = 0; round < m - 1; ++round) {
-      if (jacobi_phase_angles(a, lda, n, round, tol, floor, r, tid, nthreads) > 0) *flag = 1;
-      sync();
+      rotated |= jacobi_phase_angles(a, lda, n, round, tol, floor, r, tid, nthreads) > 0;
+      sync();  // the round's rotations are written before any thread applies them
       jacobi_phase_rows(a, lda, vt, ldv, n, r, tid, nthreads);
-      sync();
+#ifndef TRP_PLANT_MISSING_BARRIER  // tests/test_block_emulator.py plants this bug: the emulator must catch it
+      sync();  // rows i, j are updated before the columns are read
+#endif
       jacobi_phase_cols(a, lda, n, r, tid, nthreads);
       sync();
       jacobi_phase_fix(a, lda, n, r, tid, nthreads);
-      sync();
+      sync();  // the next round reads the fixed diagonal and the scratch is rewritten
     }
     ++sweep;
-    const int rotated = *flag;
-    sync();  // every thread has read the flag before thread 0 clears it
-    if (!rotated) break;
+    if (!sync.any(rotated)) break;  // a sweep with no rotation in any thread: converged
   }
   return sweep;
 }

@@ -4,7 +4,7 @@
 //
 //   Y = M^2 basis (M the float64 Gram matrix; the first product in float32), columns scaled to unit norm,
 //   Cholesky QR -> Q;
-//   H = Q^T M Q = S diag(theta) S^T;  X = Q S;  R = M X - X diag(theta);
+//   H = Q^T M Q = S diag(theta) S^T (the device's small eigensolver);  X = Q S;  R = M X - X diag(theta);
 //   certificate(theta, ||R columns||^2, trace M) -> rank, keep, inv_s, ok;  projection on X as the full solve.
 #pragma once
 
@@ -46,10 +46,12 @@ inline void check_warm_args(const at::Tensor& W, const at::Tensor& basis, double
 }
 
 // W [B, p, q], basis [B, n, m] float64 -> (W_low, rank, G, X [B, n, m] Ritz vectors, ok bool [B]).
-// Matrices with ok = false hold unspecified results: the caller solves them in full.
+// Matrices with ok = false hold unspecified results: the caller solves them in full. eigh: the m x m
+// Rayleigh-Ritz eigensolver (descending, as the full solve's).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_project_warm_gram(
     const at::Tensor& W, const at::Tensor& basis_in, double energy, std::optional<int64_t> max_rank,
-    bool subgradient, const WarmParams& params, const CertifyFn& certify, bool truncate_on_host) {
+    bool subgradient, const WarmParams& params, const EighFn& eigh, const CertifyFn& certify,
+    bool truncate_on_host) {
   check_warm_args(W, basis_in, energy, max_rank);
   const int64_t p = W.size(1), q = W.size(2);
   at::NoTF32Guard no_tf32;  // as in lowrank_project_gram
@@ -72,14 +74,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lo
   const at::Tensor dead = at::diag_embed(1.0 - live_d);  // unit pivots keep dead columns at zero
   // Cholesky QR: Y^T Y = L L^T, Q = Y L^-T (solved as Q L^T = Y)
   auto [L, info] = at::linalg_cholesky_ex(at::bmm(Y.transpose(1, 2), Y) + dead);
-  const at::Tensor Q = at::linalg_solve_triangular(L.transpose(1, 2), Y, /*upper=*/true, /*left=*/false);
+  const at::Tensor Q_raw = at::linalg_solve_triangular(L.transpose(1, 2), Y, /*upper=*/true, /*left=*/false);
   at::Tensor usable = info.eq(0);
-  const at::Tensor ortho = (at::bmm(Q.transpose(1, 2), Q) - at::diag_embed(live_d)).abs().amax({1, 2});
-  usable = usable & ortho.le(1e-12);
+  const at::Tensor ortho = (at::bmm(Q_raw.transpose(1, 2), Q_raw) - at::diag_embed(live_d)).abs().amax({1, 2});
+  usable = usable & ortho.le(1e-12);  // false for NaN too
+  // A matrix that is not usable (Cholesky broke down: its Q holds garbage, Inf or NaN) gets Q = 0, so H = 0:
+  // the eigensolver never sees it, and it falls back to the full solve with ok = false (warm.py likewise).
+  const at::Tensor Q = at::where(usable.view({-1, 1, 1}), Q_raw, at::zeros_like(Q_raw));
   const at::Tensor MQ = at::bmm(M, Q);
   const at::Tensor H = at::bmm(Q.transpose(1, 2), MQ);
-  auto [theta_up, S_up] = at::linalg_eigh((H + H.transpose(1, 2)).mul_(0.5));
-  const at::Tensor theta = theta_up.flip(-1).contiguous(), S = S_up.flip(-1);
+  auto [theta_d, S_d] = eigh((H + H.transpose(1, 2)).mul_(0.5));
+  const at::Tensor theta = theta_d.contiguous(), S = S_d;
   const at::Tensor X = at::bmm(Q, S);
   const at::Tensor R = at::bmm(MQ, S) - X * theta.unsqueeze(1);
   const at::Tensor res2 = R.square().sum(1).contiguous();

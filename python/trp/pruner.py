@@ -16,6 +16,7 @@ scheme every filter is its own matrix, and under channel / spatial every group o
 call covers all filters (conv groups) of all its layers, and a layer's rank is the largest. A group holds
 trp.targets.Target objects: a whole weight or a row block of one (the q, k, v rows of a packed attention
 in_proj_weight), read, written and regularized through the target's views of the parameter."""
+import contextlib
 import copy
 
 import torch
@@ -271,19 +272,20 @@ class RankPruner:
             raise ValueError(f"RankPruner: non-finite weights (NaN or Inf) in layer(s) {', '.join(bad)}; "
                              "no layer was modified")
         want_g = self.nuclear > 0
-        results = []
-        for i, W in enumerate(stacks):
-            if self._sharding is not None and not self._sharding.owns(i):
-                results.append(None)  # another rank's: received below
-                continue
-            # The projection keeps the weights' dtype whatever autocast region step() is called from.
-            with torch.autocast(W.device.type, enabled=False):
-                # nd's [B, n, c, kh*kw]: one call for every filter of the group, as [B*n, c, kh*kw]
-                W_low, rank, G = trp_kernels.lowrank_project(W.reshape(-1, *W.shape[-2:]), self.energy,
-                                                             max_rank=self.max_rank, subgradient=want_g,
-                                                             check_finite=False, warm=self._groups[i].warm)
-            results.append((W_low.view(W.shape), rank.view(W.shape[:-2]),
-                            G.view(W.shape) if G is not None else None))
+        owned = [i for i in range(len(stacks)) if self._sharding is None or self._sharding.owns(i)]
+        results = [None] * len(stacks)  # another rank's groups: received below
+        # One call for all groups: one host synchronisation per device, not two per group. The projection keeps
+        # the weights' dtype whatever autocast region step() is called from.
+        with contextlib.ExitStack() as no_autocast:
+            for device_type in {stacks[i].device.type for i in owned}:
+                no_autocast.enter_context(torch.autocast(device_type, enabled=False))
+            # nd's [B, n, c, kh*kw]: one batch for every filter of the group, as [B*n, c, kh*kw]
+            out = trp_kernels.lowrank_project_many([stacks[i].reshape(-1, *stacks[i].shape[-2:]) for i in owned],
+                                                   self.energy, max_rank=self.max_rank, subgradient=want_g,
+                                                   warms=[self._groups[i].warm for i in owned], check_finite=False)
+        for i, (W_low, rank, G) in zip(owned, out):
+            W = stacks[i]
+            results[i] = (W_low.view(W.shape), rank.view(W.shape[:-2]), G.view(W.shape) if G is not None else None)
         if self._sharding is not None:
             results = self._sharding.exchange(results, [
                 ((W.shape, W.dtype, W.device), (W.shape[:-2], torch.int64, W.device),

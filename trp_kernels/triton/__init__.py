@@ -5,13 +5,13 @@ TRITON_INTERPRET is read at first use. `supported()` says whether a call can run
 import torch
 
 from . import decoupled
-from ._common import MAX_RANK_PAD, common_unsupported, interpreting, max_offset, rank_pad
+from ._common import MAX_RANK_PAD, common_unsupported, interpreting, last_config, max_offset, rank_pad
 from .channel import factorized_conv_channel
 from .decoupled import factorized_conv_decoupled
 from .spatial import factorized_conv_spatial
 
 __all__ = ["factorized_conv_channel", "factorized_conv_spatial", "factorized_conv_decoupled", "supported",
-           "interpreting"]
+           "interpreting", "last_config"]
 
 
 def supported(kind, x, w1, w2, bias, out_hw):

@@ -25,6 +25,8 @@ REGS_PER_THREAD = {("channel", False): 112, ("channel", True): 48, ("spatial", F
 # The autotuner keeps per-call state on the kernel object (its arguments, the chosen config): launches of
 # one autotuned kernel from several threads must not interleave.
 LAUNCH_LOCK = threading.Lock()
+# Launch grid limits of CUDA: axis 0 up to 2**31 - 1 programs, axes 1 and 2 up to 65535.
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -130,6 +132,7 @@ def output_pixels(pid, M, OH, OW, STRIDE_H, STRIDE_W, PAD_T, PAD_L, BLOCK_M: tl.
 
 
 _tuned = {}  # (kernel, autotune mode) -> the autotuned kernel (it keeps its per-shape tuning cache)
+_launched = threading.local()  # this thread's last launch: kind -> its tile configuration (last_config)
 
 
 def autotuned(kernel, gpu_configs, key, prune):
@@ -141,3 +144,40 @@ def autotuned(kernel, gpu_configs, key, prune):
         hit = _tuned[(kernel, mode)] = triton.autotune(configs=gpu_configs(mode), key=key,
                                                        prune_configs_by={"early_config_prune": prune})(kernel)
     return hit
+
+
+def grid_fits(grid):
+    """Whether a launch grid (1 to 3 program counts) is within CUDA's limits (GRID_LIMITS)."""
+    return all(0 <= g <= limit for g, limit in zip(grid, GRID_LIMITS))
+
+
+def tile_configs(names, table, mode):
+    """The autotune configs of TRP_TRITON_AUTOTUNE mode `mode`: table[mode] lists (tile sizes..., num_warps,
+    num_stages) tuples, the tile sizes named by `names` in order."""
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in table[mode]]
+
+
+def prune_by_registers(kind, configs, dtype, words, limits):
+    """The configs whose estimated live 32-bit words per program (words(cfg)) fit kind's register budget
+    (regs_fit) and whose tile sizes are within `limits` ({tile name: largest useful size for this call}); when
+    none does (a rank at the limit with small channel counts, a wide row), the lightest config per thread."""
+    keep = [cfg for cfg in configs if regs_fit(kind, words(cfg), cfg.num_warps, dtype)
+            and all(cfg.kwargs[name] <= limit for name, limit in limits.items())]
+    return keep or [min(configs, key=lambda cfg: words(cfg) / cfg.num_warps)]
+
+
+def launch(kind, kernel, fixed, grid, args, consts):
+    """kernel[grid](*args, **consts, **fixed) under LAUNCH_LOCK, remembering (for this thread) which tile
+    configuration ran: the autotuner's choice, or `fixed` (the interpreter's single config)."""
+    with LAUNCH_LOCK:
+        kernel[grid](*args, **consts, **fixed)
+        best = getattr(kernel, "best_config", None)
+        if not hasattr(_launched, "configs"):
+            _launched.configs = {}
+        _launched.configs[kind] = str(best) if best is not None else \
+            ", ".join(f"{k}: {v}" for k, v in sorted(fixed.items()))
+
+
+def last_config(kind):
+    """The tile configuration of this thread's last launch of the `kind` kernel (None before the first)."""
+    return getattr(_launched, "configs", {}).get(kind)

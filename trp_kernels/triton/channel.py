@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (LAUNCH_LOCK, autotuned, interpreter_consts, interpreting, loop_bound, named,
-                      output_pixels, precision, rank_pad, regs_fit)
+from ._common import (autotuned, interpreter_consts, interpreting, launch, loop_bound, named, next_pow2,
+                      output_pixels, precision, prune_by_registers, rank_pad, tile_configs)
 
 
 @triton.jit
@@ -85,43 +85,33 @@ def live_words(r_pad, block_m, block_c, block_n, num_stages, dtype):
 
 def _prune(configs, named_args, **kwargs):
     a = named(named_args, kwargs)
-    r_pad, c, nout, m, dtype = a["R_PAD"], a["C"], a["NOUT"], a["M"], a["X"].dtype
+    dtype = a["X"].dtype
+    return prune_by_registers(
+        "channel", configs, dtype,
+        lambda cfg: live_words(a["R_PAD"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_N"],
+                               cfg.num_stages, dtype),
+        {"BLOCK_C": max(16, next_pow2(a["C"])), "BLOCK_N": max(16, next_pow2(a["NOUT"])),
+         "BLOCK_M": max(32, next_pow2(a["M"]))})
 
-    def words(cfg):
-        k = cfg.kwargs
-        return live_words(r_pad, k["BLOCK_M"], k["BLOCK_C"], k["BLOCK_N"], cfg.num_stages, dtype)
 
-    keep = []
-    for cfg in configs:
-        k = cfg.kwargs
-        if not regs_fit("channel", words(cfg), cfg.num_warps, dtype):
-            continue
-        if k["BLOCK_C"] > max(16, triton.next_power_of_2(c)) or k["BLOCK_N"] > max(16, triton.next_power_of_2(nout)):
-            continue
-        if k["BLOCK_M"] > max(32, triton.next_power_of_2(m)):
-            continue
-        keep.append(cfg)
-    # nothing fits (a rank at the limit with small channel counts): the lightest config per thread
-    return keep or [min(configs, key=lambda cfg: words(cfg) / cfg.num_warps)]
+# A short list (autotuning compiles each one per shape): tiles for small CIFAR layers up to the wide ResNet-50
+# ones, (BLOCK_M, BLOCK_C, BLOCK_N, warps, stages); _prune drops those whose accumulators exceed the register
+# budget for the rank. The last two: small tiles over 8 warps, few accumulator registers per thread, for the
+# largest ranks.
+_TILES = {"full": [(32, 16, 16, 4, 2), (32, 32, 32, 4, 3), (32, 64, 64, 4, 3), (64, 16, 32, 4, 3),
+                   (64, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3), (128, 32, 64, 8, 3),
+                   (128, 64, 64, 8, 3), (128, 32, 128, 8, 3), (32, 16, 16, 8, 2), (64, 16, 32, 8, 2)],
+          "quick": [(32, 16, 16, 4, 2), (64, 32, 64, 4, 3), (128, 32, 64, 8, 3)],
+          "off": [(64, 32, 64, 4, 3)]}
 
 
 def _gpu_configs(mode):
-    # A short list (autotuning compiles each one per shape): tiles for small CIFAR layers up to the wide
-    # ResNet-50 ones; _prune drops those whose accumulators exceed the register budget for the rank.
-    shapes = [(32, 16, 16, 4, 2), (32, 32, 32, 4, 3), (32, 64, 64, 4, 3), (64, 16, 32, 4, 3),
-              (64, 32, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3), (128, 32, 64, 8, 3),
-              (128, 64, 64, 8, 3), (128, 32, 128, 8, 3),
-              # small tiles over 8 warps: few accumulator registers per thread, for the largest ranks
-              (32, 16, 16, 8, 2), (64, 16, 32, 8, 2)]
-    shapes = {"full": shapes,
-              "quick": [(32, 16, 16, 4, 2), (64, 32, 64, 4, 3), (128, 32, 64, 8, 3)],
-              "off": [(64, 32, 64, 4, 3)]}[mode]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_N": bn}, num_warps=wp, num_stages=st)
-            for bm, bc, bn, wp, st in shapes]
+    return tile_configs(("BLOCK_M", "BLOCK_C", "BLOCK_N"), _TILES, mode)
 
 
+# x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
 _AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
-                 "KH", "KW", "syc"]
+                 "KH", "KW", "sxc", "sxw", "syc"]
 def _kernel():
     """Autotuned kernel on the GPU; under the interpreter a single small config (autotuning there would
     run every config serially on the CPU)."""
@@ -152,6 +142,5 @@ def factorized_conv_channel(x, c_weight, p_weight, bias, stride, padding, dilati
         return y
     grid, args, consts = launch_args(x, c_weight, p_weight, bias, stride, padding, dilation, y)
     kernel, fixed = _kernel()
-    with LAUNCH_LOCK:
-        kernel[grid](*args, **consts, **fixed)
+    launch("channel", kernel, fixed, grid, args, consts)
     return y

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (LAUNCH_LOCK, autotuned, common_unsupported, interpreter_consts, interpreting,
-                      loop_bound, max_offset, named, next_pow2, output_pixels, precision)
+from ._common import (autotuned, common_unsupported, grid_fits, interpreter_consts, interpreting, launch, loop_bound,
+                      max_offset, named, next_pow2, output_pixels, precision, tile_configs)
 
 MIN_DOT = 16      # tl.dot operands need M, N, K >= 16
 MAX_R_PAD = 16    # paths per filter kept on chip (3 x 3 kernels reach r = 9); beyond: two convolutions
@@ -81,27 +81,32 @@ def r_pad(r):
     return next_pow2(r)
 
 
+# (BLOCK_M, BLOCK_Q, BLOCK_C, warps, stages); BLOCK_Q (pointwise channels per program) is raised to R_PAD at
+# launch when a filter has more paths. Only tiles that tests/test_triton_compile.py compiles without register
+# spills for sm_80 and sm_90 in fp16/bf16/fp32 at R_PAD <= MAX_R_PAD: larger ones (64 x 32, 32 x 32 x 32 in fp32,
+# ...) spill, since every program also holds the per-tap products.
+_TILES = {"full": [(16, 32, 32, 4, 2), (32, 32, 16, 4, 2)],
+          "quick": [(16, 32, 32, 4, 2), (32, 32, 16, 4, 2)],
+          "off": [(16, 32, 32, 4, 2)]}
+
+
 def _gpu_configs(mode):
-    # (BLOCK_M, BLOCK_Q, BLOCK_C, warps, stages); BLOCK_Q (pointwise channels per program) is raised to
-    # R_PAD at launch when a filter has more paths. Only tiles that tests/test_triton_compile.py compiles
-    # without register spills for sm_80 and sm_90 in fp16/bf16/fp32 at R_PAD <= MAX_R_PAD: larger ones
-    # (64 x 32, 32 x 32 x 32 in fp32, ...) spill, since every program also holds the per-tap products.
-    shapes = {"full": [(16, 32, 32, 4, 2), (32, 32, 16, 4, 2)],
-              "quick": [(16, 32, 32, 4, 2), (32, 32, 16, 4, 2)],
-              "off": [(16, 32, 32, 4, 2)]}[mode]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_Q": bq, "BLOCK_C": bc}, num_warps=wp, num_stages=st)
-            for bm, bq, bc, wp, st in shapes]
+    return tile_configs(("BLOCK_M", "BLOCK_Q", "BLOCK_C"), _TILES, mode)
 
 
 def _prune(configs, named_args, **kwargs):
     a = named(named_args, kwargs)
     keep = [cfg for cfg in configs if cfg.kwargs["BLOCK_Q"] >= a["R_PAD"]
-            and cfg.kwargs["BLOCK_C"] <= max(MIN_DOT, triton.next_power_of_2(a["C"]))
-            and cfg.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(a["M"]))]
+            and cfg.kwargs["BLOCK_C"] <= max(MIN_DOT, next_pow2(a["C"]))
+            and cfg.kwargs["BLOCK_M"] <= max(32, next_pow2(a["M"]))]
     return keep or [max(configs, key=lambda cfg: cfg.kwargs["BLOCK_Q"])]
 
 
-_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW", "syc"]
+# x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
+_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW",
+                 "sxc", "sxw", "syc"]
+
+
 def _kernel(rp):
     """Autotuned kernel on the GPU; under the interpreter one small config (autotuning would run every
     config serially on the CPU)."""
@@ -133,8 +138,7 @@ def factorized_conv_decoupled(x, pw_weight, dw_weight, bias, stride, padding, di
         return y
     grid, args, consts = launch_args(x, pw_weight, dw_weight, bias, stride, padding, dilation, y)
     kernel, fixed = _kernel(consts["R_PAD"])
-    with LAUNCH_LOCK:
-        kernel[grid](*args, **consts, **fixed)
+    launch("decoupled", kernel, fixed, grid, args, consts)
     return y
 
 
@@ -150,6 +154,10 @@ def supported(x, pw_weight, dw_weight, bias, out_hw):
     if max_offset(x, 1) >= 2 ** 31 or max_offset(pw_weight, 0) >= 2 ** 31 or \
             dw_weight.shape[0] * out_hw[0] * out_hw[1] >= 2 ** 31:
         return "tensors too large for 32-bit offsets"
+    # grid axis 1 holds the filter blocks: NOUT / BLOCK_F programs, BLOCK_F = BLOCK_Q // R_PAD >= 1 (one filter
+    # per program when a config's BLOCK_Q equals R_PAD), and CUDA allows 65535 on that axis
+    if not grid_fits((1, dw_weight.shape[0])):
+        return f"{dw_weight.shape[0]} filters: the launch grid's second axis holds at most 65535"
     return None
 
 

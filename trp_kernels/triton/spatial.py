@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (LAUNCH_LOCK, autotuned, interpreter_consts, interpreting, loop_bound, named, next_pow2,
-                      precision, rank_pad, regs_fit)
+from ._common import (autotuned, interpreter_consts, interpreting, launch, loop_bound, named, next_pow2, precision,
+                      prune_by_registers, rank_pad, tile_configs)
 
 # A row whose padded width exceeds this is split into column tiles with a halo.
 MAX_SINGLE_SPAN = 128
@@ -111,39 +111,30 @@ def live_words(r_pad, span, out_w, m_target, block_c, block_n, num_stages, dtype
 
 def _prune(configs, named_args, **kwargs):
     a = named(named_args, kwargs)
-    r_pad, span, out_w, c, nout, dtype = a["R_PAD"], a["SPAN"], a["OUT_W"], a["C"], a["NOUT"], a["X"].dtype
+    dtype = a["X"].dtype
+    return prune_by_registers(
+        "spatial", configs, dtype,
+        lambda cfg: live_words(a["R_PAD"], a["SPAN"], a["OUT_W"], cfg.kwargs["M_TARGET"], cfg.kwargs["BLOCK_C"],
+                               cfg.kwargs["BLOCK_N"], cfg.num_stages, dtype),
+        {"BLOCK_C": max(16, next_pow2(a["C"])), "BLOCK_N": max(16, next_pow2(a["NOUT"]))})
 
-    def words(cfg):
-        k = cfg.kwargs
-        return live_words(r_pad, span, out_w, k["M_TARGET"], k["BLOCK_C"], k["BLOCK_N"], cfg.num_stages, dtype)
 
-    keep = []
-    for cfg in configs:
-        k = cfg.kwargs
-        if not regs_fit("spatial", words(cfg), cfg.num_warps, dtype):
-            continue
-        if k["BLOCK_C"] > max(16, triton.next_power_of_2(c)) or k["BLOCK_N"] > max(16, triton.next_power_of_2(nout)):
-            continue
-        keep.append(cfg)
-    # nothing fits (a large rank on a wide row): the lightest config per thread
-    return keep or [min(configs, key=lambda cfg: words(cfg) / cfg.num_warps)]
+# (M_TARGET, BLOCK_C, BLOCK_N, warps, stages); the last three of "full": small tiles over 8 warps, few
+# accumulator registers per thread, for the largest ranks.
+_TILES = {"full": [(16, 16, 16, 4, 2), (32, 16, 32, 4, 2), (32, 32, 64, 4, 2), (64, 16, 32, 4, 2),
+                   (64, 32, 64, 4, 2), (64, 64, 64, 4, 2), (128, 32, 64, 8, 2), (128, 32, 128, 8, 2),
+                   (128, 64, 64, 8, 2), (16, 16, 16, 8, 2), (32, 16, 32, 8, 2), (64, 16, 32, 8, 2)],
+          "quick": [(16, 16, 16, 4, 2), (64, 32, 64, 4, 2), (128, 32, 64, 8, 2)],
+          "off": [(64, 32, 64, 4, 2)]}
 
 
 def _gpu_configs(mode):
-    shapes = [(16, 16, 16, 4, 2), (32, 16, 32, 4, 2), (32, 32, 64, 4, 2), (64, 16, 32, 4, 2),
-              (64, 32, 64, 4, 2), (64, 64, 64, 4, 2), (128, 32, 64, 8, 2), (128, 32, 128, 8, 2),
-              (128, 64, 64, 8, 2),
-              # small tiles over 8 warps: few accumulator registers per thread, for the largest ranks
-              (16, 16, 16, 8, 2), (32, 16, 32, 8, 2), (64, 16, 32, 8, 2)]
-    shapes = {"full": shapes,
-              "quick": [(16, 16, 16, 4, 2), (64, 32, 64, 4, 2), (128, 32, 64, 8, 2)],
-              "off": [(64, 32, 64, 4, 2)]}[mode]
-    return [triton.Config({"M_TARGET": mt, "BLOCK_C": bc, "BLOCK_N": bn}, num_warps=wp, num_stages=st)
-            for mt, bc, bn, wp, st in shapes]
+    return tile_configs(("M_TARGET", "BLOCK_C", "BLOCK_N"), _TILES, mode)
 
 
+# x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
 _AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "NROWS", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
-                 "KH", "KW", "SPAN", "OUT_W", "syc"]
+                 "KH", "KW", "SPAN", "OUT_W", "sxc", "sxw", "syc"]
 def _kernel(out_w):
     if interpreting():
         return _spatial_kernel, {"M_TARGET": max(32, out_w), "BLOCK_C": 16, "BLOCK_N": 16}
@@ -201,6 +192,5 @@ def factorized_conv_spatial(x, v_weight, h_weight, bias, stride, padding, dilati
     grid, args, consts = launch_args(x, v_weight, h_weight, bias, stride, padding, dilation, y, max_single_span,
                                      multi_span)
     kernel, fixed = _kernel(consts["OUT_W"])
-    with LAUNCH_LOCK:
-        kernel[grid](*args, **consts, **fixed)
+    launch("spatial", kernel, fixed, grid, args, consts)
     return y
