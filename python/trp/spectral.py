@@ -23,6 +23,10 @@ from . import rank as rank_rules
 LARGE_N = 512        # from this short side on: the routes of this module (below it a full SVD is cheap)
 FIRST_BLOCK = 128    # columns of the first randomized block
 BLOCK_GROWTH = 4     # the next block, when the first one does not prove the rank
+# the widest block tried: an attempt with m columns costs about 12 n q m flops (a float32 and a float64 power
+# step and the Rayleigh-Ritz step, two GEMMs each), so all attempts together stay near the 2 n^2 q of the
+# Gram matrix, which the fallback computes anyway
+MAX_BLOCK_FRACTION = 0.25
 POWER_STEPS = 2     # the first in float32 (as trp_kernels.warm's first step): the float64 one after it damps its
                     # rounding (both in float32: the certificate fails, measured)
 
@@ -58,7 +62,9 @@ def _certified(A, A32, left, kind, value):
     noise = warm.noise_rel(*A.shape)
     generator = torch.Generator(device=A.device).manual_seed(0)
     m = FIRST_BLOCK
-    while m <= warm.MAX_FRACTION * n:
+    if kind == "rank" and value >= MAX_BLOCK_FRACTION * n:
+        return None
+    while m <= MAX_BLOCK_FRACTION * n:
         theta, X, res2 = _ritz(A, A32, left, m, generator)
         if kind == "energy":
             r, ok = warm.certify(trace, theta[None], res2[None], value, None, noise)
@@ -70,16 +76,32 @@ def _certified(A, A32, left, kind, value):
                 and bool(theta[r - 1] > warm.NOISE_FLOOR * noise * theta[0])
         if ok and 0 < r < m:
             return X[:, :r], r
+        if kind == "energy" and theta[-1] > 0:
+            # a flat spectrum: at the block's smallest Ritz value, the energy still missing needs more columns
+            # than the widest block has (a guess that only saves the attempts; the fallback is exact)
+            missing = float(value * trace - theta.sum())
+            if m + missing / float(theta[-1]) > MAX_BLOCK_FRACTION * n:
+                return None
         m *= BLOCK_GROWTH
     return None
 
 
 def _full(A, left, kind, value):
-    """(kept eigenvectors [n, r], r) from the eigh of the Gram matrix of the short side."""
+    """(kept eigenvectors [n, r], r) from the eigh of the Gram matrix of the short side.
+
+    The Gram matrix's eigenvalues carry its float64 rounding, eps * lam_1: below about sqrt(eps) s_1 their
+    square roots are not the singular values (a null direction shows as ~1e-8 s_1). The energy and rank
+    rules do not see that; a threshold can be that small, so its count is taken from the norms of Q_i^T W,
+    accurate to eps * s_1 as an SVD's, over the directions whose eigenvalue does not rule them out."""
     M = A @ A.mT if left else A.mT @ A
     lam, Q = torch.linalg.eigh((M + M.mT) * 0.5)
     lam, Q = lam.flip(-1), Q.flip(-1)
-    r = int(rank_rules.select_rank(lam.clamp_min(0).sqrt(), kind, value))
+    if kind != "threshold":
+        r = int(rank_rules.select_rank(lam.clamp_min(0).sqrt(), kind, value))
+        return Q[:, :r], r
+    k = max(int((lam.clamp_min(0).sqrt() > value).sum()), 1)
+    C = Q[:, :k].mT @ A if left else A @ Q[:, :k]
+    r = int(rank_rules.select_rank(C.norm(dim=1 if left else 0), kind, value))
     return Q[:, :r], r
 
 
