@@ -134,6 +134,13 @@ def warm_usable(basis, shape, device, energy):
             and basis.shape[2] <= _warm.MAX_FRACTION * n and energy < 1.0)
 
 
+def sketch_usable(shape, device, energy):
+    """Whether a call without a usable state on matrices [B, p, q] (`shape`) first tries random blocks
+    (trp_kernels.warm.sketched_step): large matrices (n >= SKETCH_MIN_N) on the CPU, where the full
+    eigensolve costs tens of seconds, at an energy below 1."""
+    return torch.device(device).type == "cpu" and min(shape[1:]) >= _warm.SKETCH_MIN_N and energy < 1.0
+
+
 @torch.library.custom_op("trp_kernels::lowrank_project_warm", mutates_args=())
 def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, max_rank: Optional[int],
                              subgradient: bool, check: bool = True
@@ -148,12 +155,15 @@ def _lowrank_project_warm_op(W: Tensor, basis: Optional[Tensor], energy: float, 
         W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
         return (W_low, rank, G if subgradient else W.new_empty(0), W.new_zeros(B, n, 0, dtype=torch.float64),
                 rank.new_zeros(B, dtype=torch.bool))
-    if not warm_usable(basis, W.shape, W.device, energy):
+    if warm_usable(basis, W.shape, W.device, energy):
+        compiled = cpp and _extension.has_kernel("lowrank_project_warm", key)
+        W_low, rank, G, X, ok = (_warm.compiled_step if compiled else _warm.step)(W, basis, energy, max_rank,
+                                                                                 subgradient)
+    elif sketch_usable(W.shape, W.device, energy):
+        W_low, rank, G, X, ok = _warm.sketched_step(W, energy, max_rank, subgradient)
+    else:
         W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient, cpp)
         return W_low, rank, G, _warm.next_basis(full, rank), rank.new_zeros(B, dtype=torch.bool)
-    compiled = cpp and _extension.has_kernel("lowrank_project_warm", key)
-    W_low, rank, G, X, ok = (_warm.compiled_step if compiled else _warm.step)(W, basis, energy, max_rank,
-                                                                             subgradient)
     cold = (~ok).nonzero().squeeze(1)  # the one host synchronisation of the warm path
     if cold.numel() == 0:
         return W_low, rank, G, _warm.next_basis(X, rank), ok

@@ -3,8 +3,9 @@
 A float64 SVD of a 4096 x 25088 Linear (VGG-11's first classifier layer) computes 4096 singular vectors of the
 long side (minutes on 2 cores); the decomposition needs only the kept ones. Two routes, both in float64:
 
-- certified (energy and fixed-rank criteria): randomized block power iteration on the Gram matrix of the
-  short side M = A A^T, applied as A (A^T X) without forming it, a Rayleigh-Ritz step, and the certificate of
+- certified (energy and fixed-rank criteria; trp_kernels.warm.sketched_subspace, which the projection op also
+  starts large matrices with): randomized block power iteration on the Gram matrix of the short side
+  M = A A^T, applied as A (A^T X) without forming it, a Rayleigh-Ritz step, and the certificate of
   trp_kernels.warm (Ritz values, residuals and the exact total energy trace(M) = ||A||_F^2 prove the
   energy-rule rank equal to the exact one and bound the kept subspace's angle). Cheap where the spectrum
   decays, as after TRP, since the block then needs few columns.
@@ -21,69 +22,13 @@ from trp_kernels import warm
 from . import rank as rank_rules
 
 LARGE_N = 512        # from this short side on: the routes of this module (below it a full SVD is cheap)
-FIRST_BLOCK = 128    # columns of the first randomized block
-BLOCK_GROWTH = 4     # the next block, when the first one does not prove the rank
-# the widest block tried: an attempt with m columns costs about 12 n q m flops (a float32 and a float64 power
-# step and the Rayleigh-Ritz step, two GEMMs each), so all attempts together stay near the 2 n^2 q of the
-# Gram matrix, which the fallback computes anyway
-MAX_BLOCK_FRACTION = 0.25
-POWER_STEPS = 2     # the first in float32 (as trp_kernels.warm's first step): the float64 one after it damps its
-                    # rounding (both in float32: the certificate fails, measured)
 
 
-def _gram_op(A, left):
-    """x -> M x for the Gram matrix of the short side, as two GEMMs."""
-    return (lambda X: A @ (A.mT @ X)) if left else (lambda X: A.mT @ (A @ X))
-
-
-def _ritz(A, A32, left, m, generator):
-    """Randomized block power iteration with m columns and a Rayleigh-Ritz step: (theta [m] descending, X
-    [n, m] Ritz vectors, squared residual norms [m]). A32: A in float32, for the first power step."""
-    n = min(A.shape)
-    op = _gram_op(A, left)
-    Y = torch.randn(n, m, dtype=A32.dtype, device=A.device, generator=generator)
-    for step in range(POWER_STEPS):
-        Y = torch.linalg.qr(_gram_op(A32, left)(Y).double() if step == 0 else op(Y)).Q
-    MY = op(Y)
-    H = Y.mT @ MY
-    theta, S = torch.linalg.eigh((H + H.mT) * 0.5)
-    theta, S = theta.flip(-1), S.flip(-1)
-    X = Y @ S
-    R = MY @ S - X * theta
-    return theta, X, R.square().sum(0)
-
-
-def _certified(A, A32, left, kind, value):
-    """(kept eigenvectors Q_r [n, r], r) proven by the certificate, or None."""
-    n = min(A.shape)
-    trace = A.square().sum().reshape(1)
-    if not bool(trace > 0):
-        return None
-    noise = warm.noise_rel(*A.shape)
-    generator = torch.Generator(device=A.device).manual_seed(0)
-    m = FIRST_BLOCK
-    if kind == "rank" and value >= MAX_BLOCK_FRACTION * n:
-        return None
-    while m <= MAX_BLOCK_FRACTION * n:
-        theta, X, res2 = _ritz(A, A32, left, m, generator)
-        if kind == "energy":
-            r, ok = warm.certify(trace, theta[None], res2[None], value, None, noise)
-            r, ok = int(r), bool(ok)
-        else:  # a fixed rank: its subspace within the tolerance, above the rounding level
-            r = min(value, m)
-            bound = warm.subspace_bound(trace, theta[None], res2[None], torch.tensor([r]))
-            ok = r == value and r < m and bool(bound * (1 + (theta[0] / theta[r - 1]).sqrt()) <= warm.SUBSPACE_TOL) \
-                and bool(theta[r - 1] > warm.NOISE_FLOOR * noise * theta[0])
-        if ok and 0 < r < m:
-            return X[:, :r], r
-        if kind == "energy" and theta[-1] > 0:
-            # a flat spectrum: at the block's smallest Ritz value, the energy still missing needs more columns
-            # than the widest block has (a guess that only saves the attempts; the fallback is exact)
-            missing = float(value * trace - theta.sum())
-            if m + missing / float(theta[-1]) > MAX_BLOCK_FRACTION * n:
-                return None
-        m *= BLOCK_GROWTH
-    return None
+def _certified(A, A32, kind, value):
+    """(kept eigenvectors Q_r [n, r], r) proven by trp_kernels.warm's certificate, or None."""
+    args = {"energy": value} if kind == "energy" else {"rank": value}
+    found = warm.sketched_subspace(A, A32, **args)
+    return None if found is None else (found[1][:, :found[2]], found[2])
 
 
 def _full(A, left, kind, value):
@@ -112,7 +57,7 @@ def leading_factors(matrix, kind, value):
     W = matrix.detach().to(torch.float64)
     left = W.shape[0] <= W.shape[1]
     certifiable = kind == "energy" or (kind == "rank" and isinstance(value, int))
-    found = _certified(W, matrix.detach().float(), left, kind, value) if certifiable else None
+    found = _certified(W, matrix.detach().float(), kind, value) if certifiable else None
     Q, r = found if found is not None else _full(W, left, kind, value)
     C = Q.mT @ W if left else W @ Q           # [r, q] = S_r V_r^T, or [p, r] = U_r S_r
     s = C.norm(dim=1 if left else 0)           # the kept singular values
