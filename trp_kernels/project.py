@@ -192,7 +192,8 @@ class WarmStart:
     """The state that lets consecutive lowrank_project calls on slowly moving matrices skip the full
     eigensolve: per matrix, the leading singular vectors of the smaller side found by the previous call
     (`basis` [B, n, m] float64: each matrix's kept singular vectors, zero columns up to the batch's largest
-    rank m) and which matrices of that call took the warm path (`warm` bool [B]). Pass the same object to
+    rank m) and which matrices of that call took the warm path (`warm` bool [B]; on a call without a usable
+    state, which large matrices took the certified random start, sketch_usable). Pass the same object to
     every call on the same batch of matrices:
 
         state = trp_kernels.WarmStart()
