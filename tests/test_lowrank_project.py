@@ -381,13 +381,14 @@ def test_cuda_jacobi_core_matches_cpu(n):
     assert float((A @ V - V * ev_gpu.cpu().unsqueeze(1)).abs().max()) <= 1e-12 * float(A.abs().max()) * n
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("spectrum", ["trp_like", "flat"])
-def test_large_cold_projection_starts_from_random_blocks(spectrum):
+def test_large_cold_projection_starts_from_random_blocks(spectrum, monkeypatch):
     """n >= SKETCH_MIN_N without a state: a certified random block (a decaying spectrum, as after TRP) or the
-    full solve (a flat one) - either way the float64 SVD's rank and W_low within 1e-5, and U_k V_k^T."""
+    full solve (a flat one) - either way the float64 SVD's rank and W_low within 1e-5, and U_k V_k^T. The
+    limit is lowered to keep the reference SVD cheap (benchmarks/large_layer.py times VGG's 4096 x 25088)."""
+    monkeypatch.setattr(warm_mod, "SKETCH_MIN_N", 600)
     gen = torch.Generator().manual_seed(0)
-    p, q = warm_mod.SKETCH_MIN_N, 2600
+    p, q = 600, 1100
     if spectrum == "trp_like":
         W = torch.randn(p, 60, generator=gen) @ torch.randn(60, q, generator=gen) / 8 + 1e-3 * torch.randn(
             p, q, generator=gen)
