@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
 
 import trp
 
@@ -167,3 +168,103 @@ def test_directory_and_refused_objects_have_clear_messages(tmp_path):
     with pytest.raises(ValueError, match="not a trp/torch checkpoint or holds disallowed objects") as info:
         trp.load(tmp_path / "pickle.pt")
     assert "weights_only" not in str(info.value) and "can still be loaded" not in str(info.value)
+
+
+def _modes(model):
+    return {n: m.training for n, m in model.named_modules()}
+
+
+def _round_trip(model, path, input_size, **load_kwargs):
+    """Saves `model`, loads it back and checks outputs, structure and every module's train/eval flag."""
+    trp.save(model, path)
+    loaded = trp.load(path, **load_kwargs)
+    assert repr(loaded) == repr(model) and _modes(loaded) == _modes(model)
+    x = torch.randn(2, *input_size)
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(loaded).eval()(x), copy.deepcopy(model).eval()(x), rtol=0, atol=0)
+    return loaded
+
+
+def test_torchvision_model_built_directly_loads_without_base(tmp_path):
+    """No trp_arch: the builder (resnet18 among the ResNet builders) and num_classes are found by name and
+    verified against the saved structure; the saved eval mode comes back (a layer left in train mode too)."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    dense = tv.models.resnet18(num_classes=7)
+    compact = trp.decompose(dense, "channel", rank=4, layers=[r"layer1\..*conv2"]).eval()
+    compact.layer2.train()
+    loaded = _round_trip(compact, tmp_path / "r18.pt", (3, 32, 32))
+    assert loaded.trp_arch == {"name": "torchvision:resnet18", "num_classes": 7, "in_channels": 3}
+    assert not loaded.training and loaded.layer2.training and not loaded.layer1[0].conv2.training
+
+
+def test_timm_model_loads_without_base(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    dense = timm.create_model("test_resnet", pretrained=False, num_classes=5).eval()
+    compact = trp.decompose(dense, "channel", rank=3, layers=[nn.Conv2d], exclude=["conv1.0"]).eval()
+    assert trp.factorized_layers(compact)
+    loaded = _round_trip(compact, tmp_path / "timm.pt", (3, 32, 32))
+    assert loaded.trp_arch == {"name": "timm:test_resnet", "num_classes": 5, "in_channels": 3}
+    built = trp.models.build("timm:test_resnet", num_classes=4, in_channels=1).eval()
+    assert built.trp_arch == {"name": "timm:test_resnet", "num_classes": 4, "in_channels": 1}
+    _round_trip(built, tmp_path / "built.pt", (1, 32, 32))
+    with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
+        trp.models.check_name("timm:no_such_net")
+
+
+def test_torchvision_segmentation_builds_without_downloads(tmp_path):
+    pytest.importorskip("torchvision")
+    model = trp.models.build("torchvision:fcn_resnet50", num_classes=3).eval()
+    assert model.aux_classifier is None
+    _round_trip(model, tmp_path / "fcn.pt", (3, 32, 32))
+
+
+class _MyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.b = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_other_models_need_base_and_say_so(tmp_path):
+    """A user's class, and a torchvision model changed after it was built (no builder reproduces it exactly),
+    are refused without base= by a message naming the class; with base= they load, modes included."""
+    torch.manual_seed(0)
+    mine = trp.decompose(_MyNet(), "channel", rank=2, layers=["b"]).eval()
+    trp.save(mine, tmp_path / "mine.pt")
+    with pytest.raises(ValueError, match=r"holds a test_io\._MyNet, .* pass the dense model as base=, "
+                                         r"e\.g\. trp\.load\(path, base=_MyNet\(\.\.\.\)\)"):
+        trp.load(tmp_path / "mine.pt")
+    _round_trip(mine, tmp_path / "mine.pt", (3, 9, 9), base=_MyNet())
+
+    tv = pytest.importorskip("torchvision")
+    changed = tv.models.resnet18(num_classes=7)
+    changed.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 7))  # a head of the user's own
+    trp.save(changed, tmp_path / "changed.pt")
+    with pytest.raises(ValueError, match=r"holds a torchvision\.models\.resnet\.ResNet, .*base=ResNet\(\.\.\.\)"):
+        trp.load(tmp_path / "changed.pt")
+    base = tv.models.resnet18(num_classes=7)
+    base.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 7))
+    _round_trip(changed.eval(), tmp_path / "changed.pt", (3, 32, 32), base=base)
+
+    built = trp.models.build("resnet20", num_classes=7)
+    built.fc = nn.Sequential(nn.Linear(64, 7))  # the record no longer describes the model
+    with pytest.warns(UserWarning, match="differs from a fresh trp.models.build"):
+        trp.save(built, tmp_path / "built.pt")
+    with pytest.raises(ValueError, match="CifarResNet"):
+        trp.load(tmp_path / "built.pt")
+
+
+def test_saved_mode_round_trips(decomposed, tmp_path):
+    """Eval, train and mixed modes come back as saved, with and without base (before: always train)."""
+    for mode in ("eval", "train", "mixed"):
+        model = copy.deepcopy(decomposed).train(mode == "train")
+        if mode == "mixed":
+            model.layer1.train()
+        trp.save(model, tmp_path / "m.pt")
+        for base in (None, trp.models.build("resnet20", num_classes=7).train(mode != "train")):
+            assert _modes(trp.load(tmp_path / "m.pt", base=base)) == _modes(model), (mode, base is None)

@@ -8,6 +8,7 @@ import torch
 
 import trp_kernels
 from trp_kernels import _extension, project, reference
+from trp_kernels import warm as warm_mod
 
 HAS_CPP = _extension.has_kernel("lowrank_project", "CPU")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="trp_kernels._C not built")
@@ -378,3 +379,28 @@ def test_cuda_jacobi_core_matches_cpu(n):
     assert float((ev_gpu.cpu() - ev_ref).abs().max()) <= 1e-12 * float(A.abs().max()) * n
     V = V_gpu.cpu()
     assert float((A @ V - V * ev_gpu.cpu().unsqueeze(1)).abs().max()) <= 1e-12 * float(A.abs().max()) * n
+
+
+@pytest.mark.parametrize("spectrum", ["trp_like", "flat"])
+def test_large_cold_projection_starts_from_random_blocks(spectrum, monkeypatch):
+    """n >= SKETCH_MIN_N without a state: a certified random block (a decaying spectrum, as after TRP) or the
+    full solve (a flat one) - either way the float64 SVD's rank and W_low within 1e-5, and U_k V_k^T. The
+    limit is lowered to keep the reference SVD cheap (benchmarks/large_layer.py times VGG's 4096 x 25088)."""
+    monkeypatch.setattr(warm_mod, "SKETCH_MIN_N", 600)
+    gen = torch.Generator().manual_seed(0)
+    p, q = 600, 1100
+    if spectrum == "trp_like":
+        W = torch.randn(p, 60, generator=gen) @ torch.randn(60, q, generator=gen) / 8 + 1e-3 * torch.randn(
+            p, q, generator=gen)
+    else:
+        W = torch.randn(p, q, generator=gen)
+    state = trp_kernels.WarmStart()
+    W_low, rank, G = trp_kernels.lowrank_project(W[None], 0.9, subgradient=True, warm=state)
+    assert bool(state.warm[0]) == (spectrum == "trp_like")  # the certified random start, or the full solve
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    k = int(reference.energy_rank(S, 0.9))
+    assert int(rank[0]) == k
+    ref = (U[:, :k] * S[:k]) @ Vh[:k]
+    assert float((W_low[0].double() - ref).norm() / W.double().norm()) <= 1e-5
+    assert float((G[0].double() - U[:, :k] @ Vh[:k]).norm() / math.sqrt(k)) <= 1e-4
+    assert state.basis.shape == (1, p, k)

@@ -1,9 +1,12 @@
 """Factorized modules: construction from dense layers, reprs, config round trip, gradients, autocast."""
+import time
+
 import pytest
 import torch
 import torch.nn as nn
 
 import trp
+from trp import modules, spectral
 from trp.modules import (ChannelFactorizedConv2d, FactorizedLinear, SpatialFactorizedConv2d,
                          conv_padding4)
 
@@ -107,3 +110,74 @@ def test_forward_under_cpu_autocast(cls):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     torch.testing.assert_close(y.float(), layer(x), rtol=5e-2, atol=5e-2)
+
+
+def _trp_like(p, q, rank, noise, seed=0):
+    """A weight as TRP leaves it: low rank plus a small full-rank update."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(p, rank, generator=gen) @ torch.randn(rank, q, generator=gen)) / rank ** 0.5 \
+        + noise * torch.randn(p, q, generator=gen)
+
+
+def _truncated_svd(W, r):
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return (U[:, :r] * S[:r]) @ Vh[:r], S
+
+
+@pytest.mark.parametrize("shape", [(520, 900), (900, 520)])
+@pytest.mark.parametrize("weights, criterion", [("trp_like", {"energy": 0.9}), ("trp_like", {"rank": 40}),
+                                                ("trp_like", {"threshold": 1.0}), ("flat", {"energy": 0.5})])
+def test_large_matrices_reproduce_the_truncated_svd(shape, weights, criterion, monkeypatch):
+    """Short side >= trp.spectral.LARGE_N: the certified randomized route (TRP-like spectra, energy and rank
+    criteria) or the Gram matrix's eigh (flat spectra, thresholds) give the truncated SVD's rank and product."""
+    p, q = shape
+    routes = []
+    full = spectral._full
+    monkeypatch.setattr(spectral, "_full", lambda *args: routes.append("full") or full(*args))
+    gen = torch.Generator().manual_seed(0)
+    W = _trp_like(p, q, 60, 1e-3) if weights == "trp_like" else torch.randn(p, q, generator=gen) / 30
+    A, B, r, _ = modules._svd_factors(W, *trp.rank.check_criterion(**criterion))
+    certifiable = weights == "trp_like" and "threshold" not in criterion
+    assert routes == ([] if certifiable else ["full"])
+    _, S = _truncated_svd(W, 1)
+    assert r == int(trp.rank.select_rank(S, *trp.rank.check_criterion(**criterion)))
+    ref, _ = _truncated_svd(W, r)
+    assert float((A @ B - ref).norm() / ref.norm()) <= 1e-6
+    assert A.shape == (p, r) and B.shape == (r, q)
+    assert float(A.norm(dim=0).sub(B.norm(dim=1)).abs().max()) <= 1e-6 * float(A.norm())  # balanced S^1/2
+    if "energy" in criterion:  # the module built from them (the other criteria build it the same way)
+        linear = nn.Linear(q, p)
+        with torch.no_grad():
+            linear.weight.copy_(W)
+        fact = trp.FactorizedLinear.from_linear(linear, **criterion)
+        x = torch.randn(3, q)
+        with torch.no_grad():
+            torch.testing.assert_close(fact(x), nn.functional.linear(x, ref.float(), linear.bias), rtol=1e-4,
+                                       atol=1e-4)
+
+
+def test_large_conv_reproduces_the_truncated_svd():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 600, 3, padding=1, stride=2)  # channel matrix 600 x 576
+    with torch.no_grad():
+        conv.weight.copy_(_trp_like(600, 576, 30, 1e-3).reshape(conv.weight.shape))
+    fact = trp.ChannelFactorizedConv2d.from_conv(conv, energy=0.95)
+    ref, _ = _truncated_svd(conv.weight.reshape(600, -1), fact.rank)
+    torch.testing.assert_close(fact.dense_weight(), ref.float().reshape(conv.weight.shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_vgg_sized_linear_decomposes_in_seconds():
+    """VGG-11's first classifier layer (25088 -> 4096) after TRP: seconds, not minutes (a float64 SVD of it
+    took about 5 minutes on the 2-core build machine). A generous bound, against minutes, on the CPU time
+    (2 cores: 20 s of wall time) so that a machine shared with other work does not fail it."""
+    linear = nn.Linear(25088, 4096)
+    with torch.no_grad():
+        linear.weight.copy_(_trp_like(4096, 25088, 96, 1e-3))
+    start = time.process_time()
+    fact = trp.FactorizedLinear.from_linear(linear, energy=0.9)
+    assert time.process_time() - start < 40
+    with torch.no_grad():
+        W_low = fact.second.weight.double() @ fact.first.weight.double()
+        kept = float(W_low.square().sum() / linear.weight.double().square().sum())
+    assert 1 <= fact.rank <= 96 and 0.9 <= kept <= 0.95  # the energy rule's rank: just enough energy

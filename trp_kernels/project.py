@@ -158,6 +158,13 @@ def warm_usable(basis, shape, device, energy):
             and basis.shape[2] <= _warm.MAX_FRACTION * n and energy < 1.0)
 
 
+def sketch_usable(shape, device, energy):
+    """Whether a call without a usable state on matrices [B, p, q] (`shape`) first tries random blocks
+    (trp_kernels.warm.sketched_step): large matrices (n >= SKETCH_MIN_N) on the CPU, where the full
+    eigensolve costs tens of seconds, at an energy below 1."""
+    return torch.device(device).type == "cpu" and min(shape[1:]) >= _warm.SKETCH_MIN_N and energy < 1.0
+
+
 def _compiled_warm(W, basis, max_rank, subgradient):
     """Whether the compiled warm step may run on W's device from `basis` (as _compiled: built and trusted). The
     shape class includes whether the basis is narrow enough for the Jacobi eigensolver of the Ritz step."""
@@ -204,6 +211,9 @@ def _warm_launch(W, basis, energy, max_rank, subgradient):
                                                                     no_state, rank.new_zeros(B, dtype=torch.bool)),
                             warm=False)
         if not warm_usable(basis, W.shape, W.device, energy):
+            if sketch_usable(W.shape, W.device, energy):  # large and cold on the CPU: certified random blocks
+                return _Pending(W, energy, max_rank, subgradient, cpp,
+                                _warm.sketched_step(W, energy, max_rank, subgradient), warm=True)
             W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient, cpp)
             return _Pending(W, energy, max_rank, subgradient, cpp,
                             (W_low, rank, G, full, rank.new_zeros(B, dtype=torch.bool)), warm=False)
@@ -274,7 +284,8 @@ class WarmStart:
     """The state that lets consecutive lowrank_project calls on slowly moving matrices skip the full
     eigensolve: per matrix, the leading singular vectors of the smaller side found by the previous call
     (`basis` [B, n, m] float64: each matrix's kept singular vectors, zero columns up to the batch's largest
-    rank m) and which matrices of that call took the warm path (`warm` bool [B]). Pass the same object to
+    rank m) and which matrices of that call took the warm path (`warm` bool [B]; on a call without a usable
+    state, which large matrices took the certified random start, sketch_usable). Pass the same object to
     every call on the same batch of matrices:
 
         state = trp_kernels.WarmStart()

@@ -51,6 +51,17 @@ MAX_FRACTION = 0.55      # nor does a basis wider than this fraction of n: from 
                          # (`benchmarks/lowrank_table.py --part widths`, README)
 
 
+# A large matrix without a state (the first projection, or a decomposition) starts from a random block instead:
+# randomized block power iteration (Householder QR between the steps, since random columns all turn towards
+# the top eigenvector), a Rayleigh-Ritz step and the same certificate. Cheap where the spectrum decays (after
+# TRP, pretrained weights); a flat spectrum fails it and takes the full solve.
+SKETCH_MIN_N = 2048        # the op: from this n on (the full eigensolve costs tens of seconds on 2 cores there)
+SKETCH_FIRST_BLOCK = 128   # columns of the first random block; then SKETCH_GROWTH times as many
+SKETCH_GROWTH = 4
+SKETCH_MAX_FRACTION = 0.25  # the widest block, as a fraction of n: an attempt with m columns costs about
+                            # 12 n q m flops, so all of them together stay near the 2 n^2 q of the Gram matrix
+
+
 def is_basis(t):
     """Whether t has the form of a warm-start state: a float64 tensor [B, n, m] (the one rule for states
     handed in, saved or restored)."""
@@ -222,6 +233,92 @@ def step(W, basis, energy, max_rank, subgradient):
     rank, ok = certify(M.diagonal(dim1=-2, dim2=-1).sum(-1), theta, res2, energy, max_rank, nr)
     W_low, G = project(W, A, left, X, theta, rank, subgradient, nr)
     return W_low.to(W.dtype), rank, (G.to(W.dtype) if subgradient else W.new_empty(0)), X, ok & usable
+
+
+def _gram_op(A, left):
+    """x -> M x for the Gram matrix of the smaller side of A [p, q], as two GEMMs (M is not formed)."""
+    return (lambda X: A @ (A.mT @ X)) if left else (lambda X: A.mT @ (A @ X))
+
+
+def random_ritz(A, A32, left, m, generator):
+    """Randomized block power iteration on M (POWER_STEPS, the first in float32 on A32, Householder QR after
+    each) from m Gaussian columns, and a float64 Rayleigh-Ritz step: (theta [m] descending, X [n, m] Ritz
+    vectors, squared residual norms of the columns [m]) of A [p, q] float64."""
+    n = min(A.shape)
+    op = _gram_op(A, left)
+    Y = torch.randn(n, m, dtype=A32.dtype, device=A.device, generator=generator)
+    for s in range(POWER_STEPS):
+        Y = torch.linalg.qr(_gram_op(A32, left)(Y).double() if s == 0 else op(Y)).Q
+    MY = op(Y)
+    H = Y.mT @ MY
+    theta, S = torch.linalg.eigh((H + H.mT) * 0.5)
+    theta, S = theta.flip(-1), S.flip(-1)
+    X = Y @ S
+    R = MY @ S - X * theta
+    return theta, X, R.square().sum(0)
+
+
+def sketched_subspace(A, A32, energy=None, rank=None, max_rank=None):
+    """The kept subspace of A [p, q] float64 (A32: A in float32) by random_ritz, proven by the certificate:
+    (theta [m], Ritz vectors X [n, m], r) with X[:, :r] the exact top-r eigenvectors of M within SUBSPACE_TOL,
+    or None. r: the energy rule's rank (capped by max_rank), or the fixed `rank` when it is given instead. The
+    block grows from SKETCH_FIRST_BLOCK columns up to SKETCH_MAX_FRACTION * n; an energy that the widest
+    block cannot reach at its smallest Ritz value (a flat spectrum) stops the attempts early."""
+    p, q = A.shape
+    n, left = min(p, q), p <= q
+    trace = A.square().sum().reshape(1)
+    widest = SKETCH_MAX_FRACTION * n
+    if not bool(trace > 0) or (rank is not None and rank >= widest):
+        return None
+    nr = noise_rel(p, q)
+    generator = torch.Generator(device=A.device).manual_seed(0)
+    m = SKETCH_FIRST_BLOCK
+    while m <= widest:
+        if rank is not None and rank >= m:  # a block must be wider than the rank it proves
+            m *= SKETCH_GROWTH
+            continue
+        theta, X, res2 = random_ritz(A, A32, left, m, generator)
+        if rank is None:
+            r, ok = certify(trace, theta[None], res2[None], energy, max_rank, nr)
+            r, ok = int(r), bool(ok)
+        else:  # a fixed rank: its subspace within the tolerance, above the rounding level
+            r = rank
+            sin = subspace_bound(trace, theta[None], res2[None], torch.tensor([r], device=A.device))
+            ok = (bool(sin * (1 + (theta[0] / theta[r - 1]).sqrt()) <= SUBSPACE_TOL)
+                  and bool(theta[r - 1] > NOISE_FLOOR * nr * theta[0]))
+        if ok and 0 < r < m:
+            return theta, X, r
+        if rank is None and theta[-1] > 0 and m + float(energy * trace - theta.sum()) / float(theta[-1]) > widest:
+            return None
+        m *= SKETCH_GROWTH
+    return None
+
+
+def sketched_step(W, energy, max_rank, subgradient):
+    """The projection of W [B, p, q] from random blocks (sketched_subspace), per matrix: (W_low, rank, G or an
+    empty tensor, kept Ritz vectors [B, n, max rank] float64, ok bool [B]); matrices with ok = False (not
+    certified) hold unspecified results."""
+    B, p, q = W.shape
+    nr, left = noise_rel(p, q), p <= q
+    found = []
+    for b in range(B):
+        A = W[b].to(torch.float64)
+        found.append((A, sketched_subspace(A, W[b].float(), energy=energy, max_rank=max_rank)))
+    m = max([1] + [f[2] for _, f in found if f is not None])
+    W_low, rank = torch.zeros_like(W), torch.zeros(B, dtype=torch.int64, device=W.device)
+    G = torch.zeros_like(W) if subgradient else W.new_empty(0)
+    X = torch.zeros(B, min(p, q), m, dtype=torch.float64, device=W.device)
+    ok = torch.zeros(B, dtype=torch.bool, device=W.device)
+    for b, (A, f) in enumerate(found):
+        if f is None:
+            continue
+        theta, vectors, r = f
+        r_t = torch.tensor([r], device=W.device)
+        low, g = project(W[b:b + 1], A[None], left, vectors[None], theta[None], r_t, subgradient, nr)
+        W_low[b], rank[b], X[b, :, :r], ok[b] = low[0].to(W.dtype), r, vectors[:, :r], True
+        if subgradient:
+            G[b] = g[0].to(W.dtype)
+    return W_low, rank, G, X, ok
 
 
 def kernel_params():

@@ -11,7 +11,8 @@
 - SpeedupController: RankPruner's closed loop. After each projection it measures the speed-up the new
   ranks give and sets the energy of the next projection (a plain float, the same on every process since
   it depends on the ranks only) from the distance to the target, which ramps up geometrically from 1 over
-  `warmup` projections so that ranks do not collapse early."""
+  `warmup` projections so that ranks do not collapse early: proportional to the MACs above the goal, plus a
+  trim for integer ranks and for what SGD adds back (the class docstring says why not an integral)."""
 import heapq
 import math
 
@@ -155,16 +156,34 @@ class SpeedupController:
     """Closed-loop energy for RankPruner(target_speedup=): update(ranks) after each projection returns the
     energy of the next one.
 
-    A projection at energy E drops the components whose share of their layer's energy is below 1 - E; SGD
-    adds a little energy in new directions between projections. The controller integrates the error
-    e = log(speed-up / goal) into log(1 - E) (log_residual -= gain * e): a network slower than the goal
-    drops a larger share at the next projection, a faster one a smaller share, so that SGD can grow ranks
-    back. The steps are multiplicative and small, so E moves smoothly: a law that switches between holding
-    (1 - E ~ 0) and pruning hard makes ranks swing between full and a few within an epoch, which wrecks
-    training (measured). The speed-up steered is the uncapped one (CostModel.speedup(capped=False)), which
-    moves with every rank even above the paying rank: with the real one, flat there, the integral would wind
-    up while the ranks are still high and then collapse them. warmup: projections over which the goal ramps
-    geometrically from 1 to target, so that the ranks follow it down gradually."""
+    The plant: a projection at energy E drops the components whose share of their layer's energy is below
+    1 - E, and the next projection applies E again to the matrix already truncated. The ranks therefore keep
+    falling as long as E < 1 by a margin, and they come back only as fast as SGD adds energy in new
+    directions: the plant integrates the residual 1 - E, it does not settle at a rank per energy. Steering it
+    with an integral of the error (as this controller first did) made a double integrator: on short runs the
+    integral wound up while the first projections, at E ~ 1 - 1e-4, removed nothing from full-rank weights
+    (torchvision resnet18, target 2, warmup 5: 1.0x for 10 projections), then kept pruning after the goal was
+    passed (2.17x at the 14th projection, 3.52x at the 20th, still rising).
+
+    The law, per projection, with the speed-up s of the new ranks and the goal g (which ramps geometrically
+    from 1 to target over `warmup` projections, so that the ranks follow it down gradually):
+
+    - proportional: the share of the selected layers' MACs above the goal's, excess = (M - D / g) / (M - F)
+      (M: the network's MACs at the new ranks, D: dense, F: the layers not selected). On a flat spectrum the
+      energy share of the smallest components is about their share of the rank, and a layer's factorized
+      MACs are linear in its rank, so a residual of gain * excess removes about what the goal asks for, and
+      nothing once it is reached: no integral to wind up, no pruning past the goal.
+    - trim: what the proportional term cannot do. Below the goal with the ranks unchanged since the last
+      projection (the excess is smaller than the share of the smallest component: a dead zone of integer
+      ranks) it doubles, until a component goes; when the ranks move it halves back. At or above the goal it
+      shrinks by the factor (g / s)^gain, and stays the residual that removes what SGD adds between
+      projections (with E -> 1 the ranks would grow back to full within a few steps: measured).
+
+    1 - E = gain * max(excess, 0) + trim, in RESIDUAL. The steps are multiplicative and small, so E moves
+    smoothly: a law that switches between holding (1 - E ~ 0) and pruning hard makes ranks swing between full
+    and a few within an epoch, which wrecks training (measured). The speed-up steered is the uncapped one
+    (CostModel.speedup(capped=False)), which moves with every rank even above the paying rank, where the real
+    one is flat."""
 
     RESIDUAL = (1e-6, 0.5)  # range of 1 - energy: near-exact projections .. half the energy dropped
 
@@ -174,8 +193,13 @@ class SpeedupController:
         self.warmup = checks.integer(warmup, "warmup", 0, what=" (projections over which the target ramps)")
         self.gain = checks.real(gain, "gain", 0.0, low_open=True)
         self.updates = 0
-        self.log_residual = math.log(min(max(residual, self.RESIDUAL[0]), self.RESIDUAL[1]))
+        self.log_trim = self._clamp(math.log(min(max(residual, self.RESIDUAL[0]), self.RESIDUAL[1])))
+        self.log_residual = self.log_trim
+        self.last_macs = None  # uncapped MACs after the previous projection
         self.speedup = None  # after the latest projection
+
+    def _clamp(self, log_residual):
+        return min(max(log_residual, math.log(self.RESIDUAL[0])), math.log(self.RESIDUAL[1]))
 
     @property
     def energy(self):
@@ -188,22 +212,35 @@ class SpeedupController:
         return self.target ** ramp
 
     def update(self, ranks):
+        """The energy of the next projection, from the ranks the latest one gave ({name: rank})."""
         self.updates += 1
-        self.speedup = self.costs.speedup(ranks)
-        self.log_residual -= self.gain * math.log(self.costs.speedup(ranks, capped=False) / self.goal())
-        self.log_residual = min(max(self.log_residual, math.log(self.RESIDUAL[0])), math.log(self.RESIDUAL[1]))
+        costs = self.costs
+        self.speedup = costs.speedup(ranks)
+        macs = costs.macs(ranks, capped=False)
+        goal_macs = costs.total_dense / self.goal()
+        excess = (macs - goal_macs) / max(macs - costs.fixed, 1)
+        if excess <= 0:
+            self.log_trim -= self.gain * math.log(goal_macs / macs)
+        elif self.last_macs is not None:
+            self.log_trim += math.log(2.0) if macs >= self.last_macs else -math.log(2.0)
+        self.log_trim = self._clamp(self.log_trim)
+        self.log_residual = self._clamp(math.log(self.gain * max(excess, 0.0) + math.exp(self.log_trim)))
+        self.last_macs = macs
         return self.energy
 
     def state_dict(self):
         return {"target": self.target, "warmup": self.warmup, "gain": self.gain, "updates": self.updates,
-                "log_residual": self.log_residual, "speedup": self.speedup}
+                "log_residual": self.log_residual, "log_trim": self.log_trim, "last_macs": self.last_macs,
+                "speedup": self.speedup}
 
     def load_state_dict(self, state):
-        """Restores state_dict(); ValueError (nothing changed) if it is malformed or for another target."""
+        """Restores state_dict(); ValueError (nothing changed) if it is malformed or for another target. A state
+        of the earlier integral law (no log_trim) resumes with its residual as the trim."""
         try:
             target, warmup, gain = state["target"], state["warmup"], state["gain"]
             updates, log_residual, speedup = state["updates"], state["log_residual"], state["speedup"]
-        except (KeyError, TypeError) as exc:
+            log_trim, last_macs = state.get("log_trim", log_residual), state.get("last_macs")
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a SpeedupController state (missing or malformed {exc})") from None
         if (target, warmup, gain) != (self.target, self.warmup, self.gain):
             raise ValueError(f"the state was saved for target_speedup={target}, warmup={warmup}, gain={gain}; "
@@ -211,9 +248,13 @@ class SpeedupController:
         checks.integer(updates, "updates", 0)
         low, high = (math.log(r) for r in self.RESIDUAL)
         checks.real(log_residual, "log_residual", low - 1e-9, high + 1e-9)
+        checks.real(log_trim, "log_trim", low - 1e-9, high + 1e-9)
+        if last_macs is not None:
+            checks.real(last_macs, "last_macs", 0.0)
         if speedup is not None:
             checks.real(speedup, "speedup", 1.0)
         self.updates, self.log_residual, self.speedup = updates, float(log_residual), speedup
+        self.log_trim, self.last_macs = float(log_trim), (None if last_macs is None else float(last_macs))
 
 
 def spectra(model, scheme, layers):

@@ -23,6 +23,7 @@ from trp_kernels import geometry
 
 from . import checks, eligibility
 from . import rank as rank_rules
+from . import spectral
 from .schemes import to_matrix
 
 
@@ -34,9 +35,13 @@ def conv_padding4(conv):
 
 def _svd_factors(matrix, kind, value):
     """Float64 SVD of `matrix` [p, q] or of a batch [B, p, q] (nd: one matrix per filter); returns
-    (A [..., p, r], B [..., r, q], r, singular values) in float64. A batch shares one r, the largest rank
-    the criterion gives any of its matrices: all of them keep r components, since the layer computes r
-    paths for every filter anyway and the extra components only add accuracy."""
+    (A [..., p, r], B [..., r, q], r, singular values: all of them, or the kept ones of a large matrix) in
+    float64. A batch shares one r, the largest rank the criterion gives any of its matrices: all of them keep
+    r components, since the layer computes r paths for every filter anyway and the extra components only add
+    accuracy. A single matrix whose short side is at least spectral.LARGE_N takes trp.spectral's routes (the
+    same truncated SVD without computing the long side's singular vectors)."""
+    if matrix.dim() == 2 and min(matrix.shape) >= spectral.LARGE_N:
+        return spectral.leading_factors(matrix, kind, value)
     U, S, Vh = torch.linalg.svd(matrix.detach().to(torch.float64), full_matrices=False)
     r = int(rank_rules.select_rank(S, kind, value).max())
     root = S[..., :r].sqrt()

@@ -44,6 +44,24 @@ def check_output_file(path):
         raise IsADirectoryError(f"{path} is a directory, not a file")
 
 
+def check_writable(path):
+    """Raises before any work when atomic_write(path) could not write there: a directory at `path`, an
+    existing ancestor that is not a directory, or a directory that this process cannot write in.
+
+    Raises:
+        IsADirectoryError, NotADirectoryError, PermissionError: naming the path.
+    """
+    path = os.path.abspath(os.fspath(path))
+    check_output_file(path)
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):  # atomic_write creates the missing directories below it
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"{path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: no permission to write in {parent}")
+
+
 def atomic_write(path, write):
     """Calls write(f) on a binary temporary file beside `path`, then renames it onto `path`. The file gets
     the mode open() would give (0666 & ~umask), not mkstemp's 0600. Creates missing directories."""
@@ -154,4 +172,4 @@ def read_torch(path):
 
 
 __all__ = ["UnreadableFile", "atomic_write", "atomic_save", "clean_stale_temps", "check_output_file",
-           "read_torch"]
+           "check_writable", "read_torch"]
