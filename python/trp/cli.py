@@ -1,11 +1,13 @@
 """The `trp` command: train (with TRP), decompose, eval, report, export.
 
 Every error the user can cause (bad names, bad files, conflicting options, a diverged run) ends as one
-line `trp: error: ...` on stderr and exit status 2, checked before any training work starts."""
+line `trp: error: ...` on stderr and exit status 2, checked before any training work starts. Ctrl-C and
+SIGTERM end as one line `trp: interrupted ...` (what is left to continue from) and exit status 130."""
 import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -19,6 +21,10 @@ from .config import positive_int as _positive_int
 
 class CLIError(Exception):
     pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a command; the message says what is left to continue from."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,7 +113,8 @@ def build_parser():
     ex.add_argument("--static-batch", action="store_true", help="fixed batch size (default: dynamic batch axis)")
     ex.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                     help="torch.onnx.export(dynamo=True) (default) or the TorchScript-based exporter")
-    ex.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset version (default 18)")
+    ex.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset version (default 18; the "
+                                                                     "dynamo exporter writes 18 or later)")
     ex.add_argument("--threads", metavar="N", type=_positive_int,
                     help="onnxruntime threads for the latency comparison (default: all cores)")
     ex.add_argument("--scheme", help="for a checkpoint: channel, spatial or nd (default: the checkpoint's)")
@@ -135,6 +142,8 @@ def _train_config(ns):
         if "period" in explicit:
             raise CLIError("--no-trp trains without projections: drop --period")
         explicit["nuclear"] = 0.0
+    if "target_speedup" in explicit and "energy" in explicit:
+        raise CLIError("--target-speedup steers the projections' energy itself: drop --energy")
     config.check_preset(preset)
     if resume is None:
         cfg = config.resolve_config(explicit, preset)
@@ -142,6 +151,10 @@ def _train_config(ns):
         return cfg, None, init
     path = resume or os.path.join(explicit.get("out", config.DEFAULTS["out"]), train_mod.CHECKPOINT)
     saved = ckpt.load_checkpoint(path)
+    target = os.path.join(explicit["out"], train_mod.CHECKPOINT) if "out" in explicit else path
+    if os.path.lexists(target) and not _same_file(target, path):
+        raise CLIError(f"{target} exists: resuming {path} into {explicit['out']} would replace it; choose "
+                       "another --out")
     given = {**config.PRESETS.get(preset, {}), **explicit}
     config.check_resume(saved["config"], {k: v for k, v in given.items() if k not in config.RESUME_CHANGEABLE})
     values = dict(saved["config"])
@@ -151,11 +164,39 @@ def _train_config(ns):
     return config.TrainConfig.from_dict(values), saved, None
 
 
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _check_fresh(out, force):
     existing = os.path.join(out, train_mod.CHECKPOINT)
-    if os.path.exists(existing) and not force:
+    if os.path.lexists(existing) and not force:
         raise CLIError(f"{existing} exists: --resume to continue that run, --force to start over, or "
                        "another --out")
+
+
+def _check_run_files(out, report):
+    """Every file the run will write into `out` may be written (absent or a regular file: not a
+    directory, a link, a FIFO), checked before any work rather than after an epoch."""
+    for name in train_mod.RUN_FILES if report else (train_mod.CHECKPOINT,):
+        storage.check_output_file(os.path.join(out, name))
+
+
+def _interrupt_note(ckpt_path, since_ns, resumed):
+    """What an interrupted `--nproc` run leaves (its workers' state is gone): the checkpoint this run wrote
+    (written after since_ns), else the one it resumed from, else none."""
+    try:
+        written = os.stat(ckpt_path).st_mtime_ns >= since_ns
+    except OSError:
+        written = False
+    if written:
+        return f"the last good checkpoint ({ckpt_path}) is kept; continue with --resume"
+    if resumed is not None:
+        return f"no checkpoint was written; {resumed} is untouched; continue with --resume"
+    return "no checkpoint was written"
 
 
 def cmd_train(ns):
@@ -168,18 +209,28 @@ def cmd_train(ns):
             raise CLIError(f"--nproc {ns.nproc} under torchrun, which started {world.world_size} processes: "
                            "drop --nproc")
         return _train_worker(world, "env://", ns, start)
+    since = time.time_ns()
     cfg, saved, init = _train_config(ns)
     if cfg.nproc == 1:
         return _train(ns, cfg, saved, init, start)
-    runlock.check_free(cfg.out)  # everything a worker would refuse is refused here, before they start
+    # everything a worker would refuse is refused here, before they start
+    distributed.check_nproc(cfg.nproc, train_mod.resolve_device(cfg.device),
+                            "" if "nproc" in ns else " (the checkpoint's)")
+    runlock.check_free(cfg.out)
     if saved is None:
         _check_fresh(cfg.out, ns.force)
+    _check_run_files(cfg.out, not ns.no_report)
     distributed.worker_device(train_mod.resolve_device(cfg.device), cfg.nproc - 1, cfg.nproc)
     if cfg.batch_size % cfg.nproc:
         raise CLIError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of "
                        f"--nproc {cfg.nproc}")
+    resumed = None if saved is None else (ns.resume or os.path.join(cfg.out, train_mod.CHECKPOINT))
     del saved, init
-    distributed.spawn(_train_worker, cfg.nproc, ns, start)
+    try:
+        distributed.spawn(_train_worker, cfg.nproc, ns, start, workdir=cfg.out)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupt_note(os.path.join(os.path.abspath(cfg.out), train_mod.CHECKPOINT), since,
+                                          resumed)) from None
     return 0
 
 
@@ -202,6 +253,7 @@ def _train(ns, cfg, saved, init, start, rank=0):
         runlock.check_free(cfg.out)  # a directory another `trp train` is using fails now, not after loading
         if saved is None:
             _check_fresh(cfg.out, ns.force)
+        _check_run_files(cfg.out, not ns.no_report)
     if "threads" in ns:
         import torch
         torch.set_num_threads(ns.threads)
@@ -211,18 +263,28 @@ def _train(ns, cfg, saved, init, start, rank=0):
     with runlock.locked(run.out) if rank == 0 else contextlib.nullcontext():
         if saved is None and rank == 0:
             _check_fresh(cfg.out, ns.force)  # again under the lock: a run may have started meanwhile
-        run.fit()
+        try:
+            run.fit()
+        except KeyboardInterrupt:
+            note = run.checkpoint_note()
+            raise Interrupted(note + ("; continue with --resume" if run.saved_epoch or run.resumed_epoch else "")) \
+                from None
         if ns.no_report or rank != 0:
             return 0
-        train_mod.final_report(run.model, run.bundle, run.report_loader, run.device, cfg.scheme,
-                               **train_mod.decompose_criterion(cfg.energy, cfg.threshold, cfg.target_speedup), out=run.out, log=_log)
+        try:
+            train_mod.final_report(run.model, run.bundle, run.report_loader, run.device, cfg.scheme,
+                                   **train_mod.decompose_criterion(cfg.energy, cfg.threshold, cfg.target_speedup),
+                                   out=run.out, log=_log)
+        except KeyboardInterrupt:
+            raise Interrupted(f"training finished: {run.ckpt_path} is kept; `trp report {run.ckpt_path}` writes "
+                              "the report") from None
     _log(f"total time {time.perf_counter() - start:.0f} s")
     return 0
 
 
 def _checkpoint_model(path, device="cpu"):
     saved = ckpt.load_checkpoint(path)
-    return saved, train_mod.model_from_checkpoint(saved, device)
+    return saved, train_mod.model_from_checkpoint(saved, device, path)
 
 
 def _check_deploy_args(ns):
@@ -287,7 +349,7 @@ def cmd_eval(ns):
     obj = storage.read_torch(ns.model_file)  # read once, verified by its own format's checksum
     if ckpt.is_checkpoint(obj):
         saved = ckpt.verify_checkpoint(obj, ns.model_file)
-        model = train_mod.model_from_checkpoint(saved, device)
+        model = train_mod.model_from_checkpoint(saved, device, ns.model_file)
         cfg = saved["config"]
         spec, size, subset, kind = ns.data or cfg["data"], ns.image_size or cfg.get("image_size"), \
             ns.subset or cfg.get("subset"), "dense checkpoint"
@@ -357,11 +419,12 @@ def cmd_export(ns):
     from .decompose import decompose, factorized_layers
 
     _check_deploy_args(ns)
+    export.check_opset(ns.opset, ns.exporter)
     storage.check_output_file(ns.out)
     obj = storage.read_torch(ns.model_file)
     if ckpt.is_checkpoint(obj):
         saved = ckpt.verify_checkpoint(obj, ns.model_file)
-        dense = train_mod.model_from_checkpoint(saved, "cpu")
+        dense = train_mod.model_from_checkpoint(saved, "cpu", ns.model_file)
         scheme, crit = _deploy_args(ns, saved["config"])
         size = ns.image_size or _image_size(saved["config"])
         model = decompose(dense, scheme, **crit, input_size=(saved["arch"].get("in_channels", 3), size, size))
@@ -398,17 +461,40 @@ COMMANDS = {"train": cmd_train, "decompose": cmd_decompose, "eval": cmd_eval, "r
             "export": cmd_export}
 
 
-def main(argv=None):
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does (in the main thread, where signals are handled):
+    writes in progress are cleaned up and the command ends with `trp: interrupted`."""
     try:
-        ns = build_parser().parse_args(argv)
-        return COMMANDS[ns.command](ns)
-    except KeyboardInterrupt:
-        print("trp: interrupted (the last epoch's checkpoint is kept; continue with --resume)", file=sys.stderr)
-        return 130
-    except (CLIError, ValueError, OSError, ImportError, train_mod.TrainError, distributed.WorkerError) as exc:
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"trp: error: {msg}", file=sys.stderr)
-        return 2
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv=None):
+    with _sigterm_interrupts():
+        try:
+            ns = build_parser().parse_args(argv)
+            return COMMANDS[ns.command](ns)
+        except Interrupted as exc:
+            print(f"trp: interrupted ({exc})", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:
+            print("trp: interrupted", file=sys.stderr)
+            return 130
+        except (CLIError, ValueError, OSError, ImportError, train_mod.TrainError, distributed.WorkerError) as exc:
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"trp: error: {msg}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import warnings
 
 import torch.nn as nn
 
+from . import checks
 from . import rank as rank_rules
 from . import transformer
 from .flops import count_macs
@@ -40,6 +41,7 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     step allows; the result's `trp_budget` attribute holds the target, the ranks and the speed-up achieved."""
     check_scheme(scheme)
     selected = select_targets(model, scheme, layers, exclude)
+    checks.materialized(model, "trp.decompose")
     budget = None
     if target_speedup is not None:
         if energy is not None or threshold is not None or rank is not None:

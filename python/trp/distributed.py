@@ -18,11 +18,16 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import shutil
+import stat
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
+
+from . import storage
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "TRP_DIST_TIMEOUT"
@@ -246,6 +251,28 @@ def torchrun_world():
     return World(rank, size, local)
 
 
+def usable_cpus():
+    """The CPU cores this process may run on (its affinity where the OS tells, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_nproc(nproc, device, source=""):
+    """ValueError unless `nproc` local workers fit this machine: one GPU each on CUDA, at most one per usable
+    CPU core on the CPU. `source` says where the count came from (e.g. " (the checkpoint's)")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        have, what = torch.cuda.device_count(), "GPUs visible"
+    else:
+        have, what = usable_cpus(), "CPU cores this process may use"
+    if nproc > have:
+        raise ValueError(f"--nproc {nproc}{source} is more workers than the {have} {what}: give --nproc {have} "
+                         "or fewer")
+    return nproc
+
+
 def worker_device(device, local_rank, nproc):
     """A worker's device: CUDA workers take one GPU each (cuda:LOCAL_RANK)."""
     device = torch.device(device)
@@ -296,15 +323,60 @@ def _worker_main(index, fn, args, nproc, init_method, errors):
         raise SystemExit(2) from None
 
 
-def spawn(fn, nproc, *args):
+RENDEZVOUS_PREFIX = ".trp-rendezvous-"
+_RENDEZVOUS = re.compile(re.escape(RENDEZVOUS_PREFIX) + r"(?P<pid>\d+)-[A-Za-z0-9_]+")
+
+
+def clean_stale_rendezvous(directory):
+    """Removes the rendezvous directories that `spawn` parents killed without a chance to clean up
+    (SIGKILL) left in `directory`: those whose parent's PID is gone; never a link. Returns their names."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _RENDEZVOUS.fullmatch(name)
+        path = os.path.join(directory, name)
+        try:
+            if m is None or not stat.S_ISDIR(os.lstat(path).st_mode) or storage.writer_alive(int(m["pid"])):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def _stop(procs, grace_s=5.0):
+    """Terminates the workers still running (SIGTERM, then SIGKILL after grace_s) and reaps them."""
+    for p in procs.processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs.processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def spawn(fn, nproc, *args, workdir=None):
     """Runs fn(world, init_method, *args) in `nproc` fresh local processes (rank = local rank = index)
-    that rendezvous through a file. Returns when all succeed; as soon as one fails or dies the others are
-    terminated and WorkerError says which and why."""
+    that rendezvous through a file in a fresh private directory `.trp-rendezvous-PID-XXXX` of `workdir`
+    (default: the temporary directory), removed at the end; ones left by a killed parent are removed at the
+    next start. Returns when all succeed; as soon as one fails or dies the others are terminated and
+    WorkerError says which and why. An exception in this process (KeyboardInterrupt: Ctrl-C, or SIGTERM
+    made one) terminates the workers and propagates."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    tmp = tempfile.mkdtemp(prefix="trp-rendezvous-")
+    workdir = os.path.abspath(workdir or tempfile.gettempdir())
+    os.makedirs(workdir, exist_ok=True)
+    clean_stale_rendezvous(workdir)
+    tmp = tempfile.mkdtemp(prefix=f"{RENDEZVOUS_PREFIX}{os.getpid()}-", dir=workdir)  # mode 0700, never a link
+    procs = None
     try:
         procs = mp.start_processes(_worker_main, args=(fn, args, nproc, f"file://{tmp}/rendezvous", errors),
                                    nprocs=nproc, join=False, start_method="spawn")
@@ -321,11 +393,15 @@ def spawn(fn, nproc, *args):
                 raise WorkerError(f"worker {index} of {nproc} died ({' '.join(str(exc).split())}); all "
                                   "workers were stopped") from None
             raise WorkerError(f"worker {index} of {nproc} failed: {reported[index]}") from None
+    except BaseException:
+        if procs is not None:
+            _stop(procs)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["unwrap", "active_group", "current", "all_gather_objects", "projection_cost", "split_heavy", "assign",
            "Sharding", "make_sharding", "all_reduce_sum", "all_true", "broadcast_buffers", "World", "timeout",
-           "torchrun_world", "worker_device", "backend_for", "process_group", "WorkerError", "spawn",
+           "torchrun_world", "worker_device", "check_nproc", "usable_cpus", "clean_stale_rendezvous", "backend_for", "process_group", "WorkerError", "spawn",
            "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV"]

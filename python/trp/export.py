@@ -34,6 +34,25 @@ def check_exporter(exporter):
     return exporter
 
 
+def opset_range(exporter):
+    """(lowest, highest) ONNX opset the exporter writes: the TorchScript-based one 7..its maximum, dynamo 18
+    (the opset it exports at; lower ones would go through a converter that may fail or fall back) ..
+    the maximum of this torch."""
+    constants = getattr(torch.onnx, "_constants", None)
+    top = getattr(constants, "ONNX_MAX_OPSET", 20)
+    if check_exporter(exporter) == "torchscript":
+        return 7, getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", min(top, 20))
+    return 18, top
+
+
+def check_opset(opset, exporter="dynamo"):
+    """`opset` if the exporter writes it (opset_range), else ValueError (checked before any export)."""
+    low, high = opset_range(exporter)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise ValueError(f"opset must be an int in [{low}, {high}] for the {exporter} exporter, got {opset!r}")
+    return opset
+
+
 def _cpu_eval_copy(model):
     """A float32 CPU copy in eval mode: what is exported (the caller's model is not touched)."""
     return copy.deepcopy(model).cpu().float().eval()
@@ -47,7 +66,7 @@ def onnx_bytes(model, input_size, dynamic_batch=True, exporter="dynamo", opset=1
 
 def module_bytes(module, x, exporter="dynamo", dynamic_batch=False, opset=18):
     """The serialized ONNX model of `module` (eval mode, float32, CPU) for the example input x."""
-    check_exporter(exporter)
+    check_opset(opset, exporter)
     if not isinstance(dynamic_batch, bool):
         raise ValueError(f"dynamic_batch must be a bool, got {dynamic_batch!r}")
     m, x = _cpu_eval_copy(module), x.detach().cpu().float()
@@ -185,5 +204,5 @@ def available_exporters():
         return ["torchscript"]
 
 
-__all__ = ["export_onnx", "onnx_bytes", "module_bytes", "fast_exporter", "verify", "session", "ort_runner", "ort_latency",
+__all__ = ["export_onnx", "check_opset", "opset_range", "onnx_bytes", "module_bytes", "fast_exporter", "verify", "session", "ort_runner", "ort_latency",
            "compare_ort", "interleaved", "EXPORTERS", "onnxruntime_available", "available_exporters"]

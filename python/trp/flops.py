@@ -16,7 +16,7 @@ from torch.utils import flop_counter
 
 import trp_kernels  # noqa: F401  (registers the torch.ops.trp_kernels ops)
 
-from . import attention_macs
+from . import attention_macs, checks
 from .modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
 
 
@@ -31,9 +31,21 @@ def _input_shape(input_size):
 
 def _probe_input(model, shape):
     """A zero input of `shape` on the model's device, in its parameters' floating dtype."""
+    checks.materialized(model, "input_size")
     param = next(model.parameters(), None)
     return torch.zeros(shape, device=param.device if param is not None else "cpu",
                        dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+
+
+def _forward(model, x):
+    """model(x); an error of the forward itself (an input of the wrong channel count or size) is a
+    ValueError that names the input size."""
+    try:
+        return model(x)
+    except RuntimeError as exc:
+        text = str(exc).strip()
+        raise ValueError(f"an input of size {tuple(x.shape)} does not run through the model (check input_size): "
+                         f"{text.splitlines()[0] if text else type(exc).__name__}") from None
 
 
 def io_shapes(model, layers, input_size):
@@ -53,7 +65,7 @@ def io_shapes(model, layers, input_size):
     try:
         model.eval()
         with torch.no_grad():
-            model(_probe_input(model, shape))
+            _forward(model, _probe_input(model, shape))
     finally:
         model.train(was_training)
         for h in handles:
@@ -120,7 +132,7 @@ def macs_by_layer(model, input_size, linear=False, attention=False):
     try:
         model.eval()
         with torch.no_grad():
-            model(x)
+            _forward(model, x)
     finally:
         model.train(was_training)
         for h in handles:
@@ -170,7 +182,7 @@ def count_flops(model, input_size):
     try:
         model.eval()
         with torch.no_grad(), flop_counter.FlopCounterMode(display=False) as counter:
-            model(x)
+            _forward(model, x)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
@@ -189,7 +201,7 @@ def count_params(model, trainable_only=False):
 
 def measure_latency(model, input_size, warmup=10, repeats=50, device=None):
     """Median wall-clock seconds of one forward pass (eval mode, no_grad) on `device` (default: the
-    model's). CUDA is timed with CUDA events after a synchronize; CPU with perf_counter."""
+    model's), after one unmeasured call (whose errors name the input size) and `warmup` more. CUDA is timed with CUDA events after a synchronize; CPU with perf_counter."""
     shape = _input_shape(input_size)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
@@ -201,12 +213,14 @@ def measure_latency(model, input_size, warmup=10, repeats=50, device=None):
     if param is not None and param.device != device:
         raise ValueError(f"the model is on {param.device}, not on device={device}; move it first")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    checks.materialized(model, "measure_latency")
     x = torch.randn(shape, device=device, dtype=dtype)
     was_training = model.training
     times = []
     try:
         model.eval()
         with torch.no_grad():
+            _forward(model, x)  # one more warm-up call, whose errors name the input size
             for _ in range(warmup):
                 model(x)
             if device.type == "cuda":

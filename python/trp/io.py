@@ -9,7 +9,7 @@ import os
 import torch
 import torch.nn as nn
 
-from . import models
+from . import checks, models, records
 from .checkpoint import load_weights
 from .integrity import digest
 from .modules import FACTORIZED, FACTORIZED_TYPES
@@ -26,7 +26,16 @@ def _header(payload):
 
 
 def save(model, path):
-    """Writes `model` (dense or decomposed) to `path` atomically (temporary file, then rename)."""
+    """Writes `model` (dense or decomposed) to `path` atomically (temporary file, then rename).
+
+    Raises:
+        TypeError: `model` is not an nn.Module.
+        ValueError: its weights are on the meta device (hold no data).
+        IsADirectoryError, storage.NotRegularFile, storage.WriteError: see storage.atomic_write.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trp.save: model must be an nn.Module, got {type(model).__name__}")
+    checks.materialized(model, "trp.save")
     layers = {n: m.config() for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)}
     sd = model.state_dict()
     state_dict = {k: v.detach().cpu() for k, v in sd.items()}
@@ -55,7 +64,7 @@ def verify_model_file(payload, path):
         raise ValueError(f"{path} is damaged: its state_dict holds non-tensors")
     if payload.get("sha256") != digest(_header(payload), payload["state_dict"]):
         raise ValueError(f"{path}: corrupted: its contents do not match the checksum written by trp.save")
-    return payload
+    return records.check_model_file(payload, path)  # sealed is not trustworthy: every field, every size
 
 
 def model_state_dict(payload):
@@ -107,7 +116,15 @@ def load(path, base=None):
 
 
 def from_payload(payload, path, base=None):
-    """The model of a verified trp.save payload (see load)."""
+    """The model of a verified trp.save payload (see load). Without base, it is first built on the meta
+    device and matched with the file's tensors (records.dry_run): nothing is allocated for a record whose
+    sizes are not those of its tensors."""
+    if base is None:
+        records.dry_run(lambda: _from_payload(payload, path), payload["state_dict"], path)
+    return _from_payload(payload, path, base)
+
+
+def _from_payload(payload, path, base=None):
     arch = payload.get("arch")
     if base is None:
         if arch is None:

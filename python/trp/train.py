@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import data as data_mod
-from . import distributed, models, runlock, storage
+from . import distributed, models, records, runlock, storage
 from .config import (DEFAULTS, PRESETS, RESUME_FIXED, SEED_LIMIT, TrainConfig, check_resume,  # noqa: F401
                      resolve_config, resolve_device)
 
@@ -103,10 +103,17 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.schedule, cfg.lr_decay)
         self.train_loader, self.test_loader = data_mod.make_loaders(
             self.bundle, cfg.batch_size, cfg.seed, cfg.workers, self.rank, self.world.world_size if self.world else 1)
+        if len(self.train_loader) == 0:  # a last batch of one sample is dropped (BatchNorm): none may be left
+            world = self.world.world_size if self.world else 1
+            raise data_mod.DataError(
+                f"{len(self.bundle.train)} training sample(s)" + (f" over {world} processes" if world > 1 else "")
+                + " make no batch of two or more samples" + (" per process" if world > 1 else "") + ": use "
+                + (f"--subset {2 * world} or more" if cfg.subset is not None else "more data"))
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         if cfg.deterministic:  # numpy / random in workers too (torch's are seeded by the loaders' generators)
             self.train_loader.worker_init_fn = self.test_loader.worker_init_fn = _seed_worker
         self.epoch, self.history = 0, []
+        self.saved_epoch = self.resumed_epoch = None  # the epochs of the checkpoints written / resumed from
         if saved is not None:
             self._restore(saved)
         self.net = self._training_module()
@@ -135,19 +142,23 @@ class Run:
         ckpt.load_weights(self.model, saved["model"], "--resume: checkpoint does not fit this run")
         try:
             self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
             if self.pruner is not None:
                 self.pruner.load_state_dict(saved["pruner"])
-        except (RuntimeError, KeyError, ValueError) as exc:
+            _check_scheduler(saved["scheduler"], self.scheduler.state_dict())
+            self.scheduler.load_state_dict(saved["scheduler"])
+            if self.scaler is not None and saved.get("scaler"):
+                self.scaler.load_state_dict(saved["scaler"])
+            # each rank's own RNG streams when the process count is the same; else rank 0's, ranks > 0
+            # reseeded
+            per_rank = saved.get("rng_ranks") or []
+            same = self.world is not None and len(per_rank) == self.world.world_size
+            ckpt.set_rng_state(per_rank[self.rank] if same else saved["rng"], self.train_loader.generator)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            text = str(exc).strip()
             raise ckpt.CheckpointError(f"--resume: checkpoint does not fit this run: "
-                                       f"{str(exc).splitlines()[0]}") from None
-        if self.scaler is not None and saved.get("scaler"):
-            self.scaler.load_state_dict(saved["scaler"])
-        # each rank's own RNG streams when the process count is the same; else rank 0's, ranks > 0 reseeded
-        per_rank = saved.get("rng_ranks") or []
-        same = self.world is not None and len(per_rank) == self.world.world_size
-        ckpt.set_rng_state(per_rank[self.rank] if same else saved["rng"], self.train_loader.generator)
+                                       f"{text.splitlines()[0] if text else type(exc).__name__}") from None
         self.epoch, self.history = int(saved["epoch"]), list(saved.get("history", []))
+        self.resumed_epoch = self.epoch
         if self.rank and not same:
             _seed_everything((self.cfg.seed + self.epoch + self.rank) % SEED_LIMIT)
 
@@ -224,10 +235,16 @@ class Run:
             loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], self.device)
         return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
 
+    def checkpoint_note(self):
+        """What the run leaves to continue from: the last checkpoint it wrote, else the one it resumed from."""
+        if self.saved_epoch is not None:
+            return f"the last good checkpoint ({self.ckpt_path}, epoch {self.saved_epoch}) is kept"
+        if self.resumed_epoch is not None:
+            return f"no checkpoint was written; the checkpoint it resumed from (epoch {self.resumed_epoch}) is untouched"
+        return "no checkpoint was written"
+
     def _diverged(self, what):
-        where = (f"the last good checkpoint ({self.ckpt_path}, epoch {self.epoch}) is untouched"
-                 if self.epoch > 0 else "no checkpoint was written")
-        return TrainError(f"training diverged: {what}; {where}; try a lower --lr")
+        return TrainError(f"training diverged: {what}; {self.checkpoint_note()}; try a lower --lr")
 
     def fit(self, on_epoch_end=None):
         """Trains up to cfg.epochs, holding the run directory's lock (runlock) throughout."""
@@ -269,6 +286,7 @@ class Run:
             state = self.state()
             if self.rank == 0:
                 ckpt.save_checkpoint(state, self.ckpt_path)
+            self.saved_epoch = self.epoch
             self.log(f"epoch {self.epoch:3d}/{cfg.epochs}  loss {loss:.4f}  train {train_acc:6.2f}%  "
                      f"test {test_acc:6.2f}%" + (f"  mean rank {rank:5.1f}" if rank is not None else "")
                      + (f"  speed-up {speedup:.2f}x" if speedup is not None else "")
@@ -276,6 +294,19 @@ class Run:
             if on_epoch_end is not None:
                 on_epoch_end(self)
         return self
+
+
+def _check_scheduler(saved, fresh):
+    """A scheduler state has the keys and value types of this run's scheduler (its load_state_dict would
+    take any attribute)."""
+    if set(saved) != set(fresh):
+        raise ValueError(f"scheduler state keys {sorted(saved)} are not {sorted(fresh)}")
+    for k, v in fresh.items():
+        if v is not None and not isinstance(saved[k], type(v)) and not (
+                isinstance(v, (int, float)) and isinstance(saved[k], (int, float)) and not isinstance(saved[k], bool)):
+            raise ValueError(f"scheduler {k} must be a {type(v).__name__}, got {type(saved[k]).__name__}")
+    if any(not isinstance(m, int) or isinstance(m, bool) for m in saved.get("milestones", {})):
+        raise ValueError("scheduler milestones must be epoch numbers")
 
 
 def read_initial_weights(path):
@@ -293,6 +324,10 @@ def read_initial_weights(path):
         state = obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ckpt.CheckpointError(f"--init {path}: not a state_dict (a dict of tensors)")
+    try:
+        records.tensors(state, path, "state_dict")  # NaN / inf weights: the file is bad, not the run
+    except records.RecordError as exc:
+        raise ckpt.CheckpointError(f"--init {exc}") from None
     return state
 
 
@@ -434,14 +469,25 @@ def _json_default(obj):
     return str(obj)
 
 
-def model_from_checkpoint(saved, device="cpu"):
-    """The dense model of a (verified) training checkpoint, on `device`."""
-    what = f"checkpoint's weights do not fit its architecture {saved.get('arch')}"
+def model_from_checkpoint(saved, device="cpu", path="checkpoint"):
+    """The dense model of a (verified) training checkpoint read from `path`, on `device`: first built on
+    the meta device and matched with the checkpoint's weights (records.dry_run), so that nothing is
+    allocated for an architecture record whose sizes are not those of its weights."""
+    what = f"{path}: the checkpoint's weights do not fit its architecture {saved.get('arch')}"
+
+    def build(meta=False):
+        try:
+            model = models.build_from_arch(saved["arch"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"{what}: {exc}") from None
+        return ckpt.load_weights(model, saved["model"], what, assign=meta)
+
     try:
-        model = models.build_from_arch(saved["arch"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ckpt.CheckpointError(f"{what}: {exc}") from None
-    return ckpt.load_weights(model, saved["model"], what).to(device)
+        records.check_arch(saved["arch"], saved["model"], path)
+        records.dry_run(lambda: build(meta=True), saved["model"], path)
+    except records.RecordError as exc:
+        raise ckpt.CheckpointError(str(exc)) from None
+    return build().to(device)
 
 
 __all__ = ["DEFAULTS", "PRESETS", "TrainConfig", "TrainError", "Run", "resolve_config", "resolve_device",
