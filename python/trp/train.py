@@ -238,7 +238,7 @@ class Run:
     def checkpoint_note(self):
         """What the run leaves to continue from: the last checkpoint it wrote, else the one it resumed from."""
         if self.saved_epoch is not None:
-            return f"the last good checkpoint ({self.ckpt_path}, epoch {self.saved_epoch}) is kept"
+            return f"the last good checkpoint ({self.ckpt_path}, epoch {self.saved_epoch}) is untouched"
         if self.resumed_epoch is not None:
             return f"no checkpoint was written; the checkpoint it resumed from (epoch {self.resumed_epoch}) is untouched"
         return "no checkpoint was written"
