@@ -19,6 +19,9 @@ from . import train as train_mod
 from .config import positive_int as _positive_int
 
 
+LATENCY_FIT = "latency_fit.json"  # what `trp report --fit-latency` adds to the report's directory
+
+
 class CLIError(Exception):
     pass
 
@@ -378,12 +381,14 @@ def cmd_report(ns):
         raise CLIError("--rank-multiple in `trp report` applies to the latency fit: add --fit-latency")
     if ns.out is not None:
         config.check_out_dir(ns.out)
+    out = ns.out or os.path.dirname(os.path.abspath(ns.checkpoint))
+    for name in train_mod.REPORT_FILES + ((LATENCY_FIT,) if ns.fit_latency is not None else ()):
+        storage.check_output_file(os.path.join(out, name))  # before any work, not after the report
     saved, model = _checkpoint_model(ns.checkpoint, device)
     cfg = saved["config"]
     scheme, crit = _deploy_args(ns, cfg)
     bundle = data_mod.load(cfg["data"], cfg.get("image_size"), cfg.get("subset"), seed=cfg.get("seed", 0))
     _, test_loader = data_mod.make_loaders(bundle, cfg.get("batch_size", 128), cfg.get("seed", 0))
-    out = ns.out or os.path.dirname(os.path.abspath(ns.checkpoint))
     _log(f"{ns.checkpoint}: {saved['arch'].get('name')} after {saved['epoch']} epochs on {bundle.name}")
     train_mod.final_report(model, bundle, test_loader, device, scheme, **crit, out=out, log=_log)
     if ns.fit_latency is not None:
@@ -391,7 +396,7 @@ def cmd_report(ns):
         dense = train_mod._cpu_copy(model)
         size = tuple(bundle.input_size)[-3:]
         fit = _deploy_fit(ns, decompose(dense, scheme, **crit, input_size=size), dense, size, report=True)
-        path = os.path.join(out, "latency_fit.json")
+        path = os.path.join(out, LATENCY_FIT)
         text = json.dumps(fit.to_dict(), indent=1)
         storage.atomic_write(path, lambda f: f.write(text.encode()))
         _log(f"wrote {path}")

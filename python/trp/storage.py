@@ -48,8 +48,12 @@ class WriteError(OSError):
 
     def __init__(self, path, cause):
         reason = _CAUSES.get(cause.errno) or cause.strerror or str(cause) or type(cause).__name__
-        super().__init__(f"cannot write {path}: {reason}")
+        self.message = f"cannot write {path}: {reason}"
+        super().__init__(self.message)
         self.errno, self.filename = cause.errno, path
+
+    def __str__(self):  # the message, not OSError's "[Errno N] strerror: filename"
+        return self.message
 
 
 def _kind(mode):

@@ -21,7 +21,8 @@ from .config import (DEFAULTS, PRESETS, RESUME_FIXED, SEED_LIMIT, TrainConfig, c
                      resolve_config, resolve_device)
 
 CHECKPOINT = "checkpoint.pt"
-RUN_FILES = (CHECKPOINT, "decomposed.pt", "report.json", "ranks.png")  # what a run writes into --out
+REPORT_FILES = ("decomposed.pt", "report.json", "ranks.png")  # what final_report writes into its directory
+RUN_FILES = (CHECKPOINT,) + REPORT_FILES  # what a run writes into --out
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -105,9 +106,11 @@ class Run:
             self.bundle, cfg.batch_size, cfg.seed, cfg.workers, self.rank, self.world.world_size if self.world else 1)
         if len(self.train_loader) == 0:  # a last batch of one sample is dropped (BatchNorm): none may be left
             world = self.world.world_size if self.world else 1
+            n = len(self.bundle.train)
             raise data_mod.DataError(
-                f"{len(self.bundle.train)} training sample(s)" + (f" over {world} processes" if world > 1 else "")
-                + " make no batch of two or more samples" + (" per process" if world > 1 else "") + ": use "
+                f"the training data ({n} sample{'s' if n != 1 else ''}" + (f" over {world} processes" if world > 1
+                                                                             else "")
+                + ") give no batch of two or more samples" + (" per process" if world > 1 else "") + ": use "
                 + (f"--subset {2 * world} or more" if cfg.subset is not None else "more data"))
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         if cfg.deterministic:  # numpy / random in workers too (torch's are seeded by the loaders' generators)
@@ -491,4 +494,4 @@ def model_from_checkpoint(saved, device="cpu", path="checkpoint"):
 
 
 __all__ = ["DEFAULTS", "PRESETS", "TrainConfig", "TrainError", "Run", "resolve_config", "resolve_device",
-           "evaluate", "decompose_criterion", "final_report", "model_from_checkpoint", "read_initial_weights", "CHECKPOINT"]
+           "evaluate", "decompose_criterion", "final_report", "model_from_checkpoint", "read_initial_weights", "CHECKPOINT", "REPORT_FILES", "RUN_FILES"]
