@@ -281,8 +281,8 @@ def test_cli_disk_full_and_interrupt_while_writing_the_checkpoint(trained, tmp_p
     with failing_writes(monkeypatch, "interrupt", "checkpoint.pt", limit=10_000):
         code, _, err = run_cli(capsys, *args)
     assert code == 130 and err.count("\n") == 1, err
-    assert err.startswith("trp: interrupted (no checkpoint was written; the checkpoint it resumed from (epoch 1) "
-                          "is untouched; continue with --resume)"), err
+    assert err.startswith(f"trp: interrupted (no checkpoint was written; the checkpoint it resumed from "
+                          f"({run / 'checkpoint.pt'}, epoch 1) is untouched; continue with --resume)"), err
     assert (run / "checkpoint.pt").read_bytes() == before
     assert sorted(os.listdir(run)) == [".trp.lock", "checkpoint.pt"]
 
@@ -313,7 +313,8 @@ def test_divergence_after_resuming_elsewhere_names_the_checkpoint_that_is_left(t
     monkeypatch.setattr(train_mod.Run, "train_epoch", diverge)
     code, _, err = run_cli(capsys, "train", "--resume", trained / "checkpoint.pt", "--out", tmp_path / "new",
                            "--epochs", "2", "--no-report")
-    _one_line_error(code, err, "no checkpoint was written; the checkpoint it resumed from (epoch 1) is untouched")
+    _one_line_error(code, err, f"no checkpoint was written; the checkpoint it resumed from ({trained / 'checkpoint.pt'}, "
+                               "epoch 1) is untouched")
     assert "untouched" in err and str(tmp_path / "new" / "checkpoint.pt") not in err
 
 

@@ -130,8 +130,8 @@ def _log(msg):
 
 
 def _train_config(ns):
-    """(config, checkpoint to resume or None, --init state_dict or None) from the command line; every
-    option and file is checked here, before any work or write."""
+    """(config, checkpoint to resume or None, --init state_dict or None, the checkpoint's path or None) from
+    the command line; every option and file is checked here, before any work or write."""
     explicit = {f.name: getattr(ns, f.name) for f in config.FIELDS if hasattr(ns, f.name)}
     preset, resume = getattr(ns, "preset", None), getattr(ns, "resume", None)
     if resume is not None and ns.force:
@@ -151,7 +151,7 @@ def _train_config(ns):
     if resume is None:
         cfg = config.resolve_config(explicit, preset)
         init = train_mod.read_initial_weights(cfg.init) if cfg.init is not None else None
-        return cfg, None, init
+        return cfg, None, init, None
     path = resume or os.path.join(explicit.get("out", config.DEFAULTS["out"]), train_mod.CHECKPOINT)
     saved = ckpt.load_checkpoint(path)
     target = os.path.join(explicit["out"], train_mod.CHECKPOINT) if "out" in explicit else path
@@ -159,12 +159,13 @@ def _train_config(ns):
         raise CLIError(f"{target} exists: resuming {path} into {explicit['out']} would replace it; choose "
                        "another --out")
     given = {**config.PRESETS.get(preset, {}), **explicit}
-    config.check_resume(saved["config"], {k: v for k, v in given.items() if k not in config.RESUME_CHANGEABLE})
+    config.check_resume(saved["config"], {k: v for k, v in given.items() if k not in config.RESUME_CHANGEABLE},
+                        f"--resume {path}")
     values = dict(saved["config"])
     values.update({k: v for k, v in explicit.items() if k in config.RESUME_CHANGEABLE})
     if "out" not in explicit:  # the run continues where its checkpoint lies
         values["out"] = os.path.dirname(os.path.abspath(path))
-    return config.TrainConfig.from_dict(values), saved, None
+    return config.TrainConfig.from_dict(values), saved, None, path
 
 
 def _same_file(a, b):
@@ -213,9 +214,9 @@ def cmd_train(ns):
                            "drop --nproc")
         return _train_worker(world, "env://", ns, start)
     since = time.time_ns()
-    cfg, saved, init = _train_config(ns)
+    cfg, saved, init, resumed = _train_config(ns)
     if cfg.nproc == 1:
-        return _train(ns, cfg, saved, init, start)
+        return _train(ns, cfg, saved, init, start, resumed)
     # everything a worker would refuse is refused here, before they start
     distributed.check_nproc(cfg.nproc, train_mod.resolve_device(cfg.device),
                             "" if "nproc" in ns else " (the checkpoint's)")
@@ -227,7 +228,6 @@ def cmd_train(ns):
     if cfg.batch_size % cfg.nproc:
         raise CLIError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of "
                        f"--nproc {cfg.nproc}")
-    resumed = None if saved is None else (ns.resume or os.path.join(cfg.out, train_mod.CHECKPOINT))
     del saved, init
     try:
         distributed.spawn(_train_worker, cfg.nproc, ns, start, workdir=cfg.out)
@@ -242,16 +242,16 @@ def _train_worker(world, init_method, ns, start):
     import torch
 
     os.environ["LOCAL_RANK"] = str(world.local_rank)
-    cfg, saved, init = _train_config(ns)
+    cfg, saved, init, resumed = _train_config(ns)
     cfg = config.TrainConfig.from_dict({**cfg.to_dict(), "nproc": world.world_size})
     device = distributed.worker_device(train_mod.resolve_device(cfg.device), world.local_rank, world.world_size)
     if "threads" not in ns and device.type == "cpu":  # the cores shared out, not oversubscribed
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.world_size))
     with distributed.process_group(world, device, init_method):
-        return _train(ns, cfg, saved, init, start, rank=world.rank)
+        return _train(ns, cfg, saved, init, start, resumed, rank=world.rank)
 
 
-def _train(ns, cfg, saved, init, start, rank=0):
+def _train(ns, cfg, saved, init, start, resumed=None, rank=0):
     if rank == 0:
         runlock.check_free(cfg.out)  # a directory another `trp train` is using fails now, not after loading
         if saved is None:
@@ -261,7 +261,8 @@ def _train(ns, cfg, saved, init, start, rank=0):
         import torch
         torch.set_num_threads(ns.threads)
     log = _log if rank == 0 else (lambda msg: None)
-    run = train_mod.Run(cfg, resume=saved, log=log, progress=rank == 0 and not ns.no_progress, init_state=init)
+    run = train_mod.Run(cfg, resume=saved, log=log, progress=rank == 0 and not ns.no_progress, init_state=init,
+                        resume_path=resumed)
     # held through the report; Run.fit takes it again; other ranks write nothing
     with runlock.locked(run.out) if rank == 0 else contextlib.nullcontext():
         if saved is None and rank == 0:

@@ -266,11 +266,12 @@ def resolve_config(explicit, preset=None):
     return TrainConfig(**{**DEFAULTS, **PRESETS.get(preset, {}), **explicit})
 
 
-def check_resume(saved, explicit):
-    """Rejects explicitly given options that contradict the checkpoint's run."""
+def check_resume(saved, explicit, what="--resume"):
+    """Rejects explicitly given options that contradict the checkpoint's run (`what`: the option and file
+    for the message)."""
     for key in RESUME_FIXED:
         if key in explicit and explicit[key] != saved.get(key):
-            raise ValueError(f"--resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
+            raise ValueError(f"{what}: the checkpoint was trained with {key}={saved.get(key)!r}, "
                              f"not {explicit[key]!r}; drop the option or start a new run (--out)")
 
 

@@ -175,7 +175,7 @@ def check_layers(layers, state, path, field="layers"):
         if not isinstance(name, str) or not isinstance(cfg, dict):
             raise _fail(path, where, "must map a layer name to its configuration dict")
         kind = cfg.get("type")
-        if kind not in FACTORIZED:
+        if not isinstance(kind, str) or kind not in FACTORIZED:
             raise _fail(path, f"{where}['type']", f"unknown type {_name(kind)}; valid: {', '.join(FACTORIZED)}")
         ref = _reference_config(kind)
         missing, unknown = [k for k in ref if k not in cfg], [k for k in cfg if k not in ref]

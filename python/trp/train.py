@@ -60,10 +60,15 @@ def _mean_rank(pruner):
 class Run:
     """One training run: data, model, optimizer, scheduler, pruner and their checkpointing."""
 
-    def __init__(self, cfg, resume=None, log=print, progress=True, init_state=None):
-        """resume: a checkpoint path or an already verified checkpoint dict. init_state: cfg.init already
-        read (read_initial_weights), so that a caller can check the file before anything else."""
+    def __init__(self, cfg, resume=None, log=print, progress=True, init_state=None, resume_path=None):
+        """resume: a checkpoint path or an already verified checkpoint dict (then resume_path: the file it
+        was read from, for messages). init_state: cfg.init already read (read_initial_weights), so that a
+        caller can check the file before anything else."""
         self.cfg, self.log, self.progress = cfg, log, progress
+        if resume_path is None and isinstance(resume, (str, os.PathLike)):
+            resume_path = resume
+        self.resume_path = resume_path
+        self.resume_what = "--resume" + (f" {resume_path}" if resume_path is not None else "")
         self.world = distributed.current()  # None: a single process
         self.rank = self.world.rank if self.world else 0
         self.device = resolve_device(cfg.device)
@@ -74,9 +79,9 @@ class Run:
         saved = None
         if resume is not None:
             saved = resume if isinstance(resume, dict) else ckpt.load_checkpoint(resume)
-            check_resume(saved["config"], {k: getattr(cfg, k) for k in RESUME_FIXED})
+            check_resume(saved["config"], {k: getattr(cfg, k) for k in RESUME_FIXED}, self.resume_what)
             if cfg.epochs < saved["epoch"]:
-                raise ValueError(f"--resume: the checkpoint already has {saved['epoch']} epochs; "
+                raise ValueError(f"{self.resume_what}: the checkpoint already has {saved['epoch']} epochs; "
                                  f"--epochs {cfg.epochs} would go back")
         elif cfg.init is not None and init_state is None:
             init_state = read_initial_weights(cfg.init)
@@ -140,9 +145,9 @@ class Run:
 
     def _restore(self, saved):
         if saved["arch"] != self.model.trp_arch:
-            raise ValueError(f"--resume: checkpoint of architecture {saved['arch']}, this run builds "
+            raise ValueError(f"{self.resume_what}: checkpoint of architecture {saved['arch']}, this run builds "
                              f"{self.model.trp_arch}")
-        ckpt.load_weights(self.model, saved["model"], "--resume: checkpoint does not fit this run")
+        ckpt.load_weights(self.model, saved["model"], f"{self.resume_what}: checkpoint does not fit this run")
         try:
             self.optimizer.load_state_dict(saved["optimizer"])
             if self.pruner is not None:
@@ -158,7 +163,7 @@ class Run:
             ckpt.set_rng_state(per_rank[self.rank] if same else saved["rng"], self.train_loader.generator)
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             text = str(exc).strip()
-            raise ckpt.CheckpointError(f"--resume: checkpoint does not fit this run: "
+            raise ckpt.CheckpointError(f"{self.resume_what}: checkpoint does not fit this run: "
                                        f"{text.splitlines()[0] if text else type(exc).__name__}") from None
         self.epoch, self.history = int(saved["epoch"]), list(saved.get("history", []))
         self.resumed_epoch = self.epoch
@@ -243,7 +248,9 @@ class Run:
         if self.saved_epoch is not None:
             return f"the last good checkpoint ({self.ckpt_path}, epoch {self.saved_epoch}) is untouched"
         if self.resumed_epoch is not None:
-            return f"no checkpoint was written; the checkpoint it resumed from (epoch {self.resumed_epoch}) is untouched"
+            source = f" ({self.resume_path}, epoch {self.resumed_epoch})" if self.resume_path is not None else \
+                f" (epoch {self.resumed_epoch})"
+            return f"no checkpoint was written; the checkpoint it resumed from{source} is untouched"
         return "no checkpoint was written"
 
     def _diverged(self, what):
