@@ -374,7 +374,8 @@ def test_nproc_is_bounded_by_the_machine_also_from_a_checkpoint(trained, tmp_pat
     saved["rng_ranks"] = [saved["rng"]] * 512
     ckpt.save_checkpoint(saved, tmp_path / "big.pt")  # sealed: crafted, but intact
     code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "big.pt", "--epochs", "2", "--no-report")
-    _one_line_error(code, err, "--nproc 4096 (the checkpoint's) is more workers than", f"--nproc {cores} or fewer")
+    _one_line_error(code, err, f"--nproc 4096 (from the checkpoint {tmp_path / 'big.pt'}) is more workers than",
+                    f"--nproc {cores} or fewer")
 
 
 @pytest.mark.parametrize("opset, exporter", [(1, "dynamo"), (99, "dynamo"), (17, "dynamo"), (21, "torchscript"),

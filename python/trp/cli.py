@@ -197,7 +197,7 @@ def _interrupt_note(ckpt_path, since_ns, resumed):
     except OSError:
         written = False
     if written:
-        return f"the last good checkpoint ({ckpt_path}) is kept; continue with --resume"
+        return f"the last good checkpoint ({ckpt_path}) is untouched; continue with --resume"
     if resumed is not None:
         return f"no checkpoint was written; {resumed} is untouched; continue with --resume"
     return "no checkpoint was written"
@@ -219,7 +219,7 @@ def cmd_train(ns):
         return _train(ns, cfg, saved, init, start, resumed)
     # everything a worker would refuse is refused here, before they start
     distributed.check_nproc(cfg.nproc, train_mod.resolve_device(cfg.device),
-                            "" if "nproc" in ns else " (the checkpoint's)")
+                            "" if "nproc" in ns or resumed is None else f" (from the checkpoint {resumed})")
     runlock.check_free(cfg.out)
     if saved is None:
         _check_fresh(cfg.out, ns.force)

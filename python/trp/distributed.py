@@ -20,8 +20,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 import time
 
 import torch
@@ -311,15 +313,40 @@ class WorkerError(RuntimeError):
     """A worker process failed: the message is the worker's error (or how it died)."""
 
 
+PARENT_POLL_S = 1.0
+
+
+def _exit_with_parent(parent):
+    """A worker's watchdog: SIGTERM to itself once the parent that spawned it is gone (killed with SIGKILL,
+    it could not stop its workers), so that no orphan goes on training."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+_INTERRUPTED = "interrupted"  # what an interrupted worker reports
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _worker_main(index, fn, args, nproc, init_method, errors):
     world = World(index, nproc, index)
+    # SIGTERM (from the parent's stop, or the watchdog) ends the worker through its exception path, so that
+    # writes in progress are cleaned up and its resources released, as on Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         fn(world, init_method, *args)
     except BaseException as exc:  # report the worker's own one-line error to the parent
         msg = " ".join(str(exc).split()) or type(exc).__name__
-        if not (isinstance(exc, (ValueError, OSError)) or type(exc).__module__.startswith("trp")):
+        if isinstance(exc, KeyboardInterrupt):
+            msg = _INTERRUPTED
+        elif not (isinstance(exc, (ValueError, OSError)) or type(exc).__module__.startswith("trp")):
             msg = f"{type(exc).__name__}: {msg}"  # not one of trp's own messages: say what it is
-        errors.put((index, msg))
+        with contextlib.suppress(OSError):  # the parent may be gone
+            errors.put((index, msg))
         raise SystemExit(2) from None
 
 
@@ -389,6 +416,8 @@ def spawn(fn, nproc, *args, workdir=None):
                 index, msg = errors.get()
                 reported.setdefault(index, msg)
             index = exc.error_index
+            if reported.get(index) == _INTERRUPTED:  # Ctrl-C reached the workers first
+                raise KeyboardInterrupt from None
             if index not in reported:  # killed, or died without a word: that is the cause
                 raise WorkerError(f"worker {index} of {nproc} died ({' '.join(str(exc).split())}); all "
                                   "workers were stopped") from None

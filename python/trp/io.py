@@ -12,7 +12,7 @@ import torch.nn as nn
 from . import checks, models, records
 from .checkpoint import load_weights
 from .integrity import digest
-from .modules import FACTORIZED, FACTORIZED_TYPES
+from .modules import FACTORIZED, FACTORIZED_TYPES, conv_padding4
 from .storage import atomic_save, read_torch
 from .transformer import prepare_hosts
 
@@ -94,9 +94,11 @@ def _install_layers(model, layers, path):
             ok = isinstance(dense, nn.Linear) and (dense.in_features, dense.out_features) == (
                 cfg["in_features"], cfg["out_features"])
         else:
-            ok = isinstance(dense, nn.Conv2d) and (dense.in_channels, dense.out_channels,
-                                                   tuple(dense.kernel_size)) == (
-                cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]))
+            ok = isinstance(dense, nn.Conv2d) and (  # the geometry too: it does not show in the tensors
+                dense.in_channels, dense.out_channels, tuple(dense.kernel_size), tuple(dense.stride),
+                tuple(dense.dilation), tuple(conv_padding4(dense))) == (
+                cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
+                tuple(cfg["dilation"]), tuple(cfg["padding"]))
         if not ok:
             raise ValueError(f"trp.load: {path} was saved from another architecture: its layer {name!r} "
                              f"({kind}, {cfg}) does not fit the model's {dense!r}")

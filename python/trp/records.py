@@ -149,25 +149,27 @@ def _reference_config(kind):
     return cls(1, 1, (1, 1), 1, device="meta").config()
 
 
-def _same_form(value, ref, path, field):
-    """value has the form of ref: an int (not a bool) >= 0 for an int, a bool for a bool, a list of the same
-    length of such for a list, an equal string for a string."""
+def _same_form(value, ref, path, field, low=1):
+    """value has the form of ref: an int (not a bool) >= low for an int, a bool for a bool, a list of the
+    same length of such for a list."""
     if isinstance(ref, bool):
         if not isinstance(value, bool):
             raise _fail(path, field, f"must be True or False, got {_name(value)}")
     elif isinstance(ref, int):
-        _integer(value, path, field)
+        _integer(value, path, field, low)
     elif isinstance(ref, list):
         if not isinstance(value, (list, tuple)) or len(value) != len(ref):
             raise _fail(path, field, f"must be a list of {len(ref)} ints, got {_name(value)}")
         for i, (v, r) in enumerate(zip(value, ref)):
-            _same_form(v, r, path, f"{field}[{i}]")
+            _same_form(v, r, path, f"{field}[{i}]", low)
 
 
 def check_layers(layers, state, path, field="layers"):
     """Checks the factorized-layer records of a trp.save file: each {name: config()} has exactly the keys
     and value types of its type's config(), and the module it describes, built on the meta device, has
-    exactly the file's tensors under its name (so its rank and sizes are those of the file's weights)."""
+    exactly the file's tensors under its name (so its rank and sizes are those of the file's weights). The
+    geometry (stride, padding, dilation), which no tensor shows, is compared with the dense layer it
+    replaces when the model is built (trp.io)."""
     if not isinstance(layers, dict):
         raise _fail(path, field, f"must be a dict, got {type(layers).__name__}")
     for name, cfg in layers.items():
@@ -184,8 +186,8 @@ def check_layers(layers, state, path, field="layers"):
                                      f"{'; ' if missing and unknown else ''}"
                                      f"{'has unknown ' + ', '.join(map(_name, unknown)) if unknown else ''}")
         for k, r in ref.items():
-            if k != "type":
-                _same_form(cfg[k], r, path, f"{where}[{k!r}]")
+            if k != "type":  # sizes, strides, dilations >= 1; paddings >= 0
+                _same_form(cfg[k], r, path, f"{where}[{k!r}]", 0 if k == "padding" else 1)
         try:
             module = FACTORIZED[kind].from_config(cfg, device="meta")
         except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
