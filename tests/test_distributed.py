@@ -271,8 +271,9 @@ def test_sigterm_to_the_parent_stops_the_workers_and_removes_the_rendezvous(tmp_
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith(f"trp: interrupted (the last good checkpoint ({out / train.CHECKPOINT}) "
-                                                   "is untouched; continue with --resume)"), err
+    last = err.strip().splitlines()[-1]
+    assert last == f"trp: interrupted (the last good checkpoint ({out / train.CHECKPOINT}) is untouched; continue " \
+                   "with --resume)", err
     assert not any(os.path.exists(f"/proc/{w}") and _alive(w) for w in workers)  # none left behind
     assert not list(out.glob(".trp-rendezvous-*")) and not list(out.glob(".*.tmp"))
     ckpt.load_checkpoint(out / train.CHECKPOINT)

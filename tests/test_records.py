@@ -245,7 +245,8 @@ TENSOR_EDITS = ("nan", "empty", "int64", "other shape")
 BAD_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 12), st.sampled_from([10 ** 10, 2 ** 63, -(10 ** 10), 10 ** 40]),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4),
-    st.lists(st.integers(-2, 10 ** 10), max_size=3), st.dictionaries(st.text(max_size=2), st.integers(0, 9), max_size=2),
+    st.lists(st.integers(-2, 10 ** 10), max_size=3),
+    st.dictionaries(st.text(max_size=2), st.integers(0, 9), max_size=2),
     st.sampled_from(TENSOR_EDITS))
 
 
@@ -265,7 +266,7 @@ def _craft(record, path, value):
         return record
     if value in TENSOR_EDITS:
         old = node[last] if isinstance(node[last], torch.Tensor) else torch.ones(3)
-        value = {"nan": lambda: torch.full_like(old, math.nan) if old.is_floating_point() else old.float().fill_(math.nan),
+        value = {"nan": lambda: torch.full(old.shape, math.nan),
                  "empty": lambda: old.new_empty(0),
                  "int64": lambda: torch.ones(old.shape, dtype=torch.int64),
                  "other shape": lambda: torch.zeros(old.numel() + 1, dtype=old.dtype)}[value]()

@@ -3,6 +3,7 @@ files are read, a failing write names its file and leaves the previous one intac
 with `trp: interrupted` (exit 130), and what the messages of an interrupted or refused run say."""
 import contextlib
 import errno
+import math
 import os
 import signal
 import subprocess
@@ -313,8 +314,8 @@ def test_divergence_after_resuming_elsewhere_names_the_checkpoint_that_is_left(t
     monkeypatch.setattr(train_mod.Run, "train_epoch", diverge)
     code, _, err = run_cli(capsys, "train", "--resume", trained / "checkpoint.pt", "--out", tmp_path / "new",
                            "--epochs", "2", "--no-report")
-    _one_line_error(code, err, f"no checkpoint was written; the checkpoint it resumed from ({trained / 'checkpoint.pt'}, "
-                               "epoch 1) is untouched")
+    _one_line_error(code, err, "no checkpoint was written; the checkpoint it resumed from "
+                               f"({trained / 'checkpoint.pt'}, epoch 1) is untouched")
     assert "untouched" in err and str(tmp_path / "new" / "checkpoint.pt") not in err
 
 
@@ -425,6 +426,14 @@ def test_wrong_input_size_meta_models_and_non_modules_are_clear_errors(tmp_path)
     with pytest.raises(TypeError, match="nn.Module, got str"):
         trp.save("x", tmp_path / "x.pt")
     assert os.listdir(tmp_path) == []
+
+
+def test_decompose_of_a_nan_model_names_the_layer():
+    model = trp.models.build("resnet20")
+    with torch.no_grad():
+        model.layer2[0].conv1.weight[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="layer 'layer2.0.conv1' has NaN or infinite weights"):
+        trp.decompose(model, "channel", energy=0.9)
 
 
 def test_imagefolder_class_mismatch_names_the_classes(tmp_path):

@@ -1,6 +1,6 @@
 """Number rules shared by the API (RankPruner, rank criteria) and the `trp train` options, so that each rule
-and its wording live in one place (and the one model rule every entry point shares: materialized). (trp_kernels keeps the op's own energy / max_rank rules: it cannot
-import trp; trp reuses those.)"""
+and its wording live in one place, and the one model rule every entry point shares (materialized).
+(trp_kernels keeps the op's own energy / max_rank rules: it cannot import trp; trp reuses those.)"""
 import math
 
 

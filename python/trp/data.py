@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import storage
+
 DATASETS = ("digits", "cifar10:DIR", "imagefolder:DIR")
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -175,7 +177,7 @@ class _BatchUnpickler(pickle.Unpickler):
 
 def _read_batch(path):
     try:
-        with open(path, "rb") as f:
+        with storage.open_regular(path) as f:  # a FIFO or a device is refused, not waited on
             obj = _BatchUnpickler(f, encoding="bytes").load()
     except Exception as exc:
         raise DataError(f"{path}: not a CIFAR-10 python batch file ({type(exc).__name__}: {exc})") from None
@@ -280,5 +282,6 @@ def make_loaders(bundle, batch_size, seed=0, workers=0, rank=0, world_size=1):
     return train, test
 
 
-__all__ = ["DATASETS", "MAX_IMAGE_SIZE", "MAX_DIGITS_SIZE", "DataBundle", "DataError", "load", "parse_spec", "check_options", "load_digits", "load_cifar10",
+__all__ = ["DATASETS", "MAX_IMAGE_SIZE", "MAX_DIGITS_SIZE",
+           "DataBundle", "DataError", "load", "parse_spec", "check_options", "load_digits", "load_cifar10",
            "load_imagefolder", "make_loaders"]

@@ -2,6 +2,7 @@
 import copy
 import warnings
 
+import torch
 import torch.nn as nn
 
 from . import checks
@@ -42,6 +43,10 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     check_scheme(scheme)
     selected = select_targets(model, scheme, layers, exclude)
     checks.materialized(model, "trp.decompose")
+    for t in selected:  # before any SVD: a NaN weight is named, not a linalg error
+        if not bool(torch.isfinite(t.read()).all()):
+            raise ValueError(f"trp.decompose: layer {t.name!r} has NaN or infinite weights (a diverged or "
+                             "damaged model)")
     budget = None
     if target_speedup is not None:
         if energy is not None or threshold is not None or rank is not None:

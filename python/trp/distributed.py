@@ -432,5 +432,6 @@ def spawn(fn, nproc, *args, workdir=None):
 
 __all__ = ["unwrap", "active_group", "current", "all_gather_objects", "projection_cost", "split_heavy", "assign",
            "Sharding", "make_sharding", "all_reduce_sum", "all_true", "broadcast_buffers", "World", "timeout",
-           "torchrun_world", "worker_device", "check_nproc", "usable_cpus", "clean_stale_rendezvous", "backend_for", "process_group", "WorkerError", "spawn",
+           "torchrun_world", "worker_device", "check_nproc", "usable_cpus", "clean_stale_rendezvous",
+           "backend_for", "process_group", "WorkerError", "spawn",
            "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV"]

@@ -204,5 +204,6 @@ def available_exporters():
         return ["torchscript"]
 
 
-__all__ = ["export_onnx", "check_opset", "opset_range", "onnx_bytes", "module_bytes", "fast_exporter", "verify", "session", "ort_runner", "ort_latency",
+__all__ = ["export_onnx", "check_opset", "opset_range",
+           "onnx_bytes", "module_bytes", "fast_exporter", "verify", "session", "ort_runner", "ort_latency",
            "compare_ort", "interleaved", "EXPORTERS", "onnxruntime_available", "available_exporters"]

@@ -201,7 +201,8 @@ def count_params(model, trainable_only=False):
 
 def measure_latency(model, input_size, warmup=10, repeats=50, device=None):
     """Median wall-clock seconds of one forward pass (eval mode, no_grad) on `device` (default: the
-    model's), after one unmeasured call (whose errors name the input size) and `warmup` more. CUDA is timed with CUDA events after a synchronize; CPU with perf_counter."""
+    model's), after one unmeasured call (whose errors name the input size) and `warmup` more. CUDA is timed
+    with CUDA events after a synchronize; CPU with perf_counter."""
     shape = _input_shape(input_size)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")

@@ -88,8 +88,8 @@ def check_finite(state, path, field):
     for k, v in state.items():
         if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) and v.device.type != "meta" \
                 and not bool(torch.isfinite(v).all()):
-            raise _fail(path, f"{field}[{k!r}]" if field else k, "holds NaN or infinite values: the weights are unusable (a "
-                                                 "diverged or damaged model)")
+            raise _fail(path, f"{field}[{k!r}]" if field else k,
+                        "holds NaN or infinite values: the weights are unusable (a diverged or damaged model)")
 
 
 def _all_tensors(obj, where, out, depth=0):

@@ -501,4 +501,5 @@ def model_from_checkpoint(saved, device="cpu", path="checkpoint"):
 
 
 __all__ = ["DEFAULTS", "PRESETS", "TrainConfig", "TrainError", "Run", "resolve_config", "resolve_device",
-           "evaluate", "decompose_criterion", "final_report", "model_from_checkpoint", "read_initial_weights", "CHECKPOINT", "REPORT_FILES", "RUN_FILES"]
+           "evaluate", "decompose_criterion", "final_report", "model_from_checkpoint", "read_initial_weights",
+           "CHECKPOINT", "REPORT_FILES", "RUN_FILES"]
