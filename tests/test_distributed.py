@@ -180,6 +180,11 @@ def test_two_processes_project_sharded_and_match_one_process(tmp_path):
 
 # --- trp train ----------------------------------------------------------------------------------------------
 
+# `trp train --nproc N` takes at most one CPU worker per usable core
+two_cores = pytest.mark.skipif(distributed.usable_cpus() < 2, reason="--nproc 2 needs 2 usable CPU cores")
+
+
+@two_cores
 def test_train_nproc_2_then_resume_with_nproc_1(tmp_path, capfd):
     out = tmp_path / "run"
     code, stdout, err = run_cli(capfd, "train", *TINY, "--epochs", "1", "--nproc", "2", "--out", out,
@@ -227,6 +232,7 @@ def _workers(pid):
 
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
                     reason="needs Linux /proc children lists")
+@two_cores
 def test_killing_a_worker_ends_the_run_with_an_error(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "trp.cli", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
@@ -253,6 +259,7 @@ def test_killing_a_worker_ends_the_run_with_an_error(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
                     reason="needs Linux /proc children lists")
+@two_cores
 def test_sigterm_to_the_parent_stops_the_workers_and_removes_the_rendezvous(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "trp.cli", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
@@ -281,6 +288,7 @@ def test_sigterm_to_the_parent_stops_the_workers_and_removes_the_rendezvous(tmp_
 
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
                     reason="needs Linux /proc children lists")
+@two_cores
 def test_workers_of_a_killed_parent_stop_and_its_rendezvous_is_cleaned_at_the_next_start(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "trp.cli", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
