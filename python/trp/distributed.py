@@ -356,7 +356,8 @@ _RENDEZVOUS = re.compile(re.escape(RENDEZVOUS_PREFIX) + r"(?P<pid>\d+)-[A-Za-z0-
 
 def clean_stale_rendezvous(directory):
     """Removes the rendezvous directories that `spawn` parents killed without a chance to clean up
-    (SIGKILL) left in `directory`: those whose parent's PID is gone; never a link. Returns their names."""
+    (SIGKILL) left in `directory`: this user's, whose parent's PID is gone; never a link. Returns their
+    names."""
     removed = []
     try:
         names = os.listdir(directory)
@@ -366,7 +367,9 @@ def clean_stale_rendezvous(directory):
         m = _RENDEZVOUS.fullmatch(name)
         path = os.path.join(directory, name)
         try:
-            if m is None or not stat.S_ISDIR(os.lstat(path).st_mode) or storage.writer_alive(int(m["pid"])):
+            st = os.lstat(path) if m is not None else None
+            if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() \
+                    or storage.writer_alive(int(m["pid"])):
                 continue
         except OSError:
             continue

@@ -110,13 +110,11 @@ class Run:
         self.train_loader, self.test_loader = data_mod.make_loaders(
             self.bundle, cfg.batch_size, cfg.seed, cfg.workers, self.rank, self.world.world_size if self.world else 1)
         if len(self.train_loader) == 0:  # a last batch of one sample is dropped (BatchNorm): none may be left
-            world = self.world.world_size if self.world else 1
-            n = len(self.bundle.train)
-            raise data_mod.DataError(
-                f"the training data ({n} sample{'s' if n != 1 else ''}" + (f" over {world} processes" if world > 1
-                                                                             else "")
-                + ") give no batch of two or more samples" + (" per process" if world > 1 else "") + ": use "
-                + (f"--subset {2 * world} or more" if cfg.subset is not None else "more data"))
+            world, n = self.world.world_size if self.world else 1, len(self.bundle.train)
+            spread, each = (f" over {world} processes", " per process") if world > 1 else ("", "")
+            fix = f"--subset {2 * world} or more" if cfg.subset is not None else "more data"
+            raise data_mod.DataError(f"the training data ({n} sample{'s' if n != 1 else ''}{spread}) give no "
+                                     f"batch of two or more samples{each}: use {fix}")
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         if cfg.deterministic:  # numpy / random in workers too (torch's are seeded by the loaders' generators)
             self.train_loader.worker_init_fn = self.test_loader.worker_init_fn = _seed_worker
