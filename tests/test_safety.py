@@ -307,6 +307,20 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_none(tmp_path, capsys,
     assert code == 130 and err == "trp: interrupted (no checkpoint was written)\n", err
 
 
+def test_ctrl_c_just_after_the_checkpoint_is_in_place_names_it(tmp_path, capsys, monkeypatch):
+    real = ckpt.save_checkpoint
+
+    def save_then_interrupt(state, path):  # e.g. during the directory's fsync, after the rename
+        real(state, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_interrupt)
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "2", "--no-report", "--out", out)
+    assert code == 130 and err == (f"trp: interrupted (the last good checkpoint ({out / train_mod.CHECKPOINT}, "
+                                   "epoch 1) is untouched; continue with --resume)\n"), err
+    assert ckpt.load_checkpoint(out / train_mod.CHECKPOINT)["epoch"] == 1
+
+
 def test_divergence_after_resuming_elsewhere_names_the_checkpoint_that_is_left(trained, tmp_path, capsys,
                                                                                   monkeypatch):
     def diverge(self):

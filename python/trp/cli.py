@@ -270,9 +270,7 @@ def _train(ns, cfg, saved, init, start, resumed=None, rank=0):
         try:
             run.fit()
         except KeyboardInterrupt:
-            note = run.checkpoint_note()
-            raise Interrupted(note + ("; continue with --resume" if run.saved_epoch or run.resumed_epoch else "")) \
-                from None
+            raise Interrupted(run.checkpoint_note(hint=True)) from None
         if ns.no_report or rank != 0:
             return 0
         try:

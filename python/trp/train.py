@@ -120,6 +120,7 @@ class Run:
             self.train_loader.worker_init_fn = self.test_loader.worker_init_fn = _seed_worker
         self.epoch, self.history = 0, []
         self.saved_epoch = self.resumed_epoch = None  # the epochs of the checkpoints written / resumed from
+        self._saving = None  # (epoch, file id before) of the checkpoint being written
         if saved is not None:
             self._restore(saved)
         self.net = self._training_module()
@@ -241,14 +242,19 @@ class Run:
             loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], self.device)
         return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
 
-    def checkpoint_note(self):
-        """What the run leaves to continue from: the last checkpoint it wrote, else the one it resumed from."""
-        if self.saved_epoch is not None:
-            return f"the last good checkpoint ({self.ckpt_path}, epoch {self.saved_epoch}) is untouched"
+    def checkpoint_note(self, hint=False):
+        """What the run leaves to continue from: the last checkpoint it wrote, else the one it resumed from;
+        hint=True adds "; continue with --resume" when there is one."""
+        saved = self.saved_epoch
+        if self._saving is not None and self._saving[0] != saved and _file_id(self.ckpt_path) != self._saving[1]:
+            saved = self._saving[0]  # interrupted after the rename that put the new checkpoint in place
+        more = "; continue with --resume" if hint else ""
+        if saved is not None:
+            return f"the last good checkpoint ({self.ckpt_path}, epoch {saved}) is untouched{more}"
         if self.resumed_epoch is not None:
             source = f" ({self.resume_path}, epoch {self.resumed_epoch})" if self.resume_path is not None else \
                 f" (epoch {self.resumed_epoch})"
-            return f"no checkpoint was written; the checkpoint it resumed from{source} is untouched"
+            return f"no checkpoint was written; the checkpoint it resumed from{source} is untouched{more}"
         return "no checkpoint was written"
 
     def _diverged(self, what):
@@ -293,6 +299,7 @@ class Run:
                                  **({"speedup": speedup} if speedup is not None else {})})
             state = self.state()
             if self.rank == 0:
+                self._saving = (self.epoch, _file_id(self.ckpt_path))
                 ckpt.save_checkpoint(state, self.ckpt_path)
             self.saved_epoch = self.epoch
             self.log(f"epoch {self.epoch:3d}/{cfg.epochs}  loss {loss:.4f}  train {train_acc:6.2f}%  "
@@ -302,6 +309,15 @@ class Run:
             if on_epoch_end is not None:
                 on_epoch_end(self)
         return self
+
+
+def _file_id(path):
+    """(device, inode) of `path`, None when absent: an atomic write gives the file a new one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _check_scheduler(saved, fresh):
