@@ -35,8 +35,19 @@ def integer(value, name, low, high=math.inf, what=""):
 
 
 def materialized(model, what):
-    """ValueError naming the first parameter or buffer of `model` that is on the meta device (a model built
-    without data, e.g. under torch.device("meta")): nothing can be computed from it or saved."""
+    """Checks that no parameter or buffer of `model` is on the meta device (a model built without data,
+    e.g. under torch.device("meta")): nothing can be computed from it or saved.
+
+    Args:
+        model: an nn.Module.
+        what: the entry point, for the message.
+
+    Returns:
+        model.
+
+    Raises:
+        ValueError: naming the first parameter or buffer on the meta device.
+    """
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
             if t.is_meta:

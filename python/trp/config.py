@@ -198,9 +198,15 @@ class TrainConfig:
         self.validate()
 
     def validate(self, record=False):
-        """Every option against its rule, before any work: ValueError naming the option. record=True: the
-        rules for a checkpoint's values (which do not ask whether this machine has the device or the
-        directory)."""
+        """Every option against its rule, before any work.
+
+        Args:
+            record: use the rules for a checkpoint's values (which do not ask whether this machine has the
+                device or the directory).
+
+        Raises:
+            ValueError: naming the option.
+        """
         rule = "record_check" if record else "check"
         for f in dataclasses.fields(self):
             if f.metadata[rule] is not None:
@@ -216,7 +222,17 @@ class TrainConfig:
     def from_record(cls, d):
         """The config a checkpoint holds, checked: a dict with every option (those added after the first
         checkpoints of format 2 may be missing: their defaults), no unknown one, each valid by its record
-        rule. ValueError names the option."""
+        rule.
+
+        Args:
+            d: the checkpoint's "config" record.
+
+        Returns:
+            The TrainConfig.
+
+        Raises:
+            ValueError: naming the missing, unknown or invalid option.
+        """
         if not isinstance(d, dict):
             raise ValueError(f"must be a dict of options, got {type(d).__name__}")
         missing = [f.name for f in FIELDS if f.name not in d and not f.metadata["since_v2"]]
@@ -267,8 +283,16 @@ def resolve_config(explicit, preset=None):
 
 
 def check_resume(saved, explicit, what="--resume"):
-    """Rejects explicitly given options that contradict the checkpoint's run (`what`: the option and file
-    for the message)."""
+    """Rejects explicitly given options that contradict the checkpoint's run.
+
+    Args:
+        saved: the checkpoint's config.
+        explicit: {option: value} given on the command line.
+        what: the option and file, for the message.
+
+    Raises:
+        ValueError: naming the option and both values.
+    """
     for key in RESUME_FIXED:
         if key in explicit and explicit[key] != saved.get(key):
             raise ValueError(f"{what}: the checkpoint was trained with {key}={saved.get(key)!r}, "

@@ -103,10 +103,21 @@ def _positive(value):
 
 
 def check_options(spec, image_size=None, subset=None):
-    """(kind, path) of `spec` if it, the image size and the subset size are valid; DataError otherwise.
-    Reads no files: the checks that `trp train` makes before any work. Image sides are bounded (MAX_IMAGE_SIZE;
-    digits, 8x8 scans: MAX_DIGITS_SIZE), so that no option or checkpoint can make the data take more memory
-    than a real run needs."""
+    """The checks of the data options that `trp train` makes before any work (it reads no files). Image
+    sides are bounded (MAX_IMAGE_SIZE; digits, 8x8 scans: MAX_DIGITS_SIZE), so that no option or checkpoint
+    can make the data take more memory than a real run needs.
+
+    Args:
+        spec: the data set ("digits", "cifar10:DIR", "imagefolder:DIR").
+        image_size: None or the input side.
+        subset: None or the number of samples.
+
+    Returns:
+        (kind, path) of spec.
+
+    Raises:
+        DataError: an unknown spec or an invalid size, naming the valid ones.
+    """
     kind, path = parse_spec(spec)
     high = MAX_DIGITS_SIZE if kind == "digits" else MAX_IMAGE_SIZE
     if image_size is not None and not (_positive(image_size) and 4 <= image_size <= high):

@@ -254,7 +254,12 @@ def torchrun_world():
 
 
 def usable_cpus():
-    """The CPU cores this process may run on (its affinity where the OS tells, else the machine's)."""
+    """The number of CPU cores this process may run on (its affinity where the OS tells, else the
+    machine's).
+
+    Returns:
+        An int >= 1.
+    """
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -262,8 +267,20 @@ def usable_cpus():
 
 
 def check_nproc(nproc, device, source=""):
-    """ValueError unless `nproc` local workers fit this machine: one GPU each on CUDA, at most one per usable
-    CPU core on the CPU. `source` says where the count came from (e.g. " (the checkpoint's)")."""
+    """Checks that `nproc` local workers fit this machine: one GPU each on CUDA, at most one per usable CPU
+    core (usable_cpus) on the CPU.
+
+    Args:
+        nproc: the number of workers.
+        device: the workers' device (type cpu or cuda).
+        source: where the count came from, for the message (e.g. " (from the checkpoint PATH)").
+
+    Returns:
+        nproc.
+
+    Raises:
+        ValueError: too many workers for this machine, with the bound.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         have, what = torch.cuda.device_count(), "GPUs visible"
@@ -356,8 +373,14 @@ _RENDEZVOUS = re.compile(re.escape(RENDEZVOUS_PREFIX) + r"(?P<pid>\d+)-[A-Za-z0-
 
 def clean_stale_rendezvous(directory):
     """Removes the rendezvous directories that `spawn` parents killed without a chance to clean up
-    (SIGKILL) left in `directory`: this user's, whose parent's PID is gone; never a link. Returns their
-    names."""
+    (SIGKILL) left in `directory`: this user's, whose parent's PID is gone; never a link.
+
+    Args:
+        directory: where spawn made them (its workdir).
+
+    Returns:
+        The names of the removed directories.
+    """
     removed = []
     try:
         names = os.listdir(directory)
@@ -397,7 +420,18 @@ def spawn(fn, nproc, *args, workdir=None):
     (default: the temporary directory), removed at the end; ones left by a killed parent are removed at the
     next start. Returns when all succeed; as soon as one fails or dies the others are terminated and
     WorkerError says which and why. An exception in this process (KeyboardInterrupt: Ctrl-C, or SIGTERM
-    made one) terminates the workers and propagates."""
+    made one) terminates the workers and propagates. Workers whose parent dies (SIGKILL) stop themselves.
+
+    Args:
+        fn: fn(world, init_method, *args) runs in every worker.
+        nproc: the number of workers.
+        *args: passed to fn (picklable).
+        workdir: the directory of the rendezvous directory (default: the temporary directory).
+
+    Raises:
+        WorkerError: a worker failed or died.
+        KeyboardInterrupt: this process or a worker was interrupted; all workers are stopped.
+    """
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")

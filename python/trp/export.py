@@ -35,9 +35,19 @@ def check_exporter(exporter):
 
 
 def opset_range(exporter):
-    """(lowest, highest) ONNX opset the exporter writes: the TorchScript-based one 7..its maximum, dynamo 18
-    (the opset it exports at; lower ones would go through a converter that may fail or fall back) ..
-    the maximum of this torch."""
+    """The ONNX opsets an exporter writes: the TorchScript-based one 7..its maximum, dynamo 18 (the opset it
+    exports at; lower ones would go through a converter that may fail or fall back) .. the maximum of this
+    torch.
+
+    Args:
+        exporter: "dynamo" or "torchscript".
+
+    Returns:
+        (lowest, highest).
+
+    Raises:
+        ValueError: an unknown exporter.
+    """
     constants = getattr(torch.onnx, "_constants", None)
     top = getattr(constants, "ONNX_MAX_OPSET", 20)
     if check_exporter(exporter) == "torchscript":
@@ -46,7 +56,18 @@ def opset_range(exporter):
 
 
 def check_opset(opset, exporter="dynamo"):
-    """`opset` if the exporter writes it (opset_range), else ValueError (checked before any export)."""
+    """Checks, before any export, that the exporter writes `opset` (opset_range).
+
+    Args:
+        opset: the ONNX opset version.
+        exporter: "dynamo" or "torchscript".
+
+    Returns:
+        opset.
+
+    Raises:
+        ValueError: not an int in the exporter's range (the message gives it), or an unknown exporter.
+    """
     low, high = opset_range(exporter)
     if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
         raise ValueError(f"opset must be an int in [{low}, {high}] for the {exporter} exporter, got {opset!r}")

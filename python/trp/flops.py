@@ -202,7 +202,22 @@ def count_params(model, trainable_only=False):
 def measure_latency(model, input_size, warmup=10, repeats=50, device=None):
     """Median wall-clock seconds of one forward pass (eval mode, no_grad) on `device` (default: the
     model's), after one unmeasured call (whose errors name the input size) and `warmup` more. CUDA is timed
-    with CUDA events after a synchronize; CPU with perf_counter."""
+    with CUDA events after a synchronize; CPU with perf_counter.
+
+    Args:
+        model: the nn.Module.
+        input_size: (C, H, W) or (N, C, H, W).
+        warmup: unmeasured calls before timing.
+        repeats: timed calls.
+        device: where to time (default: the model's; it must be there).
+
+    Returns:
+        The median seconds per call.
+
+    Raises:
+        ValueError: bad arguments, a model on another device or on the meta device, or an input size that
+            does not run through the model.
+    """
     shape = _input_shape(input_size)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")

@@ -28,6 +28,10 @@ def _header(payload):
 def save(model, path):
     """Writes `model` (dense or decomposed) to `path` atomically (temporary file, then rename).
 
+    Args:
+        model: the nn.Module.
+        path: the file to write (absent or a regular file).
+
     Raises:
         TypeError: `model` is not an nn.Module.
         ValueError: its weights are on the meta device (hold no data).
@@ -120,7 +124,19 @@ def load(path, base=None):
 def from_payload(payload, path, base=None):
     """The model of a verified trp.save payload (see load). Without base, it is first built on the meta
     device and matched with the file's tensors (records.dry_run): nothing is allocated for a record whose
-    sizes are not those of its tensors."""
+    sizes are not those of its tensors.
+
+    Args:
+        payload: the file's content (verify_model_file).
+        path: the file, for messages.
+        base: None, or the dense nn.Module to copy and factorize (it is not modified).
+
+    Returns:
+        The model.
+
+    Raises:
+        ValueError: the record does not build, or does not fit its tensors or `base` (naming the file).
+    """
     if base is None:
         records.dry_run(lambda: _from_payload(payload, path), payload["state_dict"], path)
     return _from_payload(payload, path, base)

@@ -41,7 +41,20 @@ def _name(value):
 
 def plain(value, path, field, depth=0):
     """Checks that `value` is plain data: None, bool, int, finite float, str, and lists, tuples and dicts
-    (string keys) of those, nested at most MAX_DEPTH deep."""
+    (string or int keys) of those, nested at most MAX_DEPTH deep.
+
+    Args:
+        value: the field's value.
+        path: the file, for the message.
+        field: the field's name, for the message.
+        depth: the nesting depth of `value` (internal).
+
+    Returns:
+        value.
+
+    Raises:
+        RecordError: naming the file and the (nested) field.
+    """
     if depth > MAX_DEPTH:
         raise _fail(path, field, f"nested deeper than {MAX_DEPTH} levels")
     if value is None or isinstance(value, (bool, int, str)):
@@ -72,7 +85,20 @@ def _integer(value, path, field, low=0, high=None):
 
 def tensors(state, path, field, finite=True):
     """Checks that `state` is a dict of name -> tensor and, with finite=True, that every floating-point
-    tensor is finite. Returns it."""
+    tensor is finite.
+
+    Args:
+        state: the field's value (a state_dict).
+        path: the file, for the message.
+        field: the field's name, for the message.
+        finite: also check that every floating-point tensor is finite.
+
+    Returns:
+        state.
+
+    Raises:
+        RecordError: naming the file, the field and the first offending entry.
+    """
     if not isinstance(state, dict):
         raise _fail(path, field, f"must be a dict of tensors, got {type(state).__name__}")
     for k, v in state.items():
@@ -84,7 +110,16 @@ def tensors(state, path, field, finite=True):
 
 
 def check_finite(state, path, field):
-    """RecordError naming the first floating-point tensor of {name: tensor} that holds a NaN or an inf."""
+    """Checks that every floating-point (or complex) tensor of `state` is finite.
+
+    Args:
+        state: {name: tensor}; other values are ignored.
+        path: the file, for the message.
+        field: the field holding `state` ("" when the names are already full paths).
+
+    Raises:
+        RecordError: naming the first tensor that holds a NaN or an infinite value.
+    """
     for k, v in state.items():
         if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) and v.device.type != "meta" \
                 and not bool(torch.isfinite(v).all()):
@@ -112,9 +147,23 @@ def _numel(state):
 
 
 def check_arch(arch, state, path, field="arch"):
-    """Checks an architecture record (models.build's trp_arch) against the file's tensors `state`: plain
-    data with a string name, and every int in it (classes, channels, widths, depths) at most the number of
-    weights the file holds. Building it on the meta device (dry_run) then compares it tensor by tensor."""
+    """Checks an architecture record (models.build's trp_arch) against the file's tensors: plain data with a
+    string name, every int in it (classes, channels, widths) at most the number of weights the file holds,
+    and block counts (COUNT_KEYS) at most its number of tensors. Building it on the meta device (dry_run)
+    then compares it tensor by tensor.
+
+    Args:
+        arch: the record.
+        state: the file's tensors, {name: tensor}.
+        path: the file, for the message.
+        field: the record's name, for the message.
+
+    Returns:
+        arch.
+
+    Raises:
+        RecordError: naming the file and the field.
+    """
     if not isinstance(arch, dict):
         raise _fail(path, field, f"must be a dict, got {type(arch).__name__}")
     plain(arch, path, field)
@@ -169,7 +218,20 @@ def check_layers(layers, state, path, field="layers"):
     and value types of its type's config(), and the module it describes, built on the meta device, has
     exactly the file's tensors under its name (so its rank and sizes are those of the file's weights). The
     geometry (stride, padding, dilation), which no tensor shows, is compared with the dense layer it
-    replaces when the model is built (trp.io)."""
+    replaces when the model is built (trp.io).
+
+    Args:
+        layers: {layer name: config dict}, as trp.save writes it.
+        state: the file's tensors, {name: tensor}.
+        path: the file, for the message.
+        field: the record's name, for the message.
+
+    Returns:
+        layers.
+
+    Raises:
+        RecordError: naming the file, the layer and the field.
+    """
     if not isinstance(layers, dict):
         raise _fail(path, field, f"must be a dict, got {type(layers).__name__}")
     for name, cfg in layers.items():
@@ -209,7 +271,18 @@ def _first_line(exc):
 
 def check_model_file(payload, path):
     """Checks a sealed trp.save payload (io.verify_model_file): its tensors (finite), its metadata, its
-    architecture record and its factorized layers, against each other. Returns the payload."""
+    architecture record and its factorized layers, against each other.
+
+    Args:
+        payload: the loaded file, its seal already verified.
+        path: the file, for the message.
+
+    Returns:
+        payload.
+
+    Raises:
+        RecordError: naming the file and the field.
+    """
     state = tensors(payload["state_dict"], path, "state_dict")
     metadata = payload.get("metadata")
     if metadata is not None:
@@ -242,7 +315,18 @@ def check_checkpoint(obj, path):
     (every option by its rule), architecture, epoch, model weights (finite, consistent with the
     architecture: train.model_from_checkpoint builds it on the meta device first), optimizer, scheduler,
     pruner, RNG and history records. Replaces obj["config"] by the checked config (options a checkpoint of
-    an older trp lacks take their defaults). Returns obj."""
+    an older trp lacks take their defaults).
+
+    Args:
+        obj: the loaded checkpoint, its seal already verified.
+        path: the file, for the message.
+
+    Returns:
+        obj.
+
+    Raises:
+        RecordError: naming the file and the field.
+    """
     try:
         cfg = config_mod.TrainConfig.from_record(obj["config"])
     except ValueError as exc:
@@ -288,7 +372,20 @@ def dry_run(build, state, path):
     """build() on the meta device, where no memory is allocated, with at most MODULES_PER_TENSOR modules per
     tensor of `state` (the file's tensors); returns its result. Any error is a RecordError naming `path`:
     a record that does not build, or whose model does not match its tensors, fails here before the real
-    build."""
+    build.
+
+    Args:
+        build: a no-argument callable that builds (and loads) the model.
+        state: the file's tensors, {name: tensor}: they bound the number of modules.
+        path: the file, for the message.
+
+    Returns:
+        what build() returns, on the meta device.
+
+    Raises:
+        RecordError: whatever build() raised (but KeyboardInterrupt, MemoryError), as one line naming the
+            file.
+    """
     limit = MODULES_PER_TENSOR * len(state) + MODULE_MARGIN
     count = [0]
 

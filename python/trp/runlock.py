@@ -104,8 +104,16 @@ def _acquire(directory):
 
 @contextlib.contextmanager
 def locked(directory):
-    """Holds the run lock of `directory` (created if missing) for the with-block; LockedError at once if
-    another process holds it, or if DIR/.trp.lock is not a lock file trp may use."""
+    """Holds the run lock of `directory` (created if missing) for the with-block.
+
+    Args:
+        directory: the run directory.
+
+    Raises:
+        LockedError: at once, when another process holds the lock, when a file is in the way of the
+            directory, or when DIR/.trp.lock is not a lock file trp may use (a link, a FIFO, another user's
+            file, a hard link, other data).
+    """
     if fcntl is None:
         os.makedirs(directory, exist_ok=True)
         yield

@@ -80,8 +80,15 @@ def _umask():
 
 
 def check_output_file(path):
-    """Checks, before any work, that trp may write `path`: absent or a regular file. IsADirectoryError for a
-    directory; NotRegularFile for a symbolic link (trp never writes through one), a FIFO or a device."""
+    """Checks, before any work, that trp may write `path`: absent or a regular file.
+
+    Args:
+        path: the file to write.
+
+    Raises:
+        IsADirectoryError: `path` is a directory.
+        NotRegularFile: `path` is a symbolic link (trp never writes through one), a FIFO, a device, a socket.
+    """
     try:
         mode = os.lstat(path).st_mode
     except OSError:  # absent (or its directory is): the write itself says what is wrong
@@ -147,6 +154,10 @@ def atomic_write(path, write):
     """Calls write(f) on a binary temporary file beside `path`, then renames it onto `path`. The file gets
     the mode open() would give (0666 & ~umask), not mkstemp's 0600. Creates missing directories.
 
+    Args:
+        path: the file to write.
+        write: write(f) writes the content to the binary file object f.
+
     Raises:
         IsADirectoryError, NotRegularFile: `path` is not absent or a regular file (checked first).
         WriteError: a write, the fsync or the rename failed (disk full, I/O error...); the previous file is
@@ -195,12 +206,27 @@ def atomic_write(path, write):
 
 
 def atomic_save(obj, path):
-    """torch.save(obj) to `path` by atomic_write (same errors)."""
+    """torch.save(obj) to `path` by atomic_write.
+
+    Args:
+        obj: what torch.save takes.
+        path: the file to write.
+
+    Raises:
+        See atomic_write.
+    """
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def writer_alive(pid):
-    """Whether the process `pid` (the writer a temporary's name records) may still be running."""
+    """Whether the process `pid` (the writer a temporary's name records) may still be running.
+
+    Args:
+        pid: a process id.
+
+    Returns:
+        False only when no such process exists (another user's process counts as alive).
+    """
     if pid in (0, os.getpid()):
         return True
     try:
@@ -254,6 +280,12 @@ def open_regular(path):
     """A binary file object reading `path` (a link to a regular file is followed), refusing anything but a
     regular file before and after opening it, so that a FIFO or a device is never read (or waited on).
 
+    Args:
+        path: the file to read.
+
+    Returns:
+        The open binary file object (blocking).
+
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError: name the path.
         NotRegularFile: a FIFO, a device, a socket.
@@ -280,6 +312,12 @@ def open_regular(path):
 
 def read_torch(path):
     """torch.load(path, weights_only=True) onto the CPU, from a regular file only (open_regular).
+
+    Args:
+        path: the file to read.
+
+    Returns:
+        What the file holds (tensors and plain data).
 
     Raises:
         FileNotFoundError, IsADirectoryError, NotRegularFile, PermissionError: name the path.

@@ -61,9 +61,21 @@ class Run:
     """One training run: data, model, optimizer, scheduler, pruner and their checkpointing."""
 
     def __init__(self, cfg, resume=None, log=print, progress=True, init_state=None, resume_path=None):
-        """resume: a checkpoint path or an already verified checkpoint dict (then resume_path: the file it
-        was read from, for messages). init_state: cfg.init already read (read_initial_weights), so that a
-        caller can check the file before anything else."""
+        """Builds the run: data, model (with --init weights or the resumed state), optimizer, pruner.
+
+        Args:
+            cfg: the TrainConfig.
+            resume: None, a checkpoint path or an already verified checkpoint dict.
+            log: log(message) for the progress lines.
+            progress: show a progress bar.
+            init_state: cfg.init already read (read_initial_weights), so that a caller can check the file
+                before anything else.
+            resume_path: the file a `resume` dict was read from, for messages.
+
+        Raises:
+            ValueError: the checkpoint or the --init weights do not fit this run, or the data give no
+                training batch (data.DataError), with what differs.
+        """
         self.cfg, self.log, self.progress = cfg, log, progress
         if resume_path is None and isinstance(resume, (str, os.PathLike)):
             resume_path = resume
@@ -243,8 +255,15 @@ class Run:
         return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
 
     def checkpoint_note(self, hint=False):
-        """What the run leaves to continue from: the last checkpoint it wrote, else the one it resumed from;
-        hint=True adds "; continue with --resume" when there is one."""
+        """What the run leaves to continue from: the last checkpoint it wrote (also when interrupted just
+        after the rename that put it in place), else the one it resumed from.
+
+        Args:
+            hint: add "; continue with --resume" when there is a checkpoint to continue from.
+
+        Returns:
+            One clause for a message.
+        """
         saved = self.saved_epoch
         if self._saving is not None and self._saving[0] != saved and _file_id(self.ckpt_path) != self._saving[1]:
             saved = self._saving[0]  # interrupted after the rename that put the new checkpoint in place
@@ -335,7 +354,19 @@ def _check_scheduler(saved, fresh):
 
 def read_initial_weights(path):
     """The state_dict that --init names: a trp checkpoint's or trp.save file's (both verified against
-    their checksums), or a plain state_dict file (e.g. torchvision's; {"state_dict": ...} too)."""
+    their checksums and checked field by field), or a plain state_dict file (e.g. torchvision's;
+    {"state_dict": ...} too) of finite tensors.
+
+    Args:
+        path: the file.
+
+    Returns:
+        {name: tensor}.
+
+    Raises:
+        checkpoint.CheckpointError: not a state_dict, damaged, or holding NaN / infinite values.
+        OSError: the file cannot be read (missing, a directory, a FIFO...).
+    """
     from . import io
     obj = storage.read_torch(path)
     if ckpt.is_checkpoint(obj):
@@ -494,9 +525,21 @@ def _json_default(obj):
 
 
 def model_from_checkpoint(saved, device="cpu", path="checkpoint"):
-    """The dense model of a (verified) training checkpoint read from `path`, on `device`: first built on
-    the meta device and matched with the checkpoint's weights (records.dry_run), so that nothing is
-    allocated for an architecture record whose sizes are not those of its weights."""
+    """The dense model of a (verified) training checkpoint, first built on the meta device and matched with
+    the checkpoint's weights (records.dry_run), so that nothing is allocated for an architecture record
+    whose sizes are not those of its weights.
+
+    Args:
+        saved: the checkpoint (checkpoint.load_checkpoint / verify_checkpoint).
+        device: where the model goes.
+        path: the file it was read from, for messages.
+
+    Returns:
+        The model, on `device`.
+
+    Raises:
+        checkpoint.CheckpointError: the architecture record does not build or does not fit the weights.
+    """
     what = f"{path}: the checkpoint's weights do not fit its architecture {saved.get('arch')}"
 
     def build(meta=False):
