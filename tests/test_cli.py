@@ -117,7 +117,9 @@ def _bad_cases(tmp):
         "negative workers": (["train", *TINY, "--workers", "-1"], "--workers must be"),
         "huge seed": (["train", *TINY, "--seed", str(2 ** 70)], r"--seed must be an int in \[0, 2\*\*63\)"),
         "negative seed": (["train", *TINY, "--seed", "-1"], "--seed must be"),
-        "tiny image": (["train", *TINY, "--image-size", "2"], "image size must be an int >= 4"),
+        "tiny image": (["train", *TINY, "--image-size", "2"], r"image size must be an int in \[4, 64\] for digits"),
+        "huge image": (["train", "--data", f"imagefolder:{tmp}", "--image-size", "100000"],
+                       r"image size must be an int in \[4, 1024\], got 100000"),
         "cifar image size": (["train", "--data", f"cifar10:{tmp}", "--image-size", "16"], "32x32"),
         "missing init": (["train", *TINY, "--init", str(tmp / "nothing.pt")], "nothing.pt: no such file"),
         "out is a file": (["train", *TINY, "--out", str(tmp / "afile")], "afile is a file, not a directory"),
@@ -157,6 +159,7 @@ def test_corrupted_and_foreign_files(trained, tmp_path, capsys):
     # a checkpoint whose weights belong to another architecture
     saved = ckpt.load_checkpoint(trained / "checkpoint.pt")
     saved["arch"] = dict(saved["arch"], name="resnet32")
+    saved["config"]["model"] = "resnet32"
     foreign = tmp_path / "foreign.pt"
     ckpt.save_checkpoint(saved, foreign)  # sealed: intact, but of another architecture
     code, _, err = run_cli(capsys, "eval", foreign)

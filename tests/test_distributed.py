@@ -180,6 +180,11 @@ def test_two_processes_project_sharded_and_match_one_process(tmp_path):
 
 # --- trp train ----------------------------------------------------------------------------------------------
 
+# `trp train --nproc N` takes at most one CPU worker per usable core
+two_cores = pytest.mark.skipif(distributed.usable_cpus() < 2, reason="--nproc 2 needs 2 usable CPU cores")
+
+
+@two_cores
 def test_train_nproc_2_then_resume_with_nproc_1(tmp_path, capfd):
     out = tmp_path / "run"
     code, stdout, err = run_cli(capfd, "train", *TINY, "--epochs", "1", "--nproc", "2", "--out", out,
@@ -227,6 +232,7 @@ def _workers(pid):
 
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
                     reason="needs Linux /proc children lists")
+@two_cores
 def test_killing_a_worker_ends_the_run_with_an_error(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "trp.cli", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
@@ -249,6 +255,67 @@ def test_killing_a_worker_ends_the_run_with_an_error(tmp_path):
     assert "trp: error: worker" in err and "died" in err
     assert not any(os.path.exists(f"/proc/{w}") and _alive(w) for w in workers)  # none left behind
     ckpt.load_checkpoint(out / train.CHECKPOINT)  # the last checkpoint is intact
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="needs Linux /proc children lists")
+@two_cores
+def test_sigterm_to_the_parent_stops_the_workers_and_removes_the_rendezvous(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trp.cli", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / train.CHECKPOINT).exists():  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        workers = _workers(proc.pid)
+        assert len(workers) == 2 and [p.name for p in out.glob(".trp-rendezvous-*")]  # inside --out
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last == f"trp: interrupted (the last good checkpoint ({out / train.CHECKPOINT}) is untouched; continue " \
+                   "with --resume)", err
+    assert not any(os.path.exists(f"/proc/{w}") and _alive(w) for w in workers)  # none left behind
+    assert not list(out.glob(".trp-rendezvous-*")) and not list(out.glob(".*.tmp"))
+    ckpt.load_checkpoint(out / train.CHECKPOINT)
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="needs Linux /proc children lists")
+@two_cores
+def test_workers_of_a_killed_parent_stop_and_its_rendezvous_is_cleaned_at_the_next_start(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trp.cli", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    workers = []
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / train.CHECKPOINT).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        workers = _workers(proc.pid)
+        proc.kill()  # SIGKILL: the parent cannot stop its workers nor remove its rendezvous directory
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers):  # their watchdog sees the parent gone
+            assert time.monotonic() < deadline, "orphaned workers still running"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in workers:  # never leave one behind, even when the test fails
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    left = [p.name for p in out.glob(".trp-rendezvous-*")]
+    assert len(left) == 1 and distributed.clean_stale_rendezvous(out) == left
+    ckpt.load_checkpoint(out / train.CHECKPOINT)
 
 
 def _alive(pid):
@@ -290,6 +357,7 @@ def test_compile_trains_the_compiled_model_with_the_pruner(tmp_path, monkeypatch
 
 
 def test_bad_distributed_options_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: 8)  # --nproc 3 fits; its batch does not
     for args, expected in ((["--nproc", "0"], "--nproc"), (["--amp", "fp8"], "--amp"),
                            (["--nproc", "3", "--batch-size", "16"], "multiple of --nproc 3")):
         code, _, err = run_cli(capsys, "train", *TINY, "--out", tmp_path / "x", *args)

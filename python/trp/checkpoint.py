@@ -1,11 +1,12 @@
 """Training checkpoints: sealed with a SHA-256 of everything they hold (checked on every load), written
-atomically (storage.atomic_save), loaded without unpickling code, with the RNG states that make a resumed
-run continue exactly."""
+atomically (storage.atomic_save), loaded without unpickling code and checked field by field (records), with
+the RNG states that make a resumed run continue exactly."""
 import random
 
 import numpy as np
 import torch
 
+from . import records
 from .integrity import digest_tree
 from .storage import atomic_save, read_torch
 
@@ -33,7 +34,9 @@ def is_checkpoint(obj):
 
 
 def verify_checkpoint(obj, path):
-    """`obj` (as loaded from `path`) if it is an intact checkpoint this trp reads, else CheckpointError."""
+    """`obj` (as loaded from `path`) if it is an intact checkpoint this trp reads, with every field valid
+    (records.check_checkpoint; its config completed with the defaults of options it predates), else
+    CheckpointError naming the file (and the field)."""
     if not is_checkpoint(obj):
         raise CheckpointError(f"{path}: not a `trp train` checkpoint (no '{FORMAT}' header)")
     version = obj.get("version")
@@ -48,7 +51,10 @@ def verify_checkpoint(obj, path):
     missing = [k for k in REQUIRED if k not in obj]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    return obj
+    try:  # a seal does not make a record trustworthy: every field against its schema
+        return records.check_checkpoint(obj, path)
+    except records.RecordError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def load_checkpoint(path):

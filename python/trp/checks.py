@@ -1,6 +1,6 @@
 """Number rules shared by the API (RankPruner, rank criteria) and the `trp train` options, so that each rule
-and its wording live in one place. (trp_kernels keeps the op's own energy / max_rank rules: it cannot
-import trp; trp reuses those.)"""
+and its wording live in one place, and the one model rule every entry point shares (materialized).
+(trp_kernels keeps the op's own energy / max_rank rules: it cannot import trp; trp reuses those.)"""
 import math
 
 
@@ -34,4 +34,27 @@ def integer(value, name, low, high=math.inf, what=""):
     return value
 
 
-__all__ = ["real", "integer"]
+def materialized(model, what):
+    """Checks that no parameter or buffer of `model` is on the meta device (a model built without data,
+    e.g. under torch.device("meta")): nothing can be computed from it or saved.
+
+    Args:
+        model: an nn.Module.
+        what: the entry point, for the message.
+
+    Returns:
+        model.
+
+    Raises:
+        ValueError: naming the first parameter or buffer on the meta device.
+    """
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_meta:
+                raise ValueError(f"{what}: the model's {kind} {name!r} is on the meta device (it holds no data): "
+                                 "materialize the model first (e.g. model.to_empty(device='cpu') and load its "
+                                 "weights)")
+    return model
+
+
+__all__ = ["real", "integer", "materialized"]

@@ -1,11 +1,13 @@
 """The `trp` command: train (with TRP), decompose, eval, report, export.
 
 Every error the user can cause (bad names, bad files, conflicting options, a diverged run) ends as one
-line `trp: error: ...` on stderr and exit status 2, checked before any training work starts."""
+line `trp: error: ...` on stderr and exit status 2, checked before any training work starts. Ctrl-C and
+SIGTERM end as one line `trp: interrupted ...` (what is left to continue from) and exit status 130."""
 import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -17,8 +19,15 @@ from . import train as train_mod
 from .config import positive_int as _positive_int
 
 
+LATENCY_FIT = "latency_fit.json"  # what `trp report --fit-latency` adds to the report's directory
+
+
 class CLIError(Exception):
     pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a command; the message says what is left to continue from."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,7 +116,8 @@ def build_parser():
     ex.add_argument("--static-batch", action="store_true", help="fixed batch size (default: dynamic batch axis)")
     ex.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                     help="torch.onnx.export(dynamo=True) (default) or the TorchScript-based exporter")
-    ex.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset version (default 18)")
+    ex.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset version (default 18; the "
+                                                                     "dynamo exporter writes 18 or later)")
     ex.add_argument("--threads", metavar="N", type=_positive_int,
                     help="onnxruntime threads for the latency comparison (default: all cores)")
     ex.add_argument("--scheme", help="for a checkpoint: channel, spatial or nd (default: the checkpoint's)")
@@ -120,8 +130,8 @@ def _log(msg):
 
 
 def _train_config(ns):
-    """(config, checkpoint to resume or None, --init state_dict or None) from the command line; every
-    option and file is checked here, before any work or write."""
+    """(config, checkpoint to resume or None, --init state_dict or None, the checkpoint's path or None) from
+    the command line; every option and file is checked here, before any work or write."""
     explicit = {f.name: getattr(ns, f.name) for f in config.FIELDS if hasattr(ns, f.name)}
     preset, resume = getattr(ns, "preset", None), getattr(ns, "resume", None)
     if resume is not None and ns.force:
@@ -135,27 +145,62 @@ def _train_config(ns):
         if "period" in explicit:
             raise CLIError("--no-trp trains without projections: drop --period")
         explicit["nuclear"] = 0.0
+    if "target_speedup" in explicit and "energy" in explicit:
+        raise CLIError("--target-speedup steers the projections' energy itself: drop --energy")
     config.check_preset(preset)
     if resume is None:
         cfg = config.resolve_config(explicit, preset)
         init = train_mod.read_initial_weights(cfg.init) if cfg.init is not None else None
-        return cfg, None, init
+        return cfg, None, init, None
     path = resume or os.path.join(explicit.get("out", config.DEFAULTS["out"]), train_mod.CHECKPOINT)
     saved = ckpt.load_checkpoint(path)
+    target = os.path.join(explicit["out"], train_mod.CHECKPOINT) if "out" in explicit else path
+    if os.path.lexists(target) and not _same_file(target, path):
+        raise CLIError(f"{target} exists: resuming {path} into {explicit['out']} would replace it; choose "
+                       "another --out")
     given = {**config.PRESETS.get(preset, {}), **explicit}
-    config.check_resume(saved["config"], {k: v for k, v in given.items() if k not in config.RESUME_CHANGEABLE})
+    config.check_resume(saved["config"], {k: v for k, v in given.items() if k not in config.RESUME_CHANGEABLE},
+                        f"--resume {path}")
     values = dict(saved["config"])
     values.update({k: v for k, v in explicit.items() if k in config.RESUME_CHANGEABLE})
     if "out" not in explicit:  # the run continues where its checkpoint lies
         values["out"] = os.path.dirname(os.path.abspath(path))
-    return config.TrainConfig.from_dict(values), saved, None
+    return config.TrainConfig.from_dict(values), saved, None, path
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _check_fresh(out, force):
     existing = os.path.join(out, train_mod.CHECKPOINT)
-    if os.path.exists(existing) and not force:
+    if os.path.lexists(existing) and not force:
         raise CLIError(f"{existing} exists: --resume to continue that run, --force to start over, or "
                        "another --out")
+
+
+def _check_run_files(out, report):
+    """Every file the run will write into `out` may be written (absent or a regular file: not a
+    directory, a link, a FIFO), checked before any work rather than after an epoch."""
+    for name in train_mod.RUN_FILES if report else (train_mod.CHECKPOINT,):
+        storage.check_output_file(os.path.join(out, name))
+
+
+def _interrupt_note(ckpt_path, since_ns, resumed):
+    """What an interrupted `--nproc` run leaves (its workers' state is gone): the checkpoint this run wrote
+    (written after since_ns), else the one it resumed from, else none."""
+    try:
+        written = os.stat(ckpt_path).st_mtime_ns >= since_ns
+    except OSError:
+        written = False
+    if written:
+        return f"the last good checkpoint ({ckpt_path}) is untouched; continue with --resume"
+    if resumed is not None:
+        return f"no checkpoint was written; {resumed} is untouched; continue with --resume"
+    return "no checkpoint was written"
 
 
 def cmd_train(ns):
@@ -168,18 +213,27 @@ def cmd_train(ns):
             raise CLIError(f"--nproc {ns.nproc} under torchrun, which started {world.world_size} processes: "
                            "drop --nproc")
         return _train_worker(world, "env://", ns, start)
-    cfg, saved, init = _train_config(ns)
+    since = time.time_ns()
+    cfg, saved, init, resumed = _train_config(ns)
     if cfg.nproc == 1:
-        return _train(ns, cfg, saved, init, start)
-    runlock.check_free(cfg.out)  # everything a worker would refuse is refused here, before they start
+        return _train(ns, cfg, saved, init, start, resumed)
+    # everything a worker would refuse is refused here, before they start
+    distributed.check_nproc(cfg.nproc, train_mod.resolve_device(cfg.device),
+                            "" if "nproc" in ns or resumed is None else f" (from the checkpoint {resumed})")
+    runlock.check_free(cfg.out)
     if saved is None:
         _check_fresh(cfg.out, ns.force)
+    _check_run_files(cfg.out, not ns.no_report)
     distributed.worker_device(train_mod.resolve_device(cfg.device), cfg.nproc - 1, cfg.nproc)
     if cfg.batch_size % cfg.nproc:
         raise CLIError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of "
                        f"--nproc {cfg.nproc}")
     del saved, init
-    distributed.spawn(_train_worker, cfg.nproc, ns, start)
+    try:
+        distributed.spawn(_train_worker, cfg.nproc, ns, start, workdir=cfg.out)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupt_note(os.path.join(os.path.abspath(cfg.out), train_mod.CHECKPOINT), since,
+                                          resumed)) from None
     return 0
 
 
@@ -188,41 +242,51 @@ def _train_worker(world, init_method, ns, start):
     import torch
 
     os.environ["LOCAL_RANK"] = str(world.local_rank)
-    cfg, saved, init = _train_config(ns)
+    cfg, saved, init, resumed = _train_config(ns)
     cfg = config.TrainConfig.from_dict({**cfg.to_dict(), "nproc": world.world_size})
     device = distributed.worker_device(train_mod.resolve_device(cfg.device), world.local_rank, world.world_size)
     if "threads" not in ns and device.type == "cpu":  # the cores shared out, not oversubscribed
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.world_size))
     with distributed.process_group(world, device, init_method):
-        return _train(ns, cfg, saved, init, start, rank=world.rank)
+        return _train(ns, cfg, saved, init, start, resumed, rank=world.rank)
 
 
-def _train(ns, cfg, saved, init, start, rank=0):
+def _train(ns, cfg, saved, init, start, resumed=None, rank=0):
     if rank == 0:
         runlock.check_free(cfg.out)  # a directory another `trp train` is using fails now, not after loading
         if saved is None:
             _check_fresh(cfg.out, ns.force)
+        _check_run_files(cfg.out, not ns.no_report)
     if "threads" in ns:
         import torch
         torch.set_num_threads(ns.threads)
     log = _log if rank == 0 else (lambda msg: None)
-    run = train_mod.Run(cfg, resume=saved, log=log, progress=rank == 0 and not ns.no_progress, init_state=init)
+    run = train_mod.Run(cfg, resume=saved, log=log, progress=rank == 0 and not ns.no_progress, init_state=init,
+                        resume_path=resumed)
     # held through the report; Run.fit takes it again; other ranks write nothing
     with runlock.locked(run.out) if rank == 0 else contextlib.nullcontext():
         if saved is None and rank == 0:
             _check_fresh(cfg.out, ns.force)  # again under the lock: a run may have started meanwhile
-        run.fit()
+        try:
+            run.fit()
+        except KeyboardInterrupt:
+            raise Interrupted(run.checkpoint_note(hint=True)) from None
         if ns.no_report or rank != 0:
             return 0
-        train_mod.final_report(run.model, run.bundle, run.report_loader, run.device, cfg.scheme,
-                               **train_mod.decompose_criterion(cfg.energy, cfg.threshold, cfg.target_speedup), out=run.out, log=_log)
+        try:
+            train_mod.final_report(run.model, run.bundle, run.report_loader, run.device, cfg.scheme,
+                                   **train_mod.decompose_criterion(cfg.energy, cfg.threshold, cfg.target_speedup),
+                                   out=run.out, log=_log)
+        except KeyboardInterrupt:
+            raise Interrupted(f"training finished: {run.ckpt_path} is kept; `trp report {run.ckpt_path}` writes "
+                              "the report") from None
     _log(f"total time {time.perf_counter() - start:.0f} s")
     return 0
 
 
 def _checkpoint_model(path, device="cpu"):
     saved = ckpt.load_checkpoint(path)
-    return saved, train_mod.model_from_checkpoint(saved, device)
+    return saved, train_mod.model_from_checkpoint(saved, device, path)
 
 
 def _check_deploy_args(ns):
@@ -287,7 +351,7 @@ def cmd_eval(ns):
     obj = storage.read_torch(ns.model_file)  # read once, verified by its own format's checksum
     if ckpt.is_checkpoint(obj):
         saved = ckpt.verify_checkpoint(obj, ns.model_file)
-        model = train_mod.model_from_checkpoint(saved, device)
+        model = train_mod.model_from_checkpoint(saved, device, ns.model_file)
         cfg = saved["config"]
         spec, size, subset, kind = ns.data or cfg["data"], ns.image_size or cfg.get("image_size"), \
             ns.subset or cfg.get("subset"), "dense checkpoint"
@@ -316,12 +380,14 @@ def cmd_report(ns):
         raise CLIError("--rank-multiple in `trp report` applies to the latency fit: add --fit-latency")
     if ns.out is not None:
         config.check_out_dir(ns.out)
+    out = ns.out or os.path.dirname(os.path.abspath(ns.checkpoint))
+    for name in train_mod.REPORT_FILES + ((LATENCY_FIT,) if ns.fit_latency is not None else ()):
+        storage.check_output_file(os.path.join(out, name))  # before any work, not after the report
     saved, model = _checkpoint_model(ns.checkpoint, device)
     cfg = saved["config"]
     scheme, crit = _deploy_args(ns, cfg)
     bundle = data_mod.load(cfg["data"], cfg.get("image_size"), cfg.get("subset"), seed=cfg.get("seed", 0))
     _, test_loader = data_mod.make_loaders(bundle, cfg.get("batch_size", 128), cfg.get("seed", 0))
-    out = ns.out or os.path.dirname(os.path.abspath(ns.checkpoint))
     _log(f"{ns.checkpoint}: {saved['arch'].get('name')} after {saved['epoch']} epochs on {bundle.name}")
     train_mod.final_report(model, bundle, test_loader, device, scheme, **crit, out=out, log=_log)
     if ns.fit_latency is not None:
@@ -329,7 +395,7 @@ def cmd_report(ns):
         dense = train_mod._cpu_copy(model)
         size = tuple(bundle.input_size)[-3:]
         fit = _deploy_fit(ns, decompose(dense, scheme, **crit, input_size=size), dense, size, report=True)
-        path = os.path.join(out, "latency_fit.json")
+        path = os.path.join(out, LATENCY_FIT)
         text = json.dumps(fit.to_dict(), indent=1)
         storage.atomic_write(path, lambda f: f.write(text.encode()))
         _log(f"wrote {path}")
@@ -357,11 +423,12 @@ def cmd_export(ns):
     from .decompose import decompose, factorized_layers
 
     _check_deploy_args(ns)
+    export.check_opset(ns.opset, ns.exporter)
     storage.check_output_file(ns.out)
     obj = storage.read_torch(ns.model_file)
     if ckpt.is_checkpoint(obj):
         saved = ckpt.verify_checkpoint(obj, ns.model_file)
-        dense = train_mod.model_from_checkpoint(saved, "cpu")
+        dense = train_mod.model_from_checkpoint(saved, "cpu", ns.model_file)
         scheme, crit = _deploy_args(ns, saved["config"])
         size = ns.image_size or _image_size(saved["config"])
         model = decompose(dense, scheme, **crit, input_size=(saved["arch"].get("in_channels", 3), size, size))
@@ -398,17 +465,40 @@ COMMANDS = {"train": cmd_train, "decompose": cmd_decompose, "eval": cmd_eval, "r
             "export": cmd_export}
 
 
-def main(argv=None):
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does (in the main thread, where signals are handled):
+    writes in progress are cleaned up and the command ends with `trp: interrupted`."""
     try:
-        ns = build_parser().parse_args(argv)
-        return COMMANDS[ns.command](ns)
-    except KeyboardInterrupt:
-        print("trp: interrupted (the last epoch's checkpoint is kept; continue with --resume)", file=sys.stderr)
-        return 130
-    except (CLIError, ValueError, OSError, ImportError, train_mod.TrainError, distributed.WorkerError) as exc:
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"trp: error: {msg}", file=sys.stderr)
-        return 2
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv=None):
+    with _sigterm_interrupts():
+        try:
+            ns = build_parser().parse_args(argv)
+            return COMMANDS[ns.command](ns)
+        except Interrupted as exc:
+            print(f"trp: interrupted ({exc})", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:
+            print("trp: interrupted", file=sys.stderr)
+            return 130
+        except (CLIError, ValueError, OSError, ImportError, train_mod.TrainError, distributed.WorkerError) as exc:
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"trp: error: {msg}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -94,10 +94,26 @@ def _int(low, high=math.inf):
     return lambda v, flag: checks.integer(v, flag, low, high)
 
 
-def option(default, flag, help, check=None, resume=False, **argparse_kw):
-    """A TrainConfig field. help may use {default}; resume=True: a resumed run may change it."""
+def _device_name(v, flag):
+    """A device name as a record may hold it (whether this machine has that device is the run's business)."""
+    _string(v, flag)
+    if v != "auto":
+        try:
+            kind = torch.device(v).type
+        except (RuntimeError, TypeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"{flag} must be cpu, cuda, cuda:N or auto, got {v!r}")
+
+
+def option(default, flag, help, check=None, resume=False, record_check=None, since_v2=False, **argparse_kw):
+    """A TrainConfig field. help may use {default}; resume=True: a resumed run may change it.
+    record_check: the rule for the value a checkpoint holds, when it differs from `check` (which may ask the
+    machine); since_v2: added after the first checkpoints of format 2, which lack it (it reads as default)."""
     return dataclasses.field(default=default, metadata={"flag": flag, "help": help, "check": check,
-                                                         "resume": resume, "argparse": argparse_kw})
+                                                         "resume": resume, "argparse": argparse_kw,
+                                                         "record_check": record_check or check,
+                                                         "since_v2": since_v2})
 
 
 # Defaults tuned for the embedded digits at 16x16 (make demo): a few minutes on a 2-core CPU; lr 0.05 rather
@@ -141,18 +157,19 @@ class TrainConfig:
     batch_size: int = option(64, "--batch-size", "default {default}", _int(1), metavar="N", type=positive_int)
     seed: int = option(0, "--seed", "default {default}", _int(0, SEED_LIMIT), metavar="N", type=int)
     device: str = option("cpu", "--device", "cpu (default), cuda, cuda:N or auto",
-                         lambda v, flag: resolve_device(v), resume=True, metavar="DEV")
+                         lambda v, flag: resolve_device(v), resume=True, record_check=_device_name, metavar="DEV")
     # execution options (a resumed run may change them: --nproc too, the checkpoint is the same on any count)
     nproc: int = option(1, "--nproc", "processes: N > 1 trains with DistributedDataParallel on N local "
                         "workers (gloo on the CPU, one GPU each with NCCL; --batch-size is the global batch). "
-                        "Under torchrun: its WORLD_SIZE (default 1)", _int(1), resume=True, metavar="N",
+                        "Under torchrun: its WORLD_SIZE (default 1)", _int(1), resume=True, since_v2=True, metavar="N",
                         type=positive_int)
     amp: str = option("off", "--amp", "mixed precision: off (default), bf16, or fp16 with loss scaling; the "
-                      "projection always runs in float32", _one_of(*AMP_MODES), resume=True, choices=AMP_MODES)
+                      "projection always runs in float32", _one_of(*AMP_MODES), resume=True, since_v2=True,
+                      choices=AMP_MODES)
     channels_last: bool = option(False, "--channels-last", "channels-last memory format for the model and its "
-                                 "inputs", _bool, resume=True, action="store_true")
+                                 "inputs", _bool, resume=True, since_v2=True, action="store_true")
     compile: bool = option(False, "--compile", "torch.compile the model for training (the pruner works on its "
-                           "parameters)", _bool, resume=True, action="store_true")
+                           "parameters)", _bool, resume=True, since_v2=True, action="store_true")
     workers: int = option(0, "--workers", "DataLoader worker processes (default 0)", _int(0), metavar="N",
                           type=int)
     threshold: float = option(None, "--threshold", "decompose at the end by this absolute singular-value "
@@ -160,13 +177,13 @@ class TrainConfig:
                               type=float)
     target_speedup: float = option(None, "--target-speedup", "steer the projections to this conv-MAC speed-up "
                                    "(ramped up over the first quarter of training) and decompose at it, instead "
-                                   "of --energy (e.g. 2.2)", _optional(check_target_speedup),
+                                   "of --energy (e.g. 2.2)", _optional(check_target_speedup), since_v2=True,
                                    metavar="S", type=float)
     deterministic: bool = option(False, "--deterministic", "deterministic algorithms, one CPU thread, seeded "
                                  "workers: a rerun on the same machine reproduces every number", _bool,
-                                 action="store_true")
+                                 since_v2=True, action="store_true")
     out: str = option("runs/trp", "--out", "run directory: checkpoint.pt, report.json, ranks.png, decomposed.pt "
-                      "(default {default})", check_out_dir, resume=True, metavar="DIR")
+                      "(default {default})", check_out_dir, resume=True, record_check=_string, metavar="DIR")
     # initial weights (a state_dict file such as a torchvision checkpoint, a trp checkpoint or model file):
     # TRP fine-tuning. Read and verified by the CLI before any work; unused on resume.
     init: str = option(None, "--init", "initial weights: a state_dict file (e.g. a torchvision checkpoint) or "
@@ -180,17 +197,56 @@ class TrainConfig:
             self.schedule = list(self.schedule)
         self.validate()
 
-    def validate(self):
-        """Every option against its rule, before any work: ValueError naming the option."""
+    def validate(self, record=False):
+        """Every option against its rule, before any work.
+
+        Args:
+            record: use the rules for a checkpoint's values (which do not ask whether this machine has the
+                device or the directory).
+
+        Raises:
+            ValueError: naming the option.
+        """
+        rule = "record_check" if record else "check"
         for f in dataclasses.fields(self):
-            if f.metadata["check"] is not None:
-                f.metadata["check"](getattr(self, f.name), f.metadata["flag"])
+            if f.metadata[rule] is not None:
+                f.metadata[rule](getattr(self, f.name), f.metadata["flag"])
         data_mod.check_options(self.data, self.image_size, self.subset)
         if self.target_speedup is not None and self.threshold is not None:
             raise ValueError("--target-speedup and --threshold are alternative decomposition criteria: give one")
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, d):
+        """The config a checkpoint holds, checked: a dict with every option (those added after the first
+        checkpoints of format 2 may be missing: their defaults), no unknown one, each valid by its record
+        rule.
+
+        Args:
+            d: the checkpoint's "config" record.
+
+        Returns:
+            The TrainConfig.
+
+        Raises:
+            ValueError: naming the missing, unknown or invalid option.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"must be a dict of options, got {type(d).__name__}")
+        missing = [f.name for f in FIELDS if f.name not in d and not f.metadata["since_v2"]]
+        unknown = [k for k in d if k not in DEFAULTS]
+        if missing or unknown:
+            raise ValueError(("lacks " + ", ".join(missing) if missing else "")
+                             + ("; " if missing and unknown else "")
+                             + ("has unknown options " + ", ".join(map(repr, unknown[:5])) + " (written by "
+                                "another trp?)" if unknown else ""))
+        cfg = object.__new__(cls)  # no __post_init__: a record's schedule is given, its checks are record rules
+        for f in FIELDS:
+            setattr(cfg, f.name, d.get(f.name, f.default))
+        cfg.validate(record=True)
+        return cfg
 
     @classmethod
     def from_dict(cls, d):
@@ -226,11 +282,20 @@ def resolve_config(explicit, preset=None):
     return TrainConfig(**{**DEFAULTS, **PRESETS.get(preset, {}), **explicit})
 
 
-def check_resume(saved, explicit):
-    """Rejects explicitly given options that contradict the checkpoint's run."""
+def check_resume(saved, explicit, what="--resume"):
+    """Rejects explicitly given options that contradict the checkpoint's run.
+
+    Args:
+        saved: the checkpoint's config.
+        explicit: {option: value} given on the command line.
+        what: the option and file, for the message.
+
+    Raises:
+        ValueError: naming the option and both values.
+    """
     for key in RESUME_FIXED:
         if key in explicit and explicit[key] != saved.get(key):
-            raise ValueError(f"--resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
+            raise ValueError(f"{what}: the checkpoint was trained with {key}={saved.get(key)!r}, "
                              f"not {explicit[key]!r}; drop the option or start a new run (--out)")
 
 

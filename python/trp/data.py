@@ -19,10 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import storage
+
 DATASETS = ("digits", "cifar10:DIR", "imagefolder:DIR")
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MAX_IMAGE_SIZE = 1024  # input side bound: above any classification resolution in use
+MAX_DIGITS_SIZE = 64  # the digits are 8x8 scans: 8x upsampled at most (1,797 images of 3 x 64 x 64: 88 MB)
 
 
 class DataError(ValueError):
@@ -99,11 +103,26 @@ def _positive(value):
 
 
 def check_options(spec, image_size=None, subset=None):
-    """(kind, path) of `spec` if it, the image size and the subset size are valid; DataError otherwise.
-    Reads no files: the checks that `trp train` makes before any work."""
+    """The checks of the data options that `trp train` makes before any work (it reads no files). Image
+    sides are bounded (MAX_IMAGE_SIZE; digits, 8x8 scans: MAX_DIGITS_SIZE), so that no option or checkpoint
+    can make the data take more memory than a real run needs.
+
+    Args:
+        spec: the data set ("digits", "cifar10:DIR", "imagefolder:DIR").
+        image_size: None or the input side.
+        subset: None or the number of samples.
+
+    Returns:
+        (kind, path) of spec.
+
+    Raises:
+        DataError: an unknown spec or an invalid size, naming the valid ones.
+    """
     kind, path = parse_spec(spec)
-    if image_size is not None and not (_positive(image_size) and image_size >= 4):
-        raise DataError(f"image size must be an int >= 4, got {image_size!r}")
+    high = MAX_DIGITS_SIZE if kind == "digits" else MAX_IMAGE_SIZE
+    if image_size is not None and not (_positive(image_size) and 4 <= image_size <= high):
+        raise DataError(f"image size must be an int in [4, {high}]{' for digits' if kind == 'digits' else ''}, "
+                        f"got {image_size!r}")
     if kind == "cifar10" and image_size not in (None, 32):
         raise DataError("CIFAR-10 images are 32x32; drop --image-size")
     if subset is not None and not _positive(subset):
@@ -169,7 +188,7 @@ class _BatchUnpickler(pickle.Unpickler):
 
 def _read_batch(path):
     try:
-        with open(path, "rb") as f:
+        with storage.open_regular(path) as f:  # a FIFO or a device is refused, not waited on
             obj = _BatchUnpickler(f, encoding="bytes").load()
     except Exception as exc:
         raise DataError(f"{path}: not a CIFAR-10 python batch file ({type(exc).__name__}: {exc})") from None
@@ -240,8 +259,11 @@ def load_imagefolder(root, image_size=224):
         raise DataError(f"imagefolder {root}: {exc} (expected train/<class>/<images> and val/<class>/...)") \
             from None
     if train.classes != val.classes:
-        raise DataError(f"imagefolder {root}: train/ and val/ have different class folders "
-                        f"({len(train.classes)} vs {len(val.classes)})")
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        parts = [f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''} only in {split}/"
+                 for names, split in ((only_train, "train"), (only_val, "val")) if names]
+        raise DataError(f"imagefolder {root}: train/ and val/ have different class folders ({'; '.join(parts)})")
     return DataBundle("imagefolder", train, val, len(train.classes), 3, image_size, list(train.classes))
 
 
@@ -271,5 +293,6 @@ def make_loaders(bundle, batch_size, seed=0, workers=0, rank=0, world_size=1):
     return train, test
 
 
-__all__ = ["DATASETS", "DataBundle", "DataError", "load", "parse_spec", "check_options", "load_digits", "load_cifar10",
+__all__ = ["DATASETS", "MAX_IMAGE_SIZE", "MAX_DIGITS_SIZE",
+           "DataBundle", "DataError", "load", "parse_spec", "check_options", "load_digits", "load_cifar10",
            "load_imagefolder", "make_loaders"]

@@ -3,8 +3,10 @@ import copy
 import re
 import warnings
 
+import torch
 import torch.nn as nn
 
+from . import checks
 from . import rank as rank_rules
 from . import transformer
 from .flops import count_macs
@@ -79,6 +81,11 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     selected = selection.targets
     skipped = {n: ("not in the rank= map" if why == NOT_NAMED and isinstance(rank, dict) else why)
                for n, why in selection.skipped.items()}
+    checks.materialized(model, "trp.decompose")
+    for t in selected:  # before any SVD: a NaN weight is named, not a linalg error
+        if not bool(torch.isfinite(t.read()).all()):
+            raise ValueError(f"trp.decompose: layer {t.name!r} has NaN or infinite weights (a diverged or "
+                             "damaged model)")
     budget = None
     if target_speedup is not None:
         if energy is not None or threshold is not None or rank is not None:

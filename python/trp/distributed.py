@@ -18,11 +18,18 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import shutil
+import signal
+import stat
 import tempfile
+import threading
+import time
 
 import torch
 import torch.distributed as dist
+
+from . import storage
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "TRP_DIST_TIMEOUT"
@@ -246,6 +253,45 @@ def torchrun_world():
     return World(rank, size, local)
 
 
+def usable_cpus():
+    """The number of CPU cores this process may run on (its affinity where the OS tells, else the
+    machine's).
+
+    Returns:
+        An int >= 1.
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_nproc(nproc, device, source=""):
+    """Checks that `nproc` local workers fit this machine: one GPU each on CUDA, at most one per usable CPU
+    core (usable_cpus) on the CPU.
+
+    Args:
+        nproc: the number of workers.
+        device: the workers' device (type cpu or cuda).
+        source: where the count came from, for the message (e.g. " (from the checkpoint PATH)").
+
+    Returns:
+        nproc.
+
+    Raises:
+        ValueError: too many workers for this machine, with the bound.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        have, what = torch.cuda.device_count(), "GPUs visible"
+    else:
+        have, what = usable_cpus(), "CPU cores this process may use"
+    if nproc > have:
+        raise ValueError(f"--nproc {nproc}{source} is more workers than the {have} {what}: give --nproc {have} "
+                         "or fewer")
+    return nproc
+
+
 def worker_device(device, local_rank, nproc):
     """A worker's device: CUDA workers take one GPU each (cuda:LOCAL_RANK)."""
     device = torch.device(device)
@@ -284,27 +330,117 @@ class WorkerError(RuntimeError):
     """A worker process failed: the message is the worker's error (or how it died)."""
 
 
+PARENT_POLL_S = 1.0
+
+
+def _exit_with_parent(parent):
+    """A worker's watchdog: SIGTERM to itself once the parent that spawned it is gone (killed with SIGKILL,
+    it could not stop its workers), so that no orphan goes on training."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+_INTERRUPTED = "interrupted"  # what an interrupted worker reports
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _worker_main(index, fn, args, nproc, init_method, errors):
     world = World(index, nproc, index)
+    # SIGTERM (from the parent's stop, or the watchdog) ends the worker through its exception path, so that
+    # writes in progress are cleaned up and its resources released, as on Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         fn(world, init_method, *args)
     except BaseException as exc:  # report the worker's own one-line error to the parent
         msg = " ".join(str(exc).split()) or type(exc).__name__
-        if not (isinstance(exc, (ValueError, OSError)) or type(exc).__module__.startswith("trp")):
+        if isinstance(exc, KeyboardInterrupt):
+            msg = _INTERRUPTED
+        elif not (isinstance(exc, (ValueError, OSError)) or type(exc).__module__.startswith("trp")):
             msg = f"{type(exc).__name__}: {msg}"  # not one of trp's own messages: say what it is
-        errors.put((index, msg))
+        with contextlib.suppress(OSError):  # the parent may be gone
+            errors.put((index, msg))
         raise SystemExit(2) from None
 
 
-def spawn(fn, nproc, *args):
+RENDEZVOUS_PREFIX = ".trp-rendezvous-"
+_RENDEZVOUS = re.compile(re.escape(RENDEZVOUS_PREFIX) + r"(?P<pid>\d+)-[A-Za-z0-9_]+")
+
+
+def clean_stale_rendezvous(directory):
+    """Removes the rendezvous directories that `spawn` parents killed without a chance to clean up
+    (SIGKILL) left in `directory`: this user's, whose parent's PID is gone; never a link.
+
+    Args:
+        directory: where spawn made them (its workdir).
+
+    Returns:
+        The names of the removed directories.
+    """
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _RENDEZVOUS.fullmatch(name)
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path) if m is not None else None
+            if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() \
+                    or storage.writer_alive(int(m["pid"])):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def _stop(procs, grace_s=5.0):
+    """Terminates the workers still running (SIGTERM, then SIGKILL after grace_s) and reaps them."""
+    for p in procs.processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs.processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def spawn(fn, nproc, *args, workdir=None):
     """Runs fn(world, init_method, *args) in `nproc` fresh local processes (rank = local rank = index)
-    that rendezvous through a file. Returns when all succeed; as soon as one fails or dies the others are
-    terminated and WorkerError says which and why."""
+    that rendezvous through a file in a fresh private directory `.trp-rendezvous-PID-XXXX` of `workdir`
+    (default: the temporary directory), removed at the end; ones left by a killed parent are removed at the
+    next start. Returns when all succeed; as soon as one fails or dies the others are terminated and
+    WorkerError says which and why. An exception in this process (KeyboardInterrupt: Ctrl-C, or SIGTERM
+    made one) terminates the workers and propagates. Workers whose parent dies (SIGKILL) stop themselves.
+
+    Args:
+        fn: fn(world, init_method, *args) runs in every worker.
+        nproc: the number of workers.
+        *args: passed to fn (picklable).
+        workdir: the directory of the rendezvous directory (default: the temporary directory).
+
+    Raises:
+        WorkerError: a worker failed or died.
+        KeyboardInterrupt: this process or a worker was interrupted; all workers are stopped.
+    """
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    tmp = tempfile.mkdtemp(prefix="trp-rendezvous-")
+    workdir = os.path.abspath(workdir or tempfile.gettempdir())
+    os.makedirs(workdir, exist_ok=True)
+    clean_stale_rendezvous(workdir)
+    tmp = tempfile.mkdtemp(prefix=f"{RENDEZVOUS_PREFIX}{os.getpid()}-", dir=workdir)  # mode 0700, never a link
+    procs = None
     try:
         procs = mp.start_processes(_worker_main, args=(fn, args, nproc, f"file://{tmp}/rendezvous", errors),
                                    nprocs=nproc, join=False, start_method="spawn")
@@ -317,15 +453,22 @@ def spawn(fn, nproc, *args):
                 index, msg = errors.get()
                 reported.setdefault(index, msg)
             index = exc.error_index
+            if reported.get(index) == _INTERRUPTED:  # Ctrl-C reached the workers first
+                raise KeyboardInterrupt from None
             if index not in reported:  # killed, or died without a word: that is the cause
                 raise WorkerError(f"worker {index} of {nproc} died ({' '.join(str(exc).split())}); all "
                                   "workers were stopped") from None
             raise WorkerError(f"worker {index} of {nproc} failed: {reported[index]}") from None
+    except BaseException:
+        if procs is not None:
+            _stop(procs)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["unwrap", "active_group", "current", "all_gather_objects", "projection_cost", "split_heavy", "assign",
            "Sharding", "make_sharding", "all_reduce_sum", "all_true", "broadcast_buffers", "World", "timeout",
-           "torchrun_world", "worker_device", "backend_for", "process_group", "WorkerError", "spawn",
+           "torchrun_world", "worker_device", "check_nproc", "usable_cpus", "clean_stale_rendezvous",
+           "backend_for", "process_group", "WorkerError", "spawn",
            "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV"]

@@ -39,6 +39,46 @@ def check_exporter(exporter):
     return exporter
 
 
+def opset_range(exporter):
+    """The ONNX opsets an exporter writes: the TorchScript-based one 7..its maximum, dynamo 18 (the opset it
+    exports at; lower ones would go through a converter that may fail or fall back) .. the maximum of this
+    torch.
+
+    Args:
+        exporter: "dynamo" or "torchscript".
+
+    Returns:
+        (lowest, highest).
+
+    Raises:
+        ValueError: an unknown exporter.
+    """
+    constants = getattr(torch.onnx, "_constants", None)
+    top = getattr(constants, "ONNX_MAX_OPSET", 20)
+    if check_exporter(exporter) == "torchscript":
+        return 7, getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", min(top, 20))
+    return 18, top
+
+
+def check_opset(opset, exporter="dynamo"):
+    """Checks, before any export, that the exporter writes `opset` (opset_range).
+
+    Args:
+        opset: the ONNX opset version.
+        exporter: "dynamo" or "torchscript".
+
+    Returns:
+        opset.
+
+    Raises:
+        ValueError: not an int in the exporter's range (the message gives it), or an unknown exporter.
+    """
+    low, high = opset_range(exporter)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise ValueError(f"opset must be an int in [{low}, {high}] for the {exporter} exporter, got {opset!r}")
+    return opset
+
+
 def _cpu_eval_copy(model):
     """A float32 CPU copy in eval mode: what is exported (the caller's model is not touched)."""
     return copy.deepcopy(model).cpu().float().eval()
@@ -168,6 +208,7 @@ def module_bytes(module, x, exporter="dynamo", dynamic_batch=False, opset=18):
         ValueError: a bad exporter or dynamic_batch, a model that does not run on x or returns non-tensors.
     """
     check_exporter(exporter)
+    check_opset(opset, exporter)
     if not isinstance(dynamic_batch, bool):
         raise ValueError(f"dynamic_batch must be a bool, got {dynamic_batch!r}")
     m, x = _cpu_eval_copy(module), x.detach().cpu().float()
@@ -383,6 +424,6 @@ def available_exporters():
         return ["torchscript"]
 
 
-__all__ = ["export_onnx", "onnx_bytes", "module_bytes", "output_leaves", "output_names", "fast_exporter", "verify",
-           "session", "ort_runner", "ort_latency", "compare_ort", "interleaved", "EXPORTERS", "onnxruntime_available",
-           "available_exporters"]
+__all__ = ["export_onnx", "check_opset", "opset_range", "onnx_bytes", "module_bytes", "output_leaves",
+           "output_names", "fast_exporter", "verify", "session", "ort_runner", "ort_latency", "compare_ort",
+           "interleaved", "EXPORTERS", "onnxruntime_available", "available_exporters"]

@@ -18,7 +18,7 @@ from torch.utils import flop_counter
 
 import trp_kernels  # noqa: F401  (registers the torch.ops.trp_kernels ops)
 
-from . import attention_macs, eligibility
+from . import attention_macs, checks, eligibility
 from .modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
 
 
@@ -33,9 +33,21 @@ def _input_shape(input_size):
 
 def _probe_input(model, shape):
     """A zero input of `shape` on the model's device, in its parameters' floating dtype."""
+    checks.materialized(model, "input_size")
     param = next(model.parameters(), None)
     return torch.zeros(shape, device=param.device if param is not None else "cpu",
                        dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+
+
+def _forward(model, x):
+    """model(x); an error of the forward itself (an input of the wrong channel count or size) is a
+    ValueError that names the input size."""
+    try:
+        return model(x)
+    except RuntimeError as exc:
+        text = str(exc).strip()
+        raise ValueError(f"an input of size {tuple(x.shape)} does not run through the model (check input_size): "
+                         f"{text.splitlines()[0] if text else type(exc).__name__}") from None
 
 
 def io_shapes(model, layers, input_size):
@@ -55,7 +67,7 @@ def io_shapes(model, layers, input_size):
     try:
         model.eval()
         with torch.no_grad():
-            model(_probe_input(model, shape))
+            _forward(model, _probe_input(model, shape))
     finally:
         model.train(was_training)
         for h in handles:
@@ -125,7 +137,7 @@ def macs_by_layer(model, input_size, linear=False, attention=False):
     try:
         model.eval()
         with torch.no_grad():
-            model(x)
+            _forward(model, x)
     finally:
         model.train(was_training)
         for h in handles:
@@ -175,7 +187,7 @@ def count_flops(model, input_size):
     try:
         model.eval()
         with torch.no_grad(), flop_counter.FlopCounterMode(display=False) as counter:
-            model(x)
+            _forward(model, x)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
@@ -194,7 +206,23 @@ def count_params(model, trainable_only=False):
 
 def measure_latency(model, input_size, warmup=10, repeats=50, device=None):
     """Median wall-clock seconds of one forward pass (eval mode, no_grad) on `device` (default: the
-    model's). CUDA is timed with CUDA events after a synchronize; CPU with perf_counter."""
+    model's), after one unmeasured call (whose errors name the input size) and `warmup` more. CUDA is timed
+    with CUDA events after a synchronize; CPU with perf_counter.
+
+    Args:
+        model: the nn.Module.
+        input_size: (C, H, W) or (N, C, H, W).
+        warmup: unmeasured calls before timing.
+        repeats: timed calls.
+        device: where to time (default: the model's; it must be there).
+
+    Returns:
+        The median seconds per call.
+
+    Raises:
+        ValueError: bad arguments, a model on another device or on the meta device, or an input size that
+            does not run through the model.
+    """
     shape = _input_shape(input_size)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
@@ -206,12 +234,14 @@ def measure_latency(model, input_size, warmup=10, repeats=50, device=None):
     if param is not None and param.device != device:
         raise ValueError(f"the model is on {param.device}, not on device={device}; move it first")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    checks.materialized(model, "measure_latency")
     x = torch.randn(shape, device=device, dtype=dtype)
     was_training = model.training
     times = []
     try:
         model.eval()
         with torch.no_grad():
+            _forward(model, x)  # one more warm-up call, whose errors name the input size
             for _ in range(warmup):
                 model(x)
             if device.type == "cuda":

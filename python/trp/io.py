@@ -16,10 +16,10 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import eligibility, models
+from . import checks, eligibility, models, records
 from .checkpoint import load_weights
 from .integrity import digest
-from .modules import FACTORIZED, FACTORIZED_TYPES
+from .modules import FACTORIZED, FACTORIZED_TYPES, conv_padding4
 from .storage import atomic_save, read_torch
 from .transformer import prepare_hosts
 
@@ -87,8 +87,16 @@ def save(model, path):
         model: the nn.Module. Its architecture is recorded when trp.load can rebuild it by name (arch_record:
             trp.models.build, torchvision, timm); its class name and every module's train/eval flag are
             recorded as well.
-        path: the file to write.
+        path: the file to write (absent or a regular file).
+
+    Raises:
+        TypeError: `model` is not an nn.Module.
+        ValueError: its weights are on the meta device (hold no data).
+        IsADirectoryError, storage.NotRegularFile, storage.WriteError: see storage.atomic_write.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trp.save: model must be an nn.Module, got {type(model).__name__}")
+    checks.materialized(model, "trp.save")
     layers = {n: m.config() for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)}
     sd = model.state_dict()
     state_dict = {k: v.detach().cpu() for k, v in sd.items()}
@@ -120,7 +128,7 @@ def verify_model_file(payload, path):
         raise ValueError(f"{path} is damaged: its state_dict holds non-tensors")
     if payload.get("sha256") != digest(_header(payload), payload["state_dict"]):
         raise ValueError(f"{path}: corrupted: its contents do not match the checksum written by trp.save")
-    return payload
+    return records.check_model_file(payload, path)  # sealed is not trustworthy: every field, every size
 
 
 def model_state_dict(payload):
@@ -152,9 +160,11 @@ def _install_layers(model, layers, path):
             ok = isinstance(layer, nn.Linear) and (layer.in_features, layer.out_features) == (
                 cfg["in_features"], cfg["out_features"])
         else:
-            ok = isinstance(layer, nn.Conv2d) and (layer.in_channels, layer.out_channels,
-                                                   tuple(layer.kernel_size), layer.groups) == (
-                cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), cfg.get("groups", 1))
+            ok = isinstance(layer, nn.Conv2d) and (  # the geometry too: it does not show in the tensors
+                layer.in_channels, layer.out_channels, tuple(layer.kernel_size), layer.groups, tuple(layer.stride),
+                tuple(layer.dilation), tuple(conv_padding4(layer))) == (
+                cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), cfg.get("groups", 1),
+                tuple(cfg["stride"]), tuple(cfg["dilation"]), tuple(cfg["padding"]))
         if not ok:
             raise ValueError(f"trp.load: {path} was saved from another architecture: its layer {name!r} "
                              f"({kind}, {cfg}) does not fit the model's {dense!r}")
@@ -203,7 +213,27 @@ def _restore_modes(model, payload):
 
 
 def from_payload(payload, path, base=None):
-    """The model of a verified trp.save payload (see load)."""
+    """The model of a verified trp.save payload (see load). Without base, it is first built on the meta
+    device and matched with the file's tensors (records.dry_run): nothing is allocated for a record whose
+    sizes are not those of its tensors.
+
+    Args:
+        payload: the file's content (verify_model_file).
+        path: the file, for messages.
+        base: None, or the dense nn.Module to copy and factorize (it is not modified).
+
+    Returns:
+        The model.
+
+    Raises:
+        ValueError: the record does not build, or does not fit its tensors or `base` (naming the file).
+    """
+    if base is None:
+        records.dry_run(lambda: _from_payload(payload, path), payload["state_dict"], path)
+    return _from_payload(payload, path, base)
+
+
+def _from_payload(payload, path, base=None):
     arch = payload.get("arch")
     if base is None:
         if arch is None:

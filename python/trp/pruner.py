@@ -94,6 +94,8 @@ class RankPruner:
         _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank)
         pg = distributed.active_group(process_group)
         model = distributed.unwrap(model)
+        if isinstance(model, torch.nn.Module):
+            checks.materialized(model, "RankPruner")
         self.scheme, self.energy, self.period = scheme, float(energy), period
         self.nuclear, self.nuclear_every, self.max_rank = float(nuclear), nuclear_every, max_rank
         selection = plan_layers(model, scheme, layers, exclude)

@@ -16,12 +16,13 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import data as data_mod
-from . import distributed, models, runlock, storage
+from . import distributed, models, records, runlock, storage
 from .config import (DEFAULTS, PRESETS, RESUME_FIXED, SEED_LIMIT, TrainConfig, check_resume,  # noqa: F401
                      resolve_config, resolve_device)
 
 CHECKPOINT = "checkpoint.pt"
-RUN_FILES = (CHECKPOINT, "decomposed.pt", "report.json", "ranks.png")  # what a run writes into --out
+REPORT_FILES = ("decomposed.pt", "report.json", "ranks.png")  # what final_report writes into its directory
+RUN_FILES = (CHECKPOINT,) + REPORT_FILES  # what a run writes into --out
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -59,10 +60,27 @@ def _mean_rank(pruner):
 class Run:
     """One training run: data, model, optimizer, scheduler, pruner and their checkpointing."""
 
-    def __init__(self, cfg, resume=None, log=print, progress=True, init_state=None):
-        """resume: a checkpoint path or an already verified checkpoint dict. init_state: cfg.init already
-        read (read_initial_weights), so that a caller can check the file before anything else."""
+    def __init__(self, cfg, resume=None, log=print, progress=True, init_state=None, resume_path=None):
+        """Builds the run: data, model (with --init weights or the resumed state), optimizer, pruner.
+
+        Args:
+            cfg: the TrainConfig.
+            resume: None, a checkpoint path or an already verified checkpoint dict.
+            log: log(message) for the progress lines.
+            progress: show a progress bar.
+            init_state: cfg.init already read (read_initial_weights), so that a caller can check the file
+                before anything else.
+            resume_path: the file a `resume` dict was read from, for messages.
+
+        Raises:
+            ValueError: the checkpoint or the --init weights do not fit this run, or the data give no
+                training batch (data.DataError), with what differs.
+        """
         self.cfg, self.log, self.progress = cfg, log, progress
+        if resume_path is None and isinstance(resume, (str, os.PathLike)):
+            resume_path = resume
+        self.resume_path = resume_path
+        self.resume_what = "--resume" + (f" {resume_path}" if resume_path is not None else "")
         self.world = distributed.current()  # None: a single process
         self.rank = self.world.rank if self.world else 0
         self.device = resolve_device(cfg.device)
@@ -73,9 +91,9 @@ class Run:
         saved = None
         if resume is not None:
             saved = resume if isinstance(resume, dict) else ckpt.load_checkpoint(resume)
-            check_resume(saved["config"], {k: getattr(cfg, k) for k in RESUME_FIXED})
+            check_resume(saved["config"], {k: getattr(cfg, k) for k in RESUME_FIXED}, self.resume_what)
             if cfg.epochs < saved["epoch"]:
-                raise ValueError(f"--resume: the checkpoint already has {saved['epoch']} epochs; "
+                raise ValueError(f"{self.resume_what}: the checkpoint already has {saved['epoch']} epochs; "
                                  f"--epochs {cfg.epochs} would go back")
         elif cfg.init is not None and init_state is None:
             init_state = read_initial_weights(cfg.init)
@@ -103,10 +121,18 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.schedule, cfg.lr_decay)
         self.train_loader, self.test_loader = data_mod.make_loaders(
             self.bundle, cfg.batch_size, cfg.seed, cfg.workers, self.rank, self.world.world_size if self.world else 1)
+        if len(self.train_loader) == 0:  # a last batch of one sample is dropped (BatchNorm): none may be left
+            world, n = self.world.world_size if self.world else 1, len(self.bundle.train)
+            spread, each = (f" over {world} processes", " per process") if world > 1 else ("", "")
+            fix = f"--subset {2 * world} or more" if cfg.subset is not None else "more data"
+            raise data_mod.DataError(f"the training data ({n} sample{'s' if n != 1 else ''}{spread}) give no "
+                                     f"batch of two or more samples{each}: use {fix}")
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         if cfg.deterministic:  # numpy / random in workers too (torch's are seeded by the loaders' generators)
             self.train_loader.worker_init_fn = self.test_loader.worker_init_fn = _seed_worker
         self.epoch, self.history = 0, []
+        self.saved_epoch = self.resumed_epoch = None  # the epochs of the checkpoints written / resumed from
+        self._saving = None  # (epoch, file id before) of the checkpoint being written
         if saved is not None:
             self._restore(saved)
         self.net = self._training_module()
@@ -130,24 +156,28 @@ class Run:
 
     def _restore(self, saved):
         if saved["arch"] != self.model.trp_arch:
-            raise ValueError(f"--resume: checkpoint of architecture {saved['arch']}, this run builds "
+            raise ValueError(f"{self.resume_what}: checkpoint of architecture {saved['arch']}, this run builds "
                              f"{self.model.trp_arch}")
-        ckpt.load_weights(self.model, saved["model"], "--resume: checkpoint does not fit this run")
+        ckpt.load_weights(self.model, saved["model"], f"{self.resume_what}: checkpoint does not fit this run")
         try:
             self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
             if self.pruner is not None:
                 self.pruner.load_state_dict(saved["pruner"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise ckpt.CheckpointError(f"--resume: checkpoint does not fit this run: "
-                                       f"{str(exc).splitlines()[0]}") from None
-        if self.scaler is not None and saved.get("scaler"):
-            self.scaler.load_state_dict(saved["scaler"])
-        # each rank's own RNG streams when the process count is the same; else rank 0's, ranks > 0 reseeded
-        per_rank = saved.get("rng_ranks") or []
-        same = self.world is not None and len(per_rank) == self.world.world_size
-        ckpt.set_rng_state(per_rank[self.rank] if same else saved["rng"], self.train_loader.generator)
+            _check_scheduler(saved["scheduler"], self.scheduler.state_dict())
+            self.scheduler.load_state_dict(saved["scheduler"])
+            if self.scaler is not None and saved.get("scaler"):
+                self.scaler.load_state_dict(saved["scaler"])
+            # each rank's own RNG streams when the process count is the same; else rank 0's, ranks > 0
+            # reseeded
+            per_rank = saved.get("rng_ranks") or []
+            same = self.world is not None and len(per_rank) == self.world.world_size
+            ckpt.set_rng_state(per_rank[self.rank] if same else saved["rng"], self.train_loader.generator)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            text = str(exc).strip()
+            raise ckpt.CheckpointError(f"{self.resume_what}: checkpoint does not fit this run: "
+                                       f"{text.splitlines()[0] if text else type(exc).__name__}") from None
         self.epoch, self.history = int(saved["epoch"]), list(saved.get("history", []))
+        self.resumed_epoch = self.epoch
         if self.rank and not same:
             _seed_everything((self.cfg.seed + self.epoch + self.rank) % SEED_LIMIT)
 
@@ -224,10 +254,30 @@ class Run:
             loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], self.device)
         return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
 
+    def checkpoint_note(self, hint=False):
+        """What the run leaves to continue from: the last checkpoint it wrote (also when interrupted just
+        after the rename that put it in place), else the one it resumed from.
+
+        Args:
+            hint: add "; continue with --resume" when there is a checkpoint to continue from.
+
+        Returns:
+            One clause for a message.
+        """
+        saved = self.saved_epoch
+        if self._saving is not None and self._saving[0] != saved and _file_id(self.ckpt_path) != self._saving[1]:
+            saved = self._saving[0]  # interrupted after the rename that put the new checkpoint in place
+        more = "; continue with --resume" if hint else ""
+        if saved is not None:
+            return f"the last good checkpoint ({self.ckpt_path}, epoch {saved}) is untouched{more}"
+        if self.resumed_epoch is not None:
+            source = f" ({self.resume_path}, epoch {self.resumed_epoch})" if self.resume_path is not None else \
+                f" (epoch {self.resumed_epoch})"
+            return f"no checkpoint was written; the checkpoint it resumed from{source} is untouched{more}"
+        return "no checkpoint was written"
+
     def _diverged(self, what):
-        where = (f"the last good checkpoint ({self.ckpt_path}, epoch {self.epoch}) is untouched"
-                 if self.epoch > 0 else "no checkpoint was written")
-        return TrainError(f"training diverged: {what}; {where}; try a lower --lr")
+        return TrainError(f"training diverged: {what}; {self.checkpoint_note()}; try a lower --lr")
 
     def fit(self, on_epoch_end=None):
         """Trains up to cfg.epochs, holding the run directory's lock (runlock) throughout."""
@@ -268,7 +318,9 @@ class Run:
                                  **({"speedup": speedup} if speedup is not None else {})})
             state = self.state()
             if self.rank == 0:
+                self._saving = (self.epoch, _file_id(self.ckpt_path))
                 ckpt.save_checkpoint(state, self.ckpt_path)
+            self.saved_epoch = self.epoch
             self.log(f"epoch {self.epoch:3d}/{cfg.epochs}  loss {loss:.4f}  train {train_acc:6.2f}%  "
                      f"test {test_acc:6.2f}%" + (f"  mean rank {rank:5.1f}" if rank is not None else "")
                      + (f"  speed-up {speedup:.2f}x" if speedup is not None else "")
@@ -278,9 +330,43 @@ class Run:
         return self
 
 
+def _file_id(path):
+    """(device, inode) of `path`, None when absent: an atomic write gives the file a new one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_scheduler(saved, fresh):
+    """A scheduler state has the keys and value types of this run's scheduler (its load_state_dict would
+    take any attribute)."""
+    if set(saved) != set(fresh):
+        raise ValueError(f"scheduler state keys {sorted(saved)} are not {sorted(fresh)}")
+    for k, v in fresh.items():
+        if v is not None and not isinstance(saved[k], type(v)) and not (
+                isinstance(v, (int, float)) and isinstance(saved[k], (int, float)) and not isinstance(saved[k], bool)):
+            raise ValueError(f"scheduler {k} must be a {type(v).__name__}, got {type(saved[k]).__name__}")
+    if any(not isinstance(m, int) or isinstance(m, bool) for m in saved.get("milestones", {})):
+        raise ValueError("scheduler milestones must be epoch numbers")
+
+
 def read_initial_weights(path):
     """The state_dict that --init names: a trp checkpoint's or trp.save file's (both verified against
-    their checksums), or a plain state_dict file (e.g. torchvision's; {"state_dict": ...} too)."""
+    their checksums and checked field by field), or a plain state_dict file (e.g. torchvision's;
+    {"state_dict": ...} too) of finite tensors.
+
+    Args:
+        path: the file.
+
+    Returns:
+        {name: tensor}.
+
+    Raises:
+        checkpoint.CheckpointError: not a state_dict, damaged, or holding NaN / infinite values.
+        OSError: the file cannot be read (missing, a directory, a FIFO...).
+    """
     from . import io
     obj = storage.read_torch(path)
     if ckpt.is_checkpoint(obj):
@@ -293,6 +379,10 @@ def read_initial_weights(path):
         state = obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ckpt.CheckpointError(f"--init {path}: not a state_dict (a dict of tensors)")
+    try:
+        records.tensors(state, path, "state_dict")  # NaN / inf weights: the file is bad, not the run
+    except records.RecordError as exc:
+        raise ckpt.CheckpointError(f"--init {exc}") from None
     return state
 
 
@@ -434,15 +524,39 @@ def _json_default(obj):
     return str(obj)
 
 
-def model_from_checkpoint(saved, device="cpu"):
-    """The dense model of a (verified) training checkpoint, on `device`."""
-    what = f"checkpoint's weights do not fit its architecture {saved.get('arch')}"
+def model_from_checkpoint(saved, device="cpu", path="checkpoint"):
+    """The dense model of a (verified) training checkpoint, first built on the meta device and matched with
+    the checkpoint's weights (records.dry_run), so that nothing is allocated for an architecture record
+    whose sizes are not those of its weights.
+
+    Args:
+        saved: the checkpoint (checkpoint.load_checkpoint / verify_checkpoint).
+        device: where the model goes.
+        path: the file it was read from, for messages.
+
+    Returns:
+        The model, on `device`.
+
+    Raises:
+        checkpoint.CheckpointError: the architecture record does not build or does not fit the weights.
+    """
+    what = f"{path}: the checkpoint's weights do not fit its architecture {saved.get('arch')}"
+
+    def build(meta=False):
+        try:
+            model = models.build_from_arch(saved["arch"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"{what}: {exc}") from None
+        return ckpt.load_weights(model, saved["model"], what, assign=meta)
+
     try:
-        model = models.build_from_arch(saved["arch"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ckpt.CheckpointError(f"{what}: {exc}") from None
-    return ckpt.load_weights(model, saved["model"], what).to(device)
+        records.check_arch(saved["arch"], saved["model"], path)
+        records.dry_run(lambda: build(meta=True), saved["model"], path)
+    except records.RecordError as exc:
+        raise ckpt.CheckpointError(str(exc)) from None
+    return build().to(device)
 
 
 __all__ = ["DEFAULTS", "PRESETS", "TrainConfig", "TrainError", "Run", "resolve_config", "resolve_device",
-           "evaluate", "decompose_criterion", "final_report", "model_from_checkpoint", "read_initial_weights", "CHECKPOINT"]
+           "evaluate", "decompose_criterion", "final_report", "model_from_checkpoint", "read_initial_weights",
+           "CHECKPOINT", "REPORT_FILES", "RUN_FILES"]
