@@ -19,7 +19,8 @@ from torch.utils._pytree import tree_leaves
 
 import trp
 from trp import checkpoint as ckpt
-from trp import cli, export, integrity
+from trp import cli, export
+from trp import io as trp_io
 from trp import train as train_mod
 
 from cli_helpers import TINY, run_cli
@@ -62,8 +63,7 @@ def seal_model_file(payload, path):
     """Writes a trp.save payload sealed as trp.save seals it (whatever it holds)."""
     payload = dict(payload)
     try:
-        payload["sha256"] = integrity.digest((payload.get("arch"), payload["layers"], payload.get("metadata")),
-                                             payload["state_dict"])
+        trp_io.seal(payload)
     except Exception:  # a record too broken to seal: the loaders must still refuse it cleanly
         payload["sha256"] = "0" * 64
     torch.save(payload, path)

@@ -104,8 +104,14 @@ def save(model, path):
     info = {"class": class_name(model), "training": {n: m.training for n, m in model.named_modules()}}
     payload = {"format": FORMAT, "version": VERSION, "arch": arch_record(model, layers), "layers": layers,
                "state_dict": state_dict, "metadata": metadata, "model": info}
-    payload["sha256"] = digest(_header(payload), state_dict)
-    atomic_save(payload, os.fspath(path))
+    atomic_save(seal(payload), os.fspath(path))
+
+
+def seal(payload):
+    """Sets payload["sha256"], the seal trp.save writes and trp.load checks, over the payload's records and
+    tensors (the records that its format version covers); returns the payload."""
+    payload["sha256"] = digest(_header(payload), payload["state_dict"])
+    return payload
 
 
 def is_model_file(obj):
@@ -259,5 +265,5 @@ def _from_payload(payload, path, base=None):
     return model
 
 
-__all__ = ["save", "load", "from_payload", "is_model_file", "verify_model_file", "model_state_dict", "arch_record",
+__all__ = ["save", "load", "seal", "from_payload", "is_model_file", "verify_model_file", "model_state_dict", "arch_record",
            "class_name"]

@@ -272,7 +272,7 @@ def check_layers(layers, state, path, field="layers"):
 
 def _first_line(exc):
     text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    return text.splitlines()[0][:1000] if text else type(exc).__name__  # bounded: a crafted record may be huge
 
 
 def check_model_file(payload, path):
