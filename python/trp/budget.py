@@ -176,8 +176,10 @@ class SpeedupController:
     - trim: what the proportional term cannot do. Below the goal with the ranks unchanged since the last
       projection (the excess is smaller than the share of the smallest component: a dead zone of integer
       ranks) it doubles, until a component goes; when the ranks move it halves back. At or above the goal it
-      shrinks by the factor (g / s)^gain, and stays the residual that removes what SGD adds between
-      projections (with E -> 1 the ranks would grow back to full within a few steps: measured).
+      falls back to at most its starting value (what the dead zone added is spent: kept, it went on pruning
+      past the goal, 2.24x for a target of 2 in tests/test_budget.py) and shrinks by the factor (g / s)^gain,
+      and stays the residual that removes what SGD adds between projections (with E -> 1 the ranks would
+      grow back to full within a few steps: measured).
 
     1 - E = gain * max(excess, 0) + trim, in RESIDUAL. The steps are multiplicative and small, so E moves
     smoothly: a law that switches between holding (1 - E ~ 0) and pruning hard makes ranks swing between full
@@ -193,8 +195,8 @@ class SpeedupController:
         self.warmup = checks.integer(warmup, "warmup", 0, what=" (projections over which the target ramps)")
         self.gain = checks.real(gain, "gain", 0.0, low_open=True)
         self.updates = 0
-        self.log_trim = self._clamp(math.log(min(max(residual, self.RESIDUAL[0]), self.RESIDUAL[1])))
-        self.log_residual = self.log_trim
+        self.log_start = self._clamp(math.log(min(max(residual, self.RESIDUAL[0]), self.RESIDUAL[1])))
+        self.log_trim = self.log_residual = self.log_start
         self.last_macs = None  # uncapped MACs after the previous projection
         self.speedup = None  # after the latest projection
 
@@ -219,8 +221,8 @@ class SpeedupController:
         macs = costs.macs(ranks, capped=False)
         goal_macs = costs.total_dense / self.goal()
         excess = (macs - goal_macs) / max(macs - costs.fixed, 1)
-        if excess <= 0:
-            self.log_trim -= self.gain * math.log(goal_macs / macs)
+        if excess <= 0:  # the goal is reached: what the dead zone added to the trim is spent
+            self.log_trim = min(self.log_trim, self.log_start) - self.gain * math.log(goal_macs / macs)
         elif self.last_macs is not None:
             self.log_trim += math.log(2.0) if macs >= self.last_macs else -math.log(2.0)
         self.log_trim = self._clamp(self.log_trim)
