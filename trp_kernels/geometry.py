@@ -2,8 +2,14 @@
 output size, and the output memory format of the factorized convolutions. Used by the public ops
 (trp_kernels.conv), their Triton kernels and trp's factorized modules, so all of them accept, reject and
 compute the same things."""
+from collections.abc import Sequence
+from typing import Union
+
 import torch
 from torch._prims_common import suggest_memory_format
+
+IntPair = Union[int, Sequence[int]]            # an int, or a (vertical, horizontal) pair: stride, dilation
+Padding = Union[int, Sequence[int], str]       # int, (h, w), (top, bottom, left, right), "same" or "valid"
 
 
 def pair(v, name):

@@ -281,12 +281,10 @@ def _(W, basis, energy, max_rank, subgradient, check=True):
 
 
 class WarmStart:
-    """The state that lets consecutive lowrank_project calls on slowly moving matrices skip the full
-    eigensolve: per matrix, the leading singular vectors of the smaller side found by the previous call
-    (`basis` [B, n, m] float64: each matrix's kept singular vectors, zero columns up to the batch's largest
-    rank m) and which matrices of that call took the warm path (`warm` bool [B]; on a call without a usable
-    state, which large matrices took the certified random start, sketch_usable). Pass the same object to
-    every call on the same batch of matrices:
+    """State that lets consecutive lowrank_project calls on slowly moving matrices skip the full eigensolve.
+
+    Per matrix it holds the leading singular vectors of the smaller side found by the previous call, and which
+    matrices of that call took the warm path. Pass the same object to every call on the same batch of matrices:
 
         state = trp_kernels.WarmStart()
         for ...:
@@ -294,19 +292,41 @@ class WarmStart:
 
     The results meet the same contract as without it (each matrix is checked and, where the check fails,
     solved in full); only the time differs. A state from other matrices (another batch size, shape or device)
-    is not an error: that call solves in full and starts a new state."""
+    is not an error: that call solves in full and starts a new state.
+
+    Attributes:
+        basis: None before the first call, else a float64 tensor [B, n, m] with n = min(p, q): each matrix's
+            kept singular vectors as columns, zero columns up to the batch's largest rank m.
+        warm: None before the first call, else a bool tensor [B]: which matrices of the last call took the
+            warm path (on a call without a usable state, which large matrices took the certified random start).
+    """
 
     def __init__(self):
         self.basis = None
         self.warm = None
 
-    def reset(self):
+    def reset(self) -> None:
+        """Forget the state: the next call solves every matrix in full."""
         self.basis = self.warm = None
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
+        """The state to save (the basis; the warm flags describe the last call only and are not saved).
+
+        Returns:
+            A dict {"basis": None or the float64 tensor [B, n, m]}.
+        """
         return {"basis": self.basis}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state saved by state_dict.
+
+        Args:
+            state: a dict {"basis": None or a float64 tensor [B, n, m]}, as state_dict returns. A basis that
+                does not fit the next call's matrices is not an error (that call solves in full).
+
+        Raises:
+            ValueError: state is not a dict, or its basis is neither None nor a 3-D float64 tensor.
+        """
         basis = state.get("basis") if isinstance(state, dict) else None
         if not isinstance(state, dict) or (basis is not None and not _warm.is_basis(basis)):
             raise ValueError("WarmStart.load_state_dict: expected {'basis': None or a float64 tensor [B, n, m]}, "
@@ -318,18 +338,38 @@ class WarmStart:
         return f"WarmStart(basis={shape})"
 
 
-def lowrank_project(W, energy, *, max_rank=None, subgradient=False, check_finite=True, warm=None):
-    """Project each matrix of W [B, p, q] on its truncated SVD.
+def lowrank_project(W: Tensor, energy: float, *, max_rank: Optional[int] = None, subgradient: bool = False,
+                    check_finite: bool = True, warm: Optional[WarmStart] = None
+                    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Project each matrix of a batch on its truncated SVD, keeping a fraction of its energy.
 
-    Returns (W_low, rank, G): rank[b] is the smallest k >= 1 keeping at least `energy` of the squared
-    singular values (0 for an all-zero matrix, capped by max_rank), W_low[b] = U_k S_k V_k^T and
-    G[b] = U_k V_k^T (the nuclear-norm subgradient) when subgradient=True, else None.
-    float16/bfloat16 are computed in float32 and returned in W's dtype. W is never modified.
-    NaN/Inf in W raise ValueError; check_finite=False skips that test (a host sync) for callers that
-    have already made it (RankPruner checks all its groups at once) - the results are then undefined for
-    non-finite input.
-    warm: a WarmStart carried between calls on the same (slowly moving) matrices: each call starts from the
-    previous call's basis and updates it; same results, less time (trp_kernels/warm.py)."""
+    rank[b] is the smallest k >= 1 whose leading k squared singular values keep at least `energy` of their
+    total (0 for an all-zero matrix), capped by max_rank; W_low[b] = U_k S_k V_k^T and, when asked,
+    G[b] = U_k V_k^T (the nuclear-norm subgradient). float16 / bfloat16 are computed in float32 and returned
+    in W's dtype; W is never modified. Runs the compiled C++/CUDA kernels when built, else the PyTorch
+    reference (TRP_PROJECT_BACKEND=auto|cpp|reference forces a choice).
+
+    Args:
+        W: floating-point tensor [B, p, q] (B >= 0 matrices of p x q), on the CPU or a CUDA device.
+        energy: fraction of the squared singular values (the energy) each matrix keeps, in (0, 1];
+            1 keeps every nonzero direction.
+        max_rank: None (no cap), or the largest rank kept, an int >= 1.
+        subgradient: also return G, the nuclear-norm subgradient U_k V_k^T (default False).
+        check_finite: test W for NaN/Inf first, one host synchronisation (default True). False is for
+            callers that have tested W already; the results are undefined for non-finite input then.
+        warm: None, or a WarmStart carried between calls on the same slowly moving matrices: each call
+            starts from the previous call's kept basis and updates it (same results, less time).
+
+    Returns:
+        A tuple (W_low, rank, G): W_low has W's shape and dtype, rank is int64 [B], G has W's shape and
+        dtype when subgradient is True, else None.
+
+    Raises:
+        ValueError: W is not a 3-D floating-point tensor, energy is not in (0, 1], max_rank is not None
+            or an int >= 1, or (check_finite) some matrix holds NaN or Inf.
+        TypeError: warm is neither None nor a WarmStart.
+        RuntimeError: TRP_PROJECT_BACKEND=cpp and the compiled extension has no kernel for W's device.
+    """
     validate(W, energy, max_rank)
     if warm is not None:
         if not isinstance(warm, WarmStart):
@@ -347,23 +387,30 @@ def _check_finite_each(Ws):
         check_finite(W)
 
 
-def lowrank_project_many(Ws, energy, *, max_rank=None, subgradient=False, warms=None, check_finite=True):
-    """lowrank_project on several batches of matrices (e.g. one per layer shape) with one host synchronisation per
-    device for all of them, instead of two per batch on the warm path: each batch's call runs up to the point where
-    its results must be read on the host, then one copy reads them all.
+def lowrank_project_many(Ws: list[Tensor], energy: float, *, max_rank: Optional[int] = None,
+                         subgradient: bool = False, warms: Optional[list[Optional[WarmStart]]] = None,
+                         check_finite: bool = True) -> list[tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """Run lowrank_project on several batches of matrices with one host synchronisation per device.
+
+    Each batch's call runs up to the point where its results must be read on the host, then one copy reads
+    them all (instead of two synchronisations per batch on the warm path). Results equal lowrank_project's
+    on each batch.
 
     Args:
-        Ws: a list of tensors [B_i, p_i, q_i] (any shapes, dtypes and devices).
-        energy, max_rank, subgradient: as lowrank_project, for every batch.
-        warms: None, or one trp_kernels.WarmStart (or None) per batch.
-        check_finite: as lowrank_project (one synchronisation per batch when True).
+        Ws: list of floating-point tensors [B_i, p_i, q_i] (e.g. one per layer shape; any shapes, dtypes
+            and devices).
+        energy: fraction of the squared singular values each matrix keeps, in (0, 1] (as lowrank_project).
+        max_rank: None (no cap), or the largest rank kept, an int >= 1, for every batch.
+        subgradient: also return each batch's nuclear-norm subgradient G (default False).
+        warms: None, or a list with one WarmStart (or None: no warm start) per batch, same length as Ws.
+        check_finite: test each batch for NaN/Inf first, one synchronisation per batch (default True).
 
     Returns:
-        list: one (W_low, rank, G or None) per batch, as lowrank_project returns.
+        A list with one (W_low, rank, G or None) tuple per batch, as lowrank_project returns.
 
     Raises:
-        ValueError: a batch is not a valid input (lowrank_project's checks) or holds NaN/Inf.
-        TypeError: warms is not a list of WarmStart / None of the same length.
+        ValueError: a batch is not a valid input (lowrank_project's checks) or holds NaN or Inf.
+        TypeError: warms is not None or a list of WarmStart / None of the same length as Ws.
     """
     warms = [None] * len(Ws) if warms is None else list(warms)
     if len(warms) != len(Ws) or not all(w is None or isinstance(w, WarmStart) for w in warms):
@@ -386,7 +433,14 @@ def lowrank_project_many(Ws, energy, *, max_rank=None, subgradient=False, warms=
     return out
 
 
-def backend_info():
+def backend_info() -> dict:
+    """Which implementation lowrank_project runs on each device type.
+
+    Returns:
+        A dict: "cpu" and "cuda" ("cpp" or "reference"; "cuda" is None without a CUDA device),
+        "compiled_cpu" and "compiled_cuda" (whether the extension has the kernel) and "cuda_kernel_images"
+        ({device index: kernel image version} of the devices asked so far).
+    """
     return {
         "cpu": backend_for("cpu"),
         "cuda": backend_for("cuda") if torch.cuda.is_available() else None,
