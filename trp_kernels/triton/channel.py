@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (autotuned, interpreter_consts, interpreting, launch, loop_bound, named, next_pow2,
-                      output_pixels, precision, prune_by_registers, rank_pad, tile_configs)
+from ._common import interpreter_consts, interpreting, launch, loop_bound, next_pow2, output_pixels, precision, rank_pad
+from .configs import TileSpace, by_registers
 
 
 @triton.jit
@@ -83,19 +83,8 @@ def live_words(r_pad, block_m, block_c, block_n, num_stages, dtype):
     return max(gemm1, gemm2)
 
 
-def _prune(configs, named_args, **kwargs):
-    a = named(named_args, kwargs)
-    dtype = a["X"].dtype
-    return prune_by_registers(
-        "channel", configs, dtype,
-        lambda cfg: live_words(a["R_PAD"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_N"],
-                               cfg.num_stages, dtype),
-        {"BLOCK_C": max(16, next_pow2(a["C"])), "BLOCK_N": max(16, next_pow2(a["NOUT"])),
-         "BLOCK_M": max(32, next_pow2(a["M"]))})
-
-
 # A short list (autotuning compiles each one per shape): tiles for small CIFAR layers up to the wide ResNet-50
-# ones, (BLOCK_M, BLOCK_C, BLOCK_N, warps, stages); _prune drops those whose accumulators exceed the register
+# ones, (BLOCK_M, BLOCK_C, BLOCK_N, warps, stages); the pruning drops those whose accumulators exceed the register
 # budget for the rank. The last two: small tiles over 8 warps, few accumulator registers per thread, for the
 # largest ranks.
 _TILES = {"full": [(32, 16, 16, 4, 2), (32, 32, 32, 4, 3), (32, 64, 64, 4, 3), (64, 16, 32, 4, 3),
@@ -105,19 +94,23 @@ _TILES = {"full": [(32, 16, 16, 4, 2), (32, 32, 32, 4, 3), (32, 64, 64, 4, 3), (
           "off": [(64, 32, 64, 4, 3)]}
 
 
-def _gpu_configs(mode):
-    return tile_configs(("BLOCK_M", "BLOCK_C", "BLOCK_N"), _TILES, mode)
+TUNING = TileSpace(
+    ("BLOCK_M", "BLOCK_C", "BLOCK_N"), _TILES,
+    # x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
+    ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW", "sxc", "sxw", "syc"],
+    by_registers("channel",
+                 lambda a, cfg, dtype: live_words(a["R_PAD"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_C"],
+                                                  cfg.kwargs["BLOCK_N"], cfg.num_stages, dtype),
+                 lambda a: {"BLOCK_C": max(16, next_pow2(a["C"])), "BLOCK_N": max(16, next_pow2(a["NOUT"])),
+                            "BLOCK_M": max(32, next_pow2(a["M"]))}))
 
 
-# x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
-_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
-                 "KH", "KW", "sxc", "sxw", "syc"]
 def _kernel():
     """Autotuned kernel on the GPU; under the interpreter a single small config (autotuning there would
     run every config serially on the CPU)."""
     if interpreting():
         return _channel_kernel, {"BLOCK_M": 64, "BLOCK_C": 16, "BLOCK_N": 16}
-    return autotuned(_channel_kernel, _gpu_configs, _AUTOTUNE_KEY, _prune), {}
+    return TUNING.autotuned(_channel_kernel), {}
 
 
 def launch_args(x, c_weight, p_weight, bias, stride, padding, dilation, y):

@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (autotuned, common_unsupported, grid_fits, interpreter_consts, interpreting, launch, loop_bound,
-                      max_offset, named, next_pow2, output_pixels, precision, tile_configs)
+from ._common import (MIN_DOT, common_unsupported, grid_fits, interpreter_consts, interpreting, launch, loop_bound,
+                      max_offset, next_pow2, output_pixels, precision)
+from .configs import TileSpace
 
-MIN_DOT = 16      # tl.dot operands need M, N, K >= 16
 MAX_R_PAD = 16    # paths per filter kept on chip (3 x 3 kernels reach r = 9); beyond: two convolutions
 MAX_TAPS = 9      # kh * kw: 5 x 5 and 7 x 7 kernels spill registers in every tile tried (compile test)
 
@@ -90,21 +90,20 @@ _TILES = {"full": [(16, 32, 32, 4, 2), (32, 32, 16, 4, 2)],
           "off": [(16, 32, 32, 4, 2)]}
 
 
-def _gpu_configs(mode):
-    return tile_configs(("BLOCK_M", "BLOCK_Q", "BLOCK_C"), _TILES, mode)
-
-
-def _prune(configs, named_args, **kwargs):
-    a = named(named_args, kwargs)
+def _useful(configs, a):
+    """The tiles that hold a filter's R_PAD paths and do not exceed the call's channels and pixels (else the one
+    with the most pointwise channels)."""
     keep = [cfg for cfg in configs if cfg.kwargs["BLOCK_Q"] >= a["R_PAD"]
             and cfg.kwargs["BLOCK_C"] <= max(MIN_DOT, next_pow2(a["C"]))
             and cfg.kwargs["BLOCK_M"] <= max(32, next_pow2(a["M"]))]
     return keep or [max(configs, key=lambda cfg: cfg.kwargs["BLOCK_Q"])]
 
 
-# x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
-_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW",
-                 "sxc", "sxw", "syc"]
+TUNING = TileSpace(
+    ("BLOCK_M", "BLOCK_Q", "BLOCK_C"), _TILES,
+    # x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
+    ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW", "sxc", "sxw", "syc"],
+    _useful)
 
 
 def _kernel(rp):
@@ -112,7 +111,7 @@ def _kernel(rp):
     config serially on the CPU)."""
     if interpreting():
         return _decoupled_kernel, {"BLOCK_M": 16, "BLOCK_Q": max(MIN_DOT, rp), "BLOCK_C": 16}
-    return autotuned(_decoupled_kernel, _gpu_configs, _AUTOTUNE_KEY, _prune), {}
+    return TUNING.autotuned(_decoupled_kernel), {}
 
 
 def launch_args(x, pw_weight, dw_weight, bias, stride, padding, dilation, y):

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (autotuned, interpreter_consts, interpreting, launch, loop_bound, named, next_pow2, precision,
-                      prune_by_registers, rank_pad, tile_configs)
+from ._common import interpreter_consts, interpreting, launch, loop_bound, next_pow2, precision, rank_pad
+from .configs import TileSpace, by_registers
 
 # A row whose padded width exceeds this is split into column tiles with a halo.
 MAX_SINGLE_SPAN = 128
@@ -109,16 +109,6 @@ def live_words(r_pad, span, out_w, m_target, block_c, block_n, num_stages, dtype
     return max(gemm1, gemm2)
 
 
-def _prune(configs, named_args, **kwargs):
-    a = named(named_args, kwargs)
-    dtype = a["X"].dtype
-    return prune_by_registers(
-        "spatial", configs, dtype,
-        lambda cfg: live_words(a["R_PAD"], a["SPAN"], a["OUT_W"], cfg.kwargs["M_TARGET"], cfg.kwargs["BLOCK_C"],
-                               cfg.kwargs["BLOCK_N"], cfg.num_stages, dtype),
-        {"BLOCK_C": max(16, next_pow2(a["C"])), "BLOCK_N": max(16, next_pow2(a["NOUT"]))})
-
-
 # (M_TARGET, BLOCK_C, BLOCK_N, warps, stages); the last three of "full": small tiles over 8 warps, few
 # accumulator registers per thread, for the largest ranks.
 _TILES = {"full": [(16, 16, 16, 4, 2), (32, 16, 32, 4, 2), (32, 32, 64, 4, 2), (64, 16, 32, 4, 2),
@@ -128,17 +118,21 @@ _TILES = {"full": [(16, 16, 16, 4, 2), (32, 16, 32, 4, 2), (32, 32, 64, 4, 2), (
           "off": [(64, 32, 64, 4, 2)]}
 
 
-def _gpu_configs(mode):
-    return tile_configs(("M_TARGET", "BLOCK_C", "BLOCK_N"), _TILES, mode)
+TUNING = TileSpace(
+    ("M_TARGET", "BLOCK_C", "BLOCK_N"), _TILES,
+    # x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
+    ["C", "H", "W", "R_PAD", "NOUT", "NROWS", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW", "SPAN", "OUT_W",
+     "sxc", "sxw", "syc"],
+    by_registers("spatial",
+                 lambda a, cfg, dtype: live_words(a["R_PAD"], a["SPAN"], a["OUT_W"], cfg.kwargs["M_TARGET"],
+                                                  cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_N"], cfg.num_stages, dtype),
+                 lambda a: {"BLOCK_C": max(16, next_pow2(a["C"])), "BLOCK_N": max(16, next_pow2(a["NOUT"]))}))
 
 
-# x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
-_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "NROWS", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
-                 "KH", "KW", "SPAN", "OUT_W", "sxc", "sxw", "syc"]
 def _kernel(out_w):
     if interpreting():
         return _spatial_kernel, {"M_TARGET": max(32, out_w), "BLOCK_C": 16, "BLOCK_N": 16}
-    return autotuned(_spatial_kernel, _gpu_configs, _AUTOTUNE_KEY, _prune), {}
+    return TUNING.autotuned(_spatial_kernel), {}
 
 
 def tile_plan(w, ow, kw, stride_w, dil_w, max_single_span=None, multi_span=None):
