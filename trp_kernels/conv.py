@@ -71,8 +71,15 @@ def _check_common(name, x, w1, w2, bias, stride, dilation):
         raise ValueError(f"{name}: stride and dilation must be >= 1, got {stride}, {dilation}")
 
 
-def requested_backend():
-    """The TRP_CONV_BACKEND setting; ValueError for anything but auto, triton, torch."""
+def requested_backend() -> str:
+    """The TRP_CONV_BACKEND setting, read from the environment at every call.
+
+    Returns:
+        "auto" (default), "triton" or "torch".
+
+    Raises:
+        ValueError: the variable holds another value.
+    """
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {choice!r}")
@@ -154,8 +161,27 @@ def _measure(kind, args, key):
     return "triton" if t_fused < t_ref else "torch"
 
 
-def choose_backend(kind, x, w1, w2, bias, stride, padding, dilation):
-    """"triton" or "torch" for this call under the current TRP_CONV_BACKEND (may measure, see module doc)."""
+def choose_backend(kind: str, x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], stride: list[int],
+                   padding: list[int], dilation: list[int]) -> str:
+    """The backend of one call under the current TRP_CONV_BACKEND (may measure, see the module docstring).
+
+    Args:
+        kind: "channel", "spatial" or "decoupled".
+        x: the input [N, c, H, W].
+        w1: the first weight.
+        w2: the second weight.
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride.
+        padding: (top, bottom, left, right) zero padding.
+        dilation: (vertical, horizontal) dilation.
+
+    Returns:
+        "triton" or "torch".
+
+    Raises:
+        ValueError: TRP_CONV_BACKEND holds an invalid value.
+        RuntimeError: TRP_CONV_BACKEND=triton and the Triton kernel cannot run this call.
+    """
     choice = requested_backend()
     if choice == "torch":
         return "torch"

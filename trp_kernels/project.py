@@ -9,7 +9,8 @@ from one call to the next; the op trp_kernels::lowrank_project_warm is the funct
 basis and the per-matrix "took the warm path" flags out)."""
 import math
 import os
-from typing import Optional
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -31,10 +32,22 @@ def _dispatch_key(device):
     return "CUDA" if device.type == "cuda" else "CPU"
 
 
-def backend_for(device):
-    """The implementation lowrank_project runs for tensors on `device`: "cpp" or "reference". A CUDA device for
-    which this build has no kernel image (e.g. sm_75 when built for 8.0;9.0+PTX) gets the reference, with a
-    warning once (TRP_PROJECT_BACKEND=cpp: RuntimeError)."""
+def backend_for(device: Union[str, torch.device]) -> str:
+    """The implementation lowrank_project runs for tensors on `device`, under TRP_PROJECT_BACKEND.
+
+    A CUDA device for which this build has no kernel image (e.g. sm_75 when built for 8.0;9.0+PTX) gets the
+    reference, with a warning once.
+
+    Args:
+        device: a torch.device or its name ("cpu", "cuda:0", ...).
+
+    Returns:
+        "cpp" (the compiled kernels) or "reference" (the PyTorch reference).
+
+    Raises:
+        ValueError: TRP_PROJECT_BACKEND is not auto, cpp or reference.
+        RuntimeError: TRP_PROJECT_BACKEND=cpp and the build has no kernel (or no kernel image) for the device.
+    """
     device = torch.device(device)
     choice = _requested_backend()
     compiled = _extension.has_kernel("lowrank_project", _dispatch_key(device))
@@ -54,8 +67,19 @@ def backend_for(device):
     return "cpp" if compiled and choice != "reference" else "reference"
 
 
-def check_energy(energy, name="energy"):
-    """float(energy) if it is a number in (0, 1], else ValueError (trp reuses this rule)."""
+def check_energy(energy: float, name: str = "energy") -> float:
+    """The energy argument as a float, checked (trp reuses this rule).
+
+    Args:
+        energy: fraction of the squared singular values kept: a number (not a bool) in (0, 1].
+        name: how the error message names the argument.
+
+    Returns:
+        float(energy).
+
+    Raises:
+        ValueError: energy is not a number in (0, 1] (NaN included).
+    """
     if isinstance(energy, bool) or not isinstance(energy, (int, float)) or math.isnan(energy) \
             or not 0.0 < energy <= 1.0:
         raise ValueError(f"{name} must be a number in (0, 1] (the fraction of squared singular values "
@@ -63,14 +87,36 @@ def check_energy(energy, name="energy"):
     return float(energy)
 
 
-def check_max_rank(max_rank, name="max_rank"):
+def check_max_rank(max_rank: Optional[int], name: str = "max_rank") -> Optional[int]:
+    """The max_rank argument, checked.
+
+    Args:
+        max_rank: None (no cap), or an int (not a bool) >= 1.
+        name: how the error message names the argument.
+
+    Returns:
+        max_rank unchanged.
+
+    Raises:
+        ValueError: max_rank is neither None nor an int >= 1.
+    """
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
                                  or max_rank < 1):
         raise ValueError(f"{name} must be None or an int >= 1, got {max_rank!r}")
     return max_rank
 
 
-def validate(W, energy, max_rank):
+def validate(W: Tensor, energy: float, max_rank: Optional[int]) -> None:
+    """Check lowrank_project's arguments (not the values of W: see check_finite).
+
+    Args:
+        W: the batch of matrices, which must be a floating-point tensor [B, p, q].
+        energy: fraction of the squared singular values kept, in (0, 1].
+        max_rank: None, or an int >= 1.
+
+    Raises:
+        ValueError: an argument is invalid.
+    """
     if not isinstance(W, torch.Tensor):
         raise ValueError(f"lowrank_project: W must be a torch.Tensor, got {type(W).__name__}")
     if W.dim() != 3:
@@ -81,19 +127,42 @@ def validate(W, energy, max_rank):
     check_max_rank(max_rank, "lowrank_project: max_rank")
 
 
-def finite_flag(W):
-    """A 0-dim bool tensor, False when some matrix of W [B, p, q] may hold NaN/Inf; no host sync. One sum
-    per matrix: NaN and Inf propagate; a finite overflow also gives False, so False needs finite_rows."""
+def finite_flag(W: Tensor) -> Tensor:
+    """Whether every matrix of W may be finite, without a host synchronisation.
+
+    One sum per matrix: NaN and Inf propagate, but a finite overflow also gives False, so False needs
+    finite_rows.
+
+    Args:
+        W: tensor [B, p, q].
+
+    Returns:
+        A 0-dim bool tensor on W's device: True when no matrix holds NaN or Inf.
+    """
     return torch.isfinite(W.sum(dim=(1, 2))).all()
 
 
-def finite_rows(W):
-    """Bool [B]: whether each matrix of W is entirely finite (the exact, element-wise test)."""
+def finite_rows(W: Tensor) -> Tensor:
+    """Whether each matrix of W is entirely finite (the exact, element-wise test).
+
+    Args:
+        W: tensor [B, p, q].
+
+    Returns:
+        A bool tensor [B].
+    """
     return torch.isfinite(W).flatten(1).all(dim=1)
 
 
-def check_finite(W):
-    """ValueError naming the first batch index holding NaN or Inf (one host sync in the usual case)."""
+def check_finite(W: Tensor) -> None:
+    """Raise when some matrix of W holds NaN or Inf (one host synchronisation in the usual case).
+
+    Args:
+        W: tensor [B, p, q].
+
+    Raises:
+        ValueError: naming the first batch index that holds NaN or Inf.
+    """
     if W.numel() == 0 or bool(finite_flag(W)):
         return
     finite = finite_rows(W)
@@ -147,10 +216,22 @@ def _cold_with_basis(W, energy, max_rank, subgradient, cpp):
     return W_low, rank, (G if subgradient else W.new_empty(0)), basis
 
 
-def warm_usable(basis, shape, device, energy):
-    """Whether a call on matrices [B, p, q] (`shape`) on `device` takes the warm step from `basis`: a state
-    of this batch (trp_kernels.warm.is_basis, [B, n, m] with 1 <= m <= n, on the device) that is worth it
-    (n >= MIN_N, m <= MAX_FRACTION * n) at an energy below 1 (which keeps every direction)."""
+def warm_usable(basis: Optional[Tensor], shape: Sequence[int], device: Union[str, torch.device],
+                energy: float) -> bool:
+    """Whether a call takes the warm step from `basis`.
+
+    That needs a state of this batch (trp_kernels.warm.is_basis, [B, n, m] with 1 <= m <= n, on the device)
+    that is worth it (n >= MIN_N, m <= MAX_FRACTION * n), at an energy below 1 (which keeps every direction).
+
+    Args:
+        basis: the WarmStart's basis (None, or a tensor).
+        shape: the matrices' shape (B, p, q); n = min(p, q).
+        device: the matrices' device.
+        energy: the call's energy, in (0, 1].
+
+    Returns:
+        Whether the warm step runs.
+    """
     B, p, q = shape
     n = min(p, q)
     return (_warm.is_basis(basis) and basis.device == torch.device(device) and basis.shape[0] == B
@@ -158,10 +239,20 @@ def warm_usable(basis, shape, device, energy):
             and basis.shape[2] <= _warm.MAX_FRACTION * n and energy < 1.0)
 
 
-def sketch_usable(shape, device, energy):
-    """Whether a call without a usable state on matrices [B, p, q] (`shape`) first tries random blocks
-    (trp_kernels.warm.sketched_step): large matrices (n >= SKETCH_MIN_N) on the CPU, where the full
-    eigensolve costs tens of seconds, at an energy below 1."""
+def sketch_usable(shape: Sequence[int], device: Union[str, torch.device], energy: float) -> bool:
+    """Whether a call without a usable state first tries random blocks (trp_kernels.warm.sketched_step).
+
+    Only large matrices (n >= SKETCH_MIN_N) on the CPU, where the full eigensolve costs tens of seconds, at an
+    energy below 1.
+
+    Args:
+        shape: the matrices' shape (B, p, q); n = min(p, q).
+        device: the matrices' device.
+        energy: the call's energy, in (0, 1].
+
+    Returns:
+        Whether the random start is tried.
+    """
     return torch.device(device).type == "cpu" and min(shape[1:]) >= _warm.SKETCH_MIN_N and energy < 1.0
 
 

@@ -9,6 +9,10 @@ multiplies it by [R_PAD x BLOCK_N] blocks of p_weight, looping over all output c
 program, so the intermediate is computed once and never written to memory. Tensors are addressed through
 their strides, so NCHW and channels_last input/output need no copies; weights are read in place (no
 per-call packing kernels, which would cost launches at batch 1)."""
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
@@ -73,10 +77,23 @@ def _channel_kernel(
                  mask=m_ok[:, None] & o_ok[None, :])
 
 
-def live_words(r_pad, block_m, block_c, block_n, num_stages, dtype):
-    """Estimated live 32-bit words of one program (see REGS_PER_THREAD): GEMM 1 holds the fp32
-    [BLOCK_M x R_PAD] accumulator and num_stages - 1 input and c_weight tiles in flight; GEMM 2 the
-    intermediate in the input dtype, the fp32 [BLOCK_M x BLOCK_N] output block and p_weight tiles."""
+def live_words(r_pad: int, block_m: int, block_c: int, block_n: int, num_stages: int, dtype: torch.dtype) -> float:
+    """Estimated live 32-bit words of one program of the channel kernel (see _common.REGS_PER_THREAD).
+
+    GEMM 1 holds the fp32 [BLOCK_M x R_PAD] accumulator and num_stages - 1 input and c_weight tiles in flight;
+    GEMM 2 the intermediate in the input dtype, the fp32 [BLOCK_M x BLOCK_N] output block and p_weight tiles.
+
+    Args:
+        r_pad: the padded rank R_PAD.
+        block_m: output pixels per program.
+        block_c: input channels per step of GEMM 1.
+        block_n: output channels per step of GEMM 2.
+        num_stages: the software pipeline's depth.
+        dtype: the input dtype.
+
+    Returns:
+        The larger of the two GEMMs' estimates.
+    """
     words = dtype.itemsize / 4
     gemm1 = block_m * r_pad + (num_stages - 1) * (block_m * block_c + block_c * r_pad) * words
     gemm2 = block_m * r_pad * words + block_m * block_n + (num_stages - 1) * r_pad * block_n * words
@@ -113,9 +130,25 @@ def _kernel():
     return TUNING.autotuned(_channel_kernel), {}
 
 
-def launch_args(x, c_weight, p_weight, bias, stride, padding, dilation, y):
-    """(grid, positional arguments, untuned constexprs) of the kernel for one call writing y (the wrapper
-    and the compile-only test, tests/test_triton_compile.py, build launches from them)."""
+def launch_args(x: torch.Tensor, c_weight: torch.Tensor, p_weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], y: torch.Tensor
+                ) -> tuple[Callable, tuple, dict]:
+    """The launch of the channel kernel for one call writing y (the wrapper and tests/test_triton_compile.py).
+
+    Args:
+        x: the input [N, c, H, W].
+        c_weight: weight of the kh x kw conv [r, c, kh, kw].
+        p_weight: weight of the 1 x 1 conv [n, r, 1, 1].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+        y: the output [N, n, OH, OW].
+
+    Returns:
+        A tuple (grid, args, consts): the launch grid (a function of the config's meta-parameters), the
+        kernel's positional arguments and its untuned constexprs.
+    """
     nb, c, h, w = x.shape
     r, _, kh, kw = c_weight.shape
     _, nout, oh, ow = y.shape
@@ -129,7 +162,23 @@ def launch_args(x, c_weight, p_weight, bias, stride, padding, dilation, y):
     return (lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)), args, consts
 
 
-def factorized_conv_channel(x, c_weight, p_weight, bias, stride, padding, dilation):
+def factorized_conv_channel(x: torch.Tensor, c_weight: torch.Tensor, p_weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                            dilation: Sequence[int]) -> torch.Tensor:
+    """The channel-bottleneck convolution by the fused kernel (the caller has checked supported()).
+
+    Args:
+        x: the input [N, c, H, W] (CUDA, or the CPU under TRITON_INTERPRET=1).
+        c_weight: weight of the kh x kw conv [r, c, kh, kw].
+        p_weight: weight of the 1 x 1 conv [n, r, 1, 1].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+
+    Returns:
+        The output [N, n, OH, OW] in x's dtype (geometry.empty_output's shape and memory format).
+    """
     y = geometry.empty_output("channel", x, c_weight, p_weight, stride, padding, dilation)
     if y.numel() == 0:
         return y

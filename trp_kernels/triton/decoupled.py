@@ -10,6 +10,10 @@ weights and sums each filter's R_PAD paths into the fp32 [BLOCK_M x BLOCK_F] out
 intermediate is never written to memory; the price is kh*kw pointwise products per output pixel instead
 of (stride_h*stride_w) - memory traffic, not MACs, bounds these layers. Tensors are addressed through
 their strides (NCHW or channels_last, no copies)."""
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
@@ -114,8 +118,25 @@ def _kernel(rp):
     return TUNING.autotuned(_decoupled_kernel), {}
 
 
-def launch_args(x, pw_weight, dw_weight, bias, stride, padding, dilation, y):
-    """(grid, positional arguments, untuned constexprs) of the kernel for one call writing y."""
+def launch_args(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], y: torch.Tensor
+                ) -> tuple[Callable, tuple, dict]:
+    """The launch of the decoupled kernel for one call writing y (the wrapper and tests/test_triton_compile.py).
+
+    Args:
+        x: the input [N, c, H, W].
+        pw_weight: weight of the pointwise conv [n*r, c, 1, 1].
+        dw_weight: weight of the grouped kh x kw conv [n, r, kh, kw].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+        y: the output [N, n, OH, OW].
+
+    Returns:
+        A tuple (grid, args, consts): the launch grid (a function of the config's meta-parameters), the
+        kernel's positional arguments and its untuned constexprs.
+    """
     nb, c, h, w = x.shape
     nout, r, kh, kw = dw_weight.shape
     _, _, oh, ow = y.shape
@@ -131,7 +152,23 @@ def launch_args(x, pw_weight, dw_weight, bias, stride, padding, dilation, y):
     return grid, args, consts
 
 
-def factorized_conv_decoupled(x, pw_weight, dw_weight, bias, stride, padding, dilation):
+def factorized_conv_decoupled(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor,
+                              bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                              dilation: Sequence[int]) -> torch.Tensor:
+    """The network-decoupling convolution by the fused kernel (the caller has checked supported()).
+
+    Args:
+        x: the input [N, c, H, W] (CUDA, or the CPU under TRITON_INTERPRET=1).
+        pw_weight: weight of the pointwise conv [n*r, c, 1, 1].
+        dw_weight: weight of the grouped kh x kw conv [n, r, kh, kw].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+
+    Returns:
+        The output [N, n, OH, OW] in x's dtype (geometry.empty_output's shape and memory format).
+    """
     y = geometry.empty_output("decoupled", x, pw_weight, dw_weight, stride, padding, dilation)
     if y.numel() == 0:
         return y
@@ -141,8 +178,20 @@ def factorized_conv_decoupled(x, pw_weight, dw_weight, bias, stride, padding, di
     return y
 
 
-def supported(x, pw_weight, dw_weight, bias, out_hw):
-    """None when the kernel can run this call here, else the reason (a short string)."""
+def supported(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor, bias: Optional[torch.Tensor],
+              out_hw: tuple[int, int]) -> Optional[str]:
+    """Why the decoupled kernel cannot run this call here, or None when it can.
+
+    Args:
+        x: the input [N, c, H, W].
+        pw_weight: weight of the pointwise conv [n*r, c, 1, 1].
+        dw_weight: weight of the grouped kh x kw conv [n, r, kh, kw].
+        bias: None, or the output bias [n].
+        out_hw: the output's (OH, OW).
+
+    Returns:
+        None, or the reason (a short string).
+    """
     why = common_unsupported(x, [x, pw_weight, dw_weight] + ([bias] if bias is not None else []), out_hw)
     if why is not None:
         return why
