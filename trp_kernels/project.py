@@ -457,7 +457,8 @@ def lowrank_project(W: Tensor, energy: float, *, max_rank: Optional[int] = None,
 
     Raises:
         ValueError: W is not a 3-D floating-point tensor, energy is not in (0, 1], max_rank is not None
-            or an int >= 1, or (check_finite) some matrix holds NaN or Inf.
+            or an int >= 1, (check_finite) some matrix holds NaN or Inf, or TRP_PROJECT_BACKEND holds an
+            invalid value.
         TypeError: warm is neither None nor a WarmStart.
         RuntimeError: TRP_PROJECT_BACKEND=cpp and the compiled extension has no kernel for W's device.
     """
