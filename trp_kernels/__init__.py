@@ -19,9 +19,9 @@ def backend_info() -> dict:
 
     Returns:
         A dict: "extension_loaded" and "extension_error" (the compiled extension trp_kernels._C), the
-        "torch" and "torch_cuda" versions, "cuda_available", "lowrank_project" (the projection's backend per
-        device), "factorized_conv" (the convolutions' setting and choices, decoupled_conv included) and
-        "self_check" (the first-use verdicts of this process).
+            "torch" and "torch_cuda" versions, "cuda_available", "lowrank_project" (the projection's backend per
+            device), "factorized_conv" (the convolutions' setting and choices, decoupled_conv included) and
+            "self_check" (the first-use verdicts of this process).
     """
     import torch
 

@@ -407,9 +407,9 @@ def backend_info() -> dict:
 
     Returns:
         A dict: "setting" (TRP_CONV_BACKEND), "cpu" and "cuda" (the plan per device type, "cuda" None without
-        a CUDA device), "triton_available", "triton_error", "triton_interpret", "triton_autotune", "last" (the
-        last backend each op used) and "auto_choices" (per call signature, the backend auto mode chose and its
-        measured milliseconds, fused vs two convolutions).
+            a CUDA device), "triton_available", "triton_error", "triton_interpret", "triton_autotune", "last" (the
+            last backend each op used) and "auto_choices" (per call signature, the backend auto mode chose and its
+            measured milliseconds, fused vs two convolutions).
     """
     try:
         setting = requested_backend()

@@ -28,7 +28,7 @@ class NonFiniteError(ValueError):
     """
 
     def __init__(self, bad: list[tuple[int, int]]):
-        self.bad = bad
+        self.bad: list[tuple[int, int]] = bad
         super().__init__(f"lowrank_project_: matrices {bad} (group, index) contain NaN or Inf; nothing was "
                          "modified")
 
@@ -38,7 +38,7 @@ def max_n() -> int:
 
     Returns:
         That size, or 0 when the compiled extension lacks the op or TRP_PROJECT_BACKEND=reference asks for the
-        PyTorch reference.
+            PyTorch reference.
     """
     if not _extension.has_kernel("lowrank_project_inplace_", "CPU") or backend_for("cpu") != "cpp":
         return 0
@@ -60,7 +60,7 @@ def supports(groups: Sequence[Sequence[Tensor]]) -> bool:
 
     Returns:
         True when every group is nonempty and holds contiguous CPU float32/float64 matrices of one shape and dtype
-        with 1 <= min(p, q) <= max_n(), and no two matrices share memory.
+            with 1 <= min(p, q) <= max_n(), and no two matrices share memory.
     """
     limit = max_n()
     for mats in groups:

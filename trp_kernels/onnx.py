@@ -59,7 +59,7 @@ def custom_translation_table() -> dict[object, Callable]:
 
     Returns:
         A dict {torch op overload: onnxscript function} for factorized_conv_channel, factorized_conv_spatial
-        and decoupled_conv, each giving standard Conv nodes (opset 18).
+            and decoupled_conv, each giving standard Conv nodes (opset 18).
 
     Raises:
         ImportError: onnxscript is not installed.

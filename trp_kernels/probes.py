@@ -52,7 +52,7 @@ def designed_spectrum(n: int, rank: int) -> tuple[Tensor, float]:
 
     Returns:
         A pair (squared singular values [n] float64, energy): the energy lies halfway through the rank-th
-        value's increment of the cumulative sum.
+            value's increment of the cumulative sum.
     """
     k = max(1, min(int(rank), n))
     i = torch.arange(n, dtype=torch.float64)
@@ -238,7 +238,7 @@ def convolution(kind: str, y: Tensor, x: Tensor, w1: Tensor, w2: Tensor, bias: O
 
     Returns:
         A pair (ok, detail): ok None (inconclusive) when the call holds non-finite or overflowing values, else
-        whether every output is within the bound; detail a short description.
+            whether every output is within the bound; detail a short description.
     """
     fn = getattr(reference, f"factorized_conv_{kind}")
     args64 = [t.to(torch.float64) if t is not None else None for t in (x, w1, w2, bias)]

@@ -393,8 +393,8 @@ class WarmStart:
     """
 
     def __init__(self):
-        self.basis = None
-        self.warm = None
+        self.basis: Optional[Tensor] = None
+        self.warm: Optional[Tensor] = None
 
     def reset(self) -> None:
         """Forget the state: the next call solves every matrix in full."""
@@ -453,7 +453,7 @@ def lowrank_project(W: Tensor, energy: float, *, max_rank: Optional[int] = None,
 
     Returns:
         A tuple (W_low, rank, G): W_low has W's shape and dtype, rank is int64 [B], G has W's shape and
-        dtype when subgradient is True, else None.
+            dtype when subgradient is True, else None.
 
     Raises:
         ValueError: W is not a 3-D floating-point tensor, energy is not in (0, 1], max_rank is not None
@@ -530,8 +530,8 @@ def backend_info() -> dict:
 
     Returns:
         A dict: "cpu" and "cuda" ("cpp" or "reference"; "cuda" is None without a CUDA device),
-        "compiled_cpu" and "compiled_cuda" (whether the extension has the kernel) and "cuda_kernel_images"
-        ({device index: kernel image version} of the devices asked so far).
+            "compiled_cpu" and "compiled_cuda" (whether the extension has the kernel) and "cuda_kernel_images"
+            ({device index: kernel image version} of the devices asked so far).
     """
     return {
         "cpu": backend_for("cpu"),

@@ -50,7 +50,7 @@ def lowrank_project(W: Tensor, energy: float, max_rank: Optional[int] = None, su
 
     Returns:
         A tuple (W_low, rank, G): W_low = U_k S_k V_k^T in W's dtype and shape, rank int64 [B] (energy_rank),
-        G in W's dtype and shape when subgradient is True, else None.
+            G in W's dtype and shape when subgradient is True, else None.
     """
     return lowrank_project_basis(W, energy, max_rank, subgradient)[:3]
 
@@ -67,8 +67,8 @@ def lowrank_project_basis(W: Tensor, energy: float, max_rank: Optional[int] = No
 
     Returns:
         A tuple (W_low, rank, G, basis): the first three as lowrank_project returns them; basis float64
-        [B, n, n] with n = min(p, q) holds the left singular vectors when p <= q, else the right ones (the
-        Gram matrix's eigenvectors), as columns in descending order of singular value.
+            [B, n, n] with n = min(p, q) holds the left singular vectors when p <= q, else the right ones (the
+            Gram matrix's eigenvectors), as columns in descending order of singular value.
     """
     # float64 SVD for every input: the spec must meet the contract's 1e-5 accuracy itself, and a float32
     # SVD misses it where the spectrum is flat at the cut.

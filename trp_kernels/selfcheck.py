@@ -56,7 +56,7 @@ def scope() -> str:
 
     Returns:
         "1" (default: the CUDA and Triton kernels check themselves), "all" (the C++ CPU kernels too) or
-        "0" (off).
+            "0" (off).
 
     Raises:
         ValueError: the variable holds another value.
@@ -232,8 +232,8 @@ def info() -> dict:
 
     Returns:
         A dict: "setting" (TRP_KERNELS_SELF_CHECK, or "invalid: ..."), "failure"
-        (TRP_KERNELS_SELF_CHECK_FAILURE), "verdicts" (one dict per check: kernel, device, signature, ok,
-        detail, seconds) and "unusable" (sorted "kernel@device" names).
+            (TRP_KERNELS_SELF_CHECK_FAILURE), "verdicts" (one dict per check: kernel, device, signature, ok,
+            detail, seconds) and "unusable" (sorted "kernel@device" names).
     """
     try:
         setting = scope()

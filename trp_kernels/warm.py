@@ -100,7 +100,7 @@ def gram(W: Tensor) -> tuple[Tensor, Tensor, bool]:
 
     Returns:
         A tuple (M, A, left): M the symmetrised Gram matrix [B, n, n] float64 (n = min(p, q)), A = W in float64,
-        left whether M = A A^T (p <= q) rather than A^T A.
+            left whether M = A A^T (p <= q) rather than A^T A.
     """
     A = W.to(torch.float64)
     left = A.shape[1] <= A.shape[2]
@@ -127,8 +127,8 @@ def rayleigh_ritz(M: Tensor, basis: Tensor, steps: int = POWER_STEPS) -> tuple[T
 
     Returns:
         A tuple (theta, X, res2, usable): Ritz values theta [B, m] (descending), orthonormal Ritz vectors
-        X [B, n, m] (zero columns where the span has fewer dimensions), squared residual norms of the columns
-        res2 [B, m], and usable bool [B].
+            X [B, n, m] (zero columns where the span has fewer dimensions), squared residual norms of the columns
+            res2 [B, m], and usable bool [B].
     """
     Y = basis
     for s in range(steps):
@@ -323,8 +323,8 @@ def step(W: Tensor, basis: Tensor, energy: float, max_rank: Optional[int], subgr
 
     Returns:
         A tuple (W_low, rank, G, X, ok): W_low in W's dtype and shape, rank int64 [B], G in W's dtype and shape
-        (an empty tensor without subgradient), X the Ritz vectors [B, n, m] float64, ok bool [B]; matrices with ok
-        False hold unspecified results (the caller solves them in full).
+            (an empty tensor without subgradient), X the Ritz vectors [B, n, m] float64, ok bool [B]; matrices with ok
+            False hold unspecified results (the caller solves them in full).
     """
     p, q = W.shape[1:]
     nr = noise_rel(p, q)
@@ -356,7 +356,7 @@ def random_ritz(A: Tensor, A32: Tensor, left: bool, m: int, generator: torch.Gen
 
     Returns:
         A tuple (theta, X, res2): Ritz values [m] descending, Ritz vectors [n, m] and squared residual norms of
-        the columns [m], float64.
+            the columns [m], float64.
     """
     n = min(A.shape)
     op = _gram_op(A, left)
@@ -388,8 +388,8 @@ def sketched_subspace(A: Tensor, A32: Tensor, energy: Optional[float] = None, ra
 
     Returns:
         None when no block proves the subspace, else (theta [m], Ritz vectors X [n, m], r) with X[:, :r] the
-        exact top-r eigenvectors of the Gram matrix within SUBSPACE_TOL; r is the energy rule's rank (capped
-        by max_rank), or `rank` when given.
+            exact top-r eigenvectors of the Gram matrix within SUBSPACE_TOL; r is the energy rule's rank (capped
+            by max_rank), or `rank` when given.
     """
     p, q = A.shape
     n, left = min(p, q), p <= q
@@ -433,8 +433,8 @@ def sketched_step(W: Tensor, energy: float, max_rank: Optional[int], subgradient
 
     Returns:
         A tuple (W_low, rank, G, X, ok): W_low in W's dtype and shape, rank int64 [B], G in W's dtype and shape
-        (an empty tensor without subgradient), X the kept Ritz vectors [B, n, largest rank] float64, ok bool
-        [B]; matrices with ok False (not certified) hold unspecified results (the caller solves them in full).
+            (an empty tensor without subgradient), X the kept Ritz vectors [B, n, largest rank] float64, ok bool
+            [B]; matrices with ok False (not certified) hold unspecified results (the caller solves them in full).
     """
     B, p, q = W.shape
     nr, left = noise_rel(p, q), p <= q
@@ -483,8 +483,8 @@ def compiled_step(W: Tensor, basis: Tensor, energy: float, max_rank: Optional[in
 
     Returns:
         A tuple (W_low, rank, G, X, ok): W_low in W's dtype and shape, rank int64 [B], G in W's dtype and shape
-        (an empty tensor without subgradient), X the Ritz vectors [B, n, m] float64, ok bool [B]; matrices with ok
-        False hold unspecified results (the caller solves them in full).
+            (an empty tensor without subgradient), X the Ritz vectors [B, n, m] float64, ok bool [B]; matrices with ok
+            False hold unspecified results (the caller solves them in full).
     """
     args = (W, basis, energy, max_rank, subgradient, *kernel_params())
     if solver is None:

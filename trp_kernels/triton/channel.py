@@ -147,7 +147,7 @@ def launch_args(x: torch.Tensor, c_weight: torch.Tensor, p_weight: torch.Tensor,
 
     Returns:
         A tuple (grid, args, consts): the launch grid (a function of the config's meta-parameters), the
-        kernel's positional arguments and its untuned constexprs.
+            kernel's positional arguments and its untuned constexprs.
     """
     nb, c, h, w = x.shape
     r, _, kh, kw = c_weight.shape

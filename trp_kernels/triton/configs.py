@@ -21,7 +21,7 @@ def autotune_mode() -> str:
 
     Returns:
         "full" (default; every config, tuned once per shape), "quick" (three configs: for time-boxed benchmark
-        runs) or "off" (one config chosen by the tile rules, no tuning).
+            runs) or "off" (one config chosen by the tile rules, no tuning).
 
     Raises:
         ValueError: the variable holds another value.

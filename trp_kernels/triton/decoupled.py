@@ -135,7 +135,7 @@ def launch_args(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tenso
 
     Returns:
         A tuple (grid, args, consts): the launch grid (a function of the config's meta-parameters), the
-        kernel's positional arguments and its untuned constexprs.
+            kernel's positional arguments and its untuned constexprs.
     """
     nb, c, h, w = x.shape
     nout, r, kh, kw = dw_weight.shape

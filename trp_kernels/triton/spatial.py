@@ -171,7 +171,7 @@ def tile_plan(w: int, ow: int, kw: int, stride_w: int, dil_w: int, max_single_sp
 
     Returns:
         A tuple (SPAN, OUT_W, VALID_W, SINGLE): intermediate columns computed per tile, output column slots,
-        output columns actually produced per tile, and whether one tile covers a whole row.
+            output columns actually produced per tile, and whether one tile covers a whole row.
 
     Raises:
         ValueError: multi_span is too small for the kernel's halo.
@@ -214,7 +214,7 @@ def launch_args(x: torch.Tensor, v_weight: torch.Tensor, h_weight: torch.Tensor,
 
     Returns:
         A tuple (grid, args, consts): the launch grid (a function of the config's meta-parameters), the
-        kernel's positional arguments and its untuned constexprs.
+            kernel's positional arguments and its untuned constexprs.
     """
     nb, c, h, w = x.shape
     r, _, kh, _ = v_weight.shape
