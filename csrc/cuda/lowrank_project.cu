@@ -100,11 +100,15 @@ struct CudaBlocks {
   }
 };
 
+// The error of `op` asked to run the Jacobi kernel on n x n matrices where it does not fit.
+void check_jacobi_fits(const char* op, int64_t n) {
+  TORCH_CHECK(jacobi_fits(n), op, ": the CUDA Jacobi kernel handles n <= ", kJacobiMaxN,
+              " within the device's shared memory, got n = ", n);
+}
+
 // The Jacobi core where it fits (jacobi_fits), else an error.
 EighPair jacobi_eigh_cuda(const at::Tensor& gram) {
-  const int64_t n = gram.size(2);
-  TORCH_CHECK(jacobi_fits(n), "jacobi_eigh: the CUDA Jacobi kernel handles n <= ", kJacobiMaxN,
-              " within the device's shared memory, got n = ", n);
+  check_jacobi_fits("jacobi_eigh", gram.size(2));
   return jacobi_eigh_on<CudaBlocks>(gram);
 }
 
@@ -121,8 +125,7 @@ struct CudaDevice {
                           const std::string& solver, at::Tensor* basis) {
     const c10::cuda::CUDAGuard guard(W.device());
     const int64_t n = batch_n(W);
-    TORCH_CHECK(solver != "jacobi" || jacobi_fits(n), "lowrank_project: the CUDA Jacobi kernel handles n <= ",
-                kJacobiMaxN, " within the device's shared memory, got n = ", n);
+    if (solver == "jacobi") check_jacobi_fits("lowrank_project", n);
     return lowrank_project_gram(W, energy, max_rank, subgradient, eigh_for(n, solver == "auto" || solver == "jacobi"),
                                 select_rank_on<CudaBlocks>, /*truncate_on_host=*/false, basis);
   }
