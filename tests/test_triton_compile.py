@@ -80,9 +80,9 @@ def _cases(all_configs=False):
                 conv = ([s, s], [p] * 4, [1, 1])
                 y = geometry.empty_output(kind, x, w1, w2, *conv)
                 _, args, consts = mod.launch_args(x, w1, w2, bias, *conv, y)
-                configs = mod._gpu_configs("full")
+                configs = mod.TUNING.configs("full")
                 if not all_configs:
-                    configs = mod._prune(configs, dict(zip(kernel.arg_names, args)), **consts)
+                    configs = mod.TUNING.prune(configs, dict(zip(kernel.arg_names, args)), **consts)
                 for arch in ARCHS:
                     for cfg in configs:
                         cases.append(dict(kind=kind, dtype=dtype_name, shape=name, arch=arch, args=args,
@@ -231,7 +231,7 @@ def test_the_autotune_key_tells_the_input_layouts_apart(kind):
     keys = []
     for x_format in (torch.contiguous_format, torch.channels_last):
         mod, named, consts = _meta_call(kind, x_format, torch.channels_last)
-        keys.append([named.get(k, consts.get(k)) for k in mod._AUTOTUNE_KEY])
+        keys.append([named.get(k, consts.get(k)) for k in mod.TUNING.key])
     assert keys[0] != keys[1], keys
 
 

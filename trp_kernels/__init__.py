@@ -14,8 +14,15 @@ __all__ = ["lowrank_project", "lowrank_project_many", "WarmStart", "factorized_c
            "factorized_conv_spatial", "decoupled_conv", "backend_info", "reference", "selfcheck", "SelfCheckError"]
 
 
-def backend_info():
-    """Which backends were built and which one each op uses on CPU and CUDA tensors."""
+def backend_info() -> dict:
+    """Which backends were built and which one each op uses on CPU and CUDA tensors.
+
+    Returns:
+        A dict: "extension_loaded" and "extension_error" (the compiled extension trp_kernels._C), the
+            "torch" and "torch_cuda" versions, "cuda_available", "lowrank_project" (the projection's backend per
+            device), "factorized_conv" (the convolutions' setting and choices, decoupled_conv included) and
+            "self_check" (the first-use verdicts of this process).
+    """
     import torch
 
     return {

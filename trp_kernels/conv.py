@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import geometry, onnx, probes, reference, selfcheck
+from .geometry import IntPair, Padding
 
 BACKEND_ENV = "TRP_CONV_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
@@ -70,8 +71,15 @@ def _check_common(name, x, w1, w2, bias, stride, dilation):
         raise ValueError(f"{name}: stride and dilation must be >= 1, got {stride}, {dilation}")
 
 
-def requested_backend():
-    """The TRP_CONV_BACKEND setting; ValueError for anything but auto, triton, torch."""
+def requested_backend() -> str:
+    """The TRP_CONV_BACKEND setting, read from the environment at every call.
+
+    Returns:
+        "auto" (default), "triton" or "torch".
+
+    Raises:
+        ValueError: the variable holds another value.
+    """
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {choice!r}")
@@ -153,8 +161,27 @@ def _measure(kind, args, key):
     return "triton" if t_fused < t_ref else "torch"
 
 
-def choose_backend(kind, x, w1, w2, bias, stride, padding, dilation):
-    """"triton" or "torch" for this call under the current TRP_CONV_BACKEND (may measure, see module doc)."""
+def choose_backend(kind: str, x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], stride: list[int],
+                   padding: list[int], dilation: list[int]) -> str:
+    """The backend of one call under the current TRP_CONV_BACKEND (may measure, see the module docstring).
+
+    Args:
+        kind: "channel", "spatial" or "decoupled".
+        x: the input [N, c, H, W].
+        w1: the first weight.
+        w2: the second weight.
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride.
+        padding: (top, bottom, left, right) zero padding.
+        dilation: (vertical, horizontal) dilation.
+
+    Returns:
+        "triton" or "torch".
+
+    Raises:
+        ValueError: TRP_CONV_BACKEND holds an invalid value.
+        RuntimeError: TRP_CONV_BACKEND=triton and the Triton kernel cannot run this call.
+    """
     choice = requested_backend()
     if choice == "torch":
         return "torch"
@@ -290,9 +317,40 @@ for _name in ("factorized_conv_channel", "factorized_conv_spatial"):
         _register_autocast(_autocast_lib, _name, _device_type)
 
 
-def factorized_conv_channel(x, c_weight, p_weight, bias=None, stride=1, padding=0, dilation=1):
-    """conv2d(x, c_weight, stride, padding, dilation) [kh x kw, c -> r] then conv2d(., p_weight, bias)
-    [1 x 1, r -> n], as one op. padding: int, (h, w), (top, bottom, left, right), "same" or "valid"."""
+def factorized_conv_channel(x: Tensor, c_weight: Tensor, p_weight: Tensor, bias: Optional[Tensor] = None,
+                            stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1) -> Tensor:
+    """Channel-bottleneck convolution as one op: a kh x kw conv c -> r, then a 1 x 1 conv r -> n with bias.
+
+    Equals conv2d(conv2d(x, c_weight, None, stride, padding, dilation), p_weight, bias). The output is
+    channels_last when x or a weight has channels_last strides (as conv2d's), else contiguous.
+    TRP_CONV_BACKEND (auto | triton | torch) picks the fused Triton kernel or the two convolutions; backward
+    runs the two-convolution path; under torch.onnx.export it traces as the two convolutions.
+
+    Args:
+        x: input [N, c, H, W], float32, float16, bfloat16 or float64.
+        c_weight: weight of the kh x kw conv [r, c, kh, kw] (r: the rank).
+        p_weight: weight of the 1 x 1 conv [n, r, 1, 1].
+        bias: None, or the output bias [n] (same dtype and device as x).
+        stride: stride of the kh x kw conv: an int, or a (vertical, horizontal)
+            pair of ints >= 1 (default 1).
+        padding: zero padding: an int (every side), an (h, w) pair (symmetric), a (top, bottom, left, right)
+            4-tuple, or "same" / "valid" as nn.Conv2d takes them ("same" needs stride 1; for an even kernel
+            extent its extra row/column goes to the bottom/right, as in PyTorch). Values >= 0; default 0.
+        dilation: dilation of the kh x kw conv: an int, or a (vertical, horizontal)
+            pair of ints >= 1 (default 1).
+
+    Returns:
+        The output [N, n, OH, OW] in x's dtype, OH and OW as conv2d computes them.
+
+    Raises:
+        ValueError: a tensor has the wrong number of dimensions or mismatching channels
+            (c_weight [r, c, kh, kw], p_weight [n, r, 1, 1]), bias has
+            the wrong shape, stride or dilation is below 1, padding is negative or malformed, or
+            padding="same" comes with a stride other than 1.
+        RuntimeError: TRP_CONV_BACKEND=triton and the Triton kernel cannot run this call (no triton, CPU
+            tensors without TRITON_INTERPRET=1, an unsupported dtype or size); or conv2d's own errors (e.g. an
+            input smaller than the dilated kernel).
+    """
     stride, dilation, padding = _conv_args(stride, padding, dilation)
     _check_common("factorized_conv_channel", x, c_weight, p_weight, bias, stride, dilation)
     if p_weight.shape[2:] != (1, 1):
@@ -301,10 +359,41 @@ def factorized_conv_channel(x, c_weight, p_weight, bias=None, stride=1, padding=
     return _call("channel", _channel_op, x, c_weight, p_weight, bias, stride, padding, dilation)
 
 
-def factorized_conv_spatial(x, v_weight, h_weight, bias=None, stride=1, padding=0, dilation=1):
-    """conv2d with v_weight [r, c, kh, 1] then with h_weight [n, r, 1, kw] and bias, as one op.
-    stride/dilation: (vertical, horizontal); padding: int, (h, w), (top, bottom, left, right), "same" or
-    "valid"."""
+def factorized_conv_spatial(x: Tensor, v_weight: Tensor, h_weight: Tensor, bias: Optional[Tensor] = None,
+                            stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1) -> Tensor:
+    """Spatial-separable convolution as one op: a kh x 1 conv c -> r, then a 1 x kw conv r -> n with bias.
+
+    The vertical parts of stride, padding and dilation apply to the kh x 1 conv, the horizontal parts to the
+    1 x kw conv, so the result equals the dense kh x kw conv with the product weight. The output is
+    channels_last when x or a weight has channels_last strides (as conv2d's), else contiguous.
+    TRP_CONV_BACKEND (auto | triton | torch) picks the fused Triton kernel or the two convolutions; backward
+    runs the two-convolution path; under torch.onnx.export it traces as the two convolutions.
+
+    Args:
+        x: input [N, c, H, W], float32, float16, bfloat16 or float64.
+        v_weight: weight of the vertical conv [r, c, kh, 1] (r: the rank).
+        h_weight: weight of the horizontal conv [n, r, 1, kw].
+        bias: None, or the output bias [n] (same dtype and device as x).
+        stride: stride of the dense kh x kw conv: an int, or a (vertical, horizontal)
+            pair of ints >= 1 (default 1).
+        padding: zero padding: an int (every side), an (h, w) pair (symmetric), a (top, bottom, left, right)
+            4-tuple, or "same" / "valid" as nn.Conv2d takes them ("same" needs stride 1; for an even kernel
+            extent its extra row/column goes to the bottom/right, as in PyTorch). Values >= 0; default 0.
+        dilation: dilation of the dense kh x kw conv: an int, or a (vertical, horizontal)
+            pair of ints >= 1 (default 1).
+
+    Returns:
+        The output [N, n, OH, OW] in x's dtype, OH and OW as the dense kh x kw conv2d computes them.
+
+    Raises:
+        ValueError: a tensor has the wrong number of dimensions or mismatching channels
+            (v_weight [r, c, kh, 1], h_weight [n, r, 1, kw]), bias has
+            the wrong shape, stride or dilation is below 1, padding is negative or malformed, or
+            padding="same" comes with a stride other than 1.
+        RuntimeError: TRP_CONV_BACKEND=triton and the Triton kernel cannot run this call (no triton, CPU
+            tensors without TRITON_INTERPRET=1, an unsupported dtype or size); or conv2d's own errors (e.g. an
+            input smaller than the dilated kernel).
+    """
     stride, dilation, padding = _conv_args(stride, padding, dilation)
     _check_common("factorized_conv_spatial", x, v_weight, h_weight, bias, stride, dilation)
     if v_weight.shape[3] != 1 or h_weight.shape[2] != 1:
@@ -313,9 +402,15 @@ def factorized_conv_spatial(x, v_weight, h_weight, bias=None, stride=1, padding=
     return _call("spatial", _spatial_op, x, v_weight, h_weight, bias, stride, padding, dilation)
 
 
-def backend_info():
-    """What the factorized convs run: the setting, the plan per device, the last backend each op used and
-    the per-shape auto measurements (ms, fused vs two convolutions) of this process."""
+def backend_info() -> dict:
+    """What the factorized convolutions run: the setting, the plan per device and this process's choices.
+
+    Returns:
+        A dict: "setting" (TRP_CONV_BACKEND), "cpu" and "cuda" (the plan per device type, "cuda" None without
+            a CUDA device), "triton_available", "triton_error", "triton_interpret", "triton_autotune", "last" (the
+            last backend each op used) and "auto_choices" (per call signature, the backend auto mode chose and its
+            measured milliseconds, fused vs two convolutions).
+    """
     try:
         setting = requested_backend()
     except ValueError as exc:

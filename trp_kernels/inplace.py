@@ -10,24 +10,36 @@ subgradient tensor per call, one op call per group, and the host round trip that
 certificate failed to the full solve (here the thread that tried the warm step solves the matrix at once).
 All matrices are checked before any is written: a NaN/Inf anywhere raises NonFiniteError and changes
 nothing."""
+from collections.abc import Sequence
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import _extension, warm as _warm
 from .project import WarmStart, backend_for, check_energy, check_max_rank, warm_usable
 
 
 class NonFiniteError(ValueError):
-    """Some matrix holds NaN or Inf; `bad` lists (group index, index in the group) of each such matrix."""
+    """Some matrix given to lowrank_project_ holds NaN or Inf; nothing was modified.
 
-    def __init__(self, bad):
-        self.bad = bad
+    Attributes:
+        bad: list of (group index, index in the group) of each such matrix.
+    """
+
+    def __init__(self, bad: list[tuple[int, int]]):
+        self.bad: list[tuple[int, int]] = bad
         super().__init__(f"lowrank_project_: matrices {bad} (group, index) contain NaN or Inf; nothing was "
                          "modified")
 
 
-def max_n():
-    """The largest min(p, q) the in-place CPU op takes (0 when the compiled extension lacks it, or when
-    TRP_PROJECT_BACKEND=reference asks for the PyTorch reference)."""
+def max_n() -> int:
+    """The largest min(p, q) the in-place CPU op takes.
+
+    Returns:
+        That size, or 0 when the compiled extension lacks the op or TRP_PROJECT_BACKEND=reference asks for the
+            PyTorch reference.
+    """
     if not _extension.has_kernel("lowrank_project_inplace_", "CPU") or backend_for("cpu") != "cpp":
         return 0
     return torch.ops.trp_kernels_C.lowrank_project_inplace_max_n()
@@ -40,9 +52,16 @@ def _overlap(mats):
     return any(end > start for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
-def supports(groups):
-    """Whether lowrank_project_ takes these groups of matrices: CPU float32/float64 contiguous tensors with
-    min(p, q) <= max_n(), one shape and dtype per group, no two sharing memory."""
+def supports(groups: Sequence[Sequence[Tensor]]) -> bool:
+    """Whether lowrank_project_ takes these groups of matrices.
+
+    Args:
+        groups: lists of 2-D tensors [p, q].
+
+    Returns:
+        True when every group is nonempty and holds contiguous CPU float32/float64 matrices of one shape and dtype
+            with 1 <= min(p, q) <= max_n(), and no two matrices share memory.
+    """
     limit = max_n()
     for mats in groups:
         if not mats:
@@ -57,18 +76,43 @@ def supports(groups):
     return not _overlap([m for mats in groups for m in mats])
 
 
-def kernel(*args):
-    """The compiled op trp_kernels_C::lowrank_project_inplace_ (one name that benchmarks can time)."""
+def kernel(*args: object) -> tuple:
+    """Call the compiled op trp_kernels_C::lowrank_project_inplace_ (one name that benchmarks can time).
+
+    Args:
+        *args: the op's arguments, as lowrank_project_ passes them.
+
+    Returns:
+        The op's (finite flags, ranks, next bases, warm flags).
+    """
     return torch.ops.trp_kernels_C.lowrank_project_inplace_(*args)
 
 
-def lowrank_project_(groups, energy, warm, *, max_rank=None, G=None):
-    """Projects every matrix of `groups` (lists of [p, q] tensors, one shape and dtype per list, supports()
-    holds) in place on its energy-rule truncated SVD, as lowrank_project(torch.stack(group), energy,
-    max_rank=max_rank, subgradient=G is not None, warm=warm[i]) followed by a copy back would.
+def lowrank_project_(groups: Sequence[Sequence[Tensor]], energy: float, warm: Sequence[WarmStart], *,
+                     max_rank: Optional[int] = None, G: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+    """Project every matrix of `groups` in place on its energy-rule truncated SVD.
 
-    warm: one WarmStart per group (updated). G: None, or one [B, p, q] buffer per group (contiguous, the group's
-    dtype) that receives the subgradient U_k V_k^T. Returns the rank tensors (int64 [B]), one per group."""
+    The same results as lowrank_project(torch.stack(group), energy, max_rank=max_rank, subgradient=G is not None,
+    warm=warm[i]) followed by a copy back, bit for bit. All matrices are checked before any is written.
+
+    Args:
+        groups: lists of [p, q] tensors, one shape and dtype per list, for which supports() holds; written in
+            place (they must not require grad).
+        energy: fraction of the squared singular values each matrix keeps, in (0, 1].
+        warm: one WarmStart per group, updated.
+        max_rank: None (no cap), or the largest rank kept, an int >= 1.
+        G: None, or one contiguous [B, p, q] buffer per group (the group's dtype, B its length) that receives
+            the subgradient U_k V_k^T.
+
+    Returns:
+        One rank tensor (int64 [B]) per group.
+
+    Raises:
+        ValueError: energy or max_rank is invalid, or a matrix requires grad.
+        TypeError: warm does not hold one WarmStart per group.
+        RuntimeError: the compiled CPU op is not available (max_n() is 0).
+        NonFiniteError: some matrix holds NaN or Inf (nothing was modified).
+    """
     energy = check_energy(energy, "lowrank_project_: energy")
     check_max_rank(max_rank, "lowrank_project_: max_rank")
     if len(warm) != len(groups) or not all(isinstance(w, WarmStart) for w in warm):

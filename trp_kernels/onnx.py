@@ -10,20 +10,43 @@ runs:
   was involved): `custom_translation_table()` maps each op to an onnxscript function for
   torch.onnx.export(..., dynamo=True, custom_translation_table=...).
 """
+from collections.abc import Callable, Sequence
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import reference
 
 _OPSET = 18
 
 
-def exporting():
-    """True while torch.onnx.export traces a model (either exporter)."""
+def exporting() -> bool:
+    """Whether torch.onnx.export is tracing a model right now (either exporter).
+
+    Returns:
+        True while an export is in progress.
+    """
     return torch.onnx.is_in_onnx_export()
 
 
-def lowered(kind, x, w1, w2, bias, stride, padding, dilation):
-    """The op as the convolutions it equals (trp_kernels.reference), for the exporters to trace."""
+def lowered(kind: str, x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+            padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """A factorized convolution as the two convolutions it equals (trp_kernels.reference), for the exporters.
+
+    Args:
+        kind: "channel", "spatial" or "decoupled".
+        x: input [N, c, H, W].
+        w1: the first weight (c_weight, v_weight or pw_weight of the op).
+        w2: the second weight (p_weight, h_weight or dw_weight of the op).
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+
+    Returns:
+        The output [N, n, OH, OW] in x's dtype.
+    """
     return getattr(reference, f"factorized_conv_{kind}")(x, w1, w2, bias, stride, padding, dilation)
 
 
@@ -31,8 +54,16 @@ def _pads(top, bottom, left, right):
     return [top, left, bottom, right]  # ONNX order: all begins, then all ends
 
 
-def custom_translation_table():
-    """{torch op: onnxscript function} for the three trp_kernels ops (needs onnxscript)."""
+def custom_translation_table() -> dict[object, Callable]:
+    """ONNX translations of the three trp_kernels ops, for torch.onnx.export(..., custom_translation_table=...).
+
+    Returns:
+        A dict {torch op overload: onnxscript function} for factorized_conv_channel, factorized_conv_spatial
+            and decoupled_conv, each giving standard Conv nodes (opset 18).
+
+    Raises:
+        ImportError: onnxscript is not installed.
+    """
     import onnxscript
     op = getattr(onnxscript, f"opset{_OPSET}")
 

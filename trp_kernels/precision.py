@@ -12,6 +12,7 @@ The setting is process-wide, not per thread: while any thread projects, it reads
 matmuls are then exact, and slower); the first thread in saves it and the last one out restores it."""
 import contextlib
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -30,11 +31,17 @@ def _backend(device_type):
 
 
 @contextlib.contextmanager
-def ieee_matmul(device_type):
-    """Float32 matmuls on `device_type` ("cuda" or "cpu") run in IEEE float32 within this context.
+def ieee_matmul(device_type: str) -> Iterator[None]:
+    """Context in which float32 matmuls on `device_type` run in IEEE float32 (no TF32, no bfloat16).
+
+    The setting is process-wide: the first thread in saves the user's setting and the last one out restores it.
 
     Args:
-        device_type: the device type of the tensors the projection works on.
+        device_type: the device type of the tensors the projection works on, "cuda" or "cpu"; any other
+            type (or a torch without the fp32_precision setting) leaves everything as it is.
+
+    Yields:
+        Nothing; the setting holds until the context exits.
     """
     found = _backend(device_type)
     if found is None or found[1] is None or not hasattr(found[1], "fp32_precision"):

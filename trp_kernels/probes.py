@@ -7,7 +7,11 @@ eigenvalue): sigma_i^2 = 1 - 0.5 i / k for the k kept directions, 0.05 * 2^-(i -
 halfway through the k-th increment. The reference is the float64 SVD of the probe as the kernel sees it (rounded
 to the call's dtype). Convolutions: the real call itself (a convolution has no ties), against the
 float64 two-convolution reference, element by element within the a-priori rounding bound of the kernel."""
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
+
 import torch
+from torch import Tensor
 
 from . import reference, warm
 
@@ -39,9 +43,17 @@ def _orthonormal(B, rows, cols, gen, device):
     return X
 
 
-def designed_spectrum(n, rank):
-    """(squared singular values [n] float64, energy): `rank` (1 <= rank <= n) kept values in (0.5, 1], a tail from
-    0.05 halving at each step, and the energy halfway through the rank-th value's increment."""
+def designed_spectrum(n: int, rank: int) -> tuple[Tensor, float]:
+    """A spectrum whose energy rule keeps exactly `rank` values, with clear gaps (see the module docstring).
+
+    Args:
+        n: the number of values, >= 1.
+        rank: the kept count, clamped to 1..n: values in (0.5, 1], then a tail from 0.05 halving at each step.
+
+    Returns:
+        A pair (squared singular values [n] float64, energy): the energy lies halfway through the rank-th
+            value's increment of the cumulative sum.
+    """
     k = max(1, min(int(rank), n))
     i = torch.arange(n, dtype=torch.float64)
     lam = torch.where(i < k, 1.0 - 0.5 * i / k, 0.05 * torch.pow(0.5, (i - k).clamp_min(0)))
@@ -49,16 +61,41 @@ def designed_spectrum(n, rank):
     return lam, float((prefix[k - 1] - 0.5 * lam[k - 1]) / prefix[-1])
 
 
-def designed_factors(B, p, q, device, seed=0):
-    """(U [B, p, n], V [B, q, n]) with orthonormal columns, n = min(p, q)."""
+def designed_factors(B: int, p: int, q: int, device: Union[str, torch.device], seed: int = 0
+                     ) -> tuple[Tensor, Tensor]:
+    """Random singular vectors for B matrices [p, q]: products of a few Householder reflectors.
+
+    Args:
+        B: the number of matrices.
+        p: rows of each matrix.
+        q: columns of each matrix.
+        device: where the factors are put.
+        seed: the random generator's seed (the factors are the same for the same seed).
+
+    Returns:
+        A pair (U [B, p, n], V [B, q, n]) of float64 tensors with orthonormal columns, n = min(p, q).
+    """
     gen = torch.Generator().manual_seed(seed)
     n = min(p, q)
     return _orthonormal(B, p, n, gen, device), _orthonormal(B, q, n, gen, device)
 
 
-def designed_batch(B, p, q, rank, dtype, device, seed=0):
-    """(W [B, p, q] in dtype on device, energy): B matrices whose energy rule keeps exactly `rank` directions
-    (1 <= rank <= min(p, q)) with clear gaps, see the module docstring."""
+def designed_batch(B: int, p: int, q: int, rank: int, dtype: torch.dtype, device: Union[str, torch.device],
+                   seed: int = 0) -> tuple[Tensor, float]:
+    """B matrices whose energy rule keeps exactly `rank` directions, with clear gaps (see the module docstring).
+
+    Args:
+        B: the number of matrices.
+        p: rows of each matrix.
+        q: columns of each matrix.
+        rank: the kept count, 1 <= rank <= min(p, q).
+        dtype: the matrices' dtype.
+        device: where the matrices are put.
+        seed: the random generator's seed.
+
+    Returns:
+        A pair (W [B, p, q] in dtype on device, energy).
+    """
     lam, energy = designed_spectrum(min(p, q), rank)
     U, V = designed_factors(B, p, q, device, seed)
     return ((U * lam.to(device).sqrt()) @ V.mT).to(dtype), energy
@@ -69,9 +106,24 @@ def _rel(a, b):
     return float((a.to(torch.float64) - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def compare_projection(W, energy, max_rank, subgradient, got, rows=None, tol=None):
-    """(ok, detail): the kernel's (W_low, rank, G) for W against reference.lowrank_project within `tol` (default
-    PROJECTION_TOL of W's dtype); rows (bool [B]): only these matrices count (the warm step's certified ones)."""
+def compare_projection(W: Tensor, energy: float, max_rank: Optional[int], subgradient: bool,
+                       got: Sequence[Tensor], rows: Optional[Tensor] = None, tol: Optional[float] = None
+                       ) -> tuple[bool, str]:
+    """Compare a kernel's projection of W with reference.lowrank_project.
+
+    Args:
+        W: the kernel's input [B, p, q].
+        energy: fraction of the squared singular values kept, in (0, 1].
+        max_rank: None, or the largest rank kept.
+        subgradient: whether G is compared too.
+        got: the kernel's results, (W_low, rank, G, ...).
+        rows: None (every matrix), or a bool tensor [B]: only these matrices count (the warm step's certified
+            ones).
+        tol: the relative Frobenius error allowed for W_low and G (default PROJECTION_TOL of W's dtype).
+
+    Returns:
+        A pair (ok, detail): ok whether the kernel agrees with the reference, detail a short description.
+    """
     W_low, rank, G = got[:3]
     ref_low, ref_rank, ref_G = reference.lowrank_project(W, energy, max_rank, subgradient)
     if rows is not None:
@@ -87,22 +139,48 @@ def compare_projection(W, energy, max_rank, subgradient, got, rows=None, tol=Non
     return good, f"W_low error {err:.1e}, G error {g_err:.1e} (tolerance {tol:.0e}), ranks {rank.tolist()}"
 
 
-def projection(kernel, shape, dtype, device, max_rank, subgradient):
-    """The full solve `kernel(W, energy, max_rank, subgradient)` -> (W_low, rank, G) on designed matrices of the
-    call's shape [B, p, q] (at most PROBE_MATRICES of them)."""
+def projection(kernel: Callable, shape: Sequence[int], dtype: torch.dtype, device: Union[str, torch.device],
+               max_rank: Optional[int], subgradient: bool) -> tuple[bool, str]:
+    """Probe a full-solve kernel on designed matrices of the call's shape (at most PROBE_MATRICES of them).
+
+    Args:
+        kernel: the full solve, kernel(W, energy, max_rank, subgradient) -> (W_low, rank, G).
+        shape: the call's (B, p, q).
+        dtype: the call's dtype.
+        device: the call's device.
+        max_rank: the call's max_rank (None or an int >= 1).
+        subgradient: the call's subgradient flag.
+
+    Returns:
+        A pair (ok, detail): ok whether the kernel agrees with the reference, detail a short description.
+    """
     B, p, q = shape
     n = min(p, q)
     W, energy = designed_batch(min(B, PROBE_MATRICES), p, q, max(1, min(n // 3, COLD_RANK)), dtype, device)
     return compare_projection(W, energy, max_rank, subgradient, kernel(W, energy, max_rank, subgradient))
 
 
-def warm_step(kernel, shape, dtype, device, width, max_rank, subgradient):
-    """The warm step `kernel(W, basis, energy, max_rank, subgradient)` -> (W_low, rank, G, X, ok) from the exact
-    kept basis of designed matrices to those matrices after a small rotation of their singular vectors (ROTATION
-    between each kept direction and a discarded one; float16 / bfloat16: from the basis of the matrices as rounded),
-    with a basis of the call's width class (see JACOBI_MAX_N).
-    Only certified matrices (ok) are compared; none certified is a pass (they would take the full solve), noted in
-    the detail."""
+def warm_step(kernel: Callable, shape: Sequence[int], dtype: torch.dtype, device: Union[str, torch.device],
+              width: int, max_rank: Optional[int], subgradient: bool) -> tuple[bool, str]:
+    """Probe a warm-step kernel: from the exact kept basis of designed matrices to those matrices slightly turned.
+
+    The singular vectors turn by ROTATION between each kept direction and a discarded one (float16 / bfloat16:
+    from the basis of the matrices as rounded), with a basis of the call's width class (see JACOBI_MAX_N).
+    Only certified matrices (ok) are compared; none certified is a pass (they would take the full solve), noted
+    in the detail.
+
+    Args:
+        kernel: the warm step, kernel(W, basis, energy, max_rank, subgradient) -> (W_low, rank, G, X, ok).
+        shape: the call's (B, p, q).
+        dtype: the call's dtype.
+        device: the call's device.
+        width: the call's basis width m.
+        max_rank: the call's max_rank (None or an int >= 1).
+        subgradient: the call's subgradient flag.
+
+    Returns:
+        A pair (ok, detail): ok whether the kernel agrees with the reference, detail a short description.
+    """
     B, p, q = shape
     n = min(p, q)
     k = min(width, JACOBI_MAX_N + 1, n)
@@ -138,12 +216,30 @@ def _reduction(w):
     return int(w.shape[1] * w.shape[2] * w.shape[3])
 
 
-def convolution(kind, y, x, w1, w2, bias, stride, padding, dilation):
-    """The fused kernel's output y for this call against the float64 two-convolution reference, element by
-    element: |y - ref| <= 2 (2 u + (K1 + K2 + 2) u32) |ref|_abs, where |ref|_abs is the reference on absolute
-    values, u the unit roundoff of the dtype (the intermediate and the output are rounded to it), u32 that of
-    the float32 accumulators and K1, K2 the two reductions' lengths: the first-order rounding bound, doubled.
-    None (inconclusive) when the call holds non-finite values."""
+def convolution(kind: str, y: Tensor, x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor],
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> tuple[Optional[bool], str]:
+    """Compare a fused convolution's output with the float64 two-convolution reference, element by element.
+
+    The bound is |y - ref| <= 2 (2 u + (K1 + K2 + 2) u32) |ref|_abs, where |ref|_abs is the reference on
+    absolute values, u the unit roundoff of the dtype (the intermediate and the output are rounded to it), u32
+    that of the float32 accumulators and K1, K2 the two reductions' lengths: the first-order rounding bound,
+    doubled.
+
+    Args:
+        kind: "channel", "spatial" or "decoupled".
+        y: the kernel's output [N, n, OH, OW].
+        x: the call's input [N, c, H, W].
+        w1: the call's first weight.
+        w2: the call's second weight.
+        bias: None, or the call's bias [n].
+        stride: (vertical, horizontal) stride.
+        padding: (top, bottom, left, right) zero padding.
+        dilation: (vertical, horizontal) dilation.
+
+    Returns:
+        A pair (ok, detail): ok None (inconclusive) when the call holds non-finite or overflowing values, else
+            whether every output is within the bound; detail a short description.
+    """
     fn = getattr(reference, f"factorized_conv_{kind}")
     args64 = [t.to(torch.float64) if t is not None else None for t in (x, w1, w2, bias)]
     ref = fn(*args64, stride, padding, dilation)

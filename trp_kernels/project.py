@@ -9,7 +9,8 @@ from one call to the next; the op trp_kernels::lowrank_project_warm is the funct
 basis and the per-matrix "took the warm path" flags out)."""
 import math
 import os
-from typing import Optional
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -31,10 +32,22 @@ def _dispatch_key(device):
     return "CUDA" if device.type == "cuda" else "CPU"
 
 
-def backend_for(device):
-    """The implementation lowrank_project runs for tensors on `device`: "cpp" or "reference". A CUDA device for
-    which this build has no kernel image (e.g. sm_75 when built for 8.0;9.0+PTX) gets the reference, with a
-    warning once (TRP_PROJECT_BACKEND=cpp: RuntimeError)."""
+def backend_for(device: Union[str, torch.device]) -> str:
+    """The implementation lowrank_project runs for tensors on `device`, under TRP_PROJECT_BACKEND.
+
+    A CUDA device for which this build has no kernel image (e.g. sm_75 when built for 8.0;9.0+PTX) gets the
+    reference, with a warning once.
+
+    Args:
+        device: a torch.device or its name ("cpu", "cuda:0", ...).
+
+    Returns:
+        "cpp" (the compiled kernels) or "reference" (the PyTorch reference).
+
+    Raises:
+        ValueError: TRP_PROJECT_BACKEND is not auto, cpp or reference.
+        RuntimeError: TRP_PROJECT_BACKEND=cpp and the build has no kernel (or no kernel image) for the device.
+    """
     device = torch.device(device)
     choice = _requested_backend()
     compiled = _extension.has_kernel("lowrank_project", _dispatch_key(device))
@@ -54,8 +67,19 @@ def backend_for(device):
     return "cpp" if compiled and choice != "reference" else "reference"
 
 
-def check_energy(energy, name="energy"):
-    """float(energy) if it is a number in (0, 1], else ValueError (trp reuses this rule)."""
+def check_energy(energy: float, name: str = "energy") -> float:
+    """The energy argument as a float, checked (trp reuses this rule).
+
+    Args:
+        energy: fraction of the squared singular values kept: a number (not a bool) in (0, 1].
+        name: how the error message names the argument.
+
+    Returns:
+        float(energy).
+
+    Raises:
+        ValueError: energy is not a number in (0, 1] (NaN included).
+    """
     if isinstance(energy, bool) or not isinstance(energy, (int, float)) or math.isnan(energy) \
             or not 0.0 < energy <= 1.0:
         raise ValueError(f"{name} must be a number in (0, 1] (the fraction of squared singular values "
@@ -63,14 +87,36 @@ def check_energy(energy, name="energy"):
     return float(energy)
 
 
-def check_max_rank(max_rank, name="max_rank"):
+def check_max_rank(max_rank: Optional[int], name: str = "max_rank") -> Optional[int]:
+    """The max_rank argument, checked.
+
+    Args:
+        max_rank: None (no cap), or an int (not a bool) >= 1.
+        name: how the error message names the argument.
+
+    Returns:
+        max_rank unchanged.
+
+    Raises:
+        ValueError: max_rank is neither None nor an int >= 1.
+    """
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
                                  or max_rank < 1):
         raise ValueError(f"{name} must be None or an int >= 1, got {max_rank!r}")
     return max_rank
 
 
-def validate(W, energy, max_rank):
+def validate(W: Tensor, energy: float, max_rank: Optional[int]) -> None:
+    """Check lowrank_project's arguments (not the values of W: see check_finite).
+
+    Args:
+        W: the batch of matrices, which must be a floating-point tensor [B, p, q].
+        energy: fraction of the squared singular values kept, in (0, 1].
+        max_rank: None, or an int >= 1.
+
+    Raises:
+        ValueError: an argument is invalid.
+    """
     if not isinstance(W, torch.Tensor):
         raise ValueError(f"lowrank_project: W must be a torch.Tensor, got {type(W).__name__}")
     if W.dim() != 3:
@@ -81,19 +127,42 @@ def validate(W, energy, max_rank):
     check_max_rank(max_rank, "lowrank_project: max_rank")
 
 
-def finite_flag(W):
-    """A 0-dim bool tensor, False when some matrix of W [B, p, q] may hold NaN/Inf; no host sync. One sum
-    per matrix: NaN and Inf propagate; a finite overflow also gives False, so False needs finite_rows."""
+def finite_flag(W: Tensor) -> Tensor:
+    """Whether every matrix of W may be finite, without a host synchronisation.
+
+    One sum per matrix: NaN and Inf propagate, but a finite overflow also gives False, so False needs
+    finite_rows.
+
+    Args:
+        W: tensor [B, p, q].
+
+    Returns:
+        A 0-dim bool tensor on W's device: True when no matrix holds NaN or Inf.
+    """
     return torch.isfinite(W.sum(dim=(1, 2))).all()
 
 
-def finite_rows(W):
-    """Bool [B]: whether each matrix of W is entirely finite (the exact, element-wise test)."""
+def finite_rows(W: Tensor) -> Tensor:
+    """Whether each matrix of W is entirely finite (the exact, element-wise test).
+
+    Args:
+        W: tensor [B, p, q].
+
+    Returns:
+        A bool tensor [B].
+    """
     return torch.isfinite(W).flatten(1).all(dim=1)
 
 
-def check_finite(W):
-    """ValueError naming the first batch index holding NaN or Inf (one host sync in the usual case)."""
+def check_finite(W: Tensor) -> None:
+    """Raise when some matrix of W holds NaN or Inf (one host synchronisation in the usual case).
+
+    Args:
+        W: tensor [B, p, q].
+
+    Raises:
+        ValueError: naming the first batch index that holds NaN or Inf.
+    """
     if W.numel() == 0 or bool(finite_flag(W)):
         return
     finite = finite_rows(W)
@@ -147,10 +216,22 @@ def _cold_with_basis(W, energy, max_rank, subgradient, cpp):
     return W_low, rank, (G if subgradient else W.new_empty(0)), basis
 
 
-def warm_usable(basis, shape, device, energy):
-    """Whether a call on matrices [B, p, q] (`shape`) on `device` takes the warm step from `basis`: a state
-    of this batch (trp_kernels.warm.is_basis, [B, n, m] with 1 <= m <= n, on the device) that is worth it
-    (n >= MIN_N, m <= MAX_FRACTION * n) at an energy below 1 (which keeps every direction)."""
+def warm_usable(basis: Optional[Tensor], shape: Sequence[int], device: Union[str, torch.device],
+                energy: float) -> bool:
+    """Whether a call takes the warm step from `basis`.
+
+    That needs a state of this batch (trp_kernels.warm.is_basis, [B, n, m] with 1 <= m <= n, on the device)
+    that is worth it (n >= MIN_N, m <= MAX_FRACTION * n), at an energy below 1 (which keeps every direction).
+
+    Args:
+        basis: the WarmStart's basis (None, or a tensor).
+        shape: the matrices' shape (B, p, q); n = min(p, q).
+        device: the matrices' device.
+        energy: the call's energy, in (0, 1].
+
+    Returns:
+        Whether the warm step runs.
+    """
     B, p, q = shape
     n = min(p, q)
     return (_warm.is_basis(basis) and basis.device == torch.device(device) and basis.shape[0] == B
@@ -158,10 +239,20 @@ def warm_usable(basis, shape, device, energy):
             and basis.shape[2] <= _warm.MAX_FRACTION * n and energy < 1.0)
 
 
-def sketch_usable(shape, device, energy):
-    """Whether a call without a usable state on matrices [B, p, q] (`shape`) first tries random blocks
-    (trp_kernels.warm.sketched_step): large matrices (n >= SKETCH_MIN_N) on the CPU, where the full
-    eigensolve costs tens of seconds, at an energy below 1."""
+def sketch_usable(shape: Sequence[int], device: Union[str, torch.device], energy: float) -> bool:
+    """Whether a call without a usable state first tries random blocks (trp_kernels.warm.sketched_step).
+
+    Only large matrices (n >= SKETCH_MIN_N) on the CPU, where the full eigensolve costs tens of seconds, at an
+    energy below 1.
+
+    Args:
+        shape: the matrices' shape (B, p, q); n = min(p, q).
+        device: the matrices' device.
+        energy: the call's energy, in (0, 1].
+
+    Returns:
+        Whether the random start is tried.
+    """
     return torch.device(device).type == "cpu" and min(shape[1:]) >= _warm.SKETCH_MIN_N and energy < 1.0
 
 
@@ -281,12 +372,10 @@ def _(W, basis, energy, max_rank, subgradient, check=True):
 
 
 class WarmStart:
-    """The state that lets consecutive lowrank_project calls on slowly moving matrices skip the full
-    eigensolve: per matrix, the leading singular vectors of the smaller side found by the previous call
-    (`basis` [B, n, m] float64: each matrix's kept singular vectors, zero columns up to the batch's largest
-    rank m) and which matrices of that call took the warm path (`warm` bool [B]; on a call without a usable
-    state, which large matrices took the certified random start, sketch_usable). Pass the same object to
-    every call on the same batch of matrices:
+    """State that lets consecutive lowrank_project calls on slowly moving matrices skip the full eigensolve.
+
+    Per matrix it holds the leading singular vectors of the smaller side found by the previous call, and which
+    matrices of that call took the warm path. Pass the same object to every call on the same batch of matrices:
 
         state = trp_kernels.WarmStart()
         for ...:
@@ -294,19 +383,41 @@ class WarmStart:
 
     The results meet the same contract as without it (each matrix is checked and, where the check fails,
     solved in full); only the time differs. A state from other matrices (another batch size, shape or device)
-    is not an error: that call solves in full and starts a new state."""
+    is not an error: that call solves in full and starts a new state.
+
+    Attributes:
+        basis: None before the first call, else a float64 tensor [B, n, m] with n = min(p, q): each matrix's
+            kept singular vectors as columns, zero columns up to the batch's largest rank m.
+        warm: None before the first call, else a bool tensor [B]: which matrices of the last call took the
+            warm path (on a call without a usable state, which large matrices took the certified random start).
+    """
 
     def __init__(self):
-        self.basis = None
-        self.warm = None
+        self.basis: Optional[Tensor] = None
+        self.warm: Optional[Tensor] = None
 
-    def reset(self):
+    def reset(self) -> None:
+        """Forget the state: the next call solves every matrix in full."""
         self.basis = self.warm = None
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
+        """The state to save (the basis; the warm flags describe the last call only and are not saved).
+
+        Returns:
+            A dict {"basis": None or the float64 tensor [B, n, m]}.
+        """
         return {"basis": self.basis}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state saved by state_dict.
+
+        Args:
+            state: a dict {"basis": None or a float64 tensor [B, n, m]}, as state_dict returns. A basis that
+                does not fit the next call's matrices is not an error (that call solves in full).
+
+        Raises:
+            ValueError: state is not a dict, or its basis is neither None nor a 3-D float64 tensor.
+        """
         basis = state.get("basis") if isinstance(state, dict) else None
         if not isinstance(state, dict) or (basis is not None and not _warm.is_basis(basis)):
             raise ValueError("WarmStart.load_state_dict: expected {'basis': None or a float64 tensor [B, n, m]}, "
@@ -318,18 +429,39 @@ class WarmStart:
         return f"WarmStart(basis={shape})"
 
 
-def lowrank_project(W, energy, *, max_rank=None, subgradient=False, check_finite=True, warm=None):
-    """Project each matrix of W [B, p, q] on its truncated SVD.
+def lowrank_project(W: Tensor, energy: float, *, max_rank: Optional[int] = None, subgradient: bool = False,
+                    check_finite: bool = True, warm: Optional[WarmStart] = None
+                    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Project each matrix of a batch on its truncated SVD, keeping a fraction of its energy.
 
-    Returns (W_low, rank, G): rank[b] is the smallest k >= 1 keeping at least `energy` of the squared
-    singular values (0 for an all-zero matrix, capped by max_rank), W_low[b] = U_k S_k V_k^T and
-    G[b] = U_k V_k^T (the nuclear-norm subgradient) when subgradient=True, else None.
-    float16/bfloat16 are computed in float32 and returned in W's dtype. W is never modified.
-    NaN/Inf in W raise ValueError; check_finite=False skips that test (a host sync) for callers that
-    have already made it (RankPruner checks all its groups at once) - the results are then undefined for
-    non-finite input.
-    warm: a WarmStart carried between calls on the same (slowly moving) matrices: each call starts from the
-    previous call's basis and updates it; same results, less time (trp_kernels/warm.py)."""
+    rank[b] is the smallest k >= 1 whose leading k squared singular values keep at least `energy` of their
+    total (0 for an all-zero matrix), capped by max_rank; W_low[b] = U_k S_k V_k^T and, when asked,
+    G[b] = U_k V_k^T (the nuclear-norm subgradient). float16 / bfloat16 are computed in float32 and returned
+    in W's dtype; W is never modified. Runs the compiled C++/CUDA kernels when built, else the PyTorch
+    reference (TRP_PROJECT_BACKEND=auto|cpp|reference forces a choice).
+
+    Args:
+        W: floating-point tensor [B, p, q] (B >= 0 matrices of p x q), on the CPU or a CUDA device.
+        energy: fraction of the squared singular values (the energy) each matrix keeps, in (0, 1];
+            1 keeps every nonzero direction.
+        max_rank: None (no cap), or the largest rank kept, an int >= 1.
+        subgradient: also return G, the nuclear-norm subgradient U_k V_k^T (default False).
+        check_finite: test W for NaN/Inf first, one host synchronisation (default True). False is for
+            callers that have tested W already; the results are undefined for non-finite input then.
+        warm: None, or a WarmStart carried between calls on the same slowly moving matrices: each call
+            starts from the previous call's kept basis and updates it (same results, less time).
+
+    Returns:
+        A tuple (W_low, rank, G): W_low has W's shape and dtype, rank is int64 [B], G has W's shape and
+            dtype when subgradient is True, else None.
+
+    Raises:
+        ValueError: W is not a 3-D floating-point tensor, energy is not in (0, 1], max_rank is not None
+            or an int >= 1, (check_finite) some matrix holds NaN or Inf, or TRP_PROJECT_BACKEND holds an
+            invalid value.
+        TypeError: warm is neither None nor a WarmStart.
+        RuntimeError: TRP_PROJECT_BACKEND=cpp and the compiled extension has no kernel for W's device.
+    """
     validate(W, energy, max_rank)
     if warm is not None:
         if not isinstance(warm, WarmStart):
@@ -347,23 +479,30 @@ def _check_finite_each(Ws):
         check_finite(W)
 
 
-def lowrank_project_many(Ws, energy, *, max_rank=None, subgradient=False, warms=None, check_finite=True):
-    """lowrank_project on several batches of matrices (e.g. one per layer shape) with one host synchronisation per
-    device for all of them, instead of two per batch on the warm path: each batch's call runs up to the point where
-    its results must be read on the host, then one copy reads them all.
+def lowrank_project_many(Ws: list[Tensor], energy: float, *, max_rank: Optional[int] = None,
+                         subgradient: bool = False, warms: Optional[list[Optional[WarmStart]]] = None,
+                         check_finite: bool = True) -> list[tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """Run lowrank_project on several batches of matrices with one host synchronisation per device.
+
+    Each batch's call runs up to the point where its results must be read on the host, then one copy reads
+    them all (instead of two synchronisations per batch on the warm path). Results equal lowrank_project's
+    on each batch.
 
     Args:
-        Ws: a list of tensors [B_i, p_i, q_i] (any shapes, dtypes and devices).
-        energy, max_rank, subgradient: as lowrank_project, for every batch.
-        warms: None, or one trp_kernels.WarmStart (or None) per batch.
-        check_finite: as lowrank_project (one synchronisation per batch when True).
+        Ws: list of floating-point tensors [B_i, p_i, q_i] (e.g. one per layer shape; any shapes, dtypes
+            and devices).
+        energy: fraction of the squared singular values each matrix keeps, in (0, 1] (as lowrank_project).
+        max_rank: None (no cap), or the largest rank kept, an int >= 1, for every batch.
+        subgradient: also return each batch's nuclear-norm subgradient G (default False).
+        warms: None, or a list with one WarmStart (or None: no warm start) per batch, same length as Ws.
+        check_finite: test each batch for NaN/Inf first, one synchronisation per batch (default True).
 
     Returns:
-        list: one (W_low, rank, G or None) per batch, as lowrank_project returns.
+        A list with one (W_low, rank, G or None) tuple per batch, as lowrank_project returns.
 
     Raises:
-        ValueError: a batch is not a valid input (lowrank_project's checks) or holds NaN/Inf.
-        TypeError: warms is not a list of WarmStart / None of the same length.
+        ValueError: a batch is not a valid input (lowrank_project's checks) or holds NaN or Inf.
+        TypeError: warms is not None or a list of WarmStart / None of the same length as Ws.
     """
     warms = [None] * len(Ws) if warms is None else list(warms)
     if len(warms) != len(Ws) or not all(w is None or isinstance(w, WarmStart) for w in warms):
@@ -386,7 +525,14 @@ def lowrank_project_many(Ws, energy, *, max_rank=None, subgradient=False, warms=
     return out
 
 
-def backend_info():
+def backend_info() -> dict:
+    """Which implementation lowrank_project runs on each device type.
+
+    Returns:
+        A dict: "cpu" and "cuda" ("cpp" or "reference"; "cuda" is None without a CUDA device),
+            "compiled_cpu" and "compiled_cuda" (whether the extension has the kernel) and "cuda_kernel_images"
+            ({device index: kernel image version} of the devices asked so far).
+    """
     return {
         "cpu": backend_for("cpu"),
         "cuda": backend_for("cuda") if torch.cuda.is_available() else None,

@@ -31,8 +31,12 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable, Hashable, Iterator
+from typing import Optional, Union
 
 import torch
+
+Device = Union[str, torch.device]
 
 ENV = "TRP_KERNELS_SELF_CHECK"
 FAILURE_ENV = "TRP_KERNELS_SELF_CHECK_FAILURE"
@@ -41,28 +45,57 @@ FAILURES = ("fallback", "error")
 
 
 class SelfCheckError(RuntimeError):
-    """A kernel disagreed with the float64 reference on its first-use probe (TRP_KERNELS_SELF_CHECK_FAILURE=error)."""
+    """A kernel disagreed with the float64 reference on its first-use probe.
+
+    Raised instead of the warning and fallback when TRP_KERNELS_SELF_CHECK_FAILURE=error.
+    """
 
 
-def scope():
-    """TRP_KERNELS_SELF_CHECK: "1" (CUDA and Triton kernels), "all" (and the C++ CPU kernels) or "0" (off)."""
+def scope() -> str:
+    """The TRP_KERNELS_SELF_CHECK setting, read from the environment at every call.
+
+    Returns:
+        "1" (default: the CUDA and Triton kernels check themselves), "all" (the C++ CPU kernels too) or
+            "0" (off).
+
+    Raises:
+        ValueError: the variable holds another value.
+    """
     value = os.environ.get(ENV, "1").strip().lower() or "1"
     if value not in SCOPES:
         raise ValueError(f"{ENV} must be one of {', '.join(SCOPES)}, got {value!r}")
     return value
 
 
-def failure_mode():
-    """TRP_KERNELS_SELF_CHECK_FAILURE: "fallback" (warn, fall back) or "error" (raise SelfCheckError)."""
+def failure_mode() -> str:
+    """The TRP_KERNELS_SELF_CHECK_FAILURE setting, read from the environment at every call.
+
+    Returns:
+        "fallback" (default: warn and fall back to the reference) or "error" (raise SelfCheckError).
+
+    Raises:
+        ValueError: the variable holds another value.
+    """
     value = os.environ.get(FAILURE_ENV, "fallback").strip().lower() or "fallback"
     if value not in FAILURES:
         raise ValueError(f"{FAILURE_ENV} must be one of {', '.join(FAILURES)}, got {value!r}")
     return value
 
 
-def applies(device, compiled_cpu=False):
-    """Whether a kernel running on `device` checks itself: CUDA devices and Triton's CPU interpreter unless the
-    setting is 0; the C++ CPU kernels (compiled_cpu=True) only under the setting "all"."""
+def applies(device: Device, compiled_cpu: bool = False) -> bool:
+    """Whether a kernel running on `device` checks itself under the current TRP_KERNELS_SELF_CHECK setting.
+
+    Args:
+        device: the device the kernel runs on (a torch.device or its name, e.g. "cuda:0").
+        compiled_cpu: True for the C++ CPU kernels, which check themselves only under the setting "all"
+            (default False: CUDA kernels and Triton's CPU interpreter, checked unless the setting is "0").
+
+    Returns:
+        Whether the kernel's first use per signature is verified.
+
+    Raises:
+        ValueError: TRP_KERNELS_SELF_CHECK holds an invalid value.
+    """
     s = scope()
     if s == "0":
         return False
@@ -76,13 +109,18 @@ _agreement = threading.local()
 
 
 @contextlib.contextmanager
-def agreement(process_group=None):
-    """Within this context every new verdict is agreed on by the ranks of `process_group` (default: the default
-    group): one all-reduce per verdict, the kernel is unusable everywhere if it failed anywhere. Use it only
-    around code that every rank runs identically (the same calls in the same order), see the module docstring.
+def agreement(process_group: Optional["torch.distributed.ProcessGroup"] = None) -> Iterator[None]:
+    """Context in which every new verdict is agreed on by the ranks of a process group.
+
+    One all-reduce per new verdict: the kernel is unusable everywhere if its check failed on any rank. Use it
+    only around code that every rank runs identically (the same calls in the same order), see the module
+    docstring; outside an initialised torch.distributed run it changes nothing.
 
     Args:
-        process_group: a torch.distributed ProcessGroup, or None for the default group.
+        process_group: a torch.distributed ProcessGroup, or None (default) for the default group.
+
+    Yields:
+        Nothing; the agreement holds until the context exits (contexts nest, per thread).
     """
     previous = getattr(_agreement, "group", None)
     _agreement.group = process_group if process_group is not None else torch.distributed.group.WORLD
@@ -107,30 +145,51 @@ def _capturing(device):
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def usable(kernel, device):
-    """False when a self-check of `kernel` on `device` failed earlier in this process."""
-    return (kernel, str(torch.device(device))) not in _unusable
-
-
-def checked(kernel, device, signature):
-    """Whether `kernel` has a verdict for this signature on `device` (no check is due)."""
-    return (kernel, str(torch.device(device)), *signature) in _verdicts
-
-
-def verify(kernel, device, signature, check):
-    """Whether `kernel` may run on `device`: False when it is marked unusable; on the first call per signature,
-    the verdict of check() (agreed across ranks inside `agreement`), recorded, with a warning (or SelfCheckError)
-    when it fails. Skipped (True, no verdict) while a CUDA graph is captured.
+def usable(kernel: str, device: Device) -> bool:
+    """Whether `kernel` may still run on `device`: False when its self-check failed earlier in this process.
 
     Args:
         kernel: the kernel's name ("lowrank_project", "lowrank_project_warm", "triton_channel", ...).
-        device: the device it runs on.
-        signature: a tuple of hashables: dtype, shape class, configuration.
-        check: a callable returning (ok: bool or None, detail: str); None means inconclusive (e.g. non-finite
-            input): no verdict, the kernel runs, and the next call checks again.
+        device: the device (a torch.device or its name).
 
     Returns:
-        bool: whether the kernel may run.
+        False when the kernel was marked unusable on that device, else True.
+    """
+    return (kernel, str(torch.device(device))) not in _unusable
+
+
+def checked(kernel: str, device: Device, signature: tuple[Hashable, ...]) -> bool:
+    """Whether `kernel` has a verdict for this signature on `device`, i.e. no check is due.
+
+    Args:
+        kernel: the kernel's name ("lowrank_project", "lowrank_project_warm", "triton_channel", ...).
+        device: the device (a torch.device or its name).
+        signature: the tuple of hashables passed to verify (dtype, shape class, configuration).
+
+    Returns:
+        Whether a verdict (pass or fail) is recorded.
+    """
+    return (kernel, str(torch.device(device)), *signature) in _verdicts
+
+
+def verify(kernel: str, device: Device, signature: tuple[Hashable, ...],
+           check: Callable[[], tuple[Optional[bool], str]]) -> bool:
+    """Whether `kernel` may run on `device`, checking it on its first call per signature.
+
+    False when the kernel is marked unusable on that device. On the first call per signature, the verdict of
+    check() (agreed across ranks inside `agreement`) is recorded; a failed one marks the kernel unusable on
+    that device and warns (or raises SelfCheckError). Skipped (True, no verdict) while a CUDA graph is
+    captured.
+
+    Args:
+        kernel: the kernel's name ("lowrank_project", "lowrank_project_warm", "triton_channel", ...).
+        device: the device it runs on (a torch.device or its name).
+        signature: a tuple of hashables: dtype, shape class, configuration.
+        check: a callable returning (ok, detail): ok a bool, or None for inconclusive (e.g. non-finite input:
+            no verdict, the kernel runs, and the next call checks again); detail a short description.
+
+    Returns:
+        Whether the kernel may run.
 
     Raises:
         SelfCheckError: the check failed and TRP_KERNELS_SELF_CHECK_FAILURE=error.
@@ -168,8 +227,14 @@ def verify(kernel, device, signature, check):
         return False
 
 
-def info():
-    """The setting and every verdict of this process (trp_kernels.backend_info()["self_check"])."""
+def info() -> dict:
+    """The setting and every verdict of this process (trp_kernels.backend_info()["self_check"]).
+
+    Returns:
+        A dict: "setting" (TRP_KERNELS_SELF_CHECK, or "invalid: ..."), "failure"
+            (TRP_KERNELS_SELF_CHECK_FAILURE), "verdicts" (one dict per check: kernel, device, signature, ok,
+            detail, seconds) and "unusable" (sorted "kernel@device" names).
+    """
     try:
         setting = scope()
     except ValueError as exc:
@@ -181,8 +246,8 @@ def info():
             "unusable": unusable}
 
 
-def reset():
-    """Forgets every verdict (tests; a process normally keeps them for its lifetime)."""
+def reset() -> None:
+    """Forget every verdict, including the unusable marks (tests; a process normally keeps them)."""
     with _lock:
         _verdicts.clear()
         _unusable.clear()

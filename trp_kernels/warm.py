@@ -35,7 +35,10 @@ This module is the executable specification (batched torch ops, any device) and 
 kernels (csrc/common/warm_driver.h, warm_certify.h: one launch sequence per batch on the GPU) run the same
 steps with the constants below. The host decides once per batch which matrices fall back
 (trp_kernels/project.py)."""
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 RANK_MARGIN = 1e-9       # relative energy margin around the energy threshold (float64 rounding is ~1e-13)
 SUBSPACE_TOL = 1e-6      # bound on the sine of the angle to the exact kept subspace (contract: 1e-5)
@@ -62,38 +65,71 @@ SKETCH_MAX_FRACTION = 0.25  # the widest block, as a fraction of n: an attempt w
                             # 12 n q m flops, so all of them together stay near the 2 n^2 q of the Gram matrix
 
 
-def is_basis(t):
-    """Whether t has the form of a warm-start state: a float64 tensor [B, n, m] (the one rule for states
-    handed in, saved or restored)."""
+def is_basis(t: object) -> bool:
+    """Whether t has the form of a warm-start state (the one rule for states handed in, saved or restored).
+
+    Args:
+        t: any object.
+
+    Returns:
+        True for a float64 tensor [B, n, m].
+    """
     return isinstance(t, torch.Tensor) and t.dim() == 3 and t.dtype == torch.float64
 
 
-def noise_rel(p, q):
-    """Relative eigenvalue level (of lam_1) below which a kept direction gets no 1/s in the subgradient: the
-    Gram matrix's float64 rounding, as gram_noise_rel in csrc/common/lowrank_driver.h."""
+def noise_rel(p: int, q: int) -> float:
+    """Relative eigenvalue level (of lam_1) below which a kept direction gets no 1/s in the subgradient.
+
+    It is the Gram matrix's float64 rounding, as gram_noise_rel in csrc/common/lowrank_driver.h.
+
+    Args:
+        p: rows of the matrices.
+        q: columns of the matrices.
+
+    Returns:
+        16 * eps(float64) * max(p, q).
+    """
     return 16.0 * torch.finfo(torch.float64).eps * max(p, q)
 
 
-def gram(W):
-    """(float64 Gram matrix of the smaller side [B, n, n], float64 W, whether it is W W^T)."""
+def gram(W: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """The float64 Gram matrix of the smaller side of each matrix.
+
+    Args:
+        W: tensor [B, p, q].
+
+    Returns:
+        A tuple (M, A, left): M the symmetrised Gram matrix [B, n, n] float64 (n = min(p, q)), A = W in float64,
+            left whether M = A A^T (p <= q) rather than A^T A.
+    """
     A = W.to(torch.float64)
     left = A.shape[1] <= A.shape[2]
     M = A @ A.mT if left else A.mT @ A
     return (M + M.mT) * 0.5, A, left
 
 
-def rayleigh_ritz(M, basis, steps=POWER_STEPS):
-    """`steps` block power steps from `basis` [B, n, m] (the kept singular vectors of the previous call, zero
-    columns beyond each matrix's rank; the first of two or more in float32) and a Rayleigh-Ritz step on the
-    span reached: (theta [B, m] descending, X [B, n, m] orthonormal Ritz vectors (zero columns where the span
-    has fewer dimensions), squared residual norms of the columns [B, m], usable bool [B]).
+def rayleigh_ritz(M: Tensor, basis: Tensor, steps: int = POWER_STEPS) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Block power steps from `basis` and a Rayleigh-Ritz step on the span reached.
 
     Y = M^steps basis needs no orthonormalisation in between: its columns stay close to distinct
     eigenvectors (they are the previous ones), so after scaling them to unit norm Y^T Y is close to the
     identity and Cholesky QR (a small Cholesky factorisation and a triangular solve instead of Householder
     QR's per-matrix LAPACK calls; its loss of orthogonality is eps * cond(Y)^2) orthonormalises them. A
     matrix where that fails (Cholesky breaks down, or the result is not orthonormal to 1e-12) is not
-    usable; the caller solves it in full."""
+    usable; the caller solves it in full.
+
+    Args:
+        M: Gram matrices [B, n, n] float64.
+        basis: the kept singular vectors of the previous call [B, n, m] float64, zero columns beyond each
+            matrix's rank.
+        steps: the number of power steps, >= 1 (the first of two or more runs in float32, see
+            FLOAT32_FIRST_STEP).
+
+    Returns:
+        A tuple (theta, X, res2, usable): Ritz values theta [B, m] (descending), orthonormal Ritz vectors
+            X [B, n, m] (zero columns where the span has fewer dimensions), squared residual norms of the columns
+            res2 [B, m], and usable bool [B].
+    """
     Y = basis
     for s in range(steps):
         if s == 0 and steps > 1:  # float32: see FLOAT32_FIRST_STEP
@@ -155,15 +191,42 @@ def _subspace_sin(terms, i):
     return torch.minimum(first, second)
 
 
-def subspace_bound(trace, theta, res2, rank):
-    """Per matrix, the certificate's bound on the sine of the angle between the span of the leading `rank`
-    Ritz vectors and the exact top-`rank` eigenvectors of the Gram matrix (rank int64 [B], 1..m)."""
+def subspace_bound(trace: Tensor, theta: Tensor, res2: Tensor, rank: Tensor) -> Tensor:
+    """Per matrix, the certificate's bound on the sine of the angle to the exact kept subspace.
+
+    The angle is between the span of the leading `rank` Ritz vectors and the exact top-`rank` eigenvectors of
+    the Gram matrix (the smaller of the module docstring's first- and second-order bounds).
+
+    Args:
+        trace: trace of each Gram matrix [B] float64.
+        theta: Ritz values [B, m] float64, descending.
+        res2: squared residual norms of the Ritz vectors [B, m] float64.
+        rank: the kept count per matrix, int64 [B] in 1..m.
+
+    Returns:
+        The bounds [B] float64 (inf where neither bound applies).
+    """
     return _subspace_sin(_terms(trace, theta, res2), rank - 1)
 
 
-def certify(trace, theta, res2, energy, max_rank, noise_rel):
-    """(rank int64 [B], ok bool [B]): the energy-rule rank from the Ritz values, and whether the bounds of
-    the module docstring prove it equal to the exact one with the kept subspace within SUBSPACE_TOL."""
+def certify(trace: Tensor, theta: Tensor, res2: Tensor, energy: float, max_rank: Optional[int],
+            noise_rel: float) -> tuple[Tensor, Tensor]:
+    """The energy-rule rank from the Ritz values, and whether the certificate proves it exact.
+
+    ok means the bounds of the module docstring prove the rank equal to the exact spectrum's, with the kept
+    subspace within SUBSPACE_TOL.
+
+    Args:
+        trace: trace of each Gram matrix [B] float64.
+        theta: Ritz values [B, m] float64, descending.
+        res2: squared residual norms of the Ritz vectors [B, m] float64.
+        energy: fraction of the squared singular values kept, in (0, 1].
+        max_rank: None, or the largest rank kept (>= 1).
+        noise_rel: the Gram matrix's relative rounding level (see the function noise_rel).
+
+    Returns:
+        A pair (rank, ok): rank int64 [B] (0 for an all-zero matrix, at most m), ok bool [B].
+    """
     m = theta.shape[1]
     terms = _terms(trace, theta, res2)
     theta, gap = terms[0], terms[5]
@@ -191,9 +254,26 @@ def certify(trace, theta, res2, energy, max_rank, noise_rel):
     return torch.where(zero, torch.zeros_like(rank), rank.clamp(max=m)), ok | zero  # not ok: any rank <= m
 
 
-def project(W, A, left, X, theta, rank, subgradient, noise_rel):
-    """W_low = X_k X_k^T W (or W X_k X_k^T) and G = U_k V_k^T from the kept Ritz vectors, GEMMs in float32
-    for float32/16 inputs as in the full solve (its accuracy is decided by the float64 basis)."""
+def project(W: Tensor, A: Tensor, left: bool, X: Tensor, theta: Tensor, rank: Tensor, subgradient: bool,
+            noise_rel: float) -> tuple[Tensor, Optional[Tensor]]:
+    """W_low and the subgradient from the kept Ritz vectors.
+
+    W_low = X_k X_k^T W (or W X_k X_k^T) and G = U_k V_k^T, GEMMs in float32 for float32/16 inputs as in the
+    full solve (its accuracy is decided by the float64 basis).
+
+    Args:
+        W: the matrices [B, p, q].
+        A: W in float64.
+        left: whether X spans the left singular vectors (p <= q).
+        X: Ritz vectors [B, n, m] float64 (the basis width bounds every rank).
+        theta: Ritz values [B, m] float64 (the squared singular values).
+        rank: the kept count per matrix, int64 [B].
+        subgradient: whether G is computed.
+        noise_rel: the relative level below which a kept direction gets no 1/s in G.
+
+    Returns:
+        A pair (W_low, G or None), float64 for float64 input, else float32.
+    """
     kmax = X.shape[-1]  # the basis width bounds every rank: no host synchronisation to find the largest
     rdt = torch.float64 if W.dtype == torch.float64 else torch.float32
     keep = torch.arange(kmax, device=W.device) < rank[:, None]
@@ -211,10 +291,18 @@ def project(W, A, left, X, theta, rank, subgradient, noise_rel):
     return W_low, G
 
 
-def next_basis(vectors, rank, largest=None):
-    """The state for the next call: each matrix's kept vectors (the leading rank[b] columns of `vectors`
-    [B, n, >= max rank]), zero columns up to the batch's largest rank (at least one column). largest: that
-    rank when the caller has it on the host already (else it is read: a synchronisation on the GPU)."""
+def next_basis(vectors: Tensor, rank: Tensor, largest: Optional[int] = None) -> Tensor:
+    """The state for the next call: each matrix's kept vectors, zero columns up to the batch's largest rank.
+
+    Args:
+        vectors: singular vectors [B, n, >= max rank] float64, columns in descending order.
+        rank: the kept count per matrix, int64 [B].
+        largest: the largest rank when the caller has it on the host already (else it is read: a
+            synchronisation on the GPU).
+
+    Returns:
+        The basis [B, n, max(largest, 1)]: the leading rank[b] columns of each matrix, zeros after them.
+    """
     if largest is None:
         largest = int(rank.max()) if rank.numel() else 0
     m = max(int(largest), 1)
@@ -222,9 +310,22 @@ def next_basis(vectors, rank, largest=None):
     return vectors[..., :m] * keep.unsqueeze(-2).to(vectors.dtype)
 
 
-def step(W, basis, energy, max_rank, subgradient):
-    """One warm-started projection of W [B, p, q] from `basis` [B, n, m] float64: (W_low, rank, G or an empty
-    tensor, Ritz vectors X [B, n, m], ok bool [B]); matrices with ok = False hold unspecified results."""
+def step(W: Tensor, basis: Tensor, energy: float, max_rank: Optional[int], subgradient: bool
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One warm-started projection of W from `basis` (the specification of the compiled warm step).
+
+    Args:
+        W: floating-point tensor [B, p, q].
+        basis: the previous call's kept vectors [B, n, m] float64 (non-finite entries are treated as zero).
+        energy: fraction of the squared singular values kept, in (0, 1].
+        max_rank: None, or the largest rank kept (>= 1).
+        subgradient: whether G is computed.
+
+    Returns:
+        A tuple (W_low, rank, G, X, ok): W_low in W's dtype and shape, rank int64 [B], G in W's dtype and shape
+            (an empty tensor without subgradient), X the Ritz vectors [B, n, m] float64, ok bool [B]; matrices with ok
+            False hold unspecified results (the caller solves them in full).
+    """
     p, q = W.shape[1:]
     nr = noise_rel(p, q)
     M, A, left = gram(W)
@@ -240,10 +341,23 @@ def _gram_op(A, left):
     return (lambda X: A @ (A.mT @ X)) if left else (lambda X: A.mT @ (A @ X))
 
 
-def random_ritz(A, A32, left, m, generator):
-    """Randomized block power iteration on M (POWER_STEPS, the first in float32 on A32, Householder QR after
-    each) from m Gaussian columns, and a float64 Rayleigh-Ritz step: (theta [m] descending, X [n, m] Ritz
-    vectors, squared residual norms of the columns [m]) of A [p, q] float64."""
+def random_ritz(A: Tensor, A32: Tensor, left: bool, m: int, generator: torch.Generator
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized block power iteration from m Gaussian columns, then a float64 Rayleigh-Ritz step.
+
+    POWER_STEPS steps on the Gram matrix M (the first in float32 on A32), Householder QR after each.
+
+    Args:
+        A: one matrix [p, q] float64.
+        A32: A in float32.
+        left: whether M = A A^T (p <= q) rather than A^T A.
+        m: the block width, 1 <= m <= min(p, q).
+        generator: the random generator of the Gaussian block (on A's device).
+
+    Returns:
+        A tuple (theta, X, res2): Ritz values [m] descending, Ritz vectors [n, m] and squared residual norms of
+            the columns [m], float64.
+    """
     n = min(A.shape)
     op = _gram_op(A, left)
     Y = torch.randn(n, m, dtype=A32.dtype, device=A.device, generator=generator)
@@ -258,12 +372,25 @@ def random_ritz(A, A32, left, m, generator):
     return theta, X, R.square().sum(0)
 
 
-def sketched_subspace(A, A32, energy=None, rank=None, max_rank=None):
-    """The kept subspace of A [p, q] float64 (A32: A in float32) by random_ritz, proven by the certificate:
-    (theta [m], Ritz vectors X [n, m], r) with X[:, :r] the exact top-r eigenvectors of M within SUBSPACE_TOL,
-    or None. r: the energy rule's rank (capped by max_rank), or the fixed `rank` when it is given instead. The
-    block grows from SKETCH_FIRST_BLOCK columns up to SKETCH_MAX_FRACTION * n; an energy that the widest
-    block cannot reach at its smallest Ritz value (a flat spectrum) stops the attempts early."""
+def sketched_subspace(A: Tensor, A32: Tensor, energy: Optional[float] = None, rank: Optional[int] = None,
+                      max_rank: Optional[int] = None) -> Optional[tuple[Tensor, Tensor, int]]:
+    """The kept subspace of one matrix by random_ritz, proven by the certificate, or None.
+
+    The block grows from SKETCH_FIRST_BLOCK columns up to SKETCH_MAX_FRACTION * n; an energy that the widest
+    block cannot reach at its smallest Ritz value (a flat spectrum) stops the attempts early.
+
+    Args:
+        A: the matrix [p, q] float64.
+        A32: A in float32.
+        energy: fraction of the squared singular values kept, in (0, 1]; used when rank is None.
+        rank: a fixed kept count (>= 1) instead of the energy rule.
+        max_rank: None, or the largest rank the energy rule keeps.
+
+    Returns:
+        None when no block proves the subspace, else (theta [m], Ritz vectors X [n, m], r) with X[:, :r] the
+            exact top-r eigenvectors of the Gram matrix within SUBSPACE_TOL; r is the energy rule's rank (capped
+            by max_rank), or `rank` when given.
+    """
     p, q = A.shape
     n, left = min(p, q), p <= q
     trace = A.square().sum().reshape(1)
@@ -294,10 +421,21 @@ def sketched_subspace(A, A32, energy=None, rank=None, max_rank=None):
     return None
 
 
-def sketched_step(W, energy, max_rank, subgradient):
-    """The projection of W [B, p, q] from random blocks (sketched_subspace), per matrix: (W_low, rank, G or an
-    empty tensor, kept Ritz vectors [B, n, max rank] float64, ok bool [B]); matrices with ok = False (not
-    certified) hold unspecified results."""
+def sketched_step(W: Tensor, energy: float, max_rank: Optional[int], subgradient: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The projection of W from random blocks (sketched_subspace), matrix by matrix.
+
+    Args:
+        W: floating-point tensor [B, p, q].
+        energy: fraction of the squared singular values kept, in (0, 1].
+        max_rank: None, or the largest rank kept (>= 1).
+        subgradient: whether G is computed.
+
+    Returns:
+        A tuple (W_low, rank, G, X, ok): W_low in W's dtype and shape, rank int64 [B], G in W's dtype and shape
+            (an empty tensor without subgradient), X the kept Ritz vectors [B, n, largest rank] float64, ok bool
+            [B]; matrices with ok False (not certified) hold unspecified results (the caller solves them in full).
+    """
     B, p, q = W.shape
     nr, left = noise_rel(p, q), p <= q
     found = []
@@ -321,15 +459,33 @@ def sketched_step(W, energy, max_rank, subgradient):
     return W_low, rank, G, X, ok
 
 
-def kernel_params():
-    """This module's constants as the compiled kernels take them: (power_steps, rank_margin, subspace_tol,
-    noise_floor)."""
+def kernel_params() -> tuple[int, float, float, float]:
+    """This module's constants as the compiled kernels take them.
+
+    Returns:
+        The tuple (POWER_STEPS, RANK_MARGIN, SUBSPACE_TOL, NOISE_FLOOR).
+    """
     return POWER_STEPS, RANK_MARGIN, SUBSPACE_TOL, NOISE_FLOOR
 
 
-def compiled_step(W, basis, energy, max_rank, subgradient, solver=None):
-    """step() by the compiled kernel (trp_kernels_C::lowrank_project_warm), with this module's constants;
-    solver ("auto", "per_matrix", "batched"; CPU only) picks the CPU kernel's path (tests, benchmarks)."""
+def compiled_step(W: Tensor, basis: Tensor, energy: float, max_rank: Optional[int], subgradient: bool,
+                  solver: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """step() by the compiled kernel (trp_kernels_C::lowrank_project_warm), with this module's constants.
+
+    Args:
+        W: floating-point tensor [B, p, q].
+        basis: the previous call's kept vectors [B, n, m] float64.
+        energy: fraction of the squared singular values kept, in (0, 1].
+        max_rank: None, or the largest rank kept (>= 1).
+        subgradient: whether G is computed.
+        solver: None (the kernel's own choice), or "auto", "per_matrix" (CPU only) or "batched": the CPU
+            kernel's path (tests, benchmarks).
+
+    Returns:
+        A tuple (W_low, rank, G, X, ok): W_low in W's dtype and shape, rank int64 [B], G in W's dtype and shape
+            (an empty tensor without subgradient), X the Ritz vectors [B, n, m] float64, ok bool [B]; matrices with ok
+            False hold unspecified results (the caller solves them in full).
+    """
     args = (W, basis, energy, max_rank, subgradient, *kernel_params())
     if solver is None:
         return torch.ops.trp_kernels_C.lowrank_project_warm(*args)

@@ -21,27 +21,30 @@ namespace {
 // "Batched low-rank projection", has the table.
 constexpr int64_t kCpuJacobiMaxN = 8;
 
-std::tuple<at::Tensor, at::Tensor> jacobi_eigh_batched(const at::Tensor& gram) {
-  const at::Tensor g = gram.to(at::kDouble).contiguous();
-  const int64_t B = g.size(0), n = g.size(2);
-  at::Tensor evals = at::empty({B, n}, g.options());
-  at::Tensor evecs = at::empty({B, n, n}, g.options());
-  const double* gp = g.data_ptr<double>();
-  double* ep = evals.data_ptr<double>();
-  double* vp = evecs.data_ptr<double>();
-  const size_t words = (JacobiSmem::bytes(int(n)) + sizeof(double) - 1) / sizeof(double);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> smem(words);  // the CUDA block's shared memory, for the one-thread path
-    for (int64_t b = begin; b < end; ++b)
-      jacobi_block(gp + b * n * n, int(n), ep + b * n, vp + b * n * n, smem.data(), 0, 1, NoSync{});
-  });
-  return {evals, evecs};
-}
+// The block functions of common/block_kernels.h, one CPU "thread" per matrix (the matrix index, thread 0 of 1).
+struct CpuBlocks {
+  static void jacobi(const double* gram, int64_t B, int n, double* evals, double* evecs) {
+    const size_t words = (JacobiSmem::bytes(n) + sizeof(double) - 1) / sizeof(double);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> smem(words);  // the CUDA block's shared memory, for the one-thread path
+      for (int64_t b = begin; b < end; ++b)
+        jacobi_block(gram + b * n * n, n, evals + b * n, evecs + b * n * n, smem.data(), 0, 1, NoSync{});
+    });
+  }
 
-std::tuple<at::Tensor, at::Tensor> lapack_eigh_batched(const at::Tensor& gram) {
-  auto [evals, evecs] = at::linalg_eigh(gram);  // ascending
-  return {evals.flip(-1).contiguous(), evecs.flip(-1).contiguous()};
-}
+  static void select_rank(const double* evals, int64_t B, int n, double energy, int64_t max_rank, double noise_rel,
+                          int64_t* rank, double* keep, double* inv_s) {
+    for (int64_t b = 0; b < B; ++b)
+      select_rank_block(evals, B, n, energy, max_rank, noise_rel, rank, keep, inv_s, b, 0, 1);
+  }
+
+  static void warm_certify(const double* trace, const double* theta, const double* res2, int64_t B, int m,
+                           double energy, int64_t max_rank, double noise_rel, WarmTolerances tol, int64_t* rank,
+                           double* keep, double* inv_s, bool* ok) {
+    for (int64_t b = 0; b < B; ++b)
+      warm_certify_block(trace, theta, res2, B, m, energy, max_rank, noise_rel, tol, rank, keep, inv_s, ok, b, 0, 1);
+  }
+};
 
 // LAPACK one matrix per task through ATen, where torch exports no BLAS/LAPACK symbols (otherwise
 // csrc/cpu/per_matrix.h runs these sizes): at::parallel_for hands each thread whole matrices.
@@ -59,37 +62,12 @@ std::tuple<at::Tensor, at::Tensor> lapack_eigh_per_matrix(const at::Tensor& gram
   return {evals, evecs};
 }
 
-// The one-thread-per-matrix kernels of common/block_kernels.h, one "thread" (the matrix index) at a time.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rank_cpu(const at::Tensor& evals_in, double energy,
-                                                               int64_t max_rank, double noise_rel) {
-  const at::Tensor evals = evals_in.contiguous();
-  const int64_t B = evals.size(0), n = evals.size(1);
-  PerMatrixOut out(evals, B, n);
-  for (int64_t b = 0; b < B; ++b)
-    select_rank_block(evals.data_ptr<double>(), B, int(n), energy, max_rank, noise_rel, out.rank.data_ptr<int64_t>(),
-                      out.keep.data_ptr<double>(), out.inv_s.data_ptr<double>(), b, 0, 1);
-  return {out.rank, out.keep, out.inv_s};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warm_certify_cpu(
-    const at::Tensor& trace_in, const at::Tensor& theta_in, const at::Tensor& res2_in, double energy,
-    int64_t max_rank, double noise_rel, WarmTolerances tol) {
-  const at::Tensor trace = trace_in.contiguous(), theta = theta_in.contiguous(), res2 = res2_in.contiguous();
-  const int64_t B = theta.size(0), m = theta.size(1);
-  PerMatrixOut out(theta, B, m);
-  for (int64_t b = 0; b < B; ++b)
-    warm_certify_block(trace.data_ptr<double>(), theta.data_ptr<double>(), res2.data_ptr<double>(), B, int(m), energy,
-                       max_rank, noise_rel, tol, out.rank.data_ptr<int64_t>(), out.keep.data_ptr<double>(),
-                       out.inv_s.data_ptr<double>(), out.ok.data_ptr<bool>(), b, 0, 1);
-  return {out.rank, out.keep, out.inv_s, out.ok};
-}
-
 struct CpuDevice {
   // solver "auto": Jacobi up to kCpuJacobiMaxN, LAPACK one matrix per thread up to kCpuPerMatrixMaxN, else
   // the batched LAPACK eigensolver.
   static Project3 project(const at::Tensor& W, double energy, std::optional<int64_t> max_rank, bool subgradient,
                           const std::string& solver, at::Tensor* basis) {
-    const int64_t n = W.dim() == 3 ? std::min(W.size(1), W.size(2)) : 0;
+    const int64_t n = batch_n(W);
     std::string choice = solver;
     if (choice == "auto")
       choice = n <= kCpuJacobiMaxN ? "jacobi" : (n <= kCpuPerMatrixMaxN ? "lapack" : "lapack_batched");
@@ -98,10 +76,10 @@ struct CpuDevice {
       check_project_args(W, energy, max_rank);
       return lowrank_project_per_matrix(W, energy, max_rank, subgradient, basis);
     }
-    const EighFn eigh = choice == "jacobi" ? EighFn(jacobi_eigh_batched)
+    const EighFn eigh = choice == "jacobi" ? EighFn(jacobi_eigh_on<CpuBlocks>)
                         : choice == "lapack" ? EighFn(lapack_eigh_per_matrix)
-                                             : EighFn(lapack_eigh_batched);
-    return lowrank_project_gram(W, energy, max_rank, subgradient, eigh, select_rank_cpu,
+                                             : EighFn(aten_eigh_descending);
+    return lowrank_project_gram(W, energy, max_rank, subgradient, eigh, select_rank_on<CpuBlocks>,
                                 /*truncate_on_host=*/true, basis);
   }
 
@@ -115,11 +93,11 @@ struct CpuDevice {
                 "lowrank_project_warm: solver per_matrix needs the BLAS/LAPACK symbols of torch's CPU library");
     if (per_matrix && W.size(0) > 0 && W.size(1) > 0 && W.size(2) > 0)
       return lowrank_project_warm_per_matrix(W, basis, energy, max_rank, subgradient, params);
-    return lowrank_project_warm_gram(W, basis, energy, max_rank, subgradient, params, lapack_eigh_batched,
-                                     warm_certify_cpu, /*truncate_on_host=*/true);
+    return lowrank_project_warm_gram(W, basis, energy, max_rank, subgradient, params, aten_eigh_descending,
+                                     warm_certify_on<CpuBlocks>, /*truncate_on_host=*/true);
   }
 
-  static EighPair jacobi_eigh(const at::Tensor& A) { return jacobi_eigh_batched(A); }
+  static EighPair jacobi_eigh(const at::Tensor& A) { return jacobi_eigh_on<CpuBlocks>(A); }
 };
 
 }  // namespace

@@ -71,65 +71,52 @@ bool jacobi_fits(int64_t n) {
          JacobiSmem::bytes(int(n)) <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
 }
 
-std::tuple<at::Tensor, at::Tensor> jacobi_eigh_cuda_impl(const at::Tensor& gram_in) {
-  const at::Tensor gram = gram_in.to(at::kDouble).contiguous();
-  const int64_t B = gram.size(0);
-  const int n = int(gram.size(2));
-  TORCH_CHECK(jacobi_fits(n), "jacobi_eigh: the CUDA Jacobi kernel handles n <= ", kJacobiMaxN,
+// The block functions as kernels, one launch per batch on the current stream: one block per matrix for the
+// Jacobi core, kPerMatrixThreads matrices per block for the others.
+struct CudaBlocks {
+  static void jacobi(const double* gram, int64_t B, int n, double* evals, double* evecs) {
+    const size_t smem = JacobiSmem::bytes(n);
+    if (smem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(jacobi_eigh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          int(smem)));
+    jacobi_eigh_kernel<<<dim3(unsigned(B)), jacobi_threads(n), smem, at::cuda::getCurrentCUDAStream()>>>(
+        gram, n, evals, evecs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  static void select_rank(const double* evals, int64_t B, int n, double energy, int64_t max_rank, double noise_rel,
+                          int64_t* rank, double* keep, double* inv_s) {
+    select_rank_kernel<<<unsigned(per_matrix_blocks(B)), kPerMatrixThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        evals, B, n, energy, max_rank, noise_rel, rank, keep, inv_s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  static void warm_certify(const double* trace, const double* theta, const double* res2, int64_t B, int m,
+                           double energy, int64_t max_rank, double noise_rel, WarmTolerances tol, int64_t* rank,
+                           double* keep, double* inv_s, bool* ok) {
+    warm_certify_kernel<<<unsigned(per_matrix_blocks(B)), kPerMatrixThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        trace, theta, res2, B, m, energy, max_rank, noise_rel, tol, rank, keep, inv_s, ok);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// The error of `op` asked to run the Jacobi kernel on n x n matrices where it does not fit.
+void check_jacobi_fits(const char* op, int64_t n) {
+  TORCH_CHECK(jacobi_fits(n), op, ": the CUDA Jacobi kernel handles n <= ", kJacobiMaxN,
               " within the device's shared memory, got n = ", n);
-  at::Tensor evals = at::empty({B, n}, gram.options());
-  at::Tensor evecs = at::empty({B, n, n}, gram.options());
-  if (B == 0 || n == 0) return {evals, evecs};
-  const size_t smem = JacobiSmem::bytes(n);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(jacobi_eigh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(smem)));
-  jacobi_eigh_kernel<<<dim3(unsigned(B)), jacobi_threads(n), smem, at::cuda::getCurrentCUDAStream()>>>(
-      gram.data_ptr<double>(), n, evals.data_ptr<double>(), evecs.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {evals, evecs};
 }
 
-std::tuple<at::Tensor, at::Tensor> aten_eigh_cuda(const at::Tensor& gram) {
-  auto [evals, evecs] = at::linalg_eigh(gram);  // cuSOLVER, ascending; its info check syncs once per batch
-  return {evals.flip(-1).contiguous(), evecs.flip(-1).contiguous()};
+// The Jacobi core where it fits (jacobi_fits), else an error.
+EighPair jacobi_eigh_cuda(const at::Tensor& gram) {
+  check_jacobi_fits("jacobi_eigh", gram.size(2));
+  return jacobi_eigh_on<CudaBlocks>(gram);
 }
 
 // The eigensolver for a batch of n x n matrices: the Jacobi kernel where it fits (no host synchronisation,
 // all matrices at once), else cuSOLVER through ATen (one sync for its error check; for n > 32 PyTorch runs
 // the batch one matrix at a time).
 EighFn eigh_for(int64_t n, bool jacobi) {
-  return jacobi && jacobi_fits(n) ? EighFn(jacobi_eigh_cuda_impl) : EighFn(aten_eigh_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warm_certify_cuda(
-    const at::Tensor& trace_in, const at::Tensor& theta_in, const at::Tensor& res2_in, double energy,
-    int64_t max_rank, double noise_rel, WarmTolerances tol) {
-  const at::Tensor trace = trace_in.contiguous(), theta = theta_in.contiguous(), res2 = res2_in.contiguous();
-  const int64_t B = theta.size(0);
-  const int m = int(theta.size(1));
-  PerMatrixOut out(theta, B, m);
-  if (B == 0) return {out.rank, out.keep, out.inv_s, out.ok};
-  warm_certify_kernel<<<unsigned(per_matrix_blocks(B)), kPerMatrixThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      trace.data_ptr<double>(), theta.data_ptr<double>(), res2.data_ptr<double>(), B, m, energy, max_rank,
-      noise_rel, tol, out.rank.data_ptr<int64_t>(), out.keep.data_ptr<double>(), out.inv_s.data_ptr<double>(),
-      out.ok.data_ptr<bool>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out.rank, out.keep, out.inv_s, out.ok};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rank_cuda(const at::Tensor& evals_in, double energy,
-                                                                int64_t max_rank, double noise_rel) {
-  const at::Tensor evals = evals_in.contiguous();
-  const int64_t B = evals.size(0);
-  const int n = int(evals.size(1));
-  PerMatrixOut out(evals, B, n);
-  if (B == 0) return {out.rank, out.keep, out.inv_s};
-  select_rank_kernel<<<unsigned(per_matrix_blocks(B)), kPerMatrixThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      evals.data_ptr<double>(), B, n, energy, max_rank, noise_rel, out.rank.data_ptr<int64_t>(),
-      out.keep.data_ptr<double>(), out.inv_s.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out.rank, out.keep, out.inv_s};
+  return jacobi && jacobi_fits(n) ? EighFn(jacobi_eigh_cuda) : EighFn(aten_eigh_descending);
 }
 
 struct CudaDevice {
@@ -137,11 +124,10 @@ struct CudaDevice {
   static Project3 project(const at::Tensor& W, double energy, std::optional<int64_t> max_rank, bool subgradient,
                           const std::string& solver, at::Tensor* basis) {
     const c10::cuda::CUDAGuard guard(W.device());
-    const int64_t n = W.dim() == 3 ? std::min(W.size(1), W.size(2)) : 0;
-    TORCH_CHECK(solver != "jacobi" || jacobi_fits(n), "lowrank_project: the CUDA Jacobi kernel handles n <= ",
-                kJacobiMaxN, " within the device's shared memory, got n = ", n);
+    const int64_t n = batch_n(W);
+    if (solver == "jacobi") check_jacobi_fits("lowrank_project", n);
     return lowrank_project_gram(W, energy, max_rank, subgradient, eigh_for(n, solver == "auto" || solver == "jacobi"),
-                                select_rank_cuda, /*truncate_on_host=*/false, basis);
+                                select_rank_on<CudaBlocks>, /*truncate_on_host=*/false, basis);
   }
 
   // One launch sequence per group, no host synchronisation while the basis is at most kJacobiMaxN wide (the
@@ -151,13 +137,13 @@ struct CudaDevice {
     TORCH_CHECK(solver != "per_matrix", "lowrank_project_warm: solver per_matrix is CPU only");
     const c10::cuda::CUDAGuard guard(W.device());
     return lowrank_project_warm_gram(W, basis, energy, max_rank, subgradient, params,
-                                     eigh_for(basis.size(2), /*jacobi=*/true), warm_certify_cuda,
+                                     eigh_for(basis.size(2), /*jacobi=*/true), warm_certify_on<CudaBlocks>,
                                      /*truncate_on_host=*/false);
   }
 
   static EighPair jacobi_eigh(const at::Tensor& A) {
     const c10::cuda::CUDAGuard guard(A.device());
-    return jacobi_eigh_cuda_impl(A);
+    return jacobi_eigh_cuda(A);
   }
 };
 

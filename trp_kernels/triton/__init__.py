@@ -2,6 +2,8 @@
 
 Imported lazily by trp_kernels.conv, so that `import trp_kernels` works without triton and so that
 TRITON_INTERPRET is read at first use. `supported()` says whether a call can run here, and why not."""
+from typing import Optional
+
 import torch
 
 from . import decoupled
@@ -14,9 +16,21 @@ __all__ = ["factorized_conv_channel", "factorized_conv_spatial", "factorized_con
            "interpreting", "last_config"]
 
 
-def supported(kind, x, w1, w2, bias, out_hw):
-    """None when the Triton kernel of `kind` (channel, spatial, decoupled) can run this call, else the reason
-    (a short string)."""
+def supported(kind: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Optional[torch.Tensor],
+              out_hw: tuple[int, int]) -> Optional[str]:
+    """Why the Triton kernel of `kind` cannot run this call, or None when it can.
+
+    Args:
+        kind: "channel", "spatial" or "decoupled".
+        x: the input [N, c, H, W].
+        w1: the first weight.
+        w2: the second weight.
+        bias: None, or the output bias [n].
+        out_hw: the output's (OH, OW).
+
+    Returns:
+        None, or the reason (a short string).
+    """
     if kind == "decoupled":
         return decoupled.supported(x, w1, w2, bias, out_hw)
     why = common_unsupported(x, [x, w1, w2] + ([bias] if bias is not None else []), out_hw)

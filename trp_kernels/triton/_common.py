@@ -1,5 +1,5 @@
-"""Helpers shared by the fused-conv Triton kernels: interpreter detection, tile-size arithmetic and
-autotune config pruning."""
+"""Helpers shared by the fused-conv Triton kernels: interpreter detection, tile-size arithmetic, register budgets,
+launch limits and the launch itself (their autotune search spaces: configs.py)."""
 import os
 import threading
 
@@ -80,19 +80,6 @@ def named(named_args, kwargs):
     return d
 
 
-AUTOTUNE_ENV = "TRP_TRITON_AUTOTUNE"
-AUTOTUNE_MODES = ("full", "quick", "off")
-
-
-def autotune_mode():
-    """TRP_TRITON_AUTOTUNE: full (default; every config, tuned once per shape), quick (three configs: for
-    time-boxed benchmark runs), off (one config chosen by the tile rules, no tuning)."""
-    mode = os.environ.get(AUTOTUNE_ENV, "full").strip().lower() or "full"
-    if mode not in AUTOTUNE_MODES:
-        raise ValueError(f"{AUTOTUNE_ENV} must be one of {', '.join(AUTOTUNE_MODES)}, got {mode!r}")
-    return mode
-
-
 # Index arithmetic inside the kernels is 32-bit except for the batch offset: the flattened output-pixel
 # index (N * OH * OW, plus the overrun of the last tile) and per-image element offsets must fit.
 TILE_OVERRUN = 1024  # above any tile's pixel count: a program's indices may run past the last pixel
@@ -131,39 +118,12 @@ def output_pixels(pid, M, OH, OW, STRIDE_H, STRIDE_W, PAD_T, PAD_L, BLOCK_M: tl.
     return offs_m, m_ok, n, oh, ow, oh * STRIDE_H - PAD_T, ow * STRIDE_W - PAD_L
 
 
-_tuned = {}  # (kernel, autotune mode) -> the autotuned kernel (it keeps its per-shape tuning cache)
 _launched = threading.local()  # this thread's last launch: kind -> its tile configuration (last_config)
-
-
-def autotuned(kernel, gpu_configs, key, prune):
-    """kernel wrapped in triton.autotune with gpu_configs(mode) for the current TRP_TRITON_AUTOTUNE mode,
-    built once per (kernel, mode)."""
-    mode = autotune_mode()
-    hit = _tuned.get((kernel, mode))
-    if hit is None:
-        hit = _tuned[(kernel, mode)] = triton.autotune(configs=gpu_configs(mode), key=key,
-                                                       prune_configs_by={"early_config_prune": prune})(kernel)
-    return hit
 
 
 def grid_fits(grid):
     """Whether a launch grid (1 to 3 program counts) is within CUDA's limits (GRID_LIMITS)."""
     return all(0 <= g <= limit for g, limit in zip(grid, GRID_LIMITS))
-
-
-def tile_configs(names, table, mode):
-    """The autotune configs of TRP_TRITON_AUTOTUNE mode `mode`: table[mode] lists (tile sizes..., num_warps,
-    num_stages) tuples, the tile sizes named by `names` in order."""
-    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in table[mode]]
-
-
-def prune_by_registers(kind, configs, dtype, words, limits):
-    """The configs whose estimated live 32-bit words per program (words(cfg)) fit kind's register budget
-    (regs_fit) and whose tile sizes are within `limits` ({tile name: largest useful size for this call}); when
-    none does (a rank at the limit with small channel counts, a wide row), the lightest config per thread."""
-    keep = [cfg for cfg in configs if regs_fit(kind, words(cfg), cfg.num_warps, dtype)
-            and all(cfg.kwargs[name] <= limit for name, limit in limits.items())]
-    return keep or [min(configs, key=lambda cfg: words(cfg) / cfg.num_warps)]
 
 
 def launch(kind, kernel, fixed, grid, args, consts):

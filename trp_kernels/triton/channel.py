@@ -9,12 +9,16 @@ multiplies it by [R_PAD x BLOCK_N] blocks of p_weight, looping over all output c
 program, so the intermediate is computed once and never written to memory. Tensors are addressed through
 their strides, so NCHW and channels_last input/output need no copies; weights are read in place (no
 per-call packing kernels, which would cost launches at batch 1)."""
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (autotuned, interpreter_consts, interpreting, launch, loop_bound, named, next_pow2,
-                      output_pixels, precision, prune_by_registers, rank_pad, tile_configs)
+from ._common import interpreter_consts, interpreting, launch, loop_bound, next_pow2, output_pixels, precision, rank_pad
+from .configs import TileSpace, by_registers
 
 
 @triton.jit
@@ -73,29 +77,31 @@ def _channel_kernel(
                  mask=m_ok[:, None] & o_ok[None, :])
 
 
-def live_words(r_pad, block_m, block_c, block_n, num_stages, dtype):
-    """Estimated live 32-bit words of one program (see REGS_PER_THREAD): GEMM 1 holds the fp32
-    [BLOCK_M x R_PAD] accumulator and num_stages - 1 input and c_weight tiles in flight; GEMM 2 the
-    intermediate in the input dtype, the fp32 [BLOCK_M x BLOCK_N] output block and p_weight tiles."""
+def live_words(r_pad: int, block_m: int, block_c: int, block_n: int, num_stages: int, dtype: torch.dtype) -> float:
+    """Estimated live 32-bit words of one program of the channel kernel (see _common.REGS_PER_THREAD).
+
+    GEMM 1 holds the fp32 [BLOCK_M x R_PAD] accumulator and num_stages - 1 input and c_weight tiles in flight;
+    GEMM 2 the intermediate in the input dtype, the fp32 [BLOCK_M x BLOCK_N] output block and p_weight tiles.
+
+    Args:
+        r_pad: the padded rank R_PAD.
+        block_m: output pixels per program.
+        block_c: input channels per step of GEMM 1.
+        block_n: output channels per step of GEMM 2.
+        num_stages: the software pipeline's depth.
+        dtype: the input dtype.
+
+    Returns:
+        The larger of the two GEMMs' estimates.
+    """
     words = dtype.itemsize / 4
     gemm1 = block_m * r_pad + (num_stages - 1) * (block_m * block_c + block_c * r_pad) * words
     gemm2 = block_m * r_pad * words + block_m * block_n + (num_stages - 1) * r_pad * block_n * words
     return max(gemm1, gemm2)
 
 
-def _prune(configs, named_args, **kwargs):
-    a = named(named_args, kwargs)
-    dtype = a["X"].dtype
-    return prune_by_registers(
-        "channel", configs, dtype,
-        lambda cfg: live_words(a["R_PAD"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_N"],
-                               cfg.num_stages, dtype),
-        {"BLOCK_C": max(16, next_pow2(a["C"])), "BLOCK_N": max(16, next_pow2(a["NOUT"])),
-         "BLOCK_M": max(32, next_pow2(a["M"]))})
-
-
 # A short list (autotuning compiles each one per shape): tiles for small CIFAR layers up to the wide ResNet-50
-# ones, (BLOCK_M, BLOCK_C, BLOCK_N, warps, stages); _prune drops those whose accumulators exceed the register
+# ones, (BLOCK_M, BLOCK_C, BLOCK_N, warps, stages); the pruning drops those whose accumulators exceed the register
 # budget for the rank. The last two: small tiles over 8 warps, few accumulator registers per thread, for the
 # largest ranks.
 _TILES = {"full": [(32, 16, 16, 4, 2), (32, 32, 32, 4, 3), (32, 64, 64, 4, 3), (64, 16, 32, 4, 3),
@@ -105,24 +111,44 @@ _TILES = {"full": [(32, 16, 16, 4, 2), (32, 32, 32, 4, 3), (32, 64, 64, 4, 3), (
           "off": [(64, 32, 64, 4, 3)]}
 
 
-def _gpu_configs(mode):
-    return tile_configs(("BLOCK_M", "BLOCK_C", "BLOCK_N"), _TILES, mode)
+TUNING = TileSpace(
+    ("BLOCK_M", "BLOCK_C", "BLOCK_N"), _TILES,
+    # x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
+    ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW", "sxc", "sxw", "syc"],
+    by_registers("channel",
+                 lambda a, cfg, dtype: live_words(a["R_PAD"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_C"],
+                                                  cfg.kwargs["BLOCK_N"], cfg.num_stages, dtype),
+                 lambda a: {"BLOCK_C": max(16, next_pow2(a["C"])), "BLOCK_N": max(16, next_pow2(a["NOUT"])),
+                            "BLOCK_M": max(32, next_pow2(a["M"]))}))
 
 
-# x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
-_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
-                 "KH", "KW", "sxc", "sxw", "syc"]
 def _kernel():
     """Autotuned kernel on the GPU; under the interpreter a single small config (autotuning there would
     run every config serially on the CPU)."""
     if interpreting():
         return _channel_kernel, {"BLOCK_M": 64, "BLOCK_C": 16, "BLOCK_N": 16}
-    return autotuned(_channel_kernel, _gpu_configs, _AUTOTUNE_KEY, _prune), {}
+    return TUNING.autotuned(_channel_kernel), {}
 
 
-def launch_args(x, c_weight, p_weight, bias, stride, padding, dilation, y):
-    """(grid, positional arguments, untuned constexprs) of the kernel for one call writing y (the wrapper
-    and the compile-only test, tests/test_triton_compile.py, build launches from them)."""
+def launch_args(x: torch.Tensor, c_weight: torch.Tensor, p_weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], y: torch.Tensor
+                ) -> tuple[Callable, tuple, dict]:
+    """The launch of the channel kernel for one call writing y (the wrapper and tests/test_triton_compile.py).
+
+    Args:
+        x: the input [N, c, H, W].
+        c_weight: weight of the kh x kw conv [r, c, kh, kw].
+        p_weight: weight of the 1 x 1 conv [n, r, 1, 1].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+        y: the output [N, n, OH, OW].
+
+    Returns:
+        A tuple (grid, args, consts): the launch grid (a function of the config's meta-parameters), the
+            kernel's positional arguments and its untuned constexprs.
+    """
     nb, c, h, w = x.shape
     r, _, kh, kw = c_weight.shape
     _, nout, oh, ow = y.shape
@@ -136,7 +162,23 @@ def launch_args(x, c_weight, p_weight, bias, stride, padding, dilation, y):
     return (lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)), args, consts
 
 
-def factorized_conv_channel(x, c_weight, p_weight, bias, stride, padding, dilation):
+def factorized_conv_channel(x: torch.Tensor, c_weight: torch.Tensor, p_weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                            dilation: Sequence[int]) -> torch.Tensor:
+    """The channel-bottleneck convolution by the fused kernel (the caller has checked supported()).
+
+    Args:
+        x: the input [N, c, H, W] (CUDA, or the CPU under TRITON_INTERPRET=1).
+        c_weight: weight of the kh x kw conv [r, c, kh, kw].
+        p_weight: weight of the 1 x 1 conv [n, r, 1, 1].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+
+    Returns:
+        The output [N, n, OH, OW] in x's dtype (geometry.empty_output's shape and memory format).
+    """
     y = geometry.empty_output("channel", x, c_weight, p_weight, stride, padding, dilation)
     if y.numel() == 0:
         return y

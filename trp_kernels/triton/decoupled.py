@@ -10,14 +10,18 @@ weights and sums each filter's R_PAD paths into the fp32 [BLOCK_M x BLOCK_F] out
 intermediate is never written to memory; the price is kh*kw pointwise products per output pixel instead
 of (stride_h*stride_w) - memory traffic, not MACs, bounds these layers. Tensors are addressed through
 their strides (NCHW or channels_last, no copies)."""
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (autotuned, common_unsupported, grid_fits, interpreter_consts, interpreting, launch, loop_bound,
-                      max_offset, named, next_pow2, output_pixels, precision, tile_configs)
+from ._common import (MIN_DOT, common_unsupported, grid_fits, interpreter_consts, interpreting, launch, loop_bound,
+                      max_offset, next_pow2, output_pixels, precision)
+from .configs import TileSpace
 
-MIN_DOT = 16      # tl.dot operands need M, N, K >= 16
 MAX_R_PAD = 16    # paths per filter kept on chip (3 x 3 kernels reach r = 9); beyond: two convolutions
 MAX_TAPS = 9      # kh * kw: 5 x 5 and 7 x 7 kernels spill registers in every tile tried (compile test)
 
@@ -90,21 +94,20 @@ _TILES = {"full": [(16, 32, 32, 4, 2), (32, 32, 16, 4, 2)],
           "off": [(16, 32, 32, 4, 2)]}
 
 
-def _gpu_configs(mode):
-    return tile_configs(("BLOCK_M", "BLOCK_Q", "BLOCK_C"), _TILES, mode)
-
-
-def _prune(configs, named_args, **kwargs):
-    a = named(named_args, kwargs)
+def _useful(configs, a):
+    """The tiles that hold a filter's R_PAD paths and do not exceed the call's channels and pixels (else the one
+    with the most pointwise channels)."""
     keep = [cfg for cfg in configs if cfg.kwargs["BLOCK_Q"] >= a["R_PAD"]
             and cfg.kwargs["BLOCK_C"] <= max(MIN_DOT, next_pow2(a["C"]))
             and cfg.kwargs["BLOCK_M"] <= max(32, next_pow2(a["M"]))]
     return keep or [max(configs, key=lambda cfg: cfg.kwargs["BLOCK_Q"])]
 
 
-# x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
-_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW",
-                 "sxc", "sxw", "syc"]
+TUNING = TileSpace(
+    ("BLOCK_M", "BLOCK_Q", "BLOCK_C"), _TILES,
+    # x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
+    ["C", "H", "W", "R_PAD", "NOUT", "M", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW", "sxc", "sxw", "syc"],
+    _useful)
 
 
 def _kernel(rp):
@@ -112,11 +115,28 @@ def _kernel(rp):
     config serially on the CPU)."""
     if interpreting():
         return _decoupled_kernel, {"BLOCK_M": 16, "BLOCK_Q": max(MIN_DOT, rp), "BLOCK_C": 16}
-    return autotuned(_decoupled_kernel, _gpu_configs, _AUTOTUNE_KEY, _prune), {}
+    return TUNING.autotuned(_decoupled_kernel), {}
 
 
-def launch_args(x, pw_weight, dw_weight, bias, stride, padding, dilation, y):
-    """(grid, positional arguments, untuned constexprs) of the kernel for one call writing y."""
+def launch_args(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], y: torch.Tensor
+                ) -> tuple[Callable, tuple, dict]:
+    """The launch of the decoupled kernel for one call writing y (the wrapper and tests/test_triton_compile.py).
+
+    Args:
+        x: the input [N, c, H, W].
+        pw_weight: weight of the pointwise conv [n*r, c, 1, 1].
+        dw_weight: weight of the grouped kh x kw conv [n, r, kh, kw].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+        y: the output [N, n, OH, OW].
+
+    Returns:
+        A tuple (grid, args, consts): the launch grid (a function of the config's meta-parameters), the
+            kernel's positional arguments and its untuned constexprs.
+    """
     nb, c, h, w = x.shape
     nout, r, kh, kw = dw_weight.shape
     _, _, oh, ow = y.shape
@@ -132,7 +152,23 @@ def launch_args(x, pw_weight, dw_weight, bias, stride, padding, dilation, y):
     return grid, args, consts
 
 
-def factorized_conv_decoupled(x, pw_weight, dw_weight, bias, stride, padding, dilation):
+def factorized_conv_decoupled(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor,
+                              bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                              dilation: Sequence[int]) -> torch.Tensor:
+    """The network-decoupling convolution by the fused kernel (the caller has checked supported()).
+
+    Args:
+        x: the input [N, c, H, W] (CUDA, or the CPU under TRITON_INTERPRET=1).
+        pw_weight: weight of the pointwise conv [n*r, c, 1, 1].
+        dw_weight: weight of the grouped kh x kw conv [n, r, kh, kw].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+
+    Returns:
+        The output [N, n, OH, OW] in x's dtype (geometry.empty_output's shape and memory format).
+    """
     y = geometry.empty_output("decoupled", x, pw_weight, dw_weight, stride, padding, dilation)
     if y.numel() == 0:
         return y
@@ -142,8 +178,20 @@ def factorized_conv_decoupled(x, pw_weight, dw_weight, bias, stride, padding, di
     return y
 
 
-def supported(x, pw_weight, dw_weight, bias, out_hw):
-    """None when the kernel can run this call here, else the reason (a short string)."""
+def supported(x: torch.Tensor, pw_weight: torch.Tensor, dw_weight: torch.Tensor, bias: Optional[torch.Tensor],
+              out_hw: tuple[int, int]) -> Optional[str]:
+    """Why the decoupled kernel cannot run this call here, or None when it can.
+
+    Args:
+        x: the input [N, c, H, W].
+        pw_weight: weight of the pointwise conv [n*r, c, 1, 1].
+        dw_weight: weight of the grouped kh x kw conv [n, r, kh, kw].
+        bias: None, or the output bias [n].
+        out_hw: the output's (OH, OW).
+
+    Returns:
+        None, or the reason (a short string).
+    """
     why = common_unsupported(x, [x, pw_weight, dw_weight] + ([bias] if bias is not None else []), out_hw)
     if why is not None:
         return why

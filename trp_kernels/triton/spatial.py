@@ -9,12 +9,16 @@ intermediate, are never computed. GEMM 2 (the horizontal conv) then, for every t
 intermediate column each output pixel needs with an on-chip tl.gather of the [ROWS*SPAN x R_PAD]
 intermediate and multiplies it by the [R_PAD x BLOCK_N] slice of h_weight. Nothing but the output is
 written. Strides of x and y are honoured, so NCHW and channels_last work without copies."""
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (autotuned, interpreter_consts, interpreting, launch, loop_bound, named, next_pow2, precision,
-                      prune_by_registers, rank_pad, tile_configs)
+from ._common import interpreter_consts, interpreting, launch, loop_bound, next_pow2, precision, rank_pad
+from .configs import TileSpace, by_registers
 
 # A row whose padded width exceeds this is split into column tiles with a halo.
 MAX_SINGLE_SPAN = 128
@@ -97,26 +101,32 @@ def _spatial_kernel(
                  mask=ok2[:, None] & o_ok[None, :])
 
 
-def live_words(r_pad, span, out_w, m_target, block_c, block_n, num_stages, dtype):
-    """Estimated live 32-bit words of one program (see REGS_PER_THREAD): GEMM 1 holds the fp32
-    [ROWS*SPAN x R_PAD] accumulator and num_stages - 1 input and v_weight tiles in flight; GEMM 2 the
-    intermediate and one gathered tap [ROWS*OUT_W x R_PAD] in the input dtype, the fp32
-    [ROWS*OUT_W x BLOCK_N] output block and h_weight tiles."""
+def live_words(r_pad: int, span: int, out_w: int, m_target: int, block_c: int, block_n: int, num_stages: int,
+               dtype: torch.dtype) -> float:
+    """Estimated live 32-bit words of one program of the spatial kernel (see _common.REGS_PER_THREAD).
+
+    GEMM 1 holds the fp32 [ROWS*SPAN x R_PAD] accumulator and num_stages - 1 input and v_weight tiles in
+    flight; GEMM 2 the intermediate and one gathered tap [ROWS*OUT_W x R_PAD] in the input dtype, the fp32
+    [ROWS*OUT_W x BLOCK_N] output block and h_weight tiles.
+
+    Args:
+        r_pad: the padded rank R_PAD.
+        span: intermediate columns per tile (SPAN).
+        out_w: output column slots per tile (OUT_W).
+        m_target: output pixels per program the config aims at (ROWS = ceil(m_target / out_w)).
+        block_c: input channels per step of GEMM 1.
+        block_n: output channels per step of GEMM 2.
+        num_stages: the software pipeline's depth.
+        dtype: the input dtype.
+
+    Returns:
+        The larger of the two GEMMs' estimates.
+    """
     rows = -(-m_target // out_w)
     m1, m2, words = rows * span, rows * out_w, dtype.itemsize / 4
     gemm1 = m1 * r_pad + (num_stages - 1) * (m1 * block_c + block_c * r_pad) * words
     gemm2 = (m1 + m2) * r_pad * words + m2 * block_n + (num_stages - 1) * r_pad * block_n * words
     return max(gemm1, gemm2)
-
-
-def _prune(configs, named_args, **kwargs):
-    a = named(named_args, kwargs)
-    dtype = a["X"].dtype
-    return prune_by_registers(
-        "spatial", configs, dtype,
-        lambda cfg: live_words(a["R_PAD"], a["SPAN"], a["OUT_W"], cfg.kwargs["M_TARGET"], cfg.kwargs["BLOCK_C"],
-                               cfg.kwargs["BLOCK_N"], cfg.num_stages, dtype),
-        {"BLOCK_C": max(16, next_pow2(a["C"])), "BLOCK_N": max(16, next_pow2(a["NOUT"]))})
 
 
 # (M_TARGET, BLOCK_C, BLOCK_N, warps, stages); the last three of "full": small tiles over 8 warps, few
@@ -128,23 +138,44 @@ _TILES = {"full": [(16, 16, 16, 4, 2), (32, 16, 32, 4, 2), (32, 32, 64, 4, 2), (
           "off": [(64, 32, 64, 4, 2)]}
 
 
-def _gpu_configs(mode):
-    return tile_configs(("M_TARGET", "BLOCK_C", "BLOCK_N"), _TILES, mode)
+TUNING = TileSpace(
+    ("M_TARGET", "BLOCK_C", "BLOCK_N"), _TILES,
+    # x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
+    ["C", "H", "W", "R_PAD", "NOUT", "NROWS", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "KH", "KW", "SPAN", "OUT_W",
+     "sxc", "sxw", "syc"],
+    by_registers("spatial",
+                 lambda a, cfg, dtype: live_words(a["R_PAD"], a["SPAN"], a["OUT_W"], cfg.kwargs["M_TARGET"],
+                                                  cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_N"], cfg.num_stages, dtype),
+                 lambda a: {"BLOCK_C": max(16, next_pow2(a["C"])), "BLOCK_N": max(16, next_pow2(a["NOUT"]))}))
 
 
-# x's and y's layout strides too: NCHW and channels_last inputs of one shape tune separately
-_AUTOTUNE_KEY = ["C", "H", "W", "R_PAD", "NOUT", "NROWS", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
-                 "KH", "KW", "SPAN", "OUT_W", "sxc", "sxw", "syc"]
 def _kernel(out_w):
     if interpreting():
         return _spatial_kernel, {"M_TARGET": max(32, out_w), "BLOCK_C": 16, "BLOCK_N": 16}
-    return autotuned(_spatial_kernel, _gpu_configs, _AUTOTUNE_KEY, _prune), {}
+    return TUNING.autotuned(_spatial_kernel), {}
 
 
-def tile_plan(w, ow, kw, stride_w, dil_w, max_single_span=None, multi_span=None):
-    """(SPAN, OUT_W, VALID_W, SINGLE): intermediate columns computed per tile, output column slots, output
-    columns actually produced per tile, and whether one tile covers a whole row. max_single_span and
-    multi_span override the defaults (tests use them to exercise column tiles on tiny images)."""
+def tile_plan(w: int, ow: int, kw: int, stride_w: int, dil_w: int, max_single_span: Optional[int] = None,
+              multi_span: Optional[int] = None) -> tuple[int, int, int, bool]:
+    """How the spatial kernel tiles an output row.
+
+    Args:
+        w: the input width W.
+        ow: the output width OW.
+        kw: the horizontal kernel extent.
+        stride_w: the horizontal stride.
+        dil_w: the horizontal dilation.
+        max_single_span: the widest padded row one tile covers whole (default MAX_SINGLE_SPAN).
+        multi_span: the span of column tiles (default: chosen from the halo); tests use both to exercise
+            column tiles on tiny images.
+
+    Returns:
+        A tuple (SPAN, OUT_W, VALID_W, SINGLE): intermediate columns computed per tile, output column slots,
+            output columns actually produced per tile, and whether one tile covers a whole row.
+
+    Raises:
+        ValueError: multi_span is too small for the kernel's halo.
+    """
     max_single_span = MAX_SINGLE_SPAN if max_single_span is None else max_single_span
     span = max(16, next_pow2(w))
     if span <= max_single_span:
@@ -163,10 +194,28 @@ def tile_plan(w, ow, kw, stride_w, dil_w, max_single_span=None, multi_span=None)
     return span, next_pow2(valid), valid, False
 
 
-def launch_args(x, v_weight, h_weight, bias, stride, padding, dilation, y, max_single_span=None,
-                multi_span=None):
-    """(grid, positional arguments, untuned constexprs) of the kernel for one call writing y (the wrapper
-    and the compile-only test, tests/test_triton_compile.py, build launches from them)."""
+def launch_args(x: torch.Tensor, v_weight: torch.Tensor, h_weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], y: torch.Tensor,
+                max_single_span: Optional[int] = None, multi_span: Optional[int] = None
+                ) -> tuple[Callable, tuple, dict]:
+    """The launch of the spatial kernel for one call writing y (the wrapper and tests/test_triton_compile.py).
+
+    Args:
+        x: the input [N, c, H, W].
+        v_weight: weight of the vertical conv [r, c, kh, 1].
+        h_weight: weight of the horizontal conv [n, r, 1, kw].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+        y: the output [N, n, OH, OW].
+        max_single_span: see tile_plan.
+        multi_span: see tile_plan.
+
+    Returns:
+        A tuple (grid, args, consts): the launch grid (a function of the config's meta-parameters), the
+            kernel's positional arguments and its untuned constexprs.
+    """
     nb, c, h, w = x.shape
     r, _, kh, _ = v_weight.shape
     _, nout, oh, ow = y.shape
@@ -184,8 +233,26 @@ def launch_args(x, v_weight, h_weight, bias, stride, padding, dilation, y, max_s
     return grid, args, consts
 
 
-def factorized_conv_spatial(x, v_weight, h_weight, bias, stride, padding, dilation, max_single_span=None,
-                            multi_span=None):
+def factorized_conv_spatial(x: torch.Tensor, v_weight: torch.Tensor, h_weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                            dilation: Sequence[int], max_single_span: Optional[int] = None,
+                            multi_span: Optional[int] = None) -> torch.Tensor:
+    """The spatial-separable convolution by the fused kernel (the caller has checked supported()).
+
+    Args:
+        x: the input [N, c, H, W] (CUDA, or the CPU under TRITON_INTERPRET=1).
+        v_weight: weight of the vertical conv [r, c, kh, 1].
+        h_weight: weight of the horizontal conv [n, r, 1, kw].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+        max_single_span: see tile_plan.
+        multi_span: see tile_plan.
+
+    Returns:
+        The output [N, n, OH, OW] in x's dtype (geometry.empty_output's shape and memory format).
+    """
     y = geometry.empty_output("spatial", x, v_weight, h_weight, stride, padding, dilation)
     if y.numel() == 0:
         return y
