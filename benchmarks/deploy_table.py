@@ -89,6 +89,11 @@ def _fitted(row):
     return f"{row['ms_fitted']:.2f} ({row['speedup_fitted']:.2f}x)"
 
 
+def render(doc):
+    """The table of a results file of this script as markdown (benchmarks/pages.py)."""
+    return markdown(doc["rows"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nets", nargs="+", default=list(DEFAULT), choices=list(DEFAULT))
