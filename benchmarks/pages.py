@@ -194,17 +194,23 @@ def demo_output(doc, short):
     return out
 
 
+NO_DEMO = "No recording yet: `make demo-record` runs the job and writes results/demo.json."
+
+
 def demo_page(doc):
+    body = [NO_DEMO] if doc is None else [metadata(doc, "demo.json"), "", "```text",
+                                          *demo_output(doc, short=False), "```"]
     return "\n".join([
         header(["demo.json"]), "", "# What `make demo` prints", "",
         "The main job: `make demo` trains CIFAR ResNet-20 on scikit-learn's bundled handwritten digits with TRP, "
         "then decomposes it with no fine-tuning and reports accuracy, MACs, parameters and latency. "
         "`make demo-record` runs the same command and records its output here and in the README.", "",
-        metadata(doc, "demo.json"), "", "```text", *demo_output(doc, short=False), "```", ""])
+        *body, ""])
 
 
 def readme_block(doc):
-    return "\n".join([README_BEGIN, "```text", *demo_output(doc, short=True), "```", README_END])
+    body = [NO_DEMO] if doc is None else ["```text", *demo_output(doc, short=True), "```"]
+    return "\n".join([README_BEGIN, *body, README_END])
 
 
 def with_readme_block(text, block):
@@ -219,10 +225,9 @@ def expected():
     out = {ROOT / "docs" / "benchmarks" / page: benchmark_page(*spec).encode() for page, spec in PAGES.items()}
     out.update({ROOT / "docs" / "benchmarks" / name: src.read_bytes() for name, src in IMAGES.items()})
     demo = RESULTS / "demo.json"
-    if demo.exists():
-        doc = json.loads(demo.read_text())
-        out[ROOT / "docs" / "benchmarks" / "demo.md"] = demo_page(doc).encode()
-        out[README] = with_readme_block(README.read_text(), readme_block(doc)).encode()
+    doc = json.loads(demo.read_text()) if demo.exists() else None
+    out[ROOT / "docs" / "benchmarks" / "demo.md"] = demo_page(doc).encode()
+    out[README] = with_readme_block(README.read_text(), readme_block(doc)).encode()
     return out
 
 
