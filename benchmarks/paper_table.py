@@ -14,8 +14,8 @@ trained and decomposed at several energies, against data-free decomposition of t
 energies. Writes results/paper_table.json and results/paper_table.png; benchmarks/pages.py turns the JSON into the
 documentation's page.
 
-    python benchmarks/paper_table.py                 # the README's table (about 22 minutes, 2-core CPU)
-    python benchmarks/paper_table.py --quick         # a smoke run (seconds), not for the README
+    python benchmarks/paper_table.py                 # docs/benchmarks/paper.md's table (about 22 minutes, 2-core CPU)
+    python benchmarks/paper_table.py --quick         # a smoke run (seconds), not for the docs
     python benchmarks/paper_table.py --rows baseline trp_nd trp_nu_nd   # only these trained rows (and the
         data-free rows of their schemes; the sweep needs baseline and trp_nu_channel), written to
         results/paper_table_rows-baseline-trp_nd-trp_nu_nd.*

@@ -55,7 +55,7 @@ class Runner:
         self.pruner = (trp.RankPruner(self.model, "channel", energy=0.9, period=period, nuclear=3e-4,
                                          layers="paper")
                        if period else None)
-        # fp16 needs loss scaling; the pruner's regularize() then runs after unscale_ (README)
+        # fp16 needs loss scaling; the pruner's regularize() then runs after unscale_ (docs/guides/training.md)
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn((batch,) + size, generator=g).to(self.device)

@@ -10,8 +10,8 @@ count for transformers), the parameter reduction and the CPU latency ratio (batc
 over the seeds. It reuses paper_table's training and measurement. Writes results/vit_table.json
 (benchmarks/pages.py turns it into the documentation's page).
 
-    python benchmarks/vit_table.py             # the README's table
-    python benchmarks/vit_table.py --quick     # a smoke run (seconds), not for the README
+    python benchmarks/vit_table.py             # docs/benchmarks/paper.md's table
+    python benchmarks/vit_table.py --quick     # a smoke run (seconds), not for the docs
     python benchmarks/vit_table.py --energy 0.97   # another operating point: results/vit_table_e0.97.json
 """
 import argparse
