@@ -10,6 +10,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,33 @@ def test_generated_pages_are_current():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pages.py"), "--check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_stale_generated_page_fails_the_check(tmp_path, monkeypatch, capsys):
+    """pages.py --check on a copy of the tree: current, then a hand-edited page and README block are named, then
+    rewritten."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import pages
+    for name in ("results", "docs/benchmarks"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    shutil.copy(README, tmp_path / "README.md")
+    monkeypatch.setattr(pages, "ROOT", tmp_path)
+    monkeypatch.setattr(pages, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(pages, "README", tmp_path / "README.md")
+    monkeypatch.setattr(pages, "IMAGES", {name: tmp_path / "results" / src.name for name, src in pages.IMAGES.items()})
+    assert pages.main(["--check"]) == 0
+    page = tmp_path / "docs" / "benchmarks" / "latency.md"
+    page.write_text(page.read_text().replace("|", "| 1.23x", 1))
+    readme = tmp_path / "README.md"
+    readme.write_text(readme.read_text().replace(pages.README_END, "a hand-typed line\n" + pages.README_END))
+    capsys.readouterr()
+    assert pages.main(["--check"]) == 1
+    assert capsys.readouterr().out.split() == ["stale:", "docs/benchmarks/latency.md", "(regenerate", "with",
+                                               "`python", "benchmarks/pages.py`)", "stale:", "README.md",
+                                               "(regenerate", "with", "`python", "benchmarks/pages.py`)"]
+    assert pages.main([]) == 0
+    assert pages.main(["--check"]) == 0
+    assert "a hand-typed line" not in readme.read_text()
 
 
 def tracked_files():
