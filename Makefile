@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# The two commands of the README: `make demo` (the main job) and `make test` (the test suite, then the docs).
 # Both create or refresh .venv and (re)build the extension first, on a machine with nothing preinstalled.
 PYTHON ?= python3
 VENV   := .venv
@@ -13,14 +13,14 @@ export TRP_KERNELS_CUDA ?= auto
 
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.txt' 2>/dev/null) setup.py
 
-.PHONY: build test demo paper bench compat clean
+.PHONY: build test docs demo demo-record paper bench compat clean
 
-# The project's own dev extras at the versions of $(PINS) (the one place that pins them), as an editable
+# The project's own dev and docs extras at the versions of $(PINS) (the one place that pins them), as an editable
 # install: trp_kernels/_C*.so is built in place (CUDA kernels too when nvcc and torch's CUDA allow).
 $(VENV)/.built: pyproject.toml $(PINS) $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c $(PINS) $(BUILD_REQS)
-	$(PIP) install -q -c $(PINS) --no-build-isolation -e ".[dev]"
+	$(PIP) install -q -c $(PINS) --no-build-isolation -e ".[dev,docs]"
 	touch $@
 
 build: $(VENV)/.built
@@ -28,9 +28,22 @@ build: $(VENV)/.built
 test: build
 	$(PY) -c "import trp_kernels, json; print(json.dumps(trp_kernels.backend_info(), indent=1))"
 	$(PY) -m pytest -q tests
+	$(MAKE) docs
 
+# The documentation site (mkdocs.yml, docs/) into site/, strict: a warning, a broken link or a missing reference
+# fails. NO_MKDOCS_2_WARNING silences the theme's banner about its successor.
+docs: build
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+# The main job; `make demo-record` runs the same command and records its output in results/demo.json, from which
+# benchmarks/pages.py writes the README's block and docs/benchmarks/demo.md.
+DEMO_ARGS := train --model resnet20 --data digits --image-size 16 --scheme channel --energy 0.9 --nuclear 3e-4 --epochs 30 --lr 0.05 --out runs/demo --force
 demo: build
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/trp train --model resnet20 --data digits --image-size 16 --scheme channel --energy 0.9 --nuclear 3e-4 --epochs 30 --lr 0.05 --out runs/demo --force
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/trp $(DEMO_ARGS)
+
+demo-record: build
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/record_run.py --out results/demo.json -- $(VENV)/bin/trp $(DEMO_ARGS)
+	$(PY) benchmarks/pages.py
 
 paper: build
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/paper_table.py
@@ -56,4 +69,4 @@ compat:
 	cd $(COMPAT)/src && ../bin/python -m pytest -q tests
 
 clean:
-	rm -rf build *.egg-info trp_kernels/_C*.so $(VENV)/.built
+	rm -rf build *.egg-info trp_kernels/_C*.so $(VENV)/.built site

@@ -1,7 +1,7 @@
 """pytest-benchmark: lowrank_project on the TRP layers of ResNet-56 (channel) and ResNet-50 (channel,
 spatial) against the per-layer SVD loop and batched SVD. Run with
     .venv/bin/python -m pytest -q benchmarks/bench_lowrank_project.py --benchmark-enable
-(benchmarks/lowrank_table.py measures the same in one process and writes the README's table)."""
+(benchmarks/lowrank_table.py measures the same in one process; its results make docs/benchmarks/projection.md)."""
 import os
 import sys
 

@@ -1,6 +1,6 @@
 """TRP overhead per training step (pytest-benchmark): one SGD step of CIFAR ResNet-20 with and without
 RankPruner.step()/regularize(). Run: pytest benchmarks/bench_pruner_overhead.py --benchmark-enable.
-The README table comes from benchmarks/pruner_overhead_table.py (interleaved, medians)."""
+The table of docs/benchmarks/training.md comes from benchmarks/pruner_overhead_table.py (interleaved, medians)."""
 import pytest
 import torch
 import torch.nn.functional as F

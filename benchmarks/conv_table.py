@@ -264,6 +264,20 @@ def e2e_markdown(rows, backends):
     return "\n".join(out)
 
 
+def render(doc):
+    """The tables of one results file of this script as markdown (benchmarks/pages.py): per layer, end to end
+    with one column group per backend found in the rows."""
+    rows = doc["rows"]
+    layers = [r for r in rows if "layer" in r]
+    e2e = [r for r in rows if "layer" not in r]
+    backends = sorted({k[len("decomposed_"):-len("_ms")] for r in e2e for k in r
+                       if k.startswith("decomposed_") and k.endswith("_ms")})
+    tables = [layer_markdown(layers)] if layers else []
+    if e2e:
+        tables.append(e2e_markdown(e2e, backends))
+    return "\n\n".join(tables)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=["all", "layers", "e2e"], default="all")

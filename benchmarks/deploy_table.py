@@ -1,6 +1,6 @@
 """CPU latency of dense vs decomposed vs latency-fitted networks, in PyTorch eager and in onnxruntime.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/deploy_table.py                  # the README table
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/deploy_table.py                  # docs/benchmarks/latency.md's table
     python benchmarks/deploy_table.py --nets resnet20 --batches 1 --repeats 5 # a quick look
     python benchmarks/deploy_table.py --markdown results/deploy_cpu.json         # the table of a results file
 
@@ -87,6 +87,11 @@ def _fitted(row):
     if not row["layers_kept"]:
         return "= dense (1.00x)"
     return f"{row['ms_fitted']:.2f} ({row['speedup_fitted']:.2f}x)"
+
+
+def render(doc):
+    """The table of a results file of this script as markdown (benchmarks/pages.py)."""
+    return markdown(doc["rows"])
 
 
 def main(argv=None):

@@ -121,6 +121,11 @@ def markdown(rows, doc):
     return "\n".join(lines)
 
 
+def render(doc):
+    """The table of a results file of this script as markdown (benchmarks/pages.py)."""
+    return markdown(doc["rows"], doc)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "torchvision:resnet50"])

@@ -93,12 +93,6 @@ class Results:
     def write(self):
         atomic_write(self.path, lambda f: f.write(json.dumps(self.doc, indent=1).encode()))
 
-    def write_markdown(self, text):
-        """The table as markdown, atomically, beside the JSON (same name, .md); returns its path."""
-        path = self.path.with_suffix(".md")
-        atomic_write(path, lambda f: f.write((text + "\n").encode()))
-        return path
-
 
 class Budget:
     """Wall-clock budget of a time-boxed run: `over()` once `seconds` have passed (never for 0/None)."""

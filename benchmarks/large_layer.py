@@ -3,7 +3,7 @@ wall and CPU seconds, with TRP-like weights (rank 96 plus a small full-rank upda
 
     python benchmarks/large_layer.py [--in-features 25088] [--out-features 4096]
 
-docs/guides/large-layers.md has the numbers and what they mean."""
+docs/guides/large-layers.md explains the routes it times."""
 import argparse
 import os
 import time

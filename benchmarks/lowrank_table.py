@@ -367,6 +367,29 @@ def markdown(rows):
          for r in rows if r["weights"] not in OWN_TABLES])
 
 
+def settled_markdown(rows):
+    return harness.markdown_table(
+        ["network", "scheme", "path", "steps (every matrix warm)", "RankPruner.step()", "compiled kernels",
+         "the projection functions' Python and dispatch", "the pruner's own Python", "per-layer SVD loop",
+         "step vs loop"],
+        [[r["model"].replace("torchvision:", ""), r["scheme"], r["path"], f"{r['steps']} ({r['all_warm_steps']})",
+          f"{r['step_s']*1e3:.2f} ms", f"{r['kernels_s']*1e3:.2f} ms", f"{r['ops_python_s']*1e3:.2f} ms",
+          f"{r['pruner_python_s']*1e3:.2f} ms", f"{r['loop_s']*1e3:.1f} ms", f"{r['step_vs_loop']:.1f}x"]
+         for r in rows])
+
+
+def render(doc):
+    """The tables of one results file of this script as markdown, one per kind of row (benchmarks/pages.py)."""
+    rows = doc["rows"]
+    tables = [markdown(rows)] if any(r["weights"] not in OWN_TABLES for r in rows) else []
+    for kind, table in (("trajectory", trajectory_markdown), ("settled", settled_markdown),
+                        ("paths", paths_markdown), ("widths", widths_markdown)):
+        chosen = [r for r in rows if r["weights"] == kind]
+        if chosen:
+            tables.append(table(chosen))
+    return "\n\n".join(tables)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats-scale", type=float, default=1.0)

@@ -11,10 +11,11 @@ and evaluates, with no fine-tuning:
 Each row: accuracy before / after decomposition, the paper's speed-up (conv MAC ratio), parameters, CPU
 latency ratio (batch 32), as mean and spread over the seeds. Then an energy sweep: TRP + nuclear (channel)
 trained and decomposed at several energies, against data-free decomposition of the baseline at the same
-energies. Writes results/paper_table.json, results/paper_table.md and results/paper_table.png.
+energies. Writes results/paper_table.json and results/paper_table.png; benchmarks/pages.py turns the JSON into the
+documentation's page.
 
-    python benchmarks/paper_table.py                 # the README's table (about 22 minutes, 2-core CPU)
-    python benchmarks/paper_table.py --quick         # a smoke run (seconds), not for the README
+    python benchmarks/paper_table.py                 # docs/benchmarks/paper.md's table (about 22 minutes, 2-core CPU)
+    python benchmarks/paper_table.py --quick         # a smoke run (seconds), not for the docs
     python benchmarks/paper_table.py --rows baseline trp_nd trp_nu_nd   # only these trained rows (and the
         data-free rows of their schemes; the sweep needs baseline and trp_nu_channel), written to
         results/paper_table_rows-baseline-trp_nd-trp_nu_nd.*
@@ -22,6 +23,7 @@ energies. Writes results/paper_table.json, results/paper_table.md and results/pa
 import argparse
 import math
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -237,6 +239,18 @@ def markdown(summary, sweep, args):
     return "\n".join(lines)
 
 
+def render(doc):
+    """The tables of a results file of this script as markdown (benchmarks/pages.py): its rows and sweep, with
+    the options of the command that wrote it (the latency batch of the header)."""
+    args = parse_args(shlex.split(doc["command"])[2:])
+    return markdown(summary_of(doc), doc.get("sweep") or [], args)
+
+
+def summary_of(doc):
+    """{row key: per-field statistics} of a results file, in its row order."""
+    return {row["key"]: {k: v for k, v in row.items() if k not in ("key", "label")} for row in doc["rows"]}
+
+
 def plot(summary, sweep, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -303,17 +317,17 @@ def main(argv=None):
         stem = args.stem
     elif args.rows != list(TRAINED):  # a partial run never overwrites the full table
         stem += "_rows-" + "-".join(args.rows)
-    save_results(args, "paper_table", stem, summary, table, elapsed, {"rows": args.rows, "targets": args.targets,
+    save_results(args, "paper_table", stem, summary, elapsed, {"rows": args.rows, "targets": args.targets,
                  "deterministic": args.deterministic}, sweep=sweep)
     plot(summary, sweep, os.path.join(args.out, stem + ".png"))
     print(table)
     print(f"\n{args.model} on digits {args.image_size}x{args.image_size}, {args.epochs} epochs, seeds "
-          f"{args.seeds}, energy {args.energy}: {elapsed / 60:.1f} min; wrote {args.out}/{stem}.json/.md/.png")
+          f"{args.seeds}, energy {args.energy}: {elapsed / 60:.1f} min; wrote {args.out}/{stem}.json/.png")
     return exit_code(summary)
 
 
-def save_results(args, name, stem, summary, table, elapsed, settings, row_extra=lambda key: {}, **finish):
-    """args.out/<stem>.json (the shared results schema: the run's settings, one row per table row) and .md."""
+def save_results(args, name, stem, summary, elapsed, settings, row_extra=lambda key: {}, **finish):
+    """args.out/<stem>.json (the shared results schema: the run's settings, one row per table row)."""
     os.makedirs(args.out, exist_ok=True)
     base = {"model": args.model, "data": "digits", "image_size": args.image_size, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "energy": args.energy, "nuclear": args.nuclear,
@@ -322,7 +336,6 @@ def save_results(args, name, stem, summary, table, elapsed, settings, row_extra=
     for key, row in summary.items():
         results.rows.append({"key": key, **row_extra(key), **row})
     results.finish(seconds=round(elapsed, 1), **finish)
-    results.write_markdown(table)
 
 
 def exit_code(summary):

@@ -55,7 +55,7 @@ class Runner:
         self.pruner = (trp.RankPruner(self.model, "channel", energy=0.9, period=period, nuclear=3e-4,
                                          layers="paper")
                        if period else None)
-        # fp16 needs loss scaling; the pruner's regularize() then runs after unscale_ (README)
+        # fp16 needs loss scaling; the pruner's regularize() then runs after unscale_ (docs/guides/training.md)
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn((batch,) + size, generator=g).to(self.device)
@@ -138,6 +138,11 @@ def markdown(rows, doc):
                    f"{r['step_ms_trp']:.1f}", f"{r['overhead']:.3f}x", f"{r['trp_ms_per_projection']:.2f}",
                    f"{r['overhead_from_trp_ms']:.4f}x"] for r in rows])]
     return "\n".join(lines)
+
+
+def render(doc):
+    """The table of a results file of this script as markdown (benchmarks/pages.py)."""
+    return markdown(doc["rows"], doc)
 
 
 def main(argv=None):

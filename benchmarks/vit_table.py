@@ -7,13 +7,15 @@ a Linear has). Then, with no fine-tuning: the baseline decomposed data-free at e
 TRP + nuclear reached (the paper's Table 2 comparison), and each TRP model decomposed at its energy. Each
 row: accuracy before / after decomposition, the speed-up in conv + Linear + attention MACs (trp.report's
 count for transformers), the parameter reduction and the CPU latency ratio (batch 32), as mean and spread
-over the seeds. It reuses paper_table's training and measurement. Writes results/vit_table.json and .md.
+over the seeds. It reuses paper_table's training and measurement. Writes results/vit_table.json
+(benchmarks/pages.py turns it into the documentation's page).
 
-    python benchmarks/vit_table.py             # the README's table
-    python benchmarks/vit_table.py --quick     # a smoke run (seconds), not for the README
-    python benchmarks/vit_table.py --energy 0.97   # another operating point: results/vit_table_e0.97.*
+    python benchmarks/vit_table.py             # docs/benchmarks/paper.md's table
+    python benchmarks/vit_table.py --quick     # a smoke run (seconds), not for the docs
+    python benchmarks/vit_table.py --energy 0.97   # another operating point: results/vit_table_e0.97.json
 """
 import argparse
+import shlex
 import sys
 import tempfile
 import time
@@ -69,6 +71,12 @@ def markdown(summary, args):
     return "\n".join(lines)
 
 
+def render(doc):
+    """The table of a results file of this script as markdown (benchmarks/pages.py), with the options of the
+    command that wrote it."""
+    return markdown(paper_table.summary_of(doc), parse_args(shlex.split(doc["command"])[2:]))
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -79,12 +87,12 @@ def main(argv=None):
     elapsed = time.perf_counter() - t0
     table = markdown(summary, args)
     stem = "vit_table" + ("" if args.energy == 0.9 else f"_e{args.energy}") + ("_quick" if args.quick else "")
-    paper_table.save_results(args, "vit_table", stem, summary, table, elapsed,
+    paper_table.save_results(args, "vit_table", stem, summary, elapsed,
                              {"threads": args.threads, "macs": "conv + linear + attention"},
                              row_extra=lambda key: {"label": LABELS[key]})
     print(table)
     print(f"\n{args.model} on digits {args.image_size}x{args.image_size}, {args.epochs} epochs, lr {args.lr}, "
-          f"seeds {args.seeds}, energy {args.energy}: {elapsed / 60:.1f} min; wrote {args.out}/{stem}.json/.md")
+          f"seeds {args.seeds}, energy {args.energy}: {elapsed / 60:.1f} min; wrote {args.out}/{stem}.json")
     return paper_table.exit_code(summary)
 
 

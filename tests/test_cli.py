@@ -219,7 +219,8 @@ def test_written_files_have_the_umask_mode(trained):
 
 
 def test_train_options_have_one_declaration():
-    """DEFAULTS, the resume rules, the parser and the README all follow the TrainConfig fields."""
+    """DEFAULTS, the resume rules, the parser and the CLI page (docs/guides/cli.md) all follow the TrainConfig
+    fields."""
     import dataclasses
     import pathlib
     from trp import cli, config, train
@@ -230,8 +231,8 @@ def test_train_options_have_one_declaration():
                                              "compile"}
     train_parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
     flags = {s for a in train_parser._actions for s in a.option_strings}
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    page = (pathlib.Path(__file__).parents[1] / "docs" / "guides" / "cli.md").read_text()
     for f in dataclasses.fields(train.TrainConfig):
         flag = f.metadata["flag"]
         assert flag in flags, flag
-        assert f"`{flag}" in readme, f"README does not list {flag}"
+        assert f"`{flag}" in page, f"docs/guides/cli.md does not list {flag}"

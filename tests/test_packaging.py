@@ -169,7 +169,8 @@ def test_sdist_builds_a_wheel_that_works_outside_the_tree(tmp_path):
     (sdist,) = glob.glob(str(tmp_path / "dist" / "trp-*.tar.gz"))
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    needed = {"setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "requirements/pinned.txt"}
+    needed = {"setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "requirements/pinned.txt", "LICENSE",
+              "mkdocs.yml", "docs/index.md"}
     needed |= {os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)
                if os.path.isfile(f)}
     assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"
