@@ -21,7 +21,7 @@ for _p in (ROOT / "python", ROOT):  # run from a checkout without an install
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from trp.storage import atomic_write  # noqa: E402
+from trp._utils.storage import atomic_write  # noqa: E402
 from trp_kernels import conv  # noqa: E402  (its CUDA timing)
 
 

@@ -28,7 +28,7 @@ import torch
 import harness  # first: puts the checkout on sys.path
 import trp  # noqa: E402
 import trp_kernels  # noqa: E402
-from trp.schemes import to_matrix  # noqa: E402
+from trp.core.schemes import to_matrix  # noqa: E402
 from trp_kernels import reference  # noqa: E402
 
 ENERGY = 0.9

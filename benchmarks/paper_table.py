@@ -31,9 +31,10 @@ import torch
 
 import harness  # first: puts the checkout on sys.path
 import trp  # noqa: E402
-from trp.decompose import factorized_layers  # noqa: E402
-from trp import train as train_mod  # noqa: E402
-from trp.train import Run, TrainConfig, evaluate  # noqa: E402
+from trp.app import train as train_mod  # noqa: E402
+from trp.app.config import TrainConfig  # noqa: E402
+from trp.app.train import Run, evaluate  # noqa: E402
+from trp.deploy.decompose import factorized_layers  # noqa: E402
 
 TRAINED = {  # row key -> (label, TrainConfig overrides)
     "baseline": ("Baseline", dict(trp=False, nuclear=0.0)),
@@ -91,7 +92,8 @@ def train(args, key, seed, energy, workdir):
     overrides = dict(overrides)
     if overrides.pop("budget", False):
         overrides["target_speedup"] = args.targets[overrides["scheme"]]
-    settings = dict(deterministic=args.deterministic, model=args.model, data="digits", image_size=args.image_size, subset=args.subset,
+    settings = dict(deterministic=args.deterministic, model=args.model, data="digits", image_size=args.image_size,
+                    subset=args.subset,
                     energy=energy, nuclear=args.nuclear, epochs=args.epochs, lr=args.lr,
                     batch_size=args.batch_size, seed=seed, device="cpu",
                     out=os.path.join(workdir, f"{key}_e{energy}_s{seed}"))

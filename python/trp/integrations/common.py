@@ -8,13 +8,13 @@ and unscaled, right before optimizer.step(). StepDriver keeps that pairing whate
 import inspect
 import os
 
-from .. import io
-from ..decompose import decompose
-from ..integrity import digest, digest_tree
-from ..pruner import RankPruner
-from ..rank import check_criterion
-from ..selection import check_module
-from ..storage import atomic_save, read_torch
+from trp._utils.integrity import digest, digest_tree
+from trp._utils.storage import atomic_save, read_torch
+from trp.core.rank import check_criterion
+from trp.core.selection import check_module
+from trp.deploy import io
+from trp.deploy.decompose import decompose
+from trp.prune.pruner import RankPruner
 
 STATE_FORMAT = "trp.pruner-state"
 STATE_VERSION = 1
