@@ -42,4 +42,20 @@ def digest_tree(obj):
     return digest(header, tensors)
 
 
-__all__ = ["digest", "digest_tree"]
+SEAL = "sha256"  # the key of the seal in a sealed dict
+
+
+def unsealed(obj):
+    """The dict `obj` without its seal."""
+    return {k: v for k, v in obj.items() if k != SEAL}
+
+
+def seal_problem(obj, expected):
+    """The sealed-file check: None when obj[SEAL] equals expected() (the digest of what obj holds, computed
+    only when there is a seal to compare), "missing" when obj has no seal, "mismatch" when it differs."""
+    if not isinstance(obj.get(SEAL), str):
+        return "missing"
+    return None if obj[SEAL] == expected() else "mismatch"
+
+
+__all__ = ["digest", "digest_tree", "SEAL", "unsealed", "seal_problem"]

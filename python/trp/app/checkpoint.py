@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from trp._utils.integrity import digest_tree
+from trp._utils.integrity import SEAL, digest_tree, seal_problem, unsealed
 from trp._utils.storage import atomic_save, read_torch
 from trp.app.config import TrainConfig
 from trp.deploy import records
@@ -20,14 +20,10 @@ class CheckpointError(ValueError):
     """A file that is not a usable training checkpoint (corrupted, other format or model)."""
 
 
-def _body(state):
-    return {k: v for k, v in state.items() if k != "sha256"}
-
-
 def save_checkpoint(state, path):
     """Writes the checkpoint dict `state` to `path` atomically, sealed with the SHA-256 of its contents."""
-    body = _body(state)
-    atomic_save({**body, "sha256": digest_tree(body)}, path)
+    body = unsealed(state)
+    atomic_save({**body, SEAL: digest_tree(body)}, path)
 
 
 def is_checkpoint(obj):
@@ -44,9 +40,10 @@ def verify_checkpoint(obj, path):
     if version != VERSION:
         old = " (written by an older trp, without a checksum; start a new run)" if version == 1 else ""
         raise CheckpointError(f"{path}: checkpoint version {version!r}, this trp reads {VERSION}{old}")
-    if not isinstance(obj.get("sha256"), str):
+    problem = seal_problem(obj, lambda: digest_tree(unsealed(obj)))
+    if problem == "missing":
         raise CheckpointError(f"{path}: checkpoint has no checksum (damaged, or not written by trp)")
-    if obj["sha256"] != digest_tree(_body(obj)):
+    if problem == "mismatch":
         raise CheckpointError(f"{path}: corrupted: its contents do not match the SHA-256 checksum written "
                               "with it")
     missing = [k for k in REQUIRED if k not in obj]

@@ -261,10 +261,10 @@ RESUME_FIXED = tuple(f.name for f in FIELDS if not f.metadata["resume"])
 RESUME_CHANGEABLE = tuple(f.name for f in FIELDS if f.metadata["resume"])
 
 PRESETS = {
-    # PAPER.md, CIFAR-10 recipe (scheme left to the user: the paper reports channel and spatial)
+    # the paper's CIFAR-10 recipe (scheme left to the user: the paper reports channel and spatial)
     "cifar10-paper": dict(lr=0.1, epochs=164, schedule=[81, 122], lr_decay=0.1, weight_decay=1e-4,
                           momentum=0.9, batch_size=128, energy=0.9, period=1, nuclear=3e-4),
-    # PAPER.md, ImageNet: TRP fine-tuning of a pretrained model (give it with --init), lr 1e-4 for 10 epochs,
+    # the paper's ImageNet setting: TRP fine-tuning of a pretrained model (give it with --init), lr 1e-4 for 10 epochs,
     # the same SGD settings; batch 256 (the paper does not state it) and no lr decay in 10 epochs.
     "imagenet-paper": dict(lr=1e-4, epochs=10, schedule=[], lr_decay=0.1, weight_decay=1e-4, momentum=0.9,
                            batch_size=256, energy=0.9, period=1, nuclear=3e-4),

@@ -5,7 +5,8 @@
   (default 16) and repeated to 3 channels so that CIFAR models take it as they are. Train augmentation: a
   random shift of up to image_size/8 pixels (pad + random crop; no flip, digits are not mirror-symmetric).
 - "cifar10:DIR": the standard python batches (data_batch_1..5, test_batch, batches.meta) in DIR or in
-  DIR/cifar-10-batches-py; train augmentation 4-pixel pad + random 32 crop + horizontal flip (PAPER.md).
+  DIR/cifar-10-batches-py; train augmentation 4-pixel pad + random 32 crop + horizontal flip (the paper's
+  CIFAR-10 augmentation).
 - "imagefolder:DIR": DIR/train/<class>/*.png|jpg and DIR/val/<class>/... (ImageNet layout) via torchvision;
   random-resized crop + flip on train, resize + center crop on val.
 

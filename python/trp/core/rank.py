@@ -1,7 +1,7 @@
 """Rank criteria: how many singular values a layer keeps.
 
 - energy: the smallest k >= 1 whose leading k squared singular values keep at least `energy` of the total
-  (PAPER.md eq. 3, "keep energy" T; the same rule as trp_kernels.lowrank_project).
+  (the "keep energy" T of the method; the same rule as trp_kernels.lowrank_project).
 - threshold: the number of singular values above an absolute cutoff (the released code's deployment rule
   for TRP-trained models, 0.05 there); at least 1.
 - fixed: a given rank, capped by the matrix size.

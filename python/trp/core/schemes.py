@@ -1,4 +1,5 @@
-"""Reshape of layer weights to the matrices that TRP makes low-rank, and back (PAPER.md, eqs. 2-3).
+"""Reshape of layer weights to the matrices that TRP makes low-rank, and back: channel-wise
+(filters as rows) and spatial-wise (kh x kw split) reshapes, and nd (one matrix per filter).
 
 channel: conv weight [n, c, kh, kw] -> n x (c*kh*kw)   (Zhang et al.; kh x kw conv to rank k, then 1x1)
 spatial: conv weight [n, c, kh, kw] -> (c*kh) x (n*kw) (Jaderberg et al.; kh x 1 conv, then 1 x kw)

@@ -231,7 +231,7 @@ class Selection:
     """What a layer selection takes and skips.
 
     Attributes:
-        targets: [trp.targets.Target], the matrices selected, in registration order.
+        targets: [trp.core.targets.Target], the matrices selected, in registration order.
         skipped: {layer name: reason} of every other candidate layer (convs, Linear-like layers, attention
             q/k/v), in registration order.
         scheme: the scheme the selection was made for.
@@ -346,7 +346,7 @@ def plan_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
 
 
 def select_targets(model, scheme="channel", layers=None, exclude=None, warn=True):
-    """[trp.targets.Target] of the matrices to prune/decompose, in registration order (plan_layers)."""
+    """[trp.core.targets.Target] of the matrices to prune/decompose, in registration order (plan_layers)."""
     return plan_layers(model, scheme, layers, exclude, warn).targets
 
 

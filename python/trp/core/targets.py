@@ -8,7 +8,7 @@ row blocks is its own target, so q, k and v get their own rank (they are differe
 the stacked [3E, E] matrix would not factorize any of them). With separate q/k/v weights (kdim or vdim !=
 embed_dim) the targets are q_proj_weight, k_proj_weight and v_proj_weight. Either way the targets are named
 "<attention>.q_proj", ".k_proj", ".v_proj": the names of the nn.Linear modules that decomposition gives the
-attention (trp.transformer.SplitMultiheadAttention), so that a name means the same matrix before and after.
+attention (trp.core.attention.SplitMultiheadAttention), so that a name means the same matrix before and after.
 
 A target reads its matrix as a view of the parameter, writes in place into it (only its rows), and hands out
 the matching view of the parameter's .grad: the pruner never needs to know whether a target is a slice."""

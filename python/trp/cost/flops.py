@@ -10,7 +10,6 @@ calling a Linear module (the packed in_proj of nn.MultiheadAttention, torchvisio
 count for transformers. count_flops uses torch.utils.flop_counter (so it agrees with it), with
 formulas registered for the trp_kernels factorized-conv ops (decoupled_conv included)."""
 import statistics
-import time
 
 import torch
 import torch.nn as nn
@@ -18,6 +17,7 @@ from torch.utils import flop_counter
 
 import trp_kernels  # noqa: F401  (registers the torch.ops.trp_kernels ops)
 from trp._utils import checks
+from trp._utils.timing import call_seconds
 from trp.core import eligibility
 from trp.cost import attention as attention_macs
 from trp.cost.macs import conv_macs, input_shape
@@ -218,20 +218,10 @@ def measure_latency(model, input_size, warmup=10, repeats=50, device=None):
             _forward(model, x)  # one more warm-up call, whose errors name the input size
             for _ in range(warmup):
                 model(x)
-            if device.type == "cuda":
+            cuda = device.type == "cuda"
+            if cuda:
                 torch.cuda.synchronize(device)
-                for _ in range(repeats):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    model(x)
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) / 1e3)
-            else:
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    model(x)
-                    times.append(time.perf_counter() - t0)
+            times = [call_seconds(lambda: model(x), cuda) for _ in range(repeats)]
     finally:
         model.train(was_training)
     return statistics.median(times)

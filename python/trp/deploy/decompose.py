@@ -66,7 +66,7 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     float64 per layer: deployment accuracy matters more than speed here. Each layer is factorized from the
     weight it computes with (a parametrized weight: its value in eval mode; Conv1D: its transpose). Attention
     q/k/v targets and layers whose host reads their weights (nn.MultiheadAttention, the
-    TransformerEncoderLayer fast path) are placed after trp.transformer.prepare_hosts converts the host; a
+    TransformerEncoderLayer fast path) are placed after trp.core.attention.prepare_hosts converts the host; a
     host it cannot convert keeps them dense (one warning). A decomposition that factorizes nothing warns.
 
     Raises:

@@ -9,8 +9,6 @@ import copy
 import dataclasses
 import inspect
 import io
-import statistics
-import time
 import warnings
 from collections.abc import Mapping
 
@@ -18,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from trp._utils import storage
+from trp._utils.timing import interleaved
 from trp.cost.macs import input_shape
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -393,20 +392,6 @@ def compare_ort(dense, compact, input_size, threads=None, repeats=20, exporter=N
     return interleaved([ort_runner(d, x, threads) for d in data], repeats)
 
 
-def interleaved(fns, repeats=20, warmup=2):
-    """Median seconds per call of each fn, timed in alternation (a, b, a, b, ...)."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, t in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
-
-
 def onnxruntime_available():
     try:  # optional dependency (the deploy extra): a probe
         import onnxruntime  # noqa: F401
@@ -426,4 +411,4 @@ def available_exporters():
 
 __all__ = ["export_onnx", "check_opset", "opset_range", "onnx_bytes", "module_bytes", "output_leaves",
            "output_names", "fast_exporter", "verify", "session", "ort_runner", "ort_latency", "compare_ort",
-           "interleaved", "EXPORTERS", "onnxruntime_available", "available_exporters"]
+           "EXPORTERS", "onnxruntime_available", "available_exporters"]

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from trp import models
 from trp._utils import checks
-from trp._utils.integrity import digest
+from trp._utils.integrity import SEAL, digest, seal_problem
 from trp._utils.storage import atomic_save, read_torch
 from trp._utils.weights import load_weights
 from trp.core import eligibility
@@ -113,7 +113,7 @@ def save(model, path):
 def seal(payload):
     """Sets payload["sha256"], the seal trp.save writes and trp.load checks, over the payload's records and
     tensors (the records that its format version covers); returns the payload."""
-    payload["sha256"] = digest(_header(payload), payload["state_dict"])
+    payload[SEAL] = digest(_header(payload), payload["state_dict"])
     return payload
 
 
@@ -135,7 +135,7 @@ def verify_model_file(payload, path):
             raise ValueError(f"{path} is damaged: missing {key!r}")
     if not all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values()):
         raise ValueError(f"{path} is damaged: its state_dict holds non-tensors")
-    if payload.get("sha256") != digest(_header(payload), payload["state_dict"]):
+    if seal_problem(payload, lambda: digest(_header(payload), payload["state_dict"])) is not None:
         raise ValueError(f"{path}: corrupted: its contents do not match the checksum written by trp.save")
     return records.check_model_file(payload, path)  # sealed is not trustworthy: every field, every size
 
@@ -149,7 +149,7 @@ def model_state_dict(payload):
 
 def _install_layers(model, layers, path):
     """Replaces the dense layers named in `layers` by factorized modules built from their config (first
-    converting their host modules as decompose() did: trp.transformer.prepare_hosts)."""
+    converting their host modules as decompose() did: trp.core.attention.prepare_hosts)."""
     try:
         prepare_hosts(model, [n for n in layers if isinstance(n, str)])
     except (ValueError, AttributeError) as exc:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from trp._utils.checks import integer, real
+from trp._utils.timing import interleaved
 from trp.core import eligibility
 from trp.cost.flops import count_macs, io_shapes, macs_by_layer
 from trp.cost.macs import dense_macs_per_output_pixel, input_shape, pays
@@ -126,7 +127,7 @@ class _Timer:
         """Median seconds per call of each module on input x, timed in alternation."""
         fns = [self.callable(m, x) for m in modules]
         with _threads(self.threads if self.runtime == "eager" else None):
-            return export_mod.interleaved(fns, self.repeats)
+            return interleaved(fns, self.repeats)
 
 
 class _threads:

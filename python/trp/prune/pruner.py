@@ -1,4 +1,5 @@
-"""RankPruner: Trained Rank Pruning in any training loop (PAPER.md eq. 1 and eqs. 4-5).
+"""RankPruner: Trained Rank Pruning in any training loop: periodic low-rank projection of the weights during
+SGD, and the nuclear-norm subgradient added to their gradients.
 
     pruner = trp.RankPruner(model, scheme="channel", energy=0.9, period=1, nuclear=3e-4)
     for x, y in loader:
@@ -14,7 +15,7 @@ from the group's previous projection (trp_kernels.WarmStart: same results, less 
 trp_kernels.inplace for all groups instead, with the same results (`path` says which ran). Under the nd
 scheme every filter is its own matrix, and under channel / spatial every group of a grouped conv: a group's
 call covers all filters (conv groups) of all its layers, and a layer's rank is the largest. A group holds
-trp.targets.Target objects: a whole weight or a row block of one (the q, k, v rows of a packed attention
+trp.core.targets.Target objects: a whole weight or a row block of one (the q, k, v rows of a packed attention
 in_proj_weight), read, written and regularized through the target's views of the parameter."""
 import contextlib
 import copy
@@ -71,7 +72,7 @@ class _Group:
 class RankPruner:
     """Periodic low-rank projection of the selected layers plus the nuclear-norm subgradient.
 
-    scheme: "channel", "spatial" or "nd" (PAPER.md; nd projects each filter's c x kh*kw matrix and a layer's
+    scheme: "channel", "spatial" or "nd" (trp.core.schemes; nd projects each filter's c x kh*kw matrix and a layer's
     rank is the largest of its filters'). energy: fraction of squared singular values each projection
     keeps, in (0, 1] (the released code's T = 0.9). period: project every `period` calls of step(), the
     first call included (m in the paper). nuclear: weight lambda of the nuclear-norm term, >= 0.
@@ -86,7 +87,7 @@ class RankPruner:
     results, so that every rank ends bit-identical (trp.distributed). model may be DDP-wrapped or
     torch.compile'd: the pruner works on the bare module's parameters.
     target_speedup: steer the network's conv-MAC speed-up (trp.count_macs at input_size, (C, H, W)) to this
-    instead of keeping a fixed energy: after each projection trp.budget.SpeedupController sets the next
+    instead of keeping a fixed energy: after each projection trp.prune.budget.SpeedupController sets the next
     projection's energy, aiming at a goal that ramps from 1 to target_speedup over `warmup` projections."""
 
     def __init__(self, model, scheme="channel", energy=0.9, period=1, nuclear=3e-4, layers=None,
