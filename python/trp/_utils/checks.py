@@ -34,6 +34,16 @@ def integer(value, name, low, high=math.inf, what=""):
     return value
 
 
+def choice(value, valid, name, unknown=False):
+    """`value` if it is one of `valid`, else ValueError: "NAME must be one of a, b, got 'x'", or with
+    unknown=True "unknown NAME 'x'; valid choices: 'a', 'b'"."""
+    if value not in valid:
+        if unknown:
+            raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, valid))}")
+        raise ValueError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
+    return value
+
+
 def materialized(model, what):
     """Checks that no parameter or buffer of `model` is on the meta device (a model built without data,
     e.g. under torch.device("meta")): nothing can be computed from it or saved.

@@ -9,7 +9,7 @@ import torch
 from trp._utils.integrity import SEAL, digest_tree, seal_problem, unsealed
 from trp._utils.storage import atomic_save, read_torch
 from trp.app.config import TrainConfig
-from trp.deploy import records
+from trp.deploy import io, records
 
 FORMAT = "trp-train-checkpoint"
 VERSION = 2  # 2: sealed ("sha256"); 1 carried no checksum
@@ -126,6 +126,18 @@ def check_checkpoint(obj, path):
     return obj
 
 
+def read_run_file(path):
+    """The file at `path`, read once and verified by its own format's checks: ("checkpoint", the checkpoint)
+    for a `trp train` checkpoint, ("model", the payload) for a trp.save model file, else (None, what the file
+    holds)."""
+    obj = read_torch(path)
+    if is_checkpoint(obj):
+        return "checkpoint", verify_checkpoint(obj, path)
+    if io.is_model_file(obj):
+        return "model", io.verify_model_file(obj, path)
+    return None, obj
+
+
 def load_checkpoint(path):
     return verify_checkpoint(read_torch(path), path)
 
@@ -155,4 +167,4 @@ def set_rng_state(state, loader_generator=None):
 
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint",
-           "check_checkpoint", "is_checkpoint", "rng_state", "set_rng_state"]
+           "check_checkpoint", "is_checkpoint", "read_run_file", "rng_state", "set_rng_state"]

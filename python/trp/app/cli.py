@@ -318,7 +318,6 @@ def _deploy_args(ns, cfg):
 
 
 def cmd_decompose(ns):
-
     _check_deploy_args(ns)
     storage.check_output_file(ns.out)
     out_dir = os.path.dirname(os.path.abspath(ns.out))
@@ -347,18 +346,17 @@ def _image_size(cfg):
 
 
 def cmd_eval(ns):
-
     device = config.resolve_device(ns.device)
-    obj = storage.read_torch(ns.model_file)  # read once, verified by its own format's checksum
-    if ckpt.is_checkpoint(obj):
-        saved = ckpt.verify_checkpoint(obj, ns.model_file)
+    kind, obj = ckpt.read_run_file(ns.model_file)
+    if kind == "checkpoint":
+        saved = obj
         model = train_mod.model_from_checkpoint(saved, device, ns.model_file)
         cfg = saved["config"]
         spec, size, subset, kind = ns.data or cfg["data"], ns.image_size or cfg.get("image_size"), \
             ns.subset or cfg.get("subset"), "dense checkpoint"
         seed = cfg.get("seed", 0)
-    elif io.is_model_file(obj):
-        model = io.from_payload(io.verify_model_file(obj, ns.model_file), ns.model_file).to(device)
+    elif kind == "model":
+        model = io.from_payload(obj, ns.model_file).to(device)
         spec, size, subset, kind, seed = ns.data or "digits", ns.image_size, ns.subset, "model file", 0
     else:
         raise CLIError(f"{ns.model_file} is neither a `trp train` checkpoint nor a trp model file (trp.save)")
@@ -417,24 +415,23 @@ def _deploy_fit(ns, compact, dense, input_size, report=False):
 
 
 def cmd_export(ns):
-
     _check_deploy_args(ns)
     export.check_opset(ns.opset, ns.exporter)
     storage.check_output_file(ns.out)
-    obj = storage.read_torch(ns.model_file)
-    if ckpt.is_checkpoint(obj):
-        saved = ckpt.verify_checkpoint(obj, ns.model_file)
+    kind, obj = ckpt.read_run_file(ns.model_file)
+    if kind == "checkpoint":
+        saved = obj
         dense = train_mod.model_from_checkpoint(saved, "cpu", ns.model_file)
         scheme, crit = _deploy_args(ns, saved["config"])
         size = ns.image_size or _image_size(saved["config"])
         chw = (saved["arch"].get("in_channels", 3), size, size)
         model = decompose_mod.decompose(dense, scheme, **crit, input_size=chw)
-    elif io.is_model_file(obj):
+    elif kind == "model":
         if ns.scheme is not None or ns.energy is not None or ns.threshold is not None \
                 or ns.target_speedup is not None:
             raise CLIError("--scheme / --energy / --threshold / --target-speedup decompose a checkpoint; "
                            f"{ns.model_file} is already a model file")
-        model = io.from_payload(io.verify_model_file(obj, ns.model_file), ns.model_file)
+        model = io.from_payload(obj, ns.model_file)
         dense = merge_back(model) if factorized_layers(model) else model
         arch = getattr(model, "trp_arch", {}) or {}
         size = ns.image_size or (32 if str(arch.get("name", "")).startswith("resnet") else 224)

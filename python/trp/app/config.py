@@ -72,8 +72,7 @@ def _schedule(v, flag):
 
 def _one_of(*valid):
     def rule(v, flag):
-        if v not in valid:
-            raise ValueError(f"{flag} must be one of {', '.join(valid)}, got {v!r}")
+        checks.choice(v, valid, flag)
     return rule
 
 

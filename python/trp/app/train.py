@@ -210,7 +210,6 @@ class Run:
                 "rng": rng, "history": self.history, **extra}
 
     def train_epoch(self):
-
         cfg, model = self.cfg, self.net
         model.train()
         if self.world:
@@ -375,11 +374,11 @@ def read_initial_weights(path):
         checkpoint.CheckpointError: not a state_dict, damaged, or holding NaN / infinite values.
         OSError: the file cannot be read (missing, a directory, a FIFO...).
     """
-    obj = storage.read_torch(path)
-    if ckpt.is_checkpoint(obj):
-        state = ckpt.verify_checkpoint(obj, path)["model"]
-    elif io.is_model_file(obj):
-        state = io.model_state_dict(io.verify_model_file(obj, path))
+    kind, obj = ckpt.read_run_file(path)
+    if kind == "checkpoint":
+        state = obj["model"]
+    elif kind == "model":
+        state = io.model_state_dict(obj)
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         state = obj["state_dict"]
     else:

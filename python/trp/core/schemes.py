@@ -11,13 +11,13 @@ A conv with groups g > 1 is g independent convs: under channel / spatial each gr
 
 Every function also takes a leading batch dimension ([B, n, c, kh, kw] <-> [B, p, q]) so the pruner can
 reshape a stacked group in one call."""
+from trp._utils import checks
+
 SCHEMES = ("channel", "spatial", "nd")
 
 
 def check_scheme(scheme):
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; valid choices: {', '.join(map(repr, SCHEMES))}")
-    return scheme
+    return checks.choice(scheme, SCHEMES, "scheme", unknown=True)
 
 
 def _check_groups(groups, n, scheme):

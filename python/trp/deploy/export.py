@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from trp._utils import storage
+from trp._utils import checks, storage
 from trp._utils.timing import interleaved
 from trp.cost.macs import input_shape
 
@@ -33,9 +33,7 @@ def _require(module, what):
 
 
 def check_exporter(exporter):
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    return exporter
+    return checks.choice(exporter, EXPORTERS, "exporter")
 
 
 def opset_range(exporter):

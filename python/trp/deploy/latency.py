@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
+from trp._utils import checks
 from trp._utils.checks import integer, real
 from trp._utils.timing import interleaved
 from trp.core import eligibility
@@ -103,8 +104,7 @@ class _Timer:
     (CPU), with `threads` intra-op threads (None: the runtime's default)."""
 
     def __init__(self, runtime, device, threads, repeats):
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        checks.choice(runtime, RUNTIMES, "runtime")
         self.runtime, self.device, self.threads, self.repeats = runtime, torch.device(device), threads, repeats
         if runtime == "onnxruntime" and self.device.type != "cpu":
             raise ValueError("runtime='onnxruntime' measures on the CPU: move the model to the CPU")

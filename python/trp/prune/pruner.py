@@ -51,9 +51,7 @@ def _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank=None)
     check_period(period)
     check_nuclear(nuclear)
     check_max_rank(max_rank)
-    if nuclear_every not in NUCLEAR_EVERY:
-        raise ValueError(f"unknown nuclear_every {nuclear_every!r}; valid choices: "
-                         f"{', '.join(map(repr, NUCLEAR_EVERY))}")
+    checks.choice(nuclear_every, NUCLEAR_EVERY, "nuclear_every", unknown=True)
 
 
 class _Group:
