@@ -31,7 +31,7 @@ import torch
 
 import harness  # first: puts the checkout on sys.path
 import trp  # noqa: E402
-from trp.app import train as train_mod  # noqa: E402
+from trp.app import setup  # noqa: E402
 from trp.app.config import TrainConfig  # noqa: E402
 from trp.app.train import Run, evaluate  # noqa: E402
 from trp.deploy.decompose import factorized_layers  # noqa: E402
@@ -295,7 +295,7 @@ def main(argv=None):
     else:
         torch.set_num_threads(1 if args.deterministic else max(1, os.cpu_count() or 1))
         with tempfile.TemporaryDirectory(prefix="trp_paper_") as workdir, \
-                train_mod.deterministic_mode(args.deterministic):
+                setup.deterministic_mode(args.deterministic):
             rows, sweep = run_table(args, workdir)
     summary = {key: summarize(rows[key]) for key in LABELS if key in rows}
     elapsed = time.perf_counter() - t0

@@ -1,3 +1,4 @@
+# Over 300 lines: every file trp writes goes through these primitives; their safety rules belong together.
 """Files on disk: atomic writes with the mode the umask gives, cleanup of the temporaries that interrupted
 writes leave behind, and safe reading (torch.load(weights_only=True): no pickled code runs) with errors
 that say what is wrong with a file.

@@ -1,3 +1,4 @@
+# Over 300 lines: one parser and one handler per `trp` subcommand, which read best side by side.
 """The `trp` command: train (with TRP), decompose, eval, report, export.
 
 Every error the user can cause (bad names, bad files, conflicting options, a diverged run) ends as one
@@ -15,7 +16,7 @@ import torch
 
 from trp._utils import storage
 from trp.app import checkpoint as ckpt
-from trp.app import config, runlock
+from trp.app import config, runlock, setup
 from trp.app import data as data_mod
 from trp.app import train as train_mod
 from trp.app.config import positive_int as _positive_int
@@ -162,7 +163,7 @@ def _train_config(ns):
     config.check_preset(preset)
     if resume is None:
         cfg = config.resolve_config(explicit, preset)
-        init = train_mod.read_initial_weights(cfg.init) if cfg.init is not None else None
+        init = setup.read_initial_weights(cfg.init) if cfg.init is not None else None
         return cfg, None, init, None
     path = resume or os.path.join(explicit.get("out", config.DEFAULTS["out"]), train_mod.CHECKPOINT)
     saved = ckpt.load_checkpoint(path)

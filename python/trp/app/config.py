@@ -1,3 +1,4 @@
+# Over 300 lines: every option of `trp train` with its rule, in one table.
 """The `trp train` options, declared once.
 
 Each TrainConfig field carries, in its metadata, the CLI flag and help text, the argparse details, the

@@ -1,14 +1,13 @@
+# Over 300 lines: the Run (setup, epoch loop, checkpoints) and the end-of-training report share the run's state.
 """The training loop behind `trp train`: SGD + multi-step LR, TRP (RankPruner) on every iteration, a
 checkpoint after every epoch (atomic), exact resume, and the end-of-training report.
 
 Exact resume: the checkpoint holds model, optimizer, scheduler and pruner states plus every RNG the loop
 draws from (torch - augmentation -, numpy, python, the train loader's shuffling generator); it is written
 after the epoch's evaluation, so a resumed run replays the remaining epochs bit for bit on the CPU."""
-import contextlib
 import copy
 import json
 import os
-import random
 import time
 
 import numpy as np
@@ -23,6 +22,16 @@ from trp.app import checkpoint as ckpt
 from trp.app import data as data_mod
 from trp.app import runlock
 from trp.app.config import RESUME_FIXED, SEED_LIMIT, check_resume, resolve_device
+from trp.app.setup import (
+    budget_args,
+    check_scheduler,
+    deterministic_mode,
+    file_id,
+    load_initial_weights,
+    read_initial_weights,
+    seed_everything,
+    seed_worker,
+)
 from trp.deploy import decompose as decompose_mod
 from trp.deploy import export, io, plots, records
 from trp.deploy.report import report as trp_report
@@ -107,7 +116,7 @@ class Run:
                                  f"--epochs {cfg.epochs} would go back")
         elif cfg.init is not None and init_state is None:
             init_state = read_initial_weights(cfg.init)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         self.bundle = data_mod.load(cfg.data, cfg.image_size, cfg.subset, seed=cfg.seed)
         self.model = models.build(cfg.model, num_classes=self.bundle.num_classes,
                                   in_channels=self.bundle.in_channels).to(self.device)
@@ -116,7 +125,7 @@ class Run:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.rank:  # augmentation: another stream per rank (the weights come from rank 0 through DDP)
-            _seed_everything((cfg.seed + self.rank) % SEED_LIMIT)
+            seed_everything((cfg.seed + self.rank) % SEED_LIMIT)
         if cfg.target_speedup is not None:  # reachable on this model? before any training
             check_reachable(self.model, cfg.scheme, cfg.target_speedup, self.bundle.input_size[1:],
                             "--target-speedup")
@@ -137,7 +146,7 @@ class Run:
                                      f"batch of two or more samples{each}: use {fix}")
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         if cfg.deterministic:  # numpy / random in workers too (torch's are seeded by the loaders' generators)
-            self.train_loader.worker_init_fn = self.test_loader.worker_init_fn = _seed_worker
+            self.train_loader.worker_init_fn = self.test_loader.worker_init_fn = seed_worker
         self.epoch, self.history = 0, []
         self.saved_epoch = self.resumed_epoch = None  # the epochs of the checkpoints written / resumed from
         self._saving = None  # (epoch, file id before) of the checkpoint being written
@@ -172,7 +181,7 @@ class Run:
             self.optimizer.load_state_dict(saved["optimizer"])
             if self.pruner is not None:
                 self.pruner.load_state_dict(saved["pruner"])
-            _check_scheduler(saved["scheduler"], self.scheduler.state_dict())
+            check_scheduler(saved["scheduler"], self.scheduler.state_dict())
             self.scheduler.load_state_dict(saved["scheduler"])
             if self.scaler is not None and saved.get("scaler"):
                 self.scaler.load_state_dict(saved["scaler"])
@@ -188,7 +197,7 @@ class Run:
         self.epoch, self.history = int(saved["epoch"]), list(saved.get("history", []))
         self.resumed_epoch = self.epoch
         if self.rank and not same:
-            _seed_everything((self.cfg.seed + self.epoch + self.rank) % SEED_LIMIT)
+            seed_everything((self.cfg.seed + self.epoch + self.rank) % SEED_LIMIT)
 
     def state(self):
         """The checkpoint (called on every rank: the RNG states are gathered; rank 0 writes it)."""
@@ -272,7 +281,7 @@ class Run:
             One clause for a message.
         """
         saved = self.saved_epoch
-        if self._saving is not None and self._saving[0] != saved and _file_id(self.ckpt_path) != self._saving[1]:
+        if self._saving is not None and self._saving[0] != saved and file_id(self.ckpt_path) != self._saving[1]:
             saved = self._saving[0]  # interrupted after the rename that put the new checkpoint in place
         more = "; continue with --resume" if hint else ""
         if saved is not None:
@@ -325,7 +334,7 @@ class Run:
                                  **({"speedup": speedup} if speedup is not None else {})})
             state = self.state()
             if self.rank == 0:
-                self._saving = (self.epoch, _file_id(self.ckpt_path))
+                self._saving = (self.epoch, file_id(self.ckpt_path))
                 ckpt.save_checkpoint(state, self.ckpt_path)
             self.saved_epoch = self.epoch
             self.log(f"epoch {self.epoch:3d}/{cfg.epochs}  loss {loss:.4f}  train {train_acc:6.2f}%  "
@@ -335,113 +344,6 @@ class Run:
             if on_epoch_end is not None:
                 on_epoch_end(self)
         return self
-
-
-def _file_id(path):
-    """(device, inode) of `path`, None when absent: an atomic write gives the file a new one."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _check_scheduler(saved, fresh):
-    """A scheduler state has the keys and value types of this run's scheduler (its load_state_dict would
-    take any attribute)."""
-    if set(saved) != set(fresh):
-        raise ValueError(f"scheduler state keys {sorted(saved)} are not {sorted(fresh)}")
-    for k, v in fresh.items():
-        if v is not None and not isinstance(saved[k], type(v)) and not (
-                isinstance(v, (int, float)) and isinstance(saved[k], (int, float)) and not isinstance(saved[k], bool)):
-            raise ValueError(f"scheduler {k} must be a {type(v).__name__}, got {type(saved[k]).__name__}")
-    if any(not isinstance(m, int) or isinstance(m, bool) for m in saved.get("milestones", {})):
-        raise ValueError("scheduler milestones must be epoch numbers")
-
-
-def read_initial_weights(path):
-    """The state_dict that --init names: a trp checkpoint's or trp.save file's (both verified against
-    their checksums and checked field by field), or a plain state_dict file (e.g. torchvision's;
-    {"state_dict": ...} too) of finite tensors.
-
-    Args:
-        path: the file.
-
-    Returns:
-        {name: tensor}.
-
-    Raises:
-        checkpoint.CheckpointError: not a state_dict, damaged, or holding NaN / infinite values.
-        OSError: the file cannot be read (missing, a directory, a FIFO...).
-    """
-    kind, obj = ckpt.read_run_file(path)
-    if kind == "checkpoint":
-        state = obj["model"]
-    elif kind == "model":
-        state = io.model_state_dict(obj)
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        state = obj["state_dict"]
-    else:
-        state = obj
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ckpt.CheckpointError(f"--init {path}: not a state_dict (a dict of tensors)")
-    try:
-        records.tensors(state, path, "state_dict")  # NaN / inf weights: the file is bad, not the run
-    except records.RecordError as exc:
-        raise ckpt.CheckpointError(f"--init {exc}") from None
-    return state
-
-
-def load_initial_weights(model, state, path):
-    """Loads the --init state_dict into `model`; every key and shape must match (the error names them)."""
-    load_weights(model, state, f"--init {path}: weights do not fit {model.trp_arch['name']}",
-                 error=ckpt.CheckpointError)
-
-
-# --target-speedup: the goal ramps from 1 to the target over this fraction of the run's projections
-BUDGET_WARMUP = 0.25
-
-
-def budget_args(cfg, bundle):
-    """RankPruner's target_speedup / input_size / warmup for cfg (none without --target-speedup)."""
-    if cfg.target_speedup is None:
-        return {}
-    steps = -(-len(bundle.train) // cfg.batch_size)  # an upper bound: a last batch of one is dropped
-    return {"target_speedup": cfg.target_speedup, "input_size": bundle.input_size[1:],
-            "warmup": round(BUDGET_WARMUP * cfg.epochs * steps / cfg.period)}
-
-
-@contextlib.contextmanager
-def deterministic_mode(enabled=True, threads=1):
-    """Within: torch.use_deterministic_algorithms, `threads` CPU threads (how reductions are split, so
-    their rounding, depends on the thread count), cuDNN autotuning off; the previous settings after."""
-    if not enabled:
-        yield
-        return
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.get_num_threads(), torch.backends.cudnn.benchmark)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.set_num_threads(saved[2])
-        torch.backends.cudnn.benchmark = saved[3]
-
-
-def _seed_worker(worker_id):
-    seed = torch.initial_seed() % 2**32  # the loader's generator seeded it
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def _seed_everything(seed):
-    torch.manual_seed(seed)  # seeds are validated (TrainConfig): 0 <= seed < 2**63
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def decompose_criterion(energy, threshold, target_speedup=None):
@@ -561,4 +463,4 @@ def model_from_checkpoint(saved, device="cpu", path="checkpoint"):
 
 
 __all__ = ["TrainError", "Run", "evaluate", "cpu_copy", "decompose_criterion", "final_report", "model_from_checkpoint",
-           "read_initial_weights", "CHECKPOINT", "REPORT_FILES", "RUN_FILES"]
+           "CHECKPOINT", "REPORT_FILES", "RUN_FILES"]

@@ -1,3 +1,4 @@
+# Over 300 lines: the layer-selection language (presets, names, regexes, types) and its plan are one unit.
 """Which layers TRP works on: presets (the default one and the paper's), explicit layers=, and why every
 other layer is skipped.
 

@@ -1,3 +1,4 @@
+# Over 300 lines: ONNX export, its verification and onnxruntime runs share the exporter plumbing.
 """ONNX export of (decomposed) models, checked in onnxruntime, and latency measured there.
 
     trp.export_onnx(compact, "model.onnx", (3, 32, 32))   # dynamic batch axis, verified in onnxruntime

@@ -1,3 +1,4 @@
+# Over 300 lines: the schema of every record trp reads, checked field by field in one place.
 """Validation of the records trp reads back: `trp train` checkpoints, trp.save model files, --init weights.
 
 A SHA-256 seal (trp.integrity) proves that a file holds what its writer sealed, not that the writer was

@@ -1,3 +1,4 @@
+# Over 300 lines: the factorized layer types share their construction, SVD and weight helpers.
 """Factorized layers that a decomposed network is made of.
 
 ChannelFactorizedConv2d  kh x kw conv c -> rank, then 1 x 1 conv rank -> n (+ bias)   ("channel")

@@ -1,3 +1,4 @@
+# Over 300 lines: process groups, sharding and the worker launcher share one protocol.
 """TRP on several processes with torch.distributed: the pruner's sharded projection and `trp train`'s workers.
 
 Sharding (RankPruner): every rank holds the same weights, so projecting every layer on every rank would do
