@@ -26,6 +26,7 @@ $(VENV)/.built: pyproject.toml $(PINS) $(SOURCES)
 build: $(VENV)/.built
 
 test: build
+	$(PY) -m ruff check .
 	$(PY) -c "import trp_kernels, json; print(json.dumps(trp_kernels.backend_info(), indent=1))"
 	$(PY) -m pytest -q tests
 	$(MAKE) docs

@@ -20,7 +20,6 @@ fused kernels do. On a CPU only the end-to-end part runs (two oneDNN convolution
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 import harness  # first: puts the checkout on sys.path
 import trp_kernels  # noqa: E402
+from trp._utils import timing  # noqa: E402
 from trp_kernels import conv, reference  # noqa: E402
 
 SPEEDUP = {("resnet20", "channel"): 2.17, ("resnet20", "spatial"): 2.84,
@@ -163,16 +163,7 @@ def interleaved_latency(contenders, x, warmup, repeats):
             os.environ.pop(conv.BACKEND_ENV, None)
         else:
             os.environ[conv.BACKEND_ENV] = be
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            model(x)
-            b.record()
-            b.synchronize()
-            return a.elapsed_time(b) / 1e3
-        t0 = time.perf_counter()
-        model(x)
-        return time.perf_counter() - t0
+        return timing.call_seconds(lambda: model(x), cuda)
 
     try:
         with torch.no_grad():

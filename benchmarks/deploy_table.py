@@ -27,7 +27,7 @@ import torch
 import harness  # first: puts the checkout on sys.path
 import trp  # noqa: E402
 from conv_table import build_net, decompose_at_paper_ranks  # noqa: E402
-from trp import deploy  # noqa: E402
+from trp.deploy import latency  # noqa: E402
 
 DEFAULT = {"resnet20": ((3, 32, 32), (1, 32)), "resnet56": ((3, 32, 32), (1, 32)),
            "resnet50": ((3, 224, 224), (1, 8))}
@@ -49,10 +49,10 @@ def bench(results, net, batch, runtime, threads, fit_repeats, repeats):
     fitted, fit = trp.fit_latency(compact, size, runtime, batch_size=batch, threads=threads,
                                   repeats=fit_repeats)
     fit_s = time.perf_counter() - t0
-    dense = deploy.merge_back(compact)
+    dense = latency.merge_back(compact)
     x = torch.randn(batch, *size)
     t = fit.totals
-    timer = deploy._Timer(runtime, "cpu", threads, repeats)
+    timer = latency.RuntimeTimer(runtime, "cpu", threads, repeats)
     if t["layers_kept"]:
         t_dense, t_comp, t_fit = timer.compare([dense, compact, fitted], x)
     else:  # every layer merged back: the fitted network is the dense one (timing it again measures noise)
@@ -98,7 +98,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nets", nargs="+", default=list(DEFAULT), choices=list(DEFAULT))
     p.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 32 (CIFAR), 1 8 (ResNet-50)")
-    p.add_argument("--runtimes", nargs="+", default=list(deploy.RUNTIMES), choices=list(deploy.RUNTIMES))
+    p.add_argument("--runtimes", nargs="+", default=list(latency.RUNTIMES), choices=list(latency.RUNTIMES))
     p.add_argument("--threads", nargs="+", type=int, default=[1, os.cpu_count()])
     p.add_argument("--repeats", type=int, default=30, help="timed rounds per point (ResNet-50: a fifth)")
     p.add_argument("--out", default=str(harness.ROOT / "results" / "deploy_cpu.json"))

@@ -11,8 +11,9 @@ import json
 import os
 import sys
 
-import harness  # first: puts the checkout on sys.path
 import torch  # noqa: E402
+
+import harness  # noqa: F401  (first: puts the checkout on sys.path)
 import trp_kernels  # noqa: E402
 from trp_kernels import conv, probes, selfcheck  # noqa: E402
 

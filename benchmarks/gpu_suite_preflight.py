@@ -70,8 +70,9 @@ def device_problems():
         problems.append(f"no CUDA device visible to torch {torch.__version__} (torch.version.cuda = "
                         f"{torch.version.cuda})")
     sys.path.insert(0, str(ROOT))
-    from setup import cuda_toolkit  # the build's own toolkit lookup
     from torch.utils import cpp_extension
+
+    from setup import cuda_toolkit  # the build's own toolkit lookup
     if cuda_toolkit(cpp_extension.CUDA_HOME) is None:
         problems.append("no CUDA toolkit (nvcc and cuda_runtime.h) for the build: set CUDA_HOME")
     if shutil.which("compute-sanitizer") is None:

@@ -9,7 +9,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ for _p in (ROOT / "python", ROOT):  # run from a checkout without an install
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from trp.storage import atomic_write  # noqa: E402
+from trp._utils.storage import atomic_write  # noqa: E402
 from trp_kernels import conv  # noqa: E402  (its CUDA timing)
 
 
@@ -102,33 +101,6 @@ class Budget:
 
     def over(self):
         return self.end is not None and time.monotonic() > self.end
-
-
-def sync(device=None):
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        torch.cuda.synchronize()
-
-
-def median_time(fn, repeats, device=None):
-    """(median seconds, all samples) of `repeats` calls after one warm-up call, synchronising CUDA."""
-    fn()  # warm-up: allocations, workspaces, lazy initialisation
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
-def timed(fn, device=None):
-    """Seconds of one call of fn (synchronising CUDA), for measurements whose input changes between calls."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def cuda_time_ms(fn, iters=20, graph=False):

@@ -28,7 +28,8 @@ import torch
 import harness  # first: puts the checkout on sys.path
 import trp  # noqa: E402
 import trp_kernels  # noqa: E402
-from trp.schemes import to_matrix  # noqa: E402
+from trp._utils import timing  # noqa: E402
+from trp.core.schemes import to_matrix  # noqa: E402
 from trp_kernels import reference  # noqa: E402
 
 ENERGY = 0.9
@@ -121,9 +122,9 @@ def run(results, repeats_scale=1.0, weights_kinds=("init", "trp"), cases=CASES, 
             groups = group(mats)
             fractions = [float(r) / min(W.shape[1:]) for W in groups.values()
                          for r in trp_kernels.lowrank_project(W, ENERGY)[1]]
-            t_loop, all_loop = harness.median_time(lambda: per_layer_loop(mats), repeats, device)
-            t_bsvd, all_bsvd = harness.median_time(lambda: batched_svd(groups), repeats, device)
-            t_ours, all_ours = harness.median_time(lambda: ours(groups), repeats, device)
+            t_loop, all_loop = timing.median_time(lambda: per_layer_loop(mats), repeats, device)
+            t_bsvd, all_bsvd = timing.median_time(lambda: batched_svd(groups), repeats, device)
+            t_ours, all_ours = timing.median_time(lambda: ours(groups), repeats, device)
             row = {
                 "model": model_name, "scheme": scheme, "weights": weights, "layers": len(mats),
                 "groups": {"x".join(map(str, s)): int(W.shape[0]) for s, W in groups.items()},
@@ -135,7 +136,7 @@ def run(results, repeats_scale=1.0, weights_kinds=("init", "trp"), cases=CASES, 
             for solver in solvers:  # Jacobi kernel vs cuSOLVER (the Jacobi one applies to n <= 64 only)
                 if solver == "jacobi" and max(min(W.shape[1:]) for W in groups.values()) > 64:
                     continue
-                row[f"ours_{solver}_s"] = harness.median_time(lambda: ours_solver(groups, solver), repeats,
+                row[f"ours_{solver}_s"] = timing.median_time(lambda: ours_solver(groups, solver), repeats,
                                                               device)[0]
             results.add(row)
             print(f"{model_name} {scheme} {weights}: loop {t_loop*1e3:.1f} ms, batched svd "
@@ -187,10 +188,10 @@ def trajectory(model_name, scheme, steps, device="cpu", seed=0, repeats=3):
             c._inplace_groups()
         rounds = []
         for c in copies:
-            rounds.append((harness.timed(lambda: per_layer_loop(mats), device),
-                           harness.timed(lambda: [trp_kernels.lowrank_project(W, ENERGY, subgradient=True)
+            rounds.append((timing.timed(lambda: per_layer_loop(mats), device),
+                           timing.timed(lambda: [trp_kernels.lowrank_project(W, ENERGY, subgradient=True)
                                                   for W in groups.values()], device),
-                           harness.timed(c.step, device)))
+                           timing.timed(c.step, device)))
         del copies
         t_loop, t_cold, t_step = (statistics.median(r) for r in zip(*rounds))
         if t > 0:  # the first projection is a full solve for the pruner too
@@ -233,7 +234,7 @@ def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, devi
             try:
                 return fn(*args, **kwargs)
             finally:
-                harness.sync(device)
+                timing.sync(device)
                 spent[key] += time.perf_counter() - t0
         return run
 
@@ -243,9 +244,9 @@ def breakdown(model_name="resnet56", scheme="channel", settle=10, steps=12, devi
     try:
         for _ in range(steps):
             mats = [to_matrix(m.weight.detach(), scheme).contiguous() for _, m in pruner.layers]
-            t_loop = harness.timed(lambda: per_layer_loop(mats), device)
+            t_loop = timing.timed(lambda: per_layer_loop(mats), device)
             spent.update(op=0.0, kernel=0.0)
-            t_step = harness.timed(pruner.step, device)
+            t_step = timing.timed(pruner.step, device)
             warm = all(bool(g.warm.warm.all()) for g in pruner._groups)
             rows.append((t_step, spent["op"], spent["kernel"], t_loop, warm))
             sgd_like_step(pruner, gen)
@@ -279,10 +280,10 @@ def paths(model_name, scheme, repeats=3):
         moved = W_low + SGD_STEP * float(W_low.square().mean().sqrt()) * torch.randn(W_low.shape, generator=gen)
         times = {}
         for name, solver in (("cold_per_matrix", "lapack"), ("cold_batched", "lapack_batched")):
-            times[name] = harness.median_time(lambda: torch.ops.trp_kernels_C.lowrank_project_solver(
+            times[name] = timing.median_time(lambda: torch.ops.trp_kernels_C.lowrank_project_solver(
                 W, ENERGY, None, True, solver), repeats)[0]
         for name, solver in (("warm_per_matrix", "per_matrix"), ("warm_batched", "batched")):
-            times[name] = harness.median_time(lambda: trp_kernels.warm.compiled_step(
+            times[name] = timing.median_time(lambda: trp_kernels.warm.compiled_step(
                 moved, state, ENERGY, None, True, solver), repeats)[0]
         ok = trp_kernels.warm.compiled_step(moved, state, ENERGY, None, True, "per_matrix")[4]
         rows.append({"model": model_name, "scheme": scheme, "weights": "paths", "shape": list(W.shape),
@@ -307,9 +308,9 @@ def widths(shapes=WIDTH_SHAPES, repeats=2):
             W_low, rank, _, basis = torch.ops.trp_kernels_C.lowrank_project_basis(W0, energy, None, True)
             state = trp_kernels.warm.next_basis(basis, rank)
             W = W_low + SGD_STEP * float(W_low.square().mean().sqrt()) * torch.randn(W_low.shape, generator=gen)
-            cold = min(harness.timed(lambda: torch.ops.trp_kernels_C.lowrank_project_solver(
+            cold = min(timing.timed(lambda: torch.ops.trp_kernels_C.lowrank_project_solver(
                 W, energy, None, True, "lapack")) for _ in range(repeats))
-            warm_s = min(harness.timed(lambda: trp_kernels.warm.compiled_step(
+            warm_s = min(timing.timed(lambda: trp_kernels.warm.compiled_step(
                 W, state, energy, None, True, "per_matrix")) for _ in range(repeats))
             ok = trp_kernels.warm.compiled_step(W, state, energy, None, True, "per_matrix")[4]
             rows.append({"model": "random init", "scheme": "-", "weights": "widths", "shape": [p, q],

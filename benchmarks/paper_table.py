@@ -33,9 +33,10 @@ import torch
 
 import harness  # first: puts the checkout on sys.path
 import trp  # noqa: E402
-from trp.decompose import factorized_layers  # noqa: E402
-from trp import train as train_mod  # noqa: E402
-from trp.train import Run, TrainConfig, evaluate  # noqa: E402
+from trp.app import setup  # noqa: E402
+from trp.app.config import TrainConfig  # noqa: E402
+from trp.app.train import Run, evaluate  # noqa: E402
+from trp.deploy.decompose import factorized_layers  # noqa: E402
 
 TRAINED = {  # row key -> (label, TrainConfig overrides)
     "baseline": ("Baseline", dict(trp=False, nuclear=0.0)),
@@ -93,7 +94,8 @@ def train(args, key, seed, energy, workdir):
     overrides = dict(overrides)
     if overrides.pop("budget", False):
         overrides["target_speedup"] = args.targets[overrides["scheme"]]
-    settings = dict(deterministic=args.deterministic, model=args.model, data="digits", image_size=args.image_size, subset=args.subset,
+    settings = dict(deterministic=args.deterministic, model=args.model, data="digits", image_size=args.image_size,
+                    subset=args.subset,
                     energy=energy, nuclear=args.nuclear, epochs=args.epochs, lr=args.lr,
                     batch_size=args.batch_size, seed=seed, device="cpu",
                     out=os.path.join(workdir, f"{key}_e{energy}_s{seed}"))
@@ -307,7 +309,7 @@ def main(argv=None):
     else:
         torch.set_num_threads(1 if args.deterministic else max(1, os.cpu_count() or 1))
         with tempfile.TemporaryDirectory(prefix="trp_paper_") as workdir, \
-                train_mod.deterministic_mode(args.deterministic):
+                setup.deterministic_mode(args.deterministic):
             rows, sweep = run_table(args, workdir)
     summary = {key: summarize(rows[key]) for key in LABELS if key in rows}
     elapsed = time.perf_counter() - t0

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import harness  # first: puts the checkout on sys.path
 import trp  # noqa: E402
 import trp_kernels  # noqa: E402
+from trp._utils import timing  # noqa: E402
 
 PERIODS = (1, 5, 20)
 RUN_PERIODS = (1, 5)  # the TRP runs measured; period 20 is priced from their samples
@@ -64,10 +65,10 @@ class Runner:
         self.trp = []                                 # seconds inside the pruner, projection iterations
 
     def step(self):
-        harness.sync(self.device)
+        timing.sync(self.device)
         t0 = time.perf_counter()
         projected = self.pruner.step() if self.pruner is not None else False
-        harness.sync(self.device)
+        timing.sync(self.device)
         t_pruner = time.perf_counter() - t0
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             loss = F.cross_entropy(self.model(self.x), self.y)
@@ -77,18 +78,18 @@ class Runner:
             self.scaler.unscale_(self.opt)
         else:
             loss.backward()
-        harness.sync(self.device)
+        timing.sync(self.device)
         t1 = time.perf_counter()
         if self.pruner is not None:
             self.pruner.regularize()
-            harness.sync(self.device)
+            timing.sync(self.device)
         t_pruner += time.perf_counter() - t1
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
             self.opt.step()
-        harness.sync(self.device)
+        timing.sync(self.device)
         total = time.perf_counter() - t0
         self.steps["projection" if projected else "plain"].append(total)
         if projected:

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-import harness  # first: puts the checkout on sys.path
+import harness  # noqa: F401  (first: puts the checkout on sys.path)
 import trp_kernels  # noqa: E402
 from trp_kernels import _extension, reference  # noqa: E402
 

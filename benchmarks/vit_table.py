@@ -22,7 +22,7 @@ import time
 
 import torch
 
-import harness  # first: puts the checkout on sys.path
+import harness  # noqa: F401  (first: puts the checkout on sys.path)
 import paper_table
 
 ROWS = ["baseline", "trp_channel", "trp_nu_channel"]  # trained rows (paper_table.TRAINED keys)

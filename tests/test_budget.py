@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 import trp
-from trp import budget, train
-from trp.selection import select_layers
+from trp.app import config, train
+from trp.core.selection import select_layers
+from trp.prune import budget
 
 INPUT = (3, 12, 10)
 
@@ -93,13 +94,13 @@ def test_bad_targets_are_clear_errors_before_any_work():
     trp.decompose(model, "channel", target_speedup=top, input_size=INPUT)  # the limit itself is reachable
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="--target-speedup"):
-        train.resolve_config({"target_speedup": 1.0})
+        config.resolve_config({"target_speedup": 1.0})
     with pytest.raises(ValueError, match="--target-speedup and --threshold"):
-        train.resolve_config({"target_speedup": 2.0, "threshold": 0.05})
+        config.resolve_config({"target_speedup": 2.0, "threshold": 0.05})
     with pytest.raises(ValueError, match="--deterministic"):
-        train.resolve_config({"deterministic": 1})
+        config.resolve_config({"deterministic": 1})
     for trp_on in (True, False):  # the baseline too: it decomposes at the target after training
-        cfg = train.resolve_config(dict(data="digits", image_size=8, subset=16, trp=trp_on, target_speedup=50.0))
+        cfg = config.resolve_config(dict(data="digits", image_size=8, subset=16, trp=trp_on, target_speedup=50.0))
         with pytest.raises(ValueError, match="--target-speedup=50 is above what rank 1"):
             train.Run(cfg, log=lambda *_: None, progress=False)
 
@@ -154,7 +155,7 @@ def test_pruner_state_carries_the_controller():
 
 def test_train_target_speedup_deterministic_rerun_is_identical(tmp_path):
     def run(name):
-        cfg = train.resolve_config(dict(data="digits", image_size=8, subset=48, batch_size=16, epochs=2,
+        cfg = config.resolve_config(dict(data="digits", image_size=8, subset=48, batch_size=16, epochs=2,
                                         schedule=[1], seed=5, out=str(tmp_path / name), target_speedup=1.5,
                                         deterministic=True))
         return train.Run(cfg, log=lambda *_: None, progress=False).fit()

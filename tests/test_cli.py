@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import trp
-from trp import checkpoint as ckpt
-from trp.cli import main
-
 from cli_helpers import TINY, run_cli
+from trp.app import checkpoint as ckpt
+from trp.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def test_resume_continues_exactly(tmp_path, capsys):
 
 
 def test_help_via_subprocess():
-    r = subprocess.run([sys.executable, "-m", "trp.cli", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "trp", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0
     for cmd in ("train", "decompose", "eval", "report"):
@@ -223,16 +222,17 @@ def test_train_options_have_one_declaration():
     fields."""
     import dataclasses
     import pathlib
-    from trp import cli, config, train
-    fields = [f.name for f in dataclasses.fields(train.TrainConfig)]
-    assert list(train.DEFAULTS) == fields
+
+    from trp.app import cli, config
+    fields = [f.name for f in dataclasses.fields(config.TrainConfig)]
+    assert list(config.DEFAULTS) == fields
     assert set(config.RESUME_FIXED) | set(config.RESUME_CHANGEABLE) == set(fields)
     assert set(config.RESUME_CHANGEABLE) == {"epochs", "device", "threshold", "out", "nproc", "amp", "channels_last",
                                              "compile"}
     train_parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
     flags = {s for a in train_parser._actions for s in a.option_strings}
     page = (pathlib.Path(__file__).parents[1] / "docs" / "guides" / "cli.md").read_text()
-    for f in dataclasses.fields(train.TrainConfig):
+    for f in dataclasses.fields(config.TrainConfig):
         flag = f.metadata["flag"]
         assert flag in flags, flag
         assert f"`{flag}" in page, f"docs/guides/cli.md does not list {flag}"

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 import trp_kernels
-from trp_kernels import _extension
-
 from test_triton_compile import nvidia_tool
+from trp_kernels import _extension
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = (ROOT / "csrc" / "common" / "block_kernels.h").read_text()

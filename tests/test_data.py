@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trp import data
+from trp.app import data
 
 
 def test_digits_split_is_fixed_stratified_and_normalized():

@@ -5,11 +5,12 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import trp
-from trp.modules import ChannelFactorizedConv2d, FactorizedLinear, SpatialFactorizedConv2d
-from trp.schemes import from_matrix, matrix_shape
+from trp.core.schemes import from_matrix, matrix_shape
+from trp.nn.modules import ChannelFactorizedConv2d, FactorizedLinear, SpatialFactorizedConv2d
 
 FACTORIZED = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedConv2d}
 

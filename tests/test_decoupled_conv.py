@@ -11,10 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import trp_kernels
+from test_factorized_conv import RTOL, assert_module_backends_agree, backend, rel_err, triton_mod  # noqa: F401  (backend: a fixture)
 from trp_kernels import conv, reference
-
-from test_factorized_conv import (RTOL, assert_module_backends_agree, backend,  # noqa: F401  (backend: a fixture)
-                                  rel_err, triton_mod)
 
 CL = torch.channels_last
 OP = torch.ops.trp_kernels.decoupled_conv.default

@@ -9,10 +9,9 @@ import torch.nn.functional as F
 
 import trp
 import trp_kernels
-from trp import deploy
-from trp.modules import FACTORIZED
-
 from cli_helpers import TINY, run_cli
+from trp.deploy import latency as deploy
+from trp.nn.modules import FACTORIZED
 
 CONV_SCHEMES = ("channel", "spatial", "nd")
 

@@ -15,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trp
-from trp import checkpoint as ckpt
-from trp import distributed, train
-from trp.schemes import to_matrix
-
 from cli_helpers import TINY, run_cli
+from trp.app import checkpoint as ckpt
+from trp.app import config, train
+from trp.core.schemes import to_matrix
+from trp.prune import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -206,7 +206,7 @@ def test_train_nproc_2_then_resume_with_nproc_1(tmp_path, capfd):
 def test_train_under_torchrun(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "trp.cli", "train", *TINY, "--epochs", "1", "--no-report", "--out", str(out)]
+           "-m", "trp", "train", *TINY, "--epochs", "1", "--no-report", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
     # the failing rank's own output comes first, the launcher's summary last
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[:4000] + "\n...\n" + proc.stderr[-1500:]
@@ -235,7 +235,7 @@ def _workers(pid):
 @two_cores
 def test_killing_a_worker_ends_the_run_with_an_error(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trp.cli", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
+    cmd = [sys.executable, "-m", "trp", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
            "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(TRP_DIST_TIMEOUT="30"))
@@ -262,7 +262,7 @@ def test_killing_a_worker_ends_the_run_with_an_error(tmp_path):
 @two_cores
 def test_sigterm_to_the_parent_stops_the_workers_and_removes_the_rendezvous(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trp.cli", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
+    cmd = [sys.executable, "-m", "trp", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
            "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
@@ -291,7 +291,7 @@ def test_sigterm_to_the_parent_stops_the_workers_and_removes_the_rendezvous(tmp_
 @two_cores
 def test_workers_of_a_killed_parent_stop_and_its_rendezvous_is_cleaned_at_the_next_start(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trp.cli", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
+    cmd = [sys.executable, "-m", "trp", "train", *TINY, "--epochs", "500", "--nproc", "2", "--no-report",
            "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
     workers = []
@@ -328,7 +328,7 @@ def _alive(pid):
 
 @pytest.mark.parametrize("amp, channels_last", [("bf16", True), ("fp16", False)])
 def test_amp_and_channels_last_train_on_the_cpu(tmp_path, amp, channels_last):
-    cfg = train.resolve_config(dict(data="digits", image_size=8, subset=48, batch_size=16, epochs=1,
+    cfg = config.resolve_config(dict(data="digits", image_size=8, subset=48, batch_size=16, epochs=1,
                                     schedule=[1], out=str(tmp_path), seed=3, amp=amp, channels_last=channels_last))
     run = train.Run(cfg, log=lambda *_: None, progress=False).fit()
     assert run.history[0]["loss"] > 0 and all(r is not None for r in run.pruner.ranks.values())
@@ -348,7 +348,7 @@ def test_compile_trains_the_compiled_model_with_the_pruner(tmp_path, monkeypatch
         return real(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", eager_compile)
-    cfg = train.resolve_config(dict(data="digits", image_size=8, subset=32, batch_size=16, epochs=1,
+    cfg = config.resolve_config(dict(data="digits", image_size=8, subset=32, batch_size=16, epochs=1,
                                     schedule=[1], out=str(tmp_path), seed=3, compile=True))
     run = train.Run(cfg, log=lambda *_: None, progress=False).fit()
     assert compiled == [run.model] and run.net is not run.model

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 # How the docs' `trp ...` lines run: the one place to change if the command's module moves.
-TRP_COMMAND = [sys.executable, "-m", "trp.cli"]
+TRP_COMMAND = [sys.executable, "-m", "trp"]
 CLI_TIMEOUT_S = 300
 README_MAX_LINES = 150
 
@@ -217,7 +217,7 @@ def test_readme_is_short_and_undated():
 
 
 def test_every_trp_option_is_on_the_cli_page():
-    from trp import cli
+    from trp.app import cli
     text = (DOCS / "guides" / "cli.md").read_text()
     parser = cli.build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
 import trp
-from trp.modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
-from trp.schemes import from_matrix, to_matrix
+from trp.core.schemes import from_matrix, to_matrix
+from trp.deploy import export
+from trp.nn.modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
 
 CLASSES = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedConv2d, "nd": DecoupledConv2d}
 
@@ -336,8 +337,8 @@ def test_grouped_factorized_convs_save_load_and_export_as_standard_convs(tmp_pat
     x = torch.randn(2, 3, 13, 11)
     with torch.no_grad():
         assert torch.equal(loaded(x), compact(x))
-    data = trp.export.onnx_bytes(compact, (2, 3, 13, 11), exporter="torchscript")
-    assert trp.export.verify(compact, data, (2, 3, 13, 11), (2,), rtol=1e-4)
+    data = export.onnx_bytes(compact, (2, 3, 13, 11), exporter="torchscript")
+    assert export.verify(compact, data, (2, 3, 13, 11), (2,), rtol=1e-4)
     ops = {(n.domain, n.op_type) for n in onnx.load_from_string(data).graph.node}
     assert ("", "Conv") in ops and all(d in ("", "ai.onnx") for d, _ in ops)
     assert ort is not None

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import trp
 import trp_kernels
-from trp import export
+from trp.deploy import export
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import trp
-from trp.modules import ChannelFactorizedConv2d, SpatialFactorizedConv2d
+from trp.nn.modules import ChannelFactorizedConv2d, SpatialFactorizedConv2d
 
 
 def resnet20_conv_macs(shortcuts=True):

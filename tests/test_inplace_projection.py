@@ -10,10 +10,9 @@ import torch
 
 import trp
 import trp_kernels
-from trp_kernels import WarmStart, inplace
-
 from test_lowrank_project import check_projection, make_batch
 from test_warm_projection import _net, _train, sgd_like
+from trp_kernels import WarmStart, inplace
 
 pytestmark = pytest.mark.skipif(inplace.max_n() == 0, reason="trp_kernels._C without the in-place CPU op")
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trp
-from trp.schemes import to_matrix
+from trp.core.schemes import to_matrix
 
 LAYERS = ["conv2", "fc1"]   # explicit: independent of the default selection
 
@@ -423,6 +423,7 @@ def test_lightning_callback_projects_and_adds_the_nuclear_term_once_per_optimize
 
 def test_lightning_callback_resumes_exactly_from_its_own_checkpoint(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
+
     from trp.integrations import TRPLightningCallback
 
     def checkpoints(root):
@@ -459,6 +460,7 @@ def test_lightning_callback_refuses_a_checkpoint_without_pruner_state_and_manual
 def test_lightning_callback_refuses_a_fused_optimizer_under_a_grad_scaler():
     _pl()
     from lightning.pytorch.plugins.precision import MixedPrecision
+
     from trp.integrations.lightning import check_trainer
     params = [nn.Parameter(torch.zeros(2))]
     module = types.SimpleNamespace(automatic_optimization=True)

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import trp
-from trp import checkpoint as ckpt
-from trp.cli import main
-
 from cli_helpers import TINY, run_cli
+from trp.app import checkpoint as ckpt
+from trp.app.cli import main
 
 
 def flip_tensor_byte(path, tensor):

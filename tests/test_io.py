@@ -145,7 +145,7 @@ def test_state_dict_metadata_is_kept(tmp_path):
 
 def test_model_files_of_the_first_format_still_load(decomposed, tmp_path):
     """Version 1 files (no metadata) carry a SHA-256 over (arch, layers) and the tensors: still verified."""
-    from trp.integrity import digest
+    from trp._utils.integrity import digest
     trp.save(decomposed, tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     del payload["metadata"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import trp_kernels
-from trp_kernels import _extension, reference
 from test_lowrank_project import check_projection, make_batch
+from trp_kernels import _extension, reference
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 
 import trp
-from trp import modules, spectral
-from trp.modules import (ChannelFactorizedConv2d, FactorizedLinear, SpatialFactorizedConv2d,
-                         conv_padding4)
+from trp.core import spectral
+from trp.nn import modules
+from trp.nn.modules import ChannelFactorizedConv2d, FactorizedLinear, SpatialFactorizedConv2d, conv_padding4
 
 CLASSES = [ChannelFactorizedConv2d, SpatialFactorizedConv2d]
 

@@ -8,11 +8,10 @@ import torch
 import torch.nn as nn
 
 import trp
-from trp.decompose import ND_DEFAULT_ENERGY
-from trp.schemes import from_matrix, matrix_shape, to_matrix
-
 from cli_helpers import TINY
 from test_pruner import SELECTED, SmallNet
+from trp.core.schemes import from_matrix, matrix_shape, to_matrix
+from trp.deploy.decompose import ND_DEFAULT_ENERGY
 
 
 def per_filter_truncation(W, energy):
@@ -202,7 +201,7 @@ def test_report_plot_and_save_load_round_trip(tmp_path):
     kept = trp.report(make_net(), lossy, (3, 12, 12), latency=False).rows[1]["energy_kept"]
     S = torch.linalg.svdvals(make_net()[2].weight.detach().reshape(17, 16, 9))
     assert kept == pytest.approx(float(S[:, :2].square().sum() / S.square().sum()))
-    from trp import plots
+    from trp.deploy import plots
     spectra = plots.layer_spectra(net, compact, "nd")
     # "4" (stride 2) stays dense at rank 2: its 1 x 1 conv at 4x the output pixels would cost more
     assert [(n, full, k) for n, _, full, k in spectra] == [("2", 9, 2), ("4", 9, 9), ("6", 9, 2)]
@@ -226,7 +225,7 @@ def test_resnet_round_trip_through_recorded_arch(tmp_path):
 
 
 def test_trp_train_scheme_nd_decomposes_without_loss(tmp_path):
-    from trp.cli import main
+    from trp.app.cli import main
     out = tmp_path / "run"
     assert main(["train", *TINY, "--scheme", "nd", "--energy", "0.6", "--epochs", "2", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import trp
 import trp_kernels
-from trp.schemes import to_matrix
+from trp.core.schemes import to_matrix
 
 
 class SmallNet(nn.Module):

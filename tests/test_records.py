@@ -18,12 +18,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import trp
-from trp import checkpoint as ckpt
-from trp import cli, export
-from trp import io as trp_io
-from trp import train as train_mod
-
 from cli_helpers import TINY, run_cli
+from trp.app import checkpoint as ckpt
+from trp.app import cli
+from trp.app import train as train_mod
+from trp.deploy import export
+from trp.deploy import io as trp_io
 
 # the largest tensor a loader may create: the data of the largest option (digits at 64 x 64: 88 MB) fits,
 # a record's 1e10 classes or ranks (or 1e6: 0.5 GB) does not
@@ -75,7 +75,7 @@ def light_commands():
     export and its latency) is replaced, so that an example costs a fraction of a second."""
     with pytest.MonkeyPatch.context() as m:
         m.setattr(train_mod.Run, "fit", lambda self, *a: self)
-        m.setattr(sys.modules["trp.decompose"], "decompose", lambda model, *a, **k: copy.deepcopy(model))
+        m.setattr(sys.modules["trp.deploy.decompose"], "decompose", lambda model, *a, **k: copy.deepcopy(model))
         m.setattr(train_mod, "final_report", lambda *a, **k: {})
         m.setattr(export, "export_onnx", lambda *a, **k: {"bytes": 0, "errors": {}})
         m.setattr(export, "compare_ort", lambda *a, **k: (1.0, 1.0))

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import trp
-from trp import checkpoint as ckpt
-from trp import data as data_mod
-from trp import train
-
-from cli_helpers import TINY as BASE, run_cli
+from cli_helpers import TINY as BASE
+from cli_helpers import run_cli
+from trp.app import checkpoint as ckpt
+from trp.app import config, train
+from trp.app import data as data_mod
 
 TINY = BASE + ["--no-report", "--epochs", "1"]
 
@@ -23,7 +23,7 @@ TINY = BASE + ["--no-report", "--epochs", "1"]
 
 def hold_lock(directory):
     """Another process holding `directory`'s run lock until it is killed."""
-    code = ("import sys, time\nfrom trp.runlock import locked\nwith locked(sys.argv[1]):\n"
+    code = ("import sys, time\nfrom trp.app.runlock import locked\nwith locked(sys.argv[1]):\n"
             "    print('held', flush=True)\n    time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -56,11 +56,11 @@ def test_busy_directory_fails_at_once_and_a_killed_holder_frees_it(tmp_path, cap
 
 
 def test_lock_is_reentrant_in_one_process_and_released(tmp_path):
-    from trp.runlock import LockedError, locked
+    from trp.app.runlock import LockedError, locked
     with locked(tmp_path):
         with locked(tmp_path):  # the CLI holds it around Run.fit, which takes it too
             pass
-        child = subprocess.run([sys.executable, "-c", "import sys\nfrom trp.runlock import locked\n"
+        child = subprocess.run([sys.executable, "-c", "import sys\nfrom trp.app.runlock import locked\n"
                                 "with locked(sys.argv[1]): pass", str(tmp_path)], capture_output=True, text=True)
         assert child.returncode != 0 and "in use" in child.stderr
     with locked(tmp_path):
@@ -87,7 +87,7 @@ def test_stale_temporary_files_are_cleaned_at_the_next_start(tmp_path):
     os.utime(tmp_path / stale[1], (old, old))
     for name in kept[2:]:
         os.utime(tmp_path / name, (old, old))
-    cfg = train.resolve_config(dict(data="digits", image_size=8, subset=32, batch_size=16, epochs=1,
+    cfg = config.resolve_config(dict(data="digits", image_size=8, subset=32, batch_size=16, epochs=1,
                                     schedule=[1], out=str(tmp_path)))
     train.Run(cfg, log=lambda *_: None, progress=False).fit()
     names = set(os.listdir(tmp_path))
@@ -103,7 +103,7 @@ def test_written_files_follow_the_umask(umask, tmp_path):
         trp.save(model, tmp_path / "model.pt")
         ckpt.save_checkpoint({"format": ckpt.FORMAT, "version": ckpt.VERSION, "x": torch.ones(2)},
                              tmp_path / "ck.pt")
-        from trp.storage import atomic_write
+        from trp._utils.storage import atomic_write
         atomic_write(tmp_path / "report.json", lambda f: f.write(b"{}"))
     finally:
         os.umask(old)

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 import trp
-from trp import checkpoint as ckpt
-from trp import cli, distributed, plots, runlock, storage
-from trp import train as train_mod
-
 from cli_helpers import TINY, run_cli
+from trp._utils import storage
+from trp.app import checkpoint as ckpt
+from trp.app import cli, runlock
+from trp.app import train as train_mod
+from trp.deploy import plots
+from trp.prune import distributed
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +339,7 @@ def _popen(args, cwd):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([os.path.join(root, "python"), root, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "trp.cli", *map(str, args)], cwd=cwd, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "trp", *map(str, args)], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -396,7 +398,7 @@ def test_nproc_is_bounded_by_the_machine_also_from_a_checkpoint(trained, tmp_pat
 @pytest.mark.parametrize("opset, exporter", [(1, "dynamo"), (99, "dynamo"), (17, "dynamo"), (21, "torchscript"),
                                              (6, "torchscript")])
 def test_opset_out_of_range_is_refused_before_exporting(opset, exporter, trained, tmp_path, capsys, monkeypatch):
-    from trp import export
+    from trp.deploy import export
     monkeypatch.setattr(export, "onnx_bytes", lambda *a, **k: pytest.fail("exported"))
     code, _, err = run_cli(capsys, "export", trained / "decomposed.pt", "-o", tmp_path / "m.onnx",
                            "--opset", opset, "--exporter", exporter)
@@ -452,7 +454,8 @@ def test_decompose_of_a_nan_model_names_the_layer():
 
 def test_imagefolder_class_mismatch_names_the_classes(tmp_path):
     from PIL import Image
-    from trp import data
+
+    from trp.app import data
     for split, cls in (("train", "cat"), ("val", "dog")):
         (tmp_path / split / cls).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "a.png")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from trp import rank as rank_rules
-from trp.schemes import SCHEMES, check_scheme, from_matrix, matrix_shape, to_matrix
+from trp.core import rank as rank_rules
+from trp.core.schemes import SCHEMES, check_scheme, from_matrix, matrix_shape, to_matrix
 from trp_kernels.reference import energy_rank as kernel_energy_rank
 
 

@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import trp
 import trp_kernels
-from trp_kernels import _extension, conv, precision, probes, project, reference, selfcheck, warm
-from trp import distributed
-
 from test_lowrank_project import check_projection, make_batch
+from trp.prune import distributed
+from trp_kernels import _extension, conv, precision, probes, project, reference, selfcheck, warm
 
 HAS_CPP = _extension.has_kernel("lowrank_project", "CPU")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="trp_kernels._C not built")

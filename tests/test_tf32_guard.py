@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import trp_kernels
-from trp_kernels import _extension, precision
 from test_lowrank_project import check_projection, make_batch
+from trp_kernels import _extension, precision
 
 SHAPE = (4, 64, 576)  # a 64-filter 3x3 conv over 64 channels, channel scheme
 

@@ -4,15 +4,15 @@ import os
 import pytest
 import torch
 
-from trp import checkpoint as ckpt
-from trp import runlock, train
+from trp.app import checkpoint as ckpt
+from trp.app import config, runlock, train
 
 
 def tiny(out, **kw):
     values = dict(data="digits", image_size=8, subset=48, batch_size=16, epochs=2, schedule=[1],
                   out=str(out), seed=3)
     values.update(kw)
-    return train.resolve_config(values)
+    return config.resolve_config(values)
 
 
 def quiet(*_):
@@ -102,12 +102,12 @@ def test_baseline_without_trp(tmp_path):
 
 
 def test_preset_and_explicit_options():
-    cfg = train.resolve_config({"epochs": 3}, preset="cifar10-paper")
+    cfg = config.resolve_config({"epochs": 3}, preset="cifar10-paper")
     assert (cfg.lr, cfg.schedule, cfg.weight_decay, cfg.batch_size, cfg.nuclear, cfg.epochs) == \
         (0.1, [81, 122], 1e-4, 128, 3e-4, 3)
-    assert train.resolve_config({"epochs": 20}).schedule == [10, 15]
+    assert config.resolve_config({"epochs": 20}).schedule == [10, 15]
     with pytest.raises(ValueError, match="unknown preset 'imagenet'; valid: cifar10-paper"):
-        train.resolve_config({}, preset="imagenet")
+        config.resolve_config({}, preset="imagenet")
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -124,7 +124,7 @@ def test_preset_and_explicit_options():
 ])
 def test_bad_config_rejected(bad, match):
     with pytest.raises(ValueError, match=match):
-        train.resolve_config(bad)
+        config.resolve_config(bad)
 
 
 def test_resume_rejects_other_run_options(tmp_path):

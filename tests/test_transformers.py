@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import trp
-from trp.targets import attention_targets
+from trp.core.targets import attention_targets
 
 
 def energy_rule(M, energy):

@@ -10,10 +10,9 @@ import torch
 
 import trp
 import trp_kernels
-from trp.schemes import to_matrix
-from trp_kernels import WarmStart, _extension, project, warm
-
 from test_lowrank_project import check_projection, make_batch
+from trp.core.schemes import to_matrix
+from trp_kernels import WarmStart, _extension, project, warm
 
 HAS_CPP = _extension.has_kernel("lowrank_project_warm", "CPU")
 CUDA = pytest.param("cuda", marks=pytest.mark.cuda)

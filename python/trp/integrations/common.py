@@ -8,13 +8,13 @@ and unscaled, right before optimizer.step(). StepDriver keeps that pairing whate
 import inspect
 import os
 
-from .. import io
-from ..decompose import decompose
-from ..integrity import digest, digest_tree
-from ..pruner import RankPruner
-from ..rank import check_criterion
-from ..selection import check_module
-from ..storage import atomic_save, read_torch
+from trp._utils.integrity import SEAL, digest, digest_tree, seal_problem, unsealed
+from trp._utils.storage import atomic_save, read_torch
+from trp.core.rank import check_criterion
+from trp.core.selection import check_module
+from trp.deploy import io
+from trp.deploy.decompose import decompose
+from trp.prune.pruner import RankPruner
 
 STATE_FORMAT = "trp.pruner-state"
 STATE_VERSION = 1
@@ -149,7 +149,7 @@ class StepDriver:
         goes with, sealed by a SHA-256 of everything (plain data and tensors: weights_only-loadable)."""
         body = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": int(step),
                 "weights_sha256": weights_digest(self.pruner), "pruner": self.pruner.state_dict()}
-        return {**body, "sha256": digest_tree(body)}
+        return {**body, SEAL: digest_tree(body)}
 
     def save_state(self, path, step):
         """Writes state_payload(step) to `path` atomically (a crash leaves the old file or the new one)."""
@@ -164,10 +164,10 @@ class StepDriver:
             ValueError: a damaged or foreign file, another step, other weights, another layer selection.
         """
         obj = read_torch(path)
-        body = {k: v for k, v in obj.items() if k != "sha256"} if isinstance(obj, dict) else {}
+        body = unsealed(obj) if isinstance(obj, dict) else {}
         if body.get("format") != STATE_FORMAT or body.get("version") != STATE_VERSION:
             raise ValueError(f"{self.owner}: {path} is not a pruner state written by this trp")
-        if obj.get("sha256") != digest_tree(body):
+        if seal_problem(obj, lambda: digest_tree(body)) is not None:
             raise ValueError(f"{self.owner}: {path}: corrupted: its contents do not match its checksum")
         if body.get("step") != step:
             raise ValueError(f"{self.owner}: {path} holds the pruner state of step {body.get('step')}, the run "

@@ -21,7 +21,7 @@ def available():
 
 
 def _import_torchvision():
-    try:
+    try:  # optional dependency (the vision extra)
         import torchvision
     except ImportError as exc:
         raise ValueError("torchvision models need torchvision installed (pip install torchvision)") from exc
@@ -29,7 +29,7 @@ def _import_torchvision():
 
 
 def _import_timm():
-    try:
+    try:  # optional dependency (timm models only)
         import timm
     except ImportError as exc:
         raise ValueError("timm models need timm installed (pip install timm)") from exc

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import checks
+from trp._utils import checks
 
 # registry name -> configuration ("vit_tiny": 4 blocks of width 64, 4 heads, MLP 128, patch 4: 0.14M params)
 VIT_CONFIGS = {

@@ -1,0 +1,1 @@
+"""Internal helpers every floor may use: argument checks, atomic file storage, integrity seals, timing."""

@@ -1,0 +1,1 @@
+"""The `trp` command line: configuration, the training run, checkpoints, data sets and the run lock."""

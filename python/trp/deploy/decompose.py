@@ -1,0 +1,151 @@
+"""trp.decompose: a trained network -> a new network whose selected layers are factorized modules."""
+import copy
+import re
+import warnings
+
+import torch
+import torch.nn as nn
+
+from trp._utils import checks
+from trp.core import attention as transformer
+from trp.core import rank as rank_rules
+from trp.core.schemes import check_scheme
+from trp.core.selection import NOT_NAMED, Selection, plan_layers
+from trp.cost.flops import count_macs
+from trp.cost.macs import dense_macs_per_output_pixel, pays
+from trp.cost.model import CostModel, check_target_speedup
+from trp.nn.modules import FACTORIZED, FACTORIZED_TYPES, FactorizedLinear
+from trp.prune import budget as budget_mod
+
+# The released code's deployment rule for network decoupling: per-filter energy 0.85 (channel/spatial use
+# an absolute cutoff of 0.05 after TRP, which per-filter matrices with small singular values do not suit).
+ND_DEFAULT_ENERGY = 0.85
+
+
+def _implied_layers(layers, rank):
+    """layers= with the names of a per-layer rank map added: rank={name: r} selects the layers it names."""
+    if not isinstance(rank, dict):
+        return layers
+    named = [n for n in rank if isinstance(n, str)]
+    if len(named) != len(rank):
+        raise ValueError(f"rank= maps layer names to ranks, got keys {[k for k in rank if not isinstance(k, str)]}")
+    if layers is None:
+        return named or None
+    return list(_as_specs(layers)) + named
+
+
+def _as_specs(layers):
+    return [layers] if isinstance(layers, (str, type, re.Pattern)) else list(layers)
+
+
+def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=None, rank=None,
+              target_speedup=None, input_size=None):
+    """A deep copy of `model` whose selected layers are replaced by factorized modules (`model` is untouched).
+
+    Args:
+        model: the (trained) nn.Module.
+        scheme: "channel", "spatial" or "nd".
+        energy, threshold, rank: the rank per layer, by exactly one criterion: energy (fraction of squared
+            singular values kept, in (0, 1]), threshold (absolute singular-value cutoff, e.g. 0.05 after TRP
+            training) or rank (an int, or {layer name: int}: a map selects the layers it names, which must
+            be eligible, in addition to those of layers=; layers it does not name stay dense). For nd the
+            criterion picks each filter's rank and the layer keeps the largest (default for nd: energy
+            ND_DEFAULT_ENERGY, as the released code); for a grouped conv, each group's, likewise.
+        layers, exclude: as for RankPruner (trp.selection).
+        target_speedup, input_size: instead of a criterion, with input_size (C, H, W): ranks allocated across
+            the layers (trp.prune.budget.allocate) so that the conv-MAC speed-up is at least the target, and as
+            close as one rank step allows; the result's `trp_budget` attribute holds the target, the ranks
+            and the speed-up achieved.
+
+    Returns:
+        The decomposed copy. Its `trp_skipped` attribute is {layer name: reason} for every candidate layer
+        left dense (not selected, no saving at its rank, a host that cannot run it factorized), which
+        trp.report shows.
+
+    A layer whose factorized form would cost at least the dense multiply-adds stays dense. The SVD runs in
+    float64 per layer: deployment accuracy matters more than speed here. Each layer is factorized from the
+    weight it computes with (a parametrized weight: its value in eval mode; Conv1D: its transpose). Attention
+    q/k/v targets and layers whose host reads their weights (nn.MultiheadAttention, the
+    TransformerEncoderLayer fast path) are placed after trp.core.attention.prepare_hosts converts the host; a
+    host it cannot convert keeps them dense (one warning). A decomposition that factorizes nothing warns.
+
+    Raises:
+        ValueError: bad criteria, layers that do not exist or are not eligible.
+    """
+    check_scheme(scheme)
+    selection = plan_layers(model, scheme, _implied_layers(layers, rank), exclude)
+    selected = selection.targets
+    skipped = {n: ("not in the rank= map" if why == NOT_NAMED and isinstance(rank, dict) else why)
+               for n, why in selection.skipped.items()}
+    checks.materialized(model, "trp.decompose")
+    for t in selected:  # before any SVD: a NaN weight is named, not a linalg error
+        if not bool(torch.isfinite(t.read()).all()):
+            raise ValueError(f"trp.decompose: layer {t.name!r} has NaN or infinite weights (a diverged or "
+                             "damaged model)")
+    budget = None
+    if target_speedup is not None:
+        if energy is not None or threshold is not None or rank is not None:
+            raise ValueError("give target_speedup= or one rank criterion (energy=, threshold=, rank=), not both")
+        check_target_speedup(target_speedup)
+        if input_size is None:
+            raise ValueError("target_speedup needs input_size= (C, H, W), the input at which conv MACs are "
+                             "counted")
+        chosen = [(t.name, t.module) for t in selected]
+        costs = CostModel(model, scheme, chosen, input_size)
+        allocated = budget_mod.allocate(costs, budget_mod.spectra(model, scheme, chosen), target_speedup)
+        rank = {n: r for n, r in allocated.items() if r is not None}  # a layer not in the map stays dense
+        budget = {"target_speedup": float(target_speedup), "ranks": allocated}
+    if scheme == "nd" and energy is None and threshold is None and rank is None:
+        energy = ND_DEFAULT_ENERGY
+    kind, value = rank_rules.check_criterion(energy, threshold, rank)
+    if kind == "rank" and isinstance(value, dict):
+        unknown = set(value) - {t.name for t in selected}
+        if unknown:
+            raise ValueError(f"rank= names layers that are not selected (excluded, or not a layer TRP can "
+                             f"factorize): {sorted(unknown)}")
+    chosen, kept_dense = {}, []
+    for t in selected:
+        layer_value = value.get(t.name) if isinstance(value, dict) else value
+        if layer_value is None:  # a per-layer rank map without this layer: keep it dense
+            skipped[t.name] = "no rank in the rank= map"
+            continue
+        why = transformer.unsupported_host(model, t.name)
+        if why is not None:
+            kept_dense.append(f"{t.name} ({why})")
+            skipped[t.name] = f"its host cannot run factorized: {why}"
+            continue
+        dense = t.dense()
+        args = {kind: layer_value}
+        if isinstance(dense, nn.Linear):
+            factorized = FactorizedLinear.from_linear(dense, **args)
+        else:
+            factorized = FACTORIZED[scheme].from_conv(dense, **args)
+        if not pays(factorized, dense_macs_per_output_pixel(dense)):
+            skipped[t.name] = (f"no saving at rank {factorized.rank}: the factorized form would cost at least "
+                               "the dense multiply-adds")
+            continue
+        factorized.train(t.module.training)
+        chosen[t.name] = factorized
+    if kept_dense:
+        warnings.warn("trp.decompose keeps these layers dense, their host module cannot run them "
+                      "factorized: " + ", ".join(kept_dense), stacklevel=2)
+    if not chosen:
+        warnings.warn(f"trp.decompose factorized no layer (scheme {scheme!r}): "
+                      f"{Selection([], skipped, scheme).summary() or 'the model has no conv or Linear layer'}",
+                      stacklevel=2)
+    compact = transformer.prepare_hosts(copy.deepcopy(model), chosen)  # hosts of the factorized ones only
+    for name, factorized in chosen.items():
+        compact.set_submodule(name, factorized)
+    compact.trp_skipped = {n: skipped[n] for n in skipped if n not in chosen}
+    if budget is not None:  # measured on the result, not predicted
+        budget["speedup"] = costs.total_dense / count_macs(compact, input_size, linear=costs.linear)
+        compact.trp_budget = budget
+    return compact
+
+
+def factorized_layers(model):
+    """{name: module} of the factorized modules of a (decomposed) model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)}
+
+
+__all__ = ["decompose", "factorized_layers", "ND_DEFAULT_ENERGY"]

@@ -1,0 +1,1 @@
+"""Factorized modules: the low-rank layers that replace dense convolutions and linear layers."""

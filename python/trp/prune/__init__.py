@@ -1,0 +1,1 @@
+"""Pruning during training: RankPruner, its projection engine, warm state, sharding and the budget controller."""

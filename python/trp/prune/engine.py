@@ -1,0 +1,254 @@
+"""The projection engine of RankPruner: the selected targets grouped by matrix shape, dtype and device, and the
+three ways a projection runs, with the same results:
+
+- "in place": on the CPU, when every matrix is a contiguous view of its weight, one trp_kernels.inplace call
+  for all groups projects the weights themselves;
+- "staged": the same in-place op on stacked copies (spatial's matrices are copies), then the write-back;
+- "stacked": one trp_kernels.lowrank_project_many call over every group's stack (GPUs, sharding, nd), each
+  group warm-started from its previous projection, then the write-back.
+
+Under torch.distributed the groups are sharded (trp.prune.distributed): each process projects its own and the
+results are exchanged, so that every process ends bit-identical."""
+import contextlib
+
+import torch
+
+import trp_kernels
+from trp._utils import checks
+from trp.core.schemes import from_matrix, matrix_shape, to_matrix
+from trp.prune import distributed
+from trp.prune.warm_state import warm_bases
+from trp_kernels import inplace
+from trp_kernels.project import finite_flag, finite_rows
+
+
+class Group:
+    """Targets sharing one matrix shape, dtype and device: projected by one batched call."""
+
+    def __init__(self, targets):
+        self.targets = targets
+        self.names = [t.name for t in targets]
+        self.shape = targets[0].shape
+        self.groups = targets[0].groups  # a grouped conv: `groups` matrices per layer
+        self.rank = None  # int64 [B] (nd: [B, n], per filter) on the device, from the last projection
+        self.G = None     # [B, p, q] nuclear subgradient from the last projection, or None
+        self.warm = trp_kernels.WarmStart()  # kept bases carried to the next projection (warm start)
+
+
+class Engine:
+    """Projects the groups of `targets` under `scheme`; `pg`: the process group to shard over, or None.
+
+    Attributes: groups ([Group]), sharding (distributed.Sharding or None), inplace (False: always the
+    stacked path, e.g. to compare), path (how the latest projection ran)."""
+
+    def __init__(self, targets, scheme, pg=None):
+        self.targets, self.scheme = targets, scheme
+        groups = {}
+        for t in targets:
+            w = t.read()
+            key = (matrix_shape(t.shape, scheme, t.groups), t.shape, t.groups, w.dtype, w.device)
+            groups.setdefault(key, []).append(t)
+        self.sharding = None
+        if pg is not None:  # heavy groups split, and all shared out by cost: fixed for the whole run
+            costs = [distributed.projection_cost(key[0]) for key in groups]
+            pieces, self.sharding = distributed.make_sharding(pg, list(groups.values()), costs)
+            groups = dict(enumerate(pieces))
+        self.groups = [Group(ts) for ts in groups.values()]
+        self.inplace_cache = None  # (parameter addresses, _find_inplace_groups() for them)
+        self.inplace = True
+        self.path = None  # "in place", "staged" or "stacked"
+
+    # --- what the groups hold ------------------------------------------------------------------------------
+    def owned_groups(self):
+        """The groups this process projects (all of them without sharding)."""
+        return [g for i, g in enumerate(self.groups) if self.sharding is None or self.sharding.owns(i)]
+
+    def matrices(self, group):
+        return to_matrix(torch.stack([t.read() for t in group.targets]), self.scheme, group.groups)
+
+    def ranks(self, per_filter=False):
+        """{layer name: rank} of the groups projected so far (per_filter: nd's and grouped convs' [ranks])."""
+        out = {}
+        for g in self.groups:
+            if g.rank is not None:
+                # nd (a grouped conv): the layer needs the largest rank of its filters (groups)
+                rank = g.rank if per_filter or g.rank.dim() == 1 else g.rank.amax(dim=1)
+                out.update(zip(g.names, rank.tolist()))
+        return out
+
+    def nuclear_norm(self):
+        """sum over the layers of ||W_l||_* (float)."""
+        total = 0.0
+        for g in self.groups:
+            W = self.matrices(g).to(torch.float64)
+            total += float(torch.linalg.matrix_norm(W, ord="nuc").sum())
+        return total
+
+    def subgradients(self):
+        """{layer name: a copy of its subgradient U_k V_k^T} (the next projection may write them in place)."""
+        return {n: G.clone() for g in self.groups if g.G is not None for n, G in zip(g.names, g.G.unbind(0))}
+
+    def warm_bases(self):
+        return warm_bases(self.owned_groups())
+
+    # --- projection ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def project(self, energy, max_rank, nuclear):
+        """Projects every group (all checked for NaN/Inf before any weight is written); sets path."""
+        groups = self.inplace_groups()
+        if groups is not None:
+            self._project_inplace(groups, energy, max_rank, nuclear)
+            self.path = "in place"
+            return
+        stacks = [self.matrices(g) for g in self.groups]
+        if self._staged_inplace(stacks, energy, max_rank, nuclear):
+            self.path = "staged"
+        else:
+            self._project_stacked(stacks, energy, max_rank, nuclear)
+            self.path = "stacked"
+
+    def _inplace_allowed(self):
+        """Whether the in-place op may project at all: switched on, and no sharding (each process projects only
+        its own groups, then exchanges them)."""
+        return self.inplace and self.sharding is None
+
+    def inplace_groups(self):
+        """Each group's matrices as views of the layers' weights when the in-place CPU op takes them all
+        (trp_kernels.inplace: CPU, no sharding, every matrix a contiguous view of its weight, n small enough),
+        else None. One call for all groups instead of stacking each group and copying the results back."""
+        if not self._inplace_allowed():
+            return None
+        # The views stay valid while every parameter keeps its storage (a cached view keeps its storage alive,
+        # so a new one, after .to() or .data =, never has the same address)
+        key = [t.param.data_ptr() for t in self.targets]
+        if self.inplace_cache is not None and self.inplace_cache[0] == key:
+            return self.inplace_cache[1]
+        self.inplace_cache = (key, self._find_inplace_groups())
+        return self.inplace_cache[1]
+
+    def _find_inplace_groups(self):
+        groups = []
+        for g in self.groups:
+            mats = []
+            for t in g.targets:
+                w = t.read()
+                m = to_matrix(w, self.scheme, t.groups)
+                if m.dim() != 2 or m.untyped_storage().data_ptr() != w.untyped_storage().data_ptr():
+                    return None  # a copy (spatial), or nd's batch of filter matrices
+                mats.append(m)
+            groups.append(mats)
+        return groups if inplace.supports(groups) else None
+
+    def _project_inplace(self, groups, energy, max_rank, nuclear):
+        want_g = nuclear > 0
+        G = None
+        if want_g:
+            G = [g.G if g.G is not None and g.G.shape == (len(mats), *mats[0].shape) and g.G.dtype == mats[0].dtype
+                 and g.G.device == mats[0].device and g.G.is_contiguous()
+                 else mats[0].new_empty(len(mats), *mats[0].shape) for g, mats in zip(self.groups, groups)]
+        try:
+            ranks = inplace.lowrank_project_(groups, energy, [g.warm for g in self.groups], max_rank=max_rank, G=G)
+        except inplace.NonFiniteError as exc:
+            bad = [self.groups[i].names[j] for i, j in exc.bad]
+            raise ValueError(f"RankPruner: non-finite weights (NaN or Inf) in layer(s) {', '.join(bad)}; "
+                             "no layer was modified") from None
+        for i, (g, rank) in enumerate(zip(self.groups, ranks)):
+            g.rank, g.G = rank, (G[i] if want_g else None)
+
+    def write_back(self, group, W_low):
+        """Copies a group's projected stack [B, ...matrix] into its layers' weights."""
+        torch._foreach_copy_([t.read() for t in group.targets],
+                             list(from_matrix(W_low, self.scheme, group.shape, group.groups).unbind(0)))
+
+    def _staged_inplace(self, stacks, energy, max_rank, nuclear):
+        """The in-place op on the groups' stacked matrices, for layers whose matrix is a copy (spatial) on the
+        CPU: one call for all groups (matrices shared out over the threads by cost, the fallback on the spot)
+        instead of one per group, then the copy back. Returns whether it projected (False: the op does not
+        take these matrices, e.g. nd's filter batches, a GPU, n > inplace.max_n())."""
+        if not self._inplace_allowed():
+            return False
+        groups = [list(W.unbind(0)) for W in stacks]
+        if not inplace.supports(groups):
+            return False
+        self._project_inplace(groups, energy, max_rank, nuclear)  # raises before any weight is written
+        for g, W in zip(self.groups, stacks):
+            self.write_back(g, W)
+        return True
+
+    def _project_stacked(self, stacks, energy, max_rank, nuclear):
+        """One lowrank_project call per group on its stacked matrices (sharded when a process group is set),
+        all groups checked for NaN/Inf first, then the copy back."""
+        # The op's cheap per-group flag, but one host sync per device for all groups; only a suspect device
+        # pays for the exact test. The op is then told not to check (and sync) again.
+        flags = {}
+        for i, W in enumerate(stacks):
+            flags.setdefault(W.device, []).append((i, finite_flag(W)))
+        suspects = [i for items in flags.values() if not bool(torch.stack([f for _, f in items]).all())
+                    for i, _ in items]
+        bad = []
+        for i in suspects:
+            bad += [n for n, ok in zip(self.groups[i].names, finite_rows(stacks[i]).tolist()) if not ok]
+        if bad:
+            raise ValueError(f"RankPruner: non-finite weights (NaN or Inf) in layer(s) {', '.join(bad)}; "
+                             "no layer was modified")
+        want_g = nuclear > 0
+        owned = [i for i in range(len(stacks)) if self.sharding is None or self.sharding.owns(i)]
+        results = [None] * len(stacks)  # another rank's groups: received below
+        # One call for all groups: one host synchronisation per device, not two per group. The projection keeps
+        # the weights' dtype whatever autocast region step() is called from.
+        with contextlib.ExitStack() as no_autocast:
+            for device_type in {stacks[i].device.type for i in owned}:
+                no_autocast.enter_context(torch.autocast(device_type, enabled=False))
+            # nd's [B, n, c, kh*kw]: one batch for every filter of the group, as [B*n, c, kh*kw]
+            out = trp_kernels.lowrank_project_many([stacks[i].reshape(-1, *stacks[i].shape[-2:]) for i in owned],
+                                                   energy, max_rank=max_rank, subgradient=want_g,
+                                                   warms=[self.groups[i].warm for i in owned], check_finite=False)
+        for i, (W_low, rank, G) in zip(owned, out):
+            W = stacks[i]
+            results[i] = (W_low.view(W.shape), rank.view(W.shape[:-2]), G.view(W.shape) if G is not None else None)
+        if self.sharding is not None:
+            results = self.sharding.exchange(results, [
+                ((W.shape, W.dtype, W.device), (W.shape[:-2], torch.int64, W.device),
+                 (W.shape, W.dtype, W.device) if want_g else None) for W in stacks])
+        for g, (W_low, rank, G) in zip(self.groups, results):
+            self.write_back(g, W_low)
+            g.rank, g.G = rank, G
+
+    # --- the nuclear-norm term and restored states ---------------------------------------------------------
+    @torch.no_grad()
+    def add_subgradients(self, nuclear):
+        """Adds nuclear * U_k V_k^T of the latest projection to the weights' .grad (frozen weights skipped)."""
+        for g in self.groups:
+            if g.G is None:
+                continue
+            sub = from_matrix(g.G, self.scheme, g.shape, g.groups).unbind(0)
+            grads, updates = [], []
+            for t, s in zip(g.targets, sub):
+                grad = t.grad_view()  # None for a frozen weight
+                if grad is not None:
+                    grads.append(grad)
+                    updates.append(s.to(grad.dtype))
+            if grads:
+                torch._foreach_add_(grads, updates, alpha=nuclear)
+
+    def restored(self, g, ranks, subs):
+        """(rank, G) of group g from a saved state's per-layer ranks and subgradients (checked)."""
+        w = g.targets[0].read()
+        rank = G = None
+        if all(ranks.get(n) is not None for n in g.names):
+            rank = torch.tensor([checks.integer(ranks[n], f"ranks[{n!r}]", 0) for n in g.names],
+                                dtype=torch.int64, device=w.device)
+        if subs and all(n in subs for n in g.names):
+            G = torch.stack([subs[n] for n in g.names]).to(device=w.device, dtype=w.dtype)
+            expected = (len(g.names), *to_matrix(w, self.scheme, g.groups).shape)
+            if tuple(G.shape) != expected:
+                raise ValueError(f"subgradients of {', '.join(g.names)} have shape {tuple(G.shape)}, "
+                                 f"expected {expected}")
+        return rank, G
+
+    def __getstate__(self):
+        # pickles and copies do not carry the cached views of this model's weights (a copy's model is another)
+        return {**self.__dict__, "inplace_cache": None}
+
+
+__all__ = ["Engine", "Group"]
