@@ -4,14 +4,15 @@
 Each op is a torch.library custom op with a fake kernel; its kernels are the C++/CUDA ones of the compiled
 extension trp_kernels._C, Triton kernels, and the PyTorch reference (trp_kernels.reference), which is
 also the fallback when nothing was compiled."""
-from . import _extension, conv, decoupled, inplace, project, reference, selfcheck
+from . import _extension, conv, inplace, project, reference, selfcheck
 from .conv import factorized_conv_channel, factorized_conv_spatial
 from .decoupled import decoupled_conv
 from .project import WarmStart, lowrank_project, lowrank_project_many
 from .selfcheck import SelfCheckError
 
 __all__ = ["lowrank_project", "lowrank_project_many", "WarmStart", "factorized_conv_channel",
-           "factorized_conv_spatial", "decoupled_conv", "backend_info", "reference", "selfcheck", "SelfCheckError"]
+           "factorized_conv_spatial", "decoupled_conv", "backend_info", "inplace", "reference", "selfcheck",
+           "SelfCheckError"]
 
 
 def backend_info() -> dict:

@@ -3,13 +3,12 @@ output size, and the output memory format of the factorized convolutions. Used b
 (trp_kernels.conv), their Triton kernels and trp's factorized modules, so all of them accept, reject and
 compute the same things."""
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch._prims_common import suggest_memory_format
 
-IntPair = Union[int, Sequence[int]]            # an int, or a (vertical, horizontal) pair: stride, dilation
-Padding = Union[int, Sequence[int], str]       # int, (h, w), (top, bottom, left, right), "same" or "valid"
+IntPair = int | Sequence[int]           # an int, or a (vertical, horizontal) pair: stride, dilation
+Padding = int | Sequence[int] | str      # int, (h, w), (top, bottom, left, right), "same" or "valid"
 
 
 def pair(v: IntPair, name: str) -> tuple[int, int]:
@@ -38,7 +37,7 @@ def pair(v: IntPair, name: str) -> tuple[int, int]:
     return p
 
 
-def padding4(padding: Union[int, Sequence[int]]) -> tuple[int, int, int, int]:
+def padding4(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
     """Zero padding as (top, bottom, left, right).
 
     Args:

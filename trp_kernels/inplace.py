@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _extension, warm as _warm
+from . import _extension
+from . import warm as _warm
 from .project import WarmStart, backend_for, check_energy, check_max_rank, warm_usable
 
 

@@ -8,7 +8,7 @@ halfway through the k-th increment. The reference is the float64 SVD of the prob
 to the call's dtype). Convolutions: the real call itself (a convolution has no ties), against the
 float64 two-convolution reference, element by element within the a-priori rounding bound of the kernel."""
 from collections.abc import Callable, Sequence
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -61,7 +61,7 @@ def designed_spectrum(n: int, rank: int) -> tuple[Tensor, float]:
     return lam, float((prefix[k - 1] - 0.5 * lam[k - 1]) / prefix[-1])
 
 
-def designed_factors(B: int, p: int, q: int, device: Union[str, torch.device], seed: int = 0
+def designed_factors(B: int, p: int, q: int, device: str | torch.device, seed: int = 0
                      ) -> tuple[Tensor, Tensor]:
     """Random singular vectors for B matrices [p, q]: products of a few Householder reflectors.
 
@@ -80,7 +80,7 @@ def designed_factors(B: int, p: int, q: int, device: Union[str, torch.device], s
     return _orthonormal(B, p, n, gen, device), _orthonormal(B, q, n, gen, device)
 
 
-def designed_batch(B: int, p: int, q: int, rank: int, dtype: torch.dtype, device: Union[str, torch.device],
+def designed_batch(B: int, p: int, q: int, rank: int, dtype: torch.dtype, device: str | torch.device,
                    seed: int = 0) -> tuple[Tensor, float]:
     """B matrices whose energy rule keeps exactly `rank` directions, with clear gaps (see the module docstring).
 
@@ -139,7 +139,7 @@ def compare_projection(W: Tensor, energy: float, max_rank: Optional[int], subgra
     return good, f"W_low error {err:.1e}, G error {g_err:.1e} (tolerance {tol:.0e}), ranks {rank.tolist()}"
 
 
-def projection(kernel: Callable, shape: Sequence[int], dtype: torch.dtype, device: Union[str, torch.device],
+def projection(kernel: Callable, shape: Sequence[int], dtype: torch.dtype, device: str | torch.device,
                max_rank: Optional[int], subgradient: bool) -> tuple[bool, str]:
     """Probe a full-solve kernel on designed matrices of the call's shape (at most PROBE_MATRICES of them).
 
@@ -160,7 +160,7 @@ def projection(kernel: Callable, shape: Sequence[int], dtype: torch.dtype, devic
     return compare_projection(W, energy, max_rank, subgradient, kernel(W, energy, max_rank, subgradient))
 
 
-def warm_step(kernel: Callable, shape: Sequence[int], dtype: torch.dtype, device: Union[str, torch.device],
+def warm_step(kernel: Callable, shape: Sequence[int], dtype: torch.dtype, device: str | torch.device,
               width: int, max_rank: Optional[int], subgradient: bool) -> tuple[bool, str]:
     """Probe a warm-step kernel: from the exact kept basis of designed matrices to those matrices slightly turned.
 

@@ -10,12 +10,13 @@ basis and the per-matrix "took the warm path" flags out)."""
 import math
 import os
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _extension, precision, probes, reference, selfcheck, warm as _warm
+from . import _extension, precision, probes, reference, selfcheck
+from . import warm as _warm
 
 BACKEND_ENV = "TRP_PROJECT_BACKEND"
 BACKENDS = ("auto", "cpp", "reference")
@@ -32,7 +33,7 @@ def _dispatch_key(device):
     return "CUDA" if device.type == "cuda" else "CPU"
 
 
-def backend_for(device: Union[str, torch.device]) -> str:
+def backend_for(device: str | torch.device) -> str:
     """The implementation lowrank_project runs for tensors on `device`, under TRP_PROJECT_BACKEND.
 
     A CUDA device for which this build has no kernel image (e.g. sm_75 when built for 8.0;9.0+PTX) gets the
@@ -216,7 +217,7 @@ def _cold_with_basis(W, energy, max_rank, subgradient, cpp):
     return W_low, rank, (G if subgradient else W.new_empty(0)), basis
 
 
-def warm_usable(basis: Optional[Tensor], shape: Sequence[int], device: Union[str, torch.device],
+def warm_usable(basis: Optional[Tensor], shape: Sequence[int], device: str | torch.device,
                 energy: float) -> bool:
     """Whether a call takes the warm step from `basis`.
 
@@ -239,7 +240,7 @@ def warm_usable(basis: Optional[Tensor], shape: Sequence[int], device: Union[str
             and basis.shape[2] <= _warm.MAX_FRACTION * n and energy < 1.0)
 
 
-def sketch_usable(shape: Sequence[int], device: Union[str, torch.device], energy: float) -> bool:
+def sketch_usable(shape: Sequence[int], device: str | torch.device, energy: float) -> bool:
     """Whether a call without a usable state first tries random blocks (trp_kernels.warm.sketched_step).
 
     Only large matrices (n >= SKETCH_MIN_N) on the CPU, where the full eigensolve costs tens of seconds, at an

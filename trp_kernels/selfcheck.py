@@ -32,11 +32,11 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Hashable, Iterator
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-Device = Union[str, torch.device]
+Device = str | torch.device
 
 ENV = "TRP_KERNELS_SELF_CHECK"
 FAILURE_ENV = "TRP_KERNELS_SELF_CHECK_FAILURE"

@@ -18,8 +18,19 @@ import triton
 import triton.language as tl
 
 from .. import geometry
-from ._common import (MIN_DOT, common_unsupported, grid_fits, interpreter_consts, interpreting, launch, loop_bound,
-                      max_offset, next_pow2, output_pixels, precision)
+from ._common import (
+    MIN_DOT,
+    common_unsupported,
+    grid_fits,
+    interpreter_consts,
+    interpreting,
+    launch,
+    loop_bound,
+    max_offset,
+    next_pow2,
+    output_pixels,
+    precision,
+)
 from .configs import TileSpace
 
 MAX_R_PAD = 16    # paths per filter kept on chip (3 x 3 kernels reach r = 9); beyond: two convolutions
