@@ -2,8 +2,8 @@
 namespace, in a temporary directory), and so do the `trp ...` lines of its ```bash blocks. A block preceded by
 `<!-- skip: reason -->` is skipped with that reason (the reason is required). Also checked here: the generated
 benchmark pages are current (benchmarks/pages.py --check), every relative link resolves, the README stays short
-and undated, no file names the project's private notes, every `trp` option is on docs/guides/cli.md and the API
-reference lists trp.__all__."""
+and undated, no file names the project's private notes, every `trp` option is on docs/guides/cli.md, the API
+reference lists trp.__all__ and every public name of trp and trp_kernels documents each of its parameters."""
 import argparse
 import contextlib
 import io
@@ -236,3 +236,63 @@ def test_the_api_reference_lists_trp_all():
     members = re.search(r"members:\n((?:\s+- \S+\n)+)", text)
     assert members, "docs/reference/trp.md has no members list"
     assert re.findall(r"- (\S+)", members.group(1)) == list(trp.__all__)
+
+
+def undocumented(obj, label, found):
+    """Appends (label, what is missing) for a public griffe object of the API and the public names under it: a
+    docstring everywhere, and an Args section naming every parameter of a function, method or constructor."""
+    obj = obj.final_target if obj.is_alias else obj
+    if obj.is_module:
+        for name, member in obj.members.items():
+            exported = obj.exports is None or name in obj.exports
+            if not name.startswith("_") and exported and (not member.is_alias or obj.exports is not None):
+                undocumented(member, f"{label}.{name}", found)
+        return
+    if not (obj.is_class or obj.is_function):
+        return
+    if obj.docstring is None:
+        found.append((label, "no docstring"))
+        return
+    signature = obj.members.get("__init__") if obj.is_class else obj
+    params = [] if signature is None or signature.is_alias else \
+        [p.name for p in signature.parameters if p.name not in ("self", "cls")]
+    documented = {p.name.lstrip("*") for s in obj.docstring.parse("google") if s.kind.value == "parameters"
+                  for p in s.value}
+    missing = [p for p in params if p not in documented]
+    if missing:
+        found.append((label, "Args lacks " + ", ".join(missing)))
+    if obj.is_class:
+        for name, member in obj.members.items():
+            if not name.startswith("_") and not member.is_alias and member.is_function:
+                undocumented(member, f"{label}.{name}", found)
+
+
+def api_gaps(package):
+    griffe = pytest.importorskip("griffe")
+    loader = griffe.GriffeLoader(search_paths=[str(ROOT / "python"), str(ROOT)], docstring_parser="google")
+    for name in ("trp", "trp_kernels"):
+        loader.load(name)
+    loader.resolve_aliases(external=False)
+    api, found = loader.modules_collection[package], []
+    for name in api.exports:
+        undocumented(api.members[name], f"{package}.{name}", found)
+    return found
+
+
+@pytest.mark.parametrize("package", ["trp", "trp_kernels"])
+def test_every_public_name_documents_its_parameters(package):
+    gaps = api_gaps(package)
+    assert not gaps, f"{len(gaps)} public names of {package} lack documentation:\n" + \
+        "\n".join(f"{label}: {what}" for label, what in gaps)
+
+
+def test_an_undocumented_parameter_is_found():
+    griffe = pytest.importorskip("griffe")
+    code = ('def good(a, *, b=1):\n    """Fine.\n\n    Args:\n        a: one.\n        b: two.\n    """\n'
+            'def bad(a, b):\n    """Half.\n\n    Args:\n        a: one.\n    """\n'
+            'class Bare:\n    def __init__(self, x):\n        pass\n')
+    found = []
+    fake = griffe.visit("fake", Path("fake.py"), code, docstring_parser=griffe.Parser.google)
+    for name, member in fake.members.items():
+        undocumented(member, name, found)
+    assert found == [("bad", "Args lacks b"), ("Bare", "no docstring")]
