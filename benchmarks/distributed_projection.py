@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import harness  # first: puts the checkout on sys.path
 import trp  # noqa: E402
-from trp import distributed  # noqa: E402
+from trp.prune import distributed  # noqa: E402
 
 WORLD = 2
 
