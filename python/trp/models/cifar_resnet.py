@@ -81,7 +81,7 @@ class CifarResNet(nn.Module):
         """Class logits of a batch of images.
 
         Args:
-            x: images [N, in_channels, H, W] (32 x 32 for CIFAR; any size of at least 1 pixel works).
+            x: images [N, in_channels, H, W] (32 x 32 for CIFAR).
 
         Returns:
             logits [N, num_classes].
