@@ -82,7 +82,8 @@ def register_weight_parametrization(parametrization_type, original="original"):
     Args:
         parametrization_type: the parametrization's class, or its "module.QualName" path.
         original: the ParametrizationList attribute holding X: "original" (one input), or "original0",
-            "original1", ... (a parametrization whose right_inverse returns several tensors).
+            "original1", ... (a parametrization whose right_inverse returns several tensors); default
+            "original".
 
     Raises:
         ValueError: a bad type or name.

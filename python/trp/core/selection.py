@@ -294,12 +294,13 @@ def plan_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
 
     Args:
         model: the nn.Module.
-        scheme: "channel", "spatial" or "nd".
+        scheme: "channel", "spatial" or "nd"; default "channel".
         layers: None (the model's `trp_layers`, else "default"), a preset ("default", "paper"), module names,
-            regexes or module types, or a list mixing them. Named layers are taken as given, and must be
-            eligible.
-        exclude: module names, regexes or types taken out of the selection.
-        warn: one UserWarning naming the ineligible layers that a preset would have selected.
+            regexes or module types, or a list mixing them; default None. Named layers are taken as given,
+            and must be eligible.
+        exclude: module names, regexes or types taken out of the selection; default None.
+        warn: whether to emit one UserWarning naming the ineligible layers that a preset would have selected;
+            default True.
 
     Returns:
         A Selection (str() lists everything).

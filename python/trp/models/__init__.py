@@ -82,9 +82,9 @@ def build(name, num_classes=10, in_channels=3, **kwargs):
     Args:
         name: "resnet20" .. "resnet110", "vit_tiny", "vit_small", "torchvision:NAME" (any model of
             torchvision.models.list_models()) or "timm:NAME" (any timm model; timm must be installed).
-        num_classes: classes of the head.
-        in_channels: input channels (torchvision models take 3).
-        **kwargs: further arguments of the builder (recorded too).
+        num_classes: classes of the head, an int >= 1; default 10.
+        in_channels: input channels, an int >= 1 (torchvision models take 3); default 3.
+        **kwargs: further keyword arguments of the builder (recorded too).
 
     Returns:
         The model, with `trp_arch` = {"name", "num_classes", "in_channels", **kwargs}: what trp.save records
