@@ -57,7 +57,15 @@ class LayerAdapter:
 
     def groups(self, module):
         """Groups of a conv-kind layer (its filters split into this many independent matrices); 1 for
-        linear-kind layers."""
+        linear-kind layers.
+
+        Args:
+            module: a layer of the adapted type (its `groups` attribute is read for conv-kind adapters;
+                absent means 1).
+
+        Returns:
+            int >= 1.
+        """
         return int(getattr(module, "groups", 1)) if self.kind == "conv" else 1
 
     def dense(self, module, weight):
@@ -82,7 +90,18 @@ def _copy_into(layer, weight, bias):
 
 
 def conv_like(module, weight, padding):
-    """A new nn.Conv2d with the geometry of `module` (a conv-kind layer), `padding`, weight and bias copied."""
+    """A new nn.Conv2d with the geometry of `module` (a conv-kind layer), `padding`, weight and bias copied.
+
+    Args:
+        module: the conv-kind layer whose in/out channels, kernel size, stride, dilation, groups and bias are
+            used.
+        weight: the weight to copy, a tensor [out, in / groups, kh, kw] (detached; it sets the new layer's
+            device and dtype).
+        padding: nn.Conv2d's padding argument (an int, a pair of ints, or "same" / "valid").
+
+    Returns:
+        nn.Conv2d with padding_mode "zeros", holding copies of weight and module's bias.
+    """
     bias = module.bias.detach() if module.bias is not None else None
     conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, padding,
                      module.dilation, module.groups, bias is not None, device=weight.device, dtype=weight.dtype)
@@ -95,11 +114,28 @@ class Conv2dAdapter(LayerAdapter):
     forward_attrs = ("forward", "_conv_forward")
 
     def unsupported(self, module):
+        """Why `module` cannot be reproduced exactly: a padding mode other than zeros; else None.
+
+        Args:
+            module: an nn.Conv2d.
+
+        Returns:
+            str or None.
+        """
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (only zero padding factorizes exactly)"
         return None
 
     def dense(self, module, weight):
+        """A new nn.Conv2d equal to `module` with stored weight `weight` (and module's padding).
+
+        Args:
+            module: the nn.Conv2d (its geometry, padding and bias).
+            weight: the effective weight [out, in / groups, kh, kw] (not modified).
+
+        Returns:
+            nn.Conv2d on the weight's device and dtype.
+        """
         return conv_like(module, weight, module.padding)
 
 
@@ -108,6 +144,15 @@ class LinearAdapter(LayerAdapter):
     kind = "linear"
 
     def dense(self, module, weight):
+        """A new nn.Linear equal to `module` with stored weight `weight`.
+
+        Args:
+            module: the linear-kind layer (its bias, if any, is copied).
+            weight: the effective weight [out, in] (not modified).
+
+        Returns:
+            nn.Linear on the weight's device and dtype.
+        """
         bias = module.bias.detach() if module.bias is not None else None
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device=weight.device,
                            dtype=weight.dtype)
@@ -119,9 +164,26 @@ class TransposedLinearAdapter(LinearAdapter):
     transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc), forward = bias + x @ weight."""
 
     def layout(self, stored):
+        """The stored [in, out] weight (or its gradient) as an [out, in] view (its transpose).
+
+        Args:
+            stored: a tensor [in, out].
+
+        Returns:
+            The transposed view [out, in].
+        """
         return stored.t()
 
     def dense(self, module, weight):
+        """A new nn.Linear equal to `module` with stored (transposed) weight `weight`.
+
+        Args:
+            module: the Conv1D-like layer (its bias is copied).
+            weight: the effective stored weight [in, out] (not modified).
+
+        Returns:
+            nn.Linear on the weight's device and dtype.
+        """
         return super().dense(module, weight.t())
 
 
@@ -145,6 +207,15 @@ class SameConv2dAdapter(Conv2dAdapter):
         return None
 
     def unsupported(self, module):
+        """Why `module` cannot be reproduced exactly: a padding mode other than zeros, or a "same" padding that
+        depends on the input size; else None.
+
+        Args:
+            module: a Conv2dSame layer.
+
+        Returns:
+            str or None.
+        """
         why = super().unsupported(module)
         if why is None and self._padding(module) is None:
             why = (f"dynamic 'same' padding at stride {tuple(module.stride)}: it depends on the input size, "
@@ -152,6 +223,15 @@ class SameConv2dAdapter(Conv2dAdapter):
         return why
 
     def dense(self, module, weight):
+        """A new nn.Conv2d equal to `module` with stored weight `weight`, its dynamic padding made explicit.
+
+        Args:
+            module: the Conv2dSame layer (supported: see unsupported).
+            weight: the effective weight [out, in / groups, kh, kw] (not modified).
+
+        Returns:
+            nn.Conv2d on the weight's device and dtype.
+        """
         return conv_like(module, weight, self._padding(module))
 
 

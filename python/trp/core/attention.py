@@ -41,7 +41,27 @@ def _swin_attention_types():
 
 class SplitMultiheadAttention(nn.Module):
     """nn.MultiheadAttention with separate q, k, v and output projection modules (same arguments, same
-    forward signature and outputs). Usually built by from_mha()."""
+    forward signature and outputs). Usually built by from_mha().
+
+    The projections are the submodules q_proj [embed_dim <- embed_dim], k_proj [embed_dim <- kdim],
+    v_proj [embed_dim <- vdim] and out_proj [embed_dim <- embed_dim], each an nn.Linear (or the
+    FactorizedLinear that replaces it).
+
+    Args:
+        embed_dim: the model dimension E, an int >= 1 divisible by num_heads.
+        num_heads: the number of attention heads H, an int >= 1 (each head has E / H dimensions).
+        dropout: the dropout probability on the attention weights in training mode, a float in [0, 1);
+            default 0.0.
+        bias: whether the four projections have a bias; default True.
+        kdim: the key feature size, an int >= 1; default None (embed_dim).
+        vdim: the value feature size, an int >= 1; default None (embed_dim).
+        batch_first: inputs and outputs are [N, L, E] when True, [L, N, E] when False; default False.
+        device: the device of the projections' parameters; default None (torch's default).
+        dtype: the dtype of the projections' parameters; default None (torch's default).
+
+    Raises:
+        ValueError: when embed_dim is not divisible by num_heads.
+    """
 
     _qkv_same_embed_dim = False  # the attributes torch's fast-path tests read: no fused kernel for this one
     in_proj_weight = None
@@ -63,7 +83,17 @@ class SplitMultiheadAttention(nn.Module):
 
     @classmethod
     def from_mha(cls, mha):
-        """The equivalent of an nn.MultiheadAttention (its weights copied; out_proj is the same module)."""
+        """The equivalent of an nn.MultiheadAttention (its weights copied; out_proj is the same module).
+
+        Args:
+            mha: the nn.MultiheadAttention to convert (not modified; its out_proj is shared).
+
+        Returns:
+            A SplitMultiheadAttention on mha's device and dtype, in mha's training mode.
+
+        Raises:
+            ValueError: when mha uses add_bias_kv or add_zero_attn (unsupported_attention).
+        """
         why = unsupported_attention(mha)
         if why is not None:
             raise ValueError(f"SplitMultiheadAttention.from_mha: {why}")
@@ -77,10 +107,33 @@ class SplitMultiheadAttention(nn.Module):
         return split
 
     def extra_repr(self):
+        """The module's repr details: embed_dim, num_heads and batch_first."""
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        """Multi-head attention, as nn.MultiheadAttention.forward computes it.
+
+        Args:
+            query: queries [N, L, E] (batch_first) or [L, N, E], or unbatched [L, E].
+            key: keys [N, S, kdim] (batch_first) or [S, N, kdim], or unbatched [S, kdim].
+            value: values [N, S, vdim] (batch_first) or [S, N, vdim], or unbatched [S, vdim].
+            key_padding_mask: [N, S] (unbatched: [S]), True (bool) or -inf-like (float) where a key is
+                ignored; default None.
+            need_weights: whether to return the attention weights (computed explicitly; otherwise
+                F.scaled_dot_product_attention runs); default True.
+            attn_mask: [L, S] or [N * num_heads, L, S], a bool (True: not allowed) or additive float mask;
+                default None.
+            average_attn_weights: whether the returned weights are averaged over the heads; default True.
+            is_causal: a hint that attn_mask is the causal mask (attn_mask must then be given); default False.
+
+        Returns:
+            (output, weights): output of query's layout with E features; weights [N, L, S] averaged, or
+                [N, num_heads, L, S] (unbatched: without N), or None when need_weights is False.
+
+        Raises:
+            RuntimeError: when is_causal is True and attn_mask is None (as nn.MultiheadAttention).
+        """
         batched = query.dim() == 3
         if not batched:  # (L, E): a batch of one
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -134,7 +187,14 @@ class SplitMultiheadAttention(nn.Module):
 
 
 def unsupported_attention(mha):
-    """Why an nn.MultiheadAttention cannot become a SplitMultiheadAttention, or None."""
+    """Why an nn.MultiheadAttention cannot become a SplitMultiheadAttention, or None.
+
+    Args:
+        mha: an nn.MultiheadAttention.
+
+    Returns:
+        A short phrase (add_bias_kv / add_zero_attn are not supported), or None when it converts.
+    """
     if mha.bias_k is not None or mha.add_zero_attn:
         return "add_bias_kv / add_zero_attn attention is not supported"
     return None
@@ -147,17 +207,38 @@ def _attention_types():
 
 def is_attention(module):
     """Whether `module` is an attention module trp knows (nn.MultiheadAttention, SplitMultiheadAttention,
-    torchvision's Swin window attentions)."""
+    torchvision's Swin window attentions).
+
+    Args:
+        module: any nn.Module.
+
+    Returns:
+        bool.
+    """
     return isinstance(module, _attention_types())
 
 
 def attention_modules(model):
-    """[(name, module)] of the attention modules of `model` (what makes it a transformer for trp)."""
+    """The attention modules of `model` (what makes it a transformer for trp).
+
+    Args:
+        model: the nn.Module.
+
+    Returns:
+        [(name, module)] in registration order.
+    """
     return [(n, m) for n, m in model.named_modules() if is_attention(m)]
 
 
 def block_names(model):
-    """Names of the transformer blocks: the modules that hold an attention module ("" for the root)."""
+    """Names of the transformer blocks: the modules that hold an attention module ("" for the root).
+
+    Args:
+        model: the nn.Module.
+
+    Returns:
+        The sorted list of module names (str).
+    """
     return sorted({n.rpartition(".")[0] for n, _ in attention_modules(model)})
 
 
@@ -170,7 +251,16 @@ def _ancestors(model, name):
 
 
 def unsupported_host(model, name):
-    """Why the target `name` cannot be factorized inside its host module (so it stays dense), or None."""
+    """Why the target `name` cannot be factorized inside its host module (so it stays dense), or None.
+
+    Args:
+        model: the nn.Module holding the target.
+        name: the target's dotted module name (an attention q/k/v target: the attention's name plus
+            ".q_proj", ...).
+
+    Returns:
+        A short phrase naming the host and the reason, or None when the host can be converted.
+    """
     for prefix, m in _ancestors(model, name):
         if isinstance(m, nn.MultiheadAttention):
             if prefix == "":
@@ -183,7 +273,18 @@ def unsupported_host(model, name):
 
 def prepare_hosts(model, names):
     """Converts, in place, the hosts above the target `names` (see the module doc) so that each name is an
-    nn.Linear / conv submodule that a factorized module can replace. Returns `model`."""
+    nn.Linear / conv submodule that a factorized module can replace.
+
+    Args:
+        model: the nn.Module, modified in place.
+        names: the targets' dotted module names, an iterable of str.
+
+    Returns:
+        `model`.
+
+    Raises:
+        ValueError: when a target's host cannot be converted (unsupported_host says why).
+    """
     for name in names:
         why = unsupported_host(model, name)
         if why is not None:

@@ -82,7 +82,8 @@ def register_weight_parametrization(parametrization_type, original="original"):
     Args:
         parametrization_type: the parametrization's class, or its "module.QualName" path.
         original: the ParametrizationList attribute holding X: "original" (one input), or "original0",
-            "original1", ... (a parametrization whose right_inverse returns several tensors).
+            "original1", ... (a parametrization whose right_inverse returns several tensors); default
+            "original".
 
     Raises:
         ValueError: a bad type or name.
@@ -98,8 +99,16 @@ def _lookup(table, cls):
 
 
 def find_adapter(module):
-    """(adapter, the class it is registered for) of the first class of type(module)'s MRO that has one, or
-    (None, None). Says what the layer claims to be, not whether it is eligible (resolve does)."""
+    """The adapter registered for the first class of type(module)'s MRO that has one.
+
+    Says what the layer claims to be, not whether it is eligible (resolve does).
+
+    Args:
+        module: any nn.Module.
+
+    Returns:
+        (adapter, the class it is registered for), or (None, None) when no class of the MRO has one.
+    """
     for cls in type(module).__mro__:
         adapter = _lookup(_ADAPTERS, cls)
         if adapter is not None:
@@ -108,14 +117,29 @@ def find_adapter(module):
 
 
 def kind_of(module):
-    """"conv" or "linear" for a layer that computes (or claims to, by its adapter) a conv or a Linear,
-    else None: what cost counting (trp.flops) treats as such."""
+    """The kind of computation a layer claims by its adapter: what cost counting treats as a conv or a Linear.
+
+    Args:
+        module: any nn.Module.
+
+    Returns:
+        "conv" or "linear" for a layer that computes (or claims to, by its adapter) a conv or a Linear, else
+            None.
+    """
     adapter, _ = find_adapter(module)
     return None if adapter is None else adapter.kind
 
 
 def is_candidate(module):
-    """Whether `module` holds a conv or Linear weight: eligible or not, TRP accounts for it."""
+    """Whether `module` holds a conv or Linear weight: eligible or not, TRP accounts for it.
+
+    Args:
+        module: any nn.Module.
+
+    Returns:
+        True for a layer with a registered adapter or another torch conv type (Conv1d, Conv3d, ConvTranspose*),
+            else False.
+    """
     return find_adapter(module)[0] is not None or isinstance(module, _OTHER_CONVS)
 
 
@@ -147,8 +171,17 @@ def _eval_mode(modules):
 
 
 def effective_weight(module):
-    """The stored-layout weight that `module` computes with in eval mode (parametrizations evaluated
-    without side effects), detached."""
+    """The stored-layout weight that `module` computes with in eval mode, detached.
+
+    Parametrizations are evaluated without side effects (their modules in eval mode meanwhile, so that
+    spectral_norm's power iteration does not update its vectors).
+
+    Args:
+        module: a layer with a `weight` (a Parameter, or one computed by torch.nn.utils.parametrize).
+
+    Returns:
+        The weight tensor in the layer's stored layout, detached.
+    """
     if parametrize.is_parametrized(module, "weight"):
         plist = module.parametrizations["weight"]
         with torch.no_grad(), _eval_mode(list(plist.modules())):
@@ -215,9 +248,16 @@ def resolve(module):
 
 
 def dense_equivalent(module, adapter):
-    """An nn.Conv2d / nn.Linear computing exactly what the eligible `module` computes (eval mode): the module
-    itself for a plain nn.Conv2d / nn.Linear (subclasses included), else the adapter's, built from the
-    effective weight."""
+    """An nn.Conv2d / nn.Linear computing exactly what the eligible `module` computes (eval mode).
+
+    Args:
+        module: an eligible layer (resolve found an adapter for it).
+        adapter: the layer's adapter, as resolve returns it.
+
+    Returns:
+        The module itself for a plain nn.Conv2d / nn.Linear (subclasses included, unparametrized), else a new
+            layer from the adapter's dense, built from the effective weight.
+    """
     if adapter in (CONV2D, LINEAR) and not parametrize.is_parametrized(module):
         return module
     return adapter.dense(module, effective_weight(module))

@@ -17,6 +17,17 @@ SCHEMES = ("channel", "spatial", "nd")
 
 
 def check_scheme(scheme):
+    """Validates a decomposition scheme name.
+
+    Args:
+        scheme: the scheme, one of SCHEMES ("channel", "spatial", "nd").
+
+    Returns:
+        The scheme, unchanged.
+
+    Raises:
+        ValueError: when scheme is not one of SCHEMES.
+    """
     return checks.choice(scheme, SCHEMES, "scheme", unknown=True)
 
 
@@ -27,10 +38,25 @@ def _check_groups(groups, n, scheme):
 
 
 def matrix_shape(weight_shape, scheme, groups=1):
-    """(p, q) of the matrix of a weight of shape weight_shape ([n, c, kh, kw] or [out, in]); for nd
-    (n, c, kh*kw): the n per-filter matrices; for a conv with groups g > 1 under channel / spatial
-    (g, p, q): one matrix per group, each of its n/g filters over its c = in/g input channels. Always the
-    shape of to_matrix's result for one weight."""
+    """Shape of the matrix (or batch of matrices) that a weight of shape weight_shape reshapes to.
+
+    Always the shape of to_matrix's result for one weight.
+
+    Args:
+        weight_shape: the weight's shape without a batch dimension, a sequence of ints: [n, c, kh, kw] for a
+            conv or [out, in] for a linear layer.
+        scheme: the reshape, "channel", "spatial" or "nd" (linear weights: "channel" only).
+        groups: the conv's groups g, an int >= 1 that divides n; default 1. Ignored by "nd".
+
+    Returns:
+        A tuple: (p, q) for one matrix; for nd (n, c, kh*kw), the n per-filter matrices; for a conv with
+            groups g > 1 under channel / spatial (g, p, q), one matrix per group, each of its n/g filters over
+            its c = in/g input channels.
+
+    Raises:
+        ValueError: when scheme is unknown, a linear weight is given a scheme other than "channel", the shape
+            has neither 2 nor 4 dimensions, or groups is not an int >= 1 dividing n.
+    """
     check_scheme(scheme)
     if len(weight_shape) == 2:
         if scheme != "channel":
@@ -47,9 +73,22 @@ def matrix_shape(weight_shape, scheme, groups=1):
 
 
 def to_matrix(weight, scheme, groups=1):
-    """Weight [..., n, c, kh, kw] (or [..., out, in]) -> matrix [..., p, q] (nd: [..., n, c, kh*kw], a
-    batch of per-filter matrices; groups g > 1 under channel / spatial: [..., g, p, q], one per group). A
-    view when possible."""
+    """Reshapes a weight to the matrix (or batch of matrices) that TRP makes low-rank.
+
+    Args:
+        weight: a conv weight [..., n, c, kh, kw] or a linear weight [..., out, in] (any leading batch
+            dimensions), a tensor.
+        scheme: the reshape, "channel", "spatial" or "nd" (linear weights: "channel" only).
+        groups: the conv's groups g, an int >= 1 that divides n; default 1. Ignored by "nd".
+
+    Returns:
+        The matrix [..., p, q] (nd: [..., n, c, kh*kw], a batch of per-filter matrices; groups g > 1 under
+            channel / spatial: [..., g, p, q], one per group); a view of weight when possible.
+
+    Raises:
+        ValueError: when scheme is unknown, a linear weight is given a scheme other than "channel", or groups
+            is not an int >= 1 dividing n.
+    """
     check_scheme(scheme)
     if weight.dim() <= 3:  # [out, in] or a batch of them: already a matrix
         matrix_shape(weight.shape[-2:], scheme)  # raises for spatial
@@ -70,9 +109,23 @@ def to_matrix(weight, scheme, groups=1):
 
 
 def from_matrix(matrix, scheme, weight_shape, groups=1):
-    """Inverse of to_matrix: matrix [..., p, q] (nd: [..., n, c, kh*kw]; groups g > 1: [..., g, p, q]) ->
-    weight [..., *weight_shape] (weight_shape without the batch dimension). For the spatial scheme the
-    result is a permuted view (not contiguous), or a copy with groups."""
+    """Inverse of to_matrix: reshapes a matrix back to a layer weight.
+
+    Args:
+        matrix: the matrix [..., p, q] (nd: [..., n, c, kh*kw]; groups g > 1: [..., g, p, q]), a tensor with
+            any leading batch dimensions.
+        scheme: the reshape that made the matrix, "channel", "spatial" or "nd".
+        weight_shape: the weight's shape without the batch dimension, [n, c, kh, kw] or [out, in].
+        groups: the conv's groups g, an int >= 1 that divides n; default 1. Ignored by "nd".
+
+    Returns:
+        The weight [..., *weight_shape]. For the spatial scheme a permuted view (not contiguous), or a copy
+            with groups.
+
+    Raises:
+        ValueError: when scheme is unknown, a linear weight shape is given a scheme other than "channel", or
+            groups is not an int >= 1 dividing n.
+    """
     check_scheme(scheme)
     weight_shape = tuple(weight_shape)
     if len(weight_shape) == 2:
@@ -95,7 +148,18 @@ def from_matrix(matrix, scheme, weight_shape, groups=1):
 
 
 def layer_matrix_shape(module, scheme):
-    """Matrix shape for an nn.Conv2d (with its groups) or nn.Linear module under `scheme`."""
+    """Matrix shape for an nn.Conv2d (with its groups) or nn.Linear module under `scheme`.
+
+    Args:
+        module: the layer, an nn.Conv2d or nn.Linear (anything with a weight and, for a conv, groups).
+        scheme: the reshape, "channel", "spatial" or "nd".
+
+    Returns:
+        The shape tuple, as matrix_shape gives it for the module's weight and groups.
+
+    Raises:
+        ValueError: when the scheme is unknown or does not apply to the module's weight.
+    """
     return matrix_shape(tuple(module.weight.shape), scheme, getattr(module, "groups", 1))
 
 

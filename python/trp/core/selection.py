@@ -47,6 +47,18 @@ TINY = 16  # the default skips matrices (pointwise convs, Linear-like) with a si
 
 
 def check_module(model, name="model"):
+    """Validates that `model` is an nn.Module instance (not a class, not anything else).
+
+    Args:
+        model: the object to check.
+        name: the parameter name that the error message uses, str; default "model".
+
+    Returns:
+        The model, unchanged.
+
+    Raises:
+        TypeError: when model is not a torch.nn.Module instance (the message says to instantiate a class).
+    """
     if not isinstance(model, nn.Module):
         what = f"the class {model.__name__} (instantiate it)" if isinstance(model, type) else type(model).__name__
         raise TypeError(f"{name} must be a torch.nn.Module, got {what}")
@@ -114,8 +126,15 @@ def _signatures(model):
 
 
 def block_names(model):
-    """Names of the blocks (module doc): the children of an nn.ModuleList / nn.Sequential that have a sibling
-    of identical structure, and the modules that hold an attention module ("" for the root)."""
+    """Names of the blocks (module doc), the parts of a network whose Linear-like layers the default selects.
+
+    Args:
+        model: the nn.Module.
+
+    Returns:
+        The sorted list of module names (str): the children of an nn.ModuleList / nn.Sequential that have a
+            sibling of identical structure, and the modules that hold an attention module ("" for the root).
+    """
     sigs = _signatures(model)
     out = set(transformer.block_names(model))
     for name, m in model.named_modules():
@@ -229,13 +248,15 @@ def _context(model, scheme, cands):
 # --- the plan -------------------------------------------------------------------------------------------
 
 class Selection:
-    """What a layer selection takes and skips.
+    """What a layer selection takes and skips (plan_layers makes it; str() lists everything).
 
-    Attributes:
+    Each argument is kept as the attribute of the same name.
+
+    Args:
         targets: [trp.core.targets.Target], the matrices selected, in registration order.
         skipped: {layer name: reason} of every other candidate layer (convs, Linear-like layers, attention
             q/k/v), in registration order.
-        scheme: the scheme the selection was made for.
+        scheme: the scheme the selection was made for, "channel", "spatial" or "nd".
     """
 
     def __init__(self, targets, skipped, scheme):
@@ -243,6 +264,7 @@ class Selection:
 
     @property
     def names(self):
+        """The selected targets' names, [str] in registration order."""
         return [t.name for t in self.targets]
 
     def summary(self):
@@ -272,12 +294,13 @@ def plan_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
 
     Args:
         model: the nn.Module.
-        scheme: "channel", "spatial" or "nd".
+        scheme: "channel", "spatial" or "nd"; default "channel".
         layers: None (the model's `trp_layers`, else "default"), a preset ("default", "paper"), module names,
-            regexes or module types, or a list mixing them. Named layers are taken as given, and must be
-            eligible.
-        exclude: module names, regexes or types taken out of the selection.
-        warn: one UserWarning naming the ineligible layers that a preset would have selected.
+            regexes or module types, or a list mixing them; default None. Named layers are taken as given,
+            and must be eligible.
+        exclude: module names, regexes or types taken out of the selection; default None.
+        warn: whether to emit one UserWarning naming the ineligible layers that a preset would have selected;
+            default True.
 
     Returns:
         A Selection (str() lists everything).
@@ -347,14 +370,50 @@ def plan_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
 
 
 def select_targets(model, scheme="channel", layers=None, exclude=None, warn=True):
-    """[trp.core.targets.Target] of the matrices to prune/decompose, in registration order (plan_layers)."""
+    """The matrices to prune/decompose: plan_layers(...).targets.
+
+    Args:
+        model: the nn.Module.
+        scheme: "channel", "spatial" or "nd"; default "channel".
+        layers: None (the model's `trp_layers`, else "default"), a preset ("default", "paper"), module names,
+            regexes or module types, or a list mixing them (as plan_layers); default None.
+        exclude: module names, regexes or types taken out of the selection; default None.
+        warn: whether to emit one UserWarning naming the ineligible layers that a preset would have selected;
+            default True.
+
+    Returns:
+        [trp.core.targets.Target] in registration order.
+
+    Raises:
+        ValueError: a spec that matches nothing, a named layer that is not eligible, or a Linear-like
+            layer named under a scheme other than channel.
+    """
     return plan_layers(model, scheme, layers, exclude, warn).targets
 
 
 def select_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
-    """[(name, module)] of the layers to prune/decompose, in registration order (for attention q/k/v: the
-    attention module; select_targets gives the matrices). The default is documented in trp.selection and
-    docs/guides/models.md; plan_layers(...) also says why each other layer is skipped."""
+    """The layers to prune/decompose, as (name, module) pairs.
+
+    The default is documented in trp.selection and docs/guides/models.md; plan_layers(...) also says why each
+    other layer is skipped.
+
+    Args:
+        model: the nn.Module.
+        scheme: "channel", "spatial" or "nd"; default "channel".
+        layers: None (the model's `trp_layers`, else "default"), a preset ("default", "paper"), module names,
+            regexes or module types, or a list mixing them (as plan_layers); default None.
+        exclude: module names, regexes or types taken out of the selection; default None.
+        warn: whether to emit one UserWarning naming the ineligible layers that a preset would have selected;
+            default True.
+
+    Returns:
+        [(name, module)] in registration order (for attention q/k/v: the attention module; select_targets
+            gives the matrices).
+
+    Raises:
+        ValueError: a spec that matches nothing, a named layer that is not eligible, or a Linear-like
+            layer named under a scheme other than channel.
+    """
     return [(t.name, t.module) for t in select_targets(model, scheme, layers, exclude, warn)]
 
 

@@ -50,9 +50,19 @@ def _full(A, left, kind, value):
 
 
 def leading_factors(matrix, kind, value):
-    """(A [p, r], B [r, q], r, the kept singular values [r]) float64 with A B the truncated SVD of matrix [p, q]
-    at the rank the criterion (kind, value: rank.check_criterion's) gives; meant for a short side of at least
-    LARGE_N."""
+    """Factors of the truncated SVD of a large matrix, without a full SVD.
+
+    Meant for a matrix whose short side is at least LARGE_N.
+
+    Args:
+        matrix: the matrix [p, q], a tensor of any float dtype (detached and computed in float64).
+        kind: the rank criterion, "energy", "threshold" or "rank" (as rank.check_criterion returns it).
+        value: the criterion's validated value (rank.check_criterion's).
+
+    Returns:
+        (A [p, r], B [r, q], r, the kept singular values [r]): float64 tensors with A B the truncated SVD of
+            matrix at the rank r (an int) that the criterion gives.
+    """
     W = matrix.detach().to(torch.float64)
     left = W.shape[0] <= W.shape[1]
     certifiable = kind == "energy" or (kind == "rank" and isinstance(value, int))

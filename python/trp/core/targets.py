@@ -22,11 +22,25 @@ QKV = ("q", "k", "v")
 
 
 class Target:
-    """One matrix: `param` (rows `rows`, or all of it), owned by `module` (the layer, or the attention for
-    q/k/v), named `name`; its bias is `bias_param` (rows `bias_rows`, or all of it), or None. `adapter`
-    (trp.adapters) says how the whole-layer target's parameter maps to nn.Conv2d / nn.Linear layout and how
-    to build the layer's dense equivalent; `param` is what the pruner projects (for a parametrized weight,
-    the parametrization's original: trp.eligibility). A conv with groups g is g matrices, one per group."""
+    """One weight matrix that the pruner projects and decomposition factorizes.
+
+    A conv with groups g is g matrices, one per group (the attribute `groups`, from the adapter; 1 without
+    one). Each argument is kept as the attribute of the same name.
+
+    Args:
+        name: the target's name, str: the layer's module name, or "<attention>.q_proj" (".k_proj",
+            ".v_proj") for attention q/k/v.
+        module: the owning module: the layer, or the nn.MultiheadAttention for q/k/v.
+        param: the Parameter holding the matrix, what the pruner projects (for a parametrized weight, the
+            parametrization's original: trp.eligibility).
+        rows: a slice of param's rows that the matrix is (q/k/v of a packed in_proj_weight), or None for all of
+            it; default None.
+        bias_param: the Parameter holding the bias, or None when there is none; default None.
+        bias_rows: a slice of bias_param that is this matrix's bias, or None for all of it; default None.
+        adapter: the layer's trp.adapters.LayerAdapter, which says how the whole-layer target's parameter maps
+            to nn.Conv2d / nn.Linear layout and how to build the layer's dense equivalent; None for attention
+            q/k/v rows (already in nn.Linear layout); default None.
+    """
 
     __slots__ = ("name", "module", "param", "rows", "bias_param", "bias_rows", "adapter", "groups")
 
@@ -43,6 +57,7 @@ class Target:
 
     @property
     def shape(self):
+        """The matrix's shape in nn.Linear / nn.Conv2d layout, a tuple of ints ([out, in] or [n, c, kh, kw])."""
         return tuple(self.read().shape)
 
     def _view(self, stored):
@@ -55,7 +70,17 @@ class Target:
         return self._view(self.param.detach())
 
     def matrix(self, scheme):
-        """read() as the scheme's matrix ([g, p, q] for a grouped conv under channel / spatial)."""
+        """read() as the scheme's matrix ([g, p, q] for a grouped conv under channel / spatial).
+
+        Args:
+            scheme: "channel", "spatial" or "nd" (Linear-like targets: "channel" only).
+
+        Returns:
+            A detached view of the parameter, shaped as trp.schemes.to_matrix gives it.
+
+        Raises:
+            ValueError: when the scheme is unknown or does not apply to this matrix.
+        """
         return to_matrix(self.read(), scheme, self.groups)
 
     def bias(self):
@@ -66,7 +91,11 @@ class Target:
         return b if self.bias_rows is None else b[self.bias_rows]
 
     def write_(self, value):
-        """Copies `value` into the target's rows of the parameter, in place."""
+        """Copies `value` into the target's rows of the parameter, in place.
+
+        Args:
+            value: a tensor of the target's shape (or broadcastable to it), in nn.Linear / nn.Conv2d layout.
+        """
         self.read().copy_(value)
 
     def grad_view(self):
@@ -109,7 +138,16 @@ class Target:
 
 def attention_targets(name, mha):
     """The q, k, v targets of an nn.MultiheadAttention named `name` (its out_proj is an nn.Linear module).
-    The bias is packed in in_proj_bias [3E] in both layouts."""
+
+    The bias is packed in in_proj_bias [3E] in both layouts.
+
+    Args:
+        name: the attention's module name, str ("" for the root).
+        mha: the nn.MultiheadAttention (packed in_proj_weight [3E, E], or separate q/k/v_proj_weight).
+
+    Returns:
+        [Target] of three, named "<name>.q_proj", "<name>.k_proj", "<name>.v_proj" in that order.
+    """
     prefix = f"{name}." if name else ""
     E, out = mha.embed_dim, []
     for i, p in enumerate(QKV):
@@ -136,9 +174,16 @@ def _attention_unsupported(mha):
 
 
 def survey(model):
-    """[(name, module, target, reason)] for every layer that holds a conv or Linear weight, in registration
-    order (q, k, v of an attention at its position, in that order): target is the Target of an eligible
-    matrix (reason None), or None with the reason the layer is not eligible (trp.eligibility)."""
+    """Every layer that holds a conv or Linear weight, eligible or not.
+
+    Args:
+        model: the nn.Module.
+
+    Returns:
+        [(name, module, target, reason)] in registration order (q, k, v of an attention at its position, in
+            that order): target is the Target of an eligible matrix (reason None), or None with the reason the
+            layer is not eligible (trp.eligibility).
+    """
     out = []
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
@@ -154,8 +199,14 @@ def survey(model):
 
 
 def candidates(model):
-    """[Target] for every eligible conv, Linear-like weight and attention q/k/v matrix of `model`, in
-    registration order (q, k, v at the position of their attention module)."""
+    """The eligible matrices of `model`: every eligible conv, Linear-like weight and attention q/k/v.
+
+    Args:
+        model: the nn.Module.
+
+    Returns:
+        [Target] in registration order (q, k, v at the position of their attention module).
+    """
     return [t for _, _, t, _ in survey(model) if t is not None]
 
 

@@ -17,6 +17,11 @@ TORCHVISION, TIMM = "torchvision:", "timm:"
 
 
 def available():
+    """The registry's names: the CIFAR ResNets, the ViTs, and the torchvision / timm name patterns.
+
+    Returns:
+        [str]: "resnet20" ... "resnet110", "vit_small", "vit_tiny", "torchvision:<name>", "timm:<name>".
+    """
     return sorted(CIFAR_DEPTHS) + sorted(VIT_CONFIGS) + [f"{TORCHVISION}<name>", f"{TIMM}<name>"]
 
 
@@ -48,7 +53,18 @@ def _check_timm_name(timm_name):
 
 
 def check_name(name):
-    """Validates a registry name without building the model (so bad names fail before any work)."""
+    """Validates a registry name without building the model (so bad names fail before any work).
+
+    Args:
+        name: a registry name (see available()); a "torchvision:NAME" or "timm:NAME" is looked up in that
+            library, which must be installed.
+
+    Returns:
+        The name, unchanged.
+
+    Raises:
+        ValueError: an unknown name, or a library that is not installed.
+    """
     if name in CIFAR_DEPTHS or name in VIT_CONFIGS:
         return name
     if isinstance(name, str) and name.startswith(TORCHVISION):
@@ -66,9 +82,9 @@ def build(name, num_classes=10, in_channels=3, **kwargs):
     Args:
         name: "resnet20" .. "resnet110", "vit_tiny", "vit_small", "torchvision:NAME" (any model of
             torchvision.models.list_models()) or "timm:NAME" (any timm model; timm must be installed).
-        num_classes: classes of the head.
-        in_channels: input channels (torchvision models take 3).
-        **kwargs: further arguments of the builder (recorded too).
+        num_classes: classes of the head, an int >= 1; default 10.
+        in_channels: input channels, an int >= 1 (torchvision models take 3); default 3.
+        **kwargs: further keyword arguments of the builder (recorded too).
 
     Returns:
         The model, with `trp_arch` = {"name", "num_classes", "in_channels", **kwargs}: what trp.save records
@@ -109,7 +125,17 @@ def _timm(timm_name, num_classes, in_channels, **kwargs):
 
 
 def build_from_arch(arch):
-    """Rebuild a model from the `trp_arch` dict that build() recorded."""
+    """Rebuild a model from the `trp_arch` dict that build() recorded.
+
+    Args:
+        arch: the record, a dict with "name" and build()'s other arguments (num_classes, in_channels, ...).
+
+    Returns:
+        A fresh model with random weights, as build(**arch) gives it.
+
+    Raises:
+        ValueError: when arch is not a dict with a "name", or build() refuses it.
+    """
     if not isinstance(arch, dict) or "name" not in arch:
         raise ValueError(f"not a model architecture record: {arch!r}")
     arch = dict(arch)
@@ -126,11 +152,19 @@ def _head_sizes(model):
 
 
 def candidate_archs(model):
-    """Records that build() might rebuild `model` from: its own `trp_arch`, else, for a model built directly
-    with torchvision or timm, the builder by name with its num_classes and in_channels (timm models carry
-    their architecture's name; for torchvision, every builder of the model's module, e.g. resnet18 ...
-    resnet152 for a ResNet). Only proposals: the caller keeps one whose fresh build has exactly the model's
-    structure (trp.save)."""
+    """Records that build() might rebuild `model` from.
+
+    Only proposals: the caller keeps one whose fresh build has exactly the model's structure (trp.save).
+
+    Args:
+        model: the nn.Module.
+
+    Returns:
+        [dict]: [its own `trp_arch`] when it has one; else, for a model built directly with torchvision or
+            timm, the builder by name with its num_classes and in_channels (timm models carry their
+            architecture's name; for torchvision, every builder of the model's module, e.g. resnet18 ...
+            resnet152 for a ResNet); else [].
+    """
     arch = getattr(model, "trp_arch", None)
     if arch is not None:
         return [arch]

@@ -6,6 +6,14 @@ import torch.nn.functional as F
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv + BN layers with ReLU and a shortcut: identity, or a 1x1 conv + BN where the shape changes.
+
+    Args:
+        in_planes: input channels, an int >= 1.
+        planes: output channels of both convs, an int >= 1.
+        stride: the first conv's (and the projection's) stride, an int >= 1; default 1.
+    """
+
     def __init__(self, in_planes, planes, stride=1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
@@ -18,12 +26,33 @@ class BasicBlock(nn.Module):
                                           nn.BatchNorm2d(planes))
 
     def forward(self, x):
+        """The block's output relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
+
+        Args:
+            x: input [N, in_planes, H, W].
+
+        Returns:
+            [N, planes, H / stride, W / stride] (rounded up).
+        """
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
+    """A CIFAR ResNet: a 3x3 stem conv (16 channels), 3 stages of n BasicBlocks, global pooling, a Linear head.
+
+    Its `trp_layers` is "paper", so TRP's default selection for it is the paper's rule.
+
+    Args:
+        depth: the depth 6n+2, an int >= 8 (20, 32, 44, 56, 110: ResNet-20 ...); default 20.
+        num_classes: outputs of the head, an int >= 1; default 10.
+        in_channels: input channels, an int >= 1; default 3.
+
+    Raises:
+        ValueError: when depth is not 6n+2 with n >= 1.
+    """
+
     # TRP's default layers for these models (trp.selection): the paper's rule, whose results they reproduce
     # (the "default" preset would add the two 1x1 shortcut convs)
     trp_layers = "paper"
@@ -49,6 +78,14 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
+        """Class logits of a batch of images.
+
+        Args:
+            x: images [N, in_channels, H, W] (32 x 32 for CIFAR).
+
+        Returns:
+            logits [N, num_classes].
+        """
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)

@@ -19,6 +19,26 @@ VIT_CONFIGS = {
 
 
 class ViT(nn.Module):
+    """A small Vision Transformer (the module doc describes its layout).
+
+    Args:
+        image_size: the side of the square image the position embeddings are learned for, an int >= 1 and a
+            multiple of patch_size; default 16.
+        patch_size: the side of a square patch (the patch-embedding conv's kernel and stride), an int >= 1;
+            default 4.
+        dim: the embedding width, an int >= 1 divisible by heads; default 64.
+        depth: the number of transformer encoder blocks, an int >= 1; default 4.
+        heads: the attention heads per block, an int >= 1; default 4.
+        mlp_dim: the hidden width of each block's MLP, an int >= 1; default 128.
+        num_classes: outputs of the head, an int >= 1; default 10.
+        in_channels: input channels, an int >= 1; default 3.
+        dropout: the encoder blocks' dropout probability, a float in [0, 1); default 0.0.
+
+    Raises:
+        ValueError: when a size is not an int >= 1, image_size is not a multiple of patch_size, or dim is not
+            divisible by heads.
+    """
+
     def __init__(self, image_size=16, patch_size=4, dim=64, depth=4, heads=4, mlp_dim=128, num_classes=10,
                  in_channels=3, dropout=0.0):
         super().__init__()
@@ -48,6 +68,15 @@ class ViT(nn.Module):
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
 
     def forward(self, x):
+        """Class logits of a batch of images (the head on the class token).
+
+        Args:
+            x: images [N, in_channels, H, W], H and W multiples of patch_size (the position embeddings are
+                resized for a grid other than image_size's).
+
+        Returns:
+            logits [N, num_classes].
+        """
         x = self.patch_embed(x)  # [N, dim, H/p, W/p]
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)

@@ -28,8 +28,16 @@ from trp_kernels import geometry
 
 
 def conv_padding4(conv):
-    """(top, bottom, left, right) zero padding of an nn.Conv2d, resolving "same" and "valid". For even
-    kernels "same" is asymmetric: the extra row/column goes to the bottom/right, as in PyTorch."""
+    """(top, bottom, left, right) zero padding of an nn.Conv2d, resolving "same" and "valid".
+
+    For even kernels "same" is asymmetric: the extra row/column goes to the bottom/right, as in PyTorch.
+
+    Args:
+        conv: an nn.Conv2d (or anything with its padding, kernel_size and dilation attributes).
+
+    Returns:
+        A tuple of four ints >= 0: (top, bottom, left, right).
+    """
     return geometry.resolve_padding(conv.padding, conv.kernel_size, conv.dilation)
 
 
@@ -54,8 +62,16 @@ def _init_(weight, fan_in):
 
 
 def conv_padding_attr(padding4, given):
-    """The `padding` attribute nn.Conv2d would show: the string it was given ("same" / "valid"), else (h, w)
-    for symmetric padding, else the (top, bottom, left, right) tuple (no nn.Conv2d equivalent)."""
+    """The `padding` attribute nn.Conv2d would show.
+
+    Args:
+        padding4: the resolved zero padding, a (top, bottom, left, right) tuple of ints.
+        given: the padding argument the layer was built with (a str "same" / "valid", an int or a tuple).
+
+    Returns:
+        The string it was given ("same" / "valid"), else (h, w) for symmetric padding, else the
+            (top, bottom, left, right) tuple (no nn.Conv2d equivalent).
+    """
     if isinstance(given, str):
         return given
     top, bottom, left, right = padding4
@@ -115,6 +131,7 @@ class _FactorizedConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        """Re-initializes both factors and the bias uniformly in +-1/sqrt(fan_in), in place."""
         first, second = self.factors()
         _init_(first, first[0].numel())
         _init_(second, second[0].numel())
@@ -122,9 +139,11 @@ class _FactorizedConv2d(nn.Module):
             _init_(self.bias, second[0].numel())
 
     def factors(self):
+        """The two weight Parameters, (first conv's, second conv's)."""
         return getattr(self, self._names[0]), getattr(self, self._names[1])
 
     def extra_repr(self):
+        """The module's repr details: channels, kernel size, rank, stride, padding, dilation, groups, bias."""
         groups = f", groups={self.groups}" if self.groups != 1 else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}{groups}, "
@@ -139,6 +158,16 @@ class _FactorizedConv2d(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, device=None, dtype=None):
+        """A new module (freshly initialized parameters) from config()'s dict.
+
+        Args:
+            cfg: the dict config() returned (its "groups" may be absent: 1).
+            device: the parameters' device; default None (torch's default).
+            dtype: the parameters' dtype; default None (torch's default).
+
+        Returns:
+            A module of this class with cfg's geometry and rank.
+        """
         return cls(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), cfg["rank"],
                    tuple(cfg["stride"]), tuple(cfg["padding"]), tuple(cfg["dilation"]), cfg["bias"],
                    device=device, dtype=dtype, groups=cfg.get("groups", 1))
@@ -151,7 +180,14 @@ class _FactorizedConv2d(nn.Module):
         Args:
             conv: an eligible conv-kind layer (trp.eligibility: nn.Conv2d with zero padding, any groups, or a
                 type with a conv adapter); the layer it computes in eval mode is factorized.
-            rank, energy, threshold: exactly one rank criterion (trp.rank).
+            rank: a fixed rank, an int >= 1 (capped by the matrix size); default None. Exactly one of rank,
+                energy and threshold is given (trp.rank).
+            energy: the fraction of the squared singular values to keep, a float in (0, 1]; default None.
+            threshold: an absolute singular-value cutoff, a float >= 0 (values above it are kept); default None.
+
+        Returns:
+            A new module of this class on the conv's device and dtype (a grouped conv shares one rank across its
+                groups: the largest any group needs).
 
         Raises:
             ValueError: `conv` is not an eligible conv, or a bad criterion.
@@ -170,6 +206,17 @@ class _FactorizedConv2d(nn.Module):
         return module
 
     def forward(self, x):
+        """The factorized convolution of `x` (the two convs, with the bias).
+
+        Args:
+            x: input [N, in_channels, H, W], or unbatched [in_channels, H, W].
+
+        Returns:
+            [N, out_channels, H_out, W_out] (unbatched: without N), H_out and W_out as the dense conv's.
+
+        Raises:
+            ValueError: when x is neither 3-D nor 4-D.
+        """
         conv = self._conv if self.groups == 1 else self._grouped_conv
         if x.dim() == 3:  # unbatched, as nn.Conv2d accepts it
             return conv(x.unsqueeze(0)).squeeze(0)
@@ -179,7 +226,12 @@ class _FactorizedConv2d(nn.Module):
         return conv(x)
 
     def load_factors(self, A, B):
-        """Sets the weights from M ~= A @ B (M the scheme matrix [p, q], A [p, rank], B [rank, q])."""
+        """Sets the weights from M ~= A @ B, M the scheme's matrix of the dense weight (trp.schemes), in place.
+
+        Args:
+            A: the left factor [p, rank] (groups g > 1: [g, p, rank]; nd: [n, c, rank]).
+            B: the right factor [rank, q] (groups g > 1: [g, rank, q]; nd: [n, rank, kh*kw]).
+        """
         first, second = self.factors()
         w1, w2 = self._factors_from_matrices(A, B)
         with torch.no_grad():
@@ -188,7 +240,28 @@ class _FactorizedConv2d(nn.Module):
 
 
 class ChannelFactorizedConv2d(_FactorizedConv2d):
-    """conv(kh x kw, in -> rank; stride, padding, dilation) then conv(1 x 1, rank -> out) with bias."""
+    """conv(kh x kw, in -> rank; stride, padding, dilation) then conv(1 x 1, rank -> out) with bias.
+
+    The parameters are c_weight [g*rank, in/g, kh, kw] and p_weight [out, rank, 1, 1].
+
+    Args:
+        in_channels: input channels c, an int >= 1 divisible by groups.
+        out_channels: output channels n, an int >= 1 divisible by groups.
+        kernel_size: the dense kernel (kh, kw), an int or a pair of ints >= 1.
+        rank: the number of intermediate channels (per group with groups), an int >= 1.
+        stride: the dense conv's stride, an int or a pair of ints >= 1; default 1.
+        padding: the dense conv's zero padding: an int, a pair (h, w), a (top, bottom, left, right) tuple, or
+            "same" / "valid" as nn.Conv2d takes them; default 0.
+        dilation: the dense conv's dilation, an int or a pair of ints >= 1; default 1.
+        bias: whether the layer adds a bias [out_channels]; default True.
+        device: the parameters' device; default None (torch's default).
+        dtype: the parameters' dtype; default None (torch's default).
+        groups: the dense conv's groups g, an int >= 1 that divides in_channels and out_channels; default 1.
+
+    Raises:
+        ValueError: when rank or groups is not an int >= 1, groups does not divide the channels, or the
+            geometry (kernel_size, stride, padding, dilation) is invalid.
+    """
     scheme = "channel"
     _names = ("c_weight", "p_weight")
 
@@ -210,6 +283,11 @@ class ChannelFactorizedConv2d(_FactorizedConv2d):
             self.out_channels, self.in_channels // g, *self.kernel_size)
 
     def macs_per_output_pixel(self):
+        """Multiply-accumulates of both convs per output pixel (all output channels): rank * (in*kh*kw + out).
+
+        Returns:
+            int.
+        """
         kh, kw = self.kernel_size
         return self.rank * (self.in_channels * kh * kw + self.out_channels)
 
@@ -225,7 +303,28 @@ class ChannelFactorizedConv2d(_FactorizedConv2d):
 
 class SpatialFactorizedConv2d(_FactorizedConv2d):
     """conv(kh x 1, in -> rank; vertical stride/padding/dilation) then conv(1 x kw, rank -> out;
-    horizontal stride/padding/dilation) with bias."""
+    horizontal stride/padding/dilation) with bias.
+
+    The parameters are v_weight [g*rank, in/g, kh, 1] and h_weight [out, rank, 1, kw].
+
+    Args:
+        in_channels: input channels c, an int >= 1 divisible by groups.
+        out_channels: output channels n, an int >= 1 divisible by groups.
+        kernel_size: the dense kernel (kh, kw), an int or a pair of ints >= 1.
+        rank: the number of intermediate channels (per group with groups), an int >= 1.
+        stride: the dense conv's stride, an int or a pair of ints >= 1; default 1.
+        padding: the dense conv's zero padding: an int, a pair (h, w), a (top, bottom, left, right) tuple, or
+            "same" / "valid" as nn.Conv2d takes them; default 0.
+        dilation: the dense conv's dilation, an int or a pair of ints >= 1; default 1.
+        bias: whether the layer adds a bias [out_channels]; default True.
+        device: the parameters' device; default None (torch's default).
+        dtype: the parameters' dtype; default None (torch's default).
+        groups: the dense conv's groups g, an int >= 1 that divides in_channels and out_channels; default 1.
+
+    Raises:
+        ValueError: when rank or groups is not an int >= 1, groups does not divide the channels, or the
+            geometry (kernel_size, stride, padding, dilation) is invalid.
+    """
     scheme = "spatial"
     _names = ("v_weight", "h_weight")
 
@@ -244,6 +343,7 @@ class SpatialFactorizedConv2d(_FactorizedConv2d):
         return v, h
 
     def dense_weight(self):
+        """The equivalent dense conv weight [out, in / groups, kh, kw]."""
         kh, kw = self.kernel_size
         g, r = self.groups, self.rank
         v = self.v_weight.reshape(g, r, self.in_channels // g, kh)
@@ -251,6 +351,11 @@ class SpatialFactorizedConv2d(_FactorizedConv2d):
         return torch.einsum("grci,gnrj->gncij", v, h).reshape(self.out_channels, self.in_channels // g, kh, kw)
 
     def macs_per_output_pixel(self):
+        """Multiply-accumulates of both convs per output pixel (all output channels).
+
+        Returns:
+            int: rank * (in * kh * stride_w + out * kw).
+        """
         # the kh x 1 conv runs at horizontal stride 1, so with a horizontal stride s it computes about s
         # intermediate pixels per output pixel
         kh, kw = self.kernel_size
@@ -273,7 +378,26 @@ class DecoupledConv2d(_FactorizedConv2d):
     parallel paths of a pointwise conv c -> 1 and a depthwise kh x kw conv. As two standard layers: a 1 x 1
     conv c -> n*rank (pw_weight [n*rank, c, 1, 1], no bias), then a kh x kw conv with groups=n (dw_weight
     [n, rank, kh, kw]; stride, padding, dilation of the dense conv, bias). Group i reads the channels
-    i*rank .. i*rank+rank-1, so pointwise channel i*rank+j is path j of filter i."""
+    i*rank .. i*rank+rank-1, so pointwise channel i*rank+j is path j of filter i.
+
+    Args:
+        in_channels: input channels c, an int >= 1 divisible by groups.
+        out_channels: output channels n, an int >= 1 divisible by groups.
+        kernel_size: the dense kernel (kh, kw), an int or a pair of ints >= 1.
+        rank: the number of parallel paths per filter (out_channels * rank intermediate channels), an int >= 1.
+        stride: the dense conv's stride, an int or a pair of ints >= 1; default 1.
+        padding: the dense conv's zero padding: an int, a pair (h, w), a (top, bottom, left, right) tuple, or
+            "same" / "valid" as nn.Conv2d takes them; default 0.
+        dilation: the dense conv's dilation, an int or a pair of ints >= 1; default 1.
+        bias: whether the layer adds a bias [out_channels]; default True.
+        device: the parameters' device; default None (torch's default).
+        dtype: the parameters' dtype; default None (torch's default).
+        groups: the dense conv's groups g, an int >= 1 that divides in_channels and out_channels; default 1.
+
+    Raises:
+        ValueError: when rank or groups is not an int >= 1, groups does not divide the channels, or the
+            geometry (kernel_size, stride, padding, dilation) is invalid.
+    """
     scheme = "nd"
     _names = ("pw_weight", "dw_weight")
 
@@ -286,11 +410,17 @@ class DecoupledConv2d(_FactorizedConv2d):
         return A.transpose(1, 2).reshape(self.pw_weight.shape), B.reshape(self.dw_weight.shape)
 
     def dense_weight(self):
+        """The equivalent dense conv weight [out, in / groups, kh, kw]."""
         n, r, c = self.out_channels, self.rank, self.in_channels // self.groups
         pw = self.pw_weight.reshape(n, r, c)
         return torch.einsum("nrc,nrt->nct", pw, self.dw_weight.flatten(2)).reshape(n, c, *self.kernel_size)
 
     def macs_per_output_pixel(self):
+        """Multiply-accumulates of both convs per output pixel (all output channels).
+
+        Returns:
+            int: rank * out * (in / groups * stride_h * stride_w + kh * kw).
+        """
         # the 1 x 1 conv runs at the input resolution: about stride_h * stride_w input pixels per output pixel
         kh, kw = self.kernel_size
         sh, sw = self.stride
@@ -311,19 +441,25 @@ class FactorizedWeight:
     calling it (torchvision's Swin attention: F.linear(x, qkv.weight, qkv.bias)). F.linear(x, w, bias)
     computes through the two factors (with the bias the host passes); any other torch function gets the
     dense product in its place. Being a tensor-like (__torch_function__), it also turns torch's fused
-    fast paths off (they require plain tensors) instead of breaking them."""
+    fast paths off (they require plain tensors) instead of breaking them.
+
+    Args:
+        layer: the FactorizedLinear whose weight this stands for.
+    """
 
     def __init__(self, layer):
         self.layer = layer
 
     @property
     def shape(self):
+        """The dense weight's shape, torch.Size([out_features, in_features])."""
         return torch.Size((self.layer.out_features, self.layer.in_features))
 
     dtype = property(lambda self: self.layer.first.weight.dtype)
     device = property(lambda self: self.layer.first.weight.device)
 
     def dense(self):
+        """The dense weight [out_features, in_features], the product of the layer's factors."""
         return self.layer.dense_weight()
 
     @classmethod
@@ -340,7 +476,20 @@ class FactorizedWeight:
 
 class FactorizedLinear(nn.Module):
     """Linear(in -> rank, no bias) then Linear(rank -> out, bias). .weight is a FactorizedWeight (for
-    hosts that read it), not a Parameter: the parameters are first.weight and second.weight."""
+    hosts that read it), not a Parameter: the parameters are first.weight [rank, in] and second.weight
+    [out, rank] (and second.bias).
+
+    Args:
+        in_features: input features, an int >= 1.
+        out_features: output features, an int >= 1.
+        rank: the inner dimension, an int >= 1.
+        bias: whether the layer adds a bias [out_features]; default True.
+        device: the parameters' device; default None (torch's default).
+        dtype: the parameters' dtype; default None (torch's default).
+
+    Raises:
+        ValueError: when rank is not an int >= 1.
+    """
     scheme = "linear"
 
     def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
@@ -352,21 +501,35 @@ class FactorizedLinear(nn.Module):
 
     @property
     def bias(self):
+        """The bias Parameter [out_features] (second.bias), or None."""
         return self.second.bias
 
     @property
     def weight(self):
+        """A FactorizedWeight standing for the dense weight [out_features, in_features] (not a Parameter)."""
         return FactorizedWeight(self)
 
     def extra_repr(self):
+        """The module's repr details: in_features, out_features and rank."""
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
     def config(self):
+        """Plain-data description (no tensors), enough to rebuild the module; used by trp.save."""
         return {"type": "linear", "in_features": self.in_features, "out_features": self.out_features,
                 "rank": self.rank, "bias": self.second.bias is not None}
 
     @classmethod
     def from_config(cls, cfg, device=None, dtype=None):
+        """A new module (freshly initialized parameters) from config()'s dict.
+
+        Args:
+            cfg: the dict config() returned.
+            device: the parameters' device; default None (torch's default).
+            dtype: the parameters' dtype; default None (torch's default).
+
+        Returns:
+            FactorizedLinear with cfg's sizes and rank.
+        """
         return cls(cfg["in_features"], cfg["out_features"], cfg["rank"], cfg["bias"], device=device,
                    dtype=dtype)
 
@@ -378,7 +541,13 @@ class FactorizedLinear(nn.Module):
         Args:
             linear: an eligible linear-kind layer (trp.eligibility: nn.Linear, transformers' Conv1D, a
                 parametrized Linear, a type with a linear adapter); the layer it computes in eval mode.
-            rank, energy, threshold: exactly one rank criterion (trp.rank).
+            rank: a fixed rank, an int >= 1 (capped by the matrix size); default None. Exactly one of rank,
+                energy and threshold is given (trp.rank).
+            energy: the fraction of the squared singular values to keep, a float in (0, 1]; default None.
+            threshold: an absolute singular-value cutoff, a float >= 0 (values above it are kept); default None.
+
+        Returns:
+            A new FactorizedLinear on the layer's device and dtype.
 
         Raises:
             ValueError: `linear` is not an eligible Linear-like layer, or a bad criterion.
@@ -396,17 +565,37 @@ class FactorizedLinear(nn.Module):
         return module
 
     def load_factors(self, A, B):
+        """Sets the weights from W ~= A @ B, in place.
+
+        Args:
+            A: the left factor [out_features, rank] (becomes second.weight).
+            B: the right factor [rank, in_features] (becomes first.weight).
+        """
         with torch.no_grad():
             self.first.weight.copy_(B)
             self.second.weight.copy_(A)
 
     def dense_weight(self):
+        """The equivalent dense weight [out_features, in_features] = second.weight @ first.weight."""
         return self.second.weight @ self.first.weight
 
     def macs_per_output_pixel(self):
+        """Multiply-accumulates of both Linears per output vector (per token or pixel): rank * (in + out).
+
+        Returns:
+            int.
+        """
         return self.rank * (self.in_features + self.out_features)
 
     def forward(self, x):
+        """second(first(x)).
+
+        Args:
+            x: input [..., in_features].
+
+        Returns:
+            [..., out_features].
+        """
         return self.second(self.first(x))
 
 
