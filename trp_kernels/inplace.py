@@ -24,6 +24,10 @@ from .project import WarmStart, backend_for, check_energy, check_max_rank, warm_
 class NonFiniteError(ValueError):
     """Some matrix given to lowrank_project_ holds NaN or Inf; nothing was modified.
 
+    Args:
+        bad: the (group index, index in the group) of each matrix that holds NaN or Inf, a list of int pairs;
+            the message names them.
+
     Attributes:
         bad: list of (group index, index in the group) of each such matrix.
     """

@@ -19,7 +19,17 @@ def _arg(args, kwargs, i, name):
 def attention_macs(module, args, kwargs, linear=False):
     """{part: MACs} of one call of an attention `module` with (args, kwargs): "attention", and with
     linear=True the projections it applies itself ("q_proj", "k_proj", "v_proj", "out_proj" of
-    nn.MultiheadAttention; "qkv", "proj" of Swin)."""
+    nn.MultiheadAttention; "qkv", "proj" of Swin).
+
+    Args:
+        module: the attention module (nn.MultiheadAttention, SplitMultiheadAttention or torchvision Swin's).
+        args: the call's positional arguments, a tuple.
+        kwargs: the call's keyword arguments, a dict.
+        linear: add the projections the module applies itself. Default False.
+
+    Returns:
+        {part: MACs (int)}.
+    """
     if isinstance(module, (nn.MultiheadAttention, SplitMultiheadAttention)):
         q, k = _arg(args, kwargs, 0, "query"), _arg(args, kwargs, 1, "key")
         if q.dim() == 3:  # batched: [N, L, E] or [L, N, E]

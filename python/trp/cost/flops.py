@@ -44,9 +44,21 @@ def _forward(model, x):
 
 
 def io_shapes(model, layers, input_size):
-    """{name: (input shape, output shape)} of the first call of each of `layers` ([(name, module)]) in one
-    forward pass of zeros of `input_size` in eval mode (BN statistics are not touched); a layer that did not
-    run is absent."""
+    """The input and output shapes of the first call of each of `layers` in one forward pass of zeros.
+
+    The pass runs in eval mode with no_grad (BN statistics are not touched).
+
+    Args:
+        model: the nn.Module to run.
+        layers: the layers to watch, a list of (name, module) pairs (modules of `model`).
+        input_size: (C, H, W) for one input, or (N, C, H, W).
+
+    Returns:
+        {name: (input shape, output shape)} as torch.Size; a layer that did not run is absent.
+
+    Raises:
+        ValueError: when input_size is malformed or does not run through the model.
+    """
     shape = input_shape(input_size)
     seen = {}
 
@@ -69,10 +81,25 @@ def io_shapes(model, layers, input_size):
 
 
 def macs_by_layer(model, input_size, linear=False, attention=False):
-    """{module name: multiply-adds} for every conv (and, with linear=True, Linear) layer that ran in one
-    forward pass of zeros of `input_size`, in eval mode (BN statistics are not touched); attention=True adds
-    "<attention>.attention" (its matmuls) and, with linear=True, the projections an attention module applies
-    itself. input_size may also be an example input tensor (e.g. tokens [N, L, E] for an encoder)."""
+    """Multiply-adds per layer of one forward pass of zeros of `input_size`.
+
+    Every conv layer that ran counts (and, with linear=True, every Linear layer); the pass runs in eval mode
+    with no_grad (BN statistics are not touched).
+
+    Args:
+        model: the nn.Module to count.
+        input_size: (C, H, W) for one input, (N, C, H, W), or an example input tensor (e.g. tokens [N, L, E]
+            for an encoder).
+        linear: count the Linear layers (and Linear-like ones with an adapter) too. Default False.
+        attention: add "<attention>.attention" (its matmuls Q K^T and A V) per attention module and, with
+            linear=True, the projections an attention module applies itself. Default False.
+
+    Returns:
+        {module name: multiply-adds (int)} for every counted layer that ran.
+
+    Raises:
+        ValueError: when input_size is malformed or does not run through the model.
+    """
     example = input_size if isinstance(input_size, torch.Tensor) else None
     shape = None if example is not None else input_shape(input_size)
     conv_types = (nn.Conv2d, ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d)
@@ -120,9 +147,21 @@ def macs_by_layer(model, input_size, linear=False, attention=False):
 
 
 def count_macs(model, input_size, linear=False, attention=False):
-    """Conv multiply-accumulates of one forward pass at input_size ((C, H, W) = one image, or (N, C, H, W),
-    or an example input tensor), as the paper counts them; linear=True adds the Linear layers, attention=True
-    the attention matmuls (and the projections attention modules apply themselves)."""
+    """Conv multiply-accumulates of one forward pass at `input_size`, as the paper counts them.
+
+    Args:
+        model: the nn.Module to count.
+        input_size: (C, H, W) for one image, (N, C, H, W), or an example input tensor.
+        linear: add the Linear layers (and Linear-like ones with an adapter). Default False.
+        attention: add the attention matmuls (and the projections attention modules apply themselves).
+            Default False.
+
+    Returns:
+        The total multiply-accumulates, an int (the sum of macs_by_layer).
+
+    Raises:
+        ValueError: when input_size is malformed or does not run through the model.
+    """
     return sum(macs_by_layer(model, input_size, linear, attention).values())
 
 
@@ -153,8 +192,20 @@ _register_flop_formulas()
 
 
 def count_flops(model, input_size):
-    """Floating-point operations (2 x multiply-adds of convs, matmuls, ...) of one forward pass, counted by
-    torch.utils.flop_counter.FlopCounterMode, in eval mode with no_grad."""
+    """Floating-point operations (2 x multiply-adds of convs, matmuls, ...) of one forward pass.
+
+    Counted by torch.utils.flop_counter.FlopCounterMode on an input of zeros, in eval mode with no_grad.
+
+    Args:
+        model: the nn.Module to count.
+        input_size: (C, H, W) for one input, or (N, C, H, W).
+
+    Returns:
+        The total FLOPs, an int.
+
+    Raises:
+        ValueError: when input_size is malformed or does not run through the model.
+    """
     shape = input_shape(input_size)
     x = _probe_input(model, shape)
     was_training = model.training
@@ -168,7 +219,15 @@ def count_flops(model, input_size):
 
 
 def count_params(model, trainable_only=False):
-    """Number of parameters (shared ones counted once)."""
+    """Number of parameters (shared ones counted once).
+
+    Args:
+        model: the nn.Module to count.
+        trainable_only: count only the parameters with requires_grad=True. Default False.
+
+    Returns:
+        The number of scalar parameters, an int.
+    """
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) in seen or (trainable_only and not p.requires_grad):
@@ -185,13 +244,13 @@ def measure_latency(model, input_size, warmup=10, repeats=50, device=None):
 
     Args:
         model: the nn.Module.
-        input_size: (C, H, W) or (N, C, H, W).
-        warmup: unmeasured calls before timing.
-        repeats: timed calls.
-        device: where to time (default: the model's; it must be there).
+        input_size: (C, H, W) or (N, C, H, W); the input is random normal in the model's floating dtype.
+        warmup: unmeasured calls before timing, an int >= 0. Default 10.
+        repeats: timed calls, an int >= 1. Default 50.
+        device: where to time, a torch.device or str. Default None: the model's (it must be there).
 
     Returns:
-        The median seconds per call.
+        The median seconds per call, a float.
 
     Raises:
         ValueError: bad arguments, a model on another device or on the meta device, or an input size that

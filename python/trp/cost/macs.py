@@ -11,7 +11,17 @@ from trp.nn.modules import ChannelFactorizedConv2d, DecoupledConv2d
 
 
 def input_shape(input_size):
-    """`input_size` ((C, H, W) or (N, C, H, W)) as a 4-d shape tuple (N = 1 if absent), or ValueError."""
+    """`input_size` as a 4-d shape tuple (N = 1 if absent).
+
+    Args:
+        input_size: (C, H, W) or (N, C, H, W), positive ints.
+
+    Returns:
+        (N, C, H, W), a tuple of ints.
+
+    Raises:
+        ValueError: when input_size has another length or a size below 1.
+    """
     shape = tuple(int(s) for s in input_size)
     if len(shape) == 3:
         shape = (1,) + shape
@@ -22,7 +32,14 @@ def input_shape(input_size):
 
 
 def dense_macs_per_output_pixel(module):
-    """Multiply-adds per output pixel (per token for a Linear) of a dense nn.Conv2d / nn.Linear."""
+    """Multiply-adds per output pixel (per token for a Linear) of a dense nn.Conv2d / nn.Linear.
+
+    Args:
+        module: the dense nn.Conv2d or nn.Linear.
+
+    Returns:
+        The multiply-adds, an int.
+    """
     if isinstance(module, nn.Linear):
         return module.in_features * module.out_features
     kh, kw = module.kernel_size
@@ -30,7 +47,14 @@ def dense_macs_per_output_pixel(module):
 
 
 def macs_per_output_pixel(module):
-    """Multiply-adds per output pixel (per token) of a factorized module or a dense Conv2d / Linear."""
+    """Multiply-adds per output pixel (per token) of a factorized module or a dense Conv2d / Linear.
+
+    Args:
+        module: a factorized module (one with a macs_per_output_pixel() method), nn.Conv2d or nn.Linear.
+
+    Returns:
+        The multiply-adds, an int.
+    """
     if hasattr(module, "macs_per_output_pixel"):
         return module.macs_per_output_pixel()
     return dense_macs_per_output_pixel(module)
@@ -38,18 +62,43 @@ def macs_per_output_pixel(module):
 
 def pays(factorized, dense_macs):
     """Whether the factorized module costs fewer multiply-adds per output pixel than `dense_macs`, the
-    dense_macs_per_output_pixel of the layer it replaces."""
+    dense_macs_per_output_pixel of the layer it replaces.
+
+    Args:
+        factorized: the factorized module.
+        dense_macs: the dense layer's multiply-adds per output pixel, an int.
+
+    Returns:
+        True when factorizing saves multiply-adds.
+    """
     return factorized.macs_per_output_pixel() < dense_macs
 
 
 def pay_rank(one, dense):
     """The largest rank at which factorizing `dense` pays, given `one`, its factorized form at rank 1
-    (0: never): r * one's MACs per output pixel < dense's."""
+    (0: never): r * one's MACs per output pixel < dense's.
+
+    Args:
+        one: the factorized form of `dense` at rank 1.
+        dense: the dense nn.Conv2d or nn.Linear.
+
+    Returns:
+        The rank, an int >= 0.
+    """
     return -(-dense_macs_per_output_pixel(dense) // one.macs_per_output_pixel()) - 1  # the inverse of pays
 
 
 def conv_macs(module, x, y):
-    """Multiply-adds of one call, from the input x and output y."""
+    """Multiply-adds of one call of a conv-kind layer, from its input and output.
+
+    Args:
+        module: an nn.Conv2d, a conv-kind layer with an adapter, or a factorized conv.
+        x: the call's input tensor (or a meta tensor of its shape), [N, C, H, W].
+        y: the call's output tensor (or a meta tensor of its shape), [N, M, OH, OW].
+
+    Returns:
+        The multiply-adds, an int.
+    """
     n = x.shape[0]
     if isinstance(module, nn.Conv2d) or eligibility.kind_of(module) == "conv":
         kh, kw = module.kernel_size

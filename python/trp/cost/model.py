@@ -16,6 +16,18 @@ from trp.nn.modules import FACTORIZED, FactorizedLinear, conv_padding4
 
 
 def check_target_speedup(target, name="target_speedup"):
+    """Checks a target speed-up (dense conv MACs / compact conv MACs).
+
+    Args:
+        target: the value to check, a finite number > 1.
+        name: the argument's name in the error message. Default "target_speedup".
+
+    Returns:
+        The target, as a float.
+
+    Raises:
+        ValueError: when target is not a finite number > 1.
+    """
     return checks.real(target, name, 1.0, low_open=True, what=" (dense conv MACs / compact conv MACs)")
 
 
@@ -24,10 +36,21 @@ def _meta(shape):
 
 
 class CostModel:
-    """Conv MACs of `model` at `input_size` ((C, H, W) or (N, C, H, W)) as a function of the ranks of
-    `layers` ([(name, module)], as select_layers gives) under `scheme`. Attributes per layer name: dense
-    (MACs), per_rank (MACs of the factorized layer per unit of rank), pay_rank (the largest rank at which
-    the factorized layer costs less than the dense one; 0: never) and full_rank."""
+    """Conv MACs of `model` at `input_size` as a function of the ranks of `layers` under `scheme`.
+
+    Attributes per layer name: dense (MACs), per_rank (MACs of the factorized layer per unit of rank),
+    pay_rank (the largest rank at which the factorized layer costs less than the dense one; 0: never) and
+    full_rank.
+
+    Args:
+        model: the nn.Module (run once at input_size).
+        scheme: "channel", "spatial" or "nd".
+        layers: the selected layers, a list of (name, module) pairs, as select_layers gives.
+        input_size: (C, H, W) or (N, C, H, W).
+
+    Raises:
+        ValueError: when a layer is not Conv2d- or Linear-like, or did not run at this input size.
+    """
 
     def __init__(self, model, scheme, layers, input_size):
         shape = input_shape(input_size)
@@ -63,16 +86,42 @@ class CostModel:
 
     def layer_macs(self, name, rank, capped=True):
         """MACs of one layer at `rank` (None: dense). capped=False: the factorized cost even above the
-        paying rank (what the controller steers: it moves with every rank, where the real cost is flat)."""
+        paying rank (what the controller steers: it moves with every rank, where the real cost is flat).
+
+        Args:
+            name: the layer's name.
+            rank: its rank, an int, or None (dense).
+            capped: count the dense cost at ranks above the paying rank. Default True.
+
+        Returns:
+            The layer's MACs, an int.
+        """
         if rank is None or (capped and rank > self.pay_rank[name]):
             return self.dense[name]
         return max(int(rank), 1) * self.per_rank[name]
 
     def macs(self, ranks, capped=True):
-        """Conv MACs of the network with the selected layers at ranks ({name: rank or None})."""
+        """Conv MACs of the network with the selected layers at `ranks`.
+
+        Args:
+            ranks: {layer name: rank or None (dense)}; a layer it lacks counts as dense.
+            capped: as for layer_macs. Default True.
+
+        Returns:
+            The network's MACs, an int.
+        """
         return self.fixed + sum(self.layer_macs(n, ranks.get(n), capped) for n in self.names)
 
     def speedup(self, ranks, capped=True):
+        """The conv-MAC speed-up (dense MACs / MACs at `ranks`) of the network.
+
+        Args:
+            ranks: {layer name: rank or None (dense)}, as for macs().
+            capped: as for layer_macs. Default True.
+
+        Returns:
+            The speed-up, a float.
+        """
         return self.total_dense / self.macs(ranks, capped)
 
     def max_speedup(self):
@@ -80,7 +129,18 @@ class CostModel:
         return self.speedup({n: 1 for n in self.names})
 
     def check_target(self, target, name="target_speedup"):
-        """target as a float if it is > 1 and reachable (<= max_speedup()), else ValueError."""
+        """Checks that a target speed-up is > 1 and reachable (<= max_speedup()).
+
+        Args:
+            target: the target speed-up, a finite number.
+            name: the argument's name in the error message. Default "target_speedup".
+
+        Returns:
+            The target, as a float.
+
+        Raises:
+            ValueError: when target is not > 1 or is above max_speedup().
+        """
         target = check_target_speedup(target, name)
         top = self.max_speedup()
         if target > top * (1 + 1e-12):

@@ -42,25 +42,8 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
               target_speedup=None, input_size=None):
     """A deep copy of `model` whose selected layers are replaced by factorized modules (`model` is untouched).
 
-    Args:
-        model: the (trained) nn.Module.
-        scheme: "channel", "spatial" or "nd".
-        energy, threshold, rank: the rank per layer, by exactly one criterion: energy (fraction of squared
-            singular values kept, in (0, 1]), threshold (absolute singular-value cutoff, e.g. 0.05 after TRP
-            training) or rank (an int, or {layer name: int}: a map selects the layers it names, which must
-            be eligible, in addition to those of layers=; layers it does not name stay dense). For nd the
-            criterion picks each filter's rank and the layer keeps the largest (default for nd: energy
-            ND_DEFAULT_ENERGY, as the released code); for a grouped conv, each group's, likewise.
-        layers, exclude: as for RankPruner (trp.selection).
-        target_speedup, input_size: instead of a criterion, with input_size (C, H, W): ranks allocated across
-            the layers (trp.prune.budget.allocate) so that the conv-MAC speed-up is at least the target, and as
-            close as one rank step allows; the result's `trp_budget` attribute holds the target, the ranks
-            and the speed-up achieved.
-
-    Returns:
-        The decomposed copy. Its `trp_skipped` attribute is {layer name: reason} for every candidate layer
-        left dense (not selected, no saving at its rank, a host that cannot run it factorized), which
-        trp.report shows.
+    For nd the rank criterion picks each filter's rank and the layer keeps the largest; for a grouped conv,
+    each group's, likewise.
 
     A layer whose factorized form would cost at least the dense multiply-adds stays dense. The SVD runs in
     float64 per layer: deployment accuracy matters more than speed here. Each layer is factorized from the
@@ -69,8 +52,35 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     TransformerEncoderLayer fast path) are placed after trp.core.attention.prepare_hosts converts the host; a
     host it cannot convert keeps them dense (one warning). A decomposition that factorizes nothing warns.
 
+    Args:
+        model: the (trained) nn.Module.
+        scheme: "channel", "spatial" or "nd".
+        energy: rank criterion: the fraction of squared singular values kept, a float in (0, 1]. Give exactly
+            one of energy, threshold and rank (or target_speedup). Default None (for nd: ND_DEFAULT_ENERGY,
+            as the released code).
+        threshold: rank criterion: the absolute singular-value cutoff, a float (e.g. 0.05 after TRP
+            training). Default None.
+        rank: rank criterion: an int, or {layer name: int}; a map selects the layers it names, which must be
+            eligible, in addition to those of layers=, and the layers it does not name stay dense.
+            Default None.
+        layers: the layers to decompose, as for RankPruner (a preset, module names, regexes or types;
+            trp.core.selection). Default None: the "default" preset.
+        exclude: layers to leave out of the selection, given like `layers`. Default None.
+        target_speedup: instead of a criterion, a float > 1: ranks are allocated across the layers
+            (trp.prune.budget.allocate) so that the conv-MAC speed-up is at least the target, and as close
+            as one rank step allows; the result's `trp_budget` attribute holds the target, the ranks and the
+            speed-up achieved. Default None.
+        input_size: (C, H, W), the input at which conv MACs are counted; required with target_speedup.
+            Default None.
+
+    Returns:
+        The decomposed copy. Its `trp_skipped` attribute is {layer name: reason} for every candidate layer
+        left dense (not selected, no saving at its rank, a host that cannot run it factorized), which
+        trp.report shows.
+
     Raises:
-        ValueError: bad criteria, layers that do not exist or are not eligible.
+        ValueError: when the criteria are bad (none or several, out of range, target_speedup without
+            input_size), layers do not exist or are not eligible, or a selected weight holds NaN/Inf.
     """
     check_scheme(scheme)
     selection = plan_layers(model, scheme, _implied_layers(layers, rank), exclude)
@@ -144,7 +154,15 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
 
 
 def factorized_layers(model):
-    """{name: module} of the factorized modules of a (decomposed) model."""
+    """The factorized modules of a (decomposed) model.
+
+    Args:
+        model: the nn.Module to search, typically the result of decompose().
+
+    Returns:
+        {name: module} of every ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d and
+        FactorizedLinear in the model, in named_modules() order.
+    """
     return {n: m for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)}
 
 

@@ -34,6 +34,17 @@ def _require(module, what):
 
 
 def check_exporter(exporter):
+    """Checks an exporter name.
+
+    Args:
+        exporter: "dynamo" or "torchscript".
+
+    Returns:
+        The exporter name.
+
+    Raises:
+        ValueError: when exporter is not one of EXPORTERS.
+    """
     return checks.choice(exporter, EXPORTERS, "exporter")
 
 
@@ -90,6 +101,13 @@ def output_leaves(out, name=OUTPUT_NAME):
     name.FIELD); a dataclass its fields, name.FIELD; nested containers nest the names. None is left out (the
     exporters drop it as well; a ModelOutput holds no None). This is the order of torch.utils._pytree and of
     both exporters.
+
+    Args:
+        out: the model's output: a tensor, or a (nested) container of tensors.
+        name: the name of the output (the prefix of the leaves' names). Default OUTPUT_NAME ("output").
+
+    Returns:
+        [(name, tensor)] of every tensor leaf, in order.
 
     Raises:
         ValueError: a leaf that is neither a tensor nor None (ONNX outputs are tensors), or no tensor at all.
@@ -190,8 +208,21 @@ class _OutputSpec:
 
 
 def onnx_bytes(model, input_size, dynamic_batch=True, exporter="dynamo", opset=18):
-    """The serialized ONNX model of `model` (eval mode, float32, CPU) for inputs of input_size ((C, H, W) or
-    (N, C, H, W)); with dynamic_batch the batch axis of the input and of the outputs is symbolic."""
+    """The serialized ONNX model of `model` (eval mode, float32, CPU) for inputs of `input_size`.
+
+    Args:
+        model: the nn.Module to export (not modified: a CPU float32 copy is exported).
+        input_size: (C, H, W) or (N, C, H, W).
+        dynamic_batch: make the batch axis of the input and of the outputs symbolic. Default True.
+        exporter: "dynamo" or "torchscript". Default "dynamo".
+        opset: the ONNX opset to write, within opset_range(exporter). Default 18.
+
+    Returns:
+        The ONNX model, bytes.
+
+    Raises:
+        ValueError: as module_bytes, or a malformed input_size.
+    """
     return module_bytes(model, torch.randn(input_shape(input_size)), exporter, dynamic_batch, opset)
 
 
@@ -201,6 +232,16 @@ def module_bytes(module, x, exporter="dynamo", dynamic_batch=False, opset=18):
     The output may be one tensor (ONNX output "output") or any container of tensors: its tensors become the
     ONNX outputs in output_leaves' order and names. The checks that one eager forward allows (one input
     tensor, tensor outputs) run before the export.
+
+    Args:
+        module: the nn.Module to export (not modified: a CPU float32 copy is exported).
+        x: the example input tensor.
+        exporter: "dynamo" or "torchscript". Default "dynamo".
+        dynamic_batch: make the batch axis of the input and of the outputs symbolic, a bool. Default False.
+        opset: the ONNX opset to write, within opset_range(exporter). Default 18.
+
+    Returns:
+        The ONNX model, bytes.
 
     Raises:
         ValueError: a bad exporter or dynamic_batch, a model that does not run on x or returns non-tensors.
@@ -240,8 +281,18 @@ def fast_exporter():
 
 
 def session(model_bytes, threads=None):
-    """An onnxruntime CPU InferenceSession; threads: intra-op threads (None: onnxruntime's default, all
-    cores)."""
+    """An onnxruntime CPU InferenceSession of a serialized ONNX model.
+
+    Args:
+        model_bytes: the ONNX model, bytes.
+        threads: intra-op threads, an int >= 1. Default None: onnxruntime's default (all cores).
+
+    Returns:
+        The onnxruntime.InferenceSession.
+
+    Raises:
+        ImportError: when onnxruntime is not installed.
+    """
     ort = _require("onnxruntime", "onnxruntime sessions")
     opts = ort.SessionOptions()
     if threads is not None:
@@ -268,7 +319,14 @@ def _leaf_error(name, out, ref, batch):
 
 
 def output_names(model_bytes):
-    """The output names of a serialized ONNX model, in order."""
+    """The output names of a serialized ONNX model, in order.
+
+    Args:
+        model_bytes: the ONNX model, bytes.
+
+    Returns:
+        A list of str.
+    """
     onnx = _require("onnx", "reading ONNX models")
     return [o.name for o in onnx.load_from_string(model_bytes).graph.output]
 
@@ -370,21 +428,53 @@ def export_onnx(model, path, input_size, dynamic_batch=True, exporter="dynamo", 
 
 
 def ort_runner(model_bytes, x, threads=None):
-    """A no-argument callable: one onnxruntime run of the model on the tensor x."""
+    """A no-argument callable: one onnxruntime run of the model on the tensor x.
+
+    Args:
+        model_bytes: the ONNX model, bytes (its input is named INPUT_NAME).
+        x: the input tensor (copied to a CPU numpy array once).
+        threads: intra-op threads, as for session(). Default None.
+
+    Returns:
+        The callable.
+    """
     sess = session(model_bytes, threads)
     feed = {INPUT_NAME: x.detach().cpu().numpy()}
     return lambda: sess.run(None, feed)
 
 
 def ort_latency(model_bytes, input_size, threads=None, repeats=20, warmup=3):
-    """Median seconds of one onnxruntime run of the model at input_size."""
+    """Median seconds of one onnxruntime run of the model at `input_size`, on a random normal input.
+
+    Args:
+        model_bytes: the ONNX model, bytes.
+        input_size: (C, H, W) or (N, C, H, W).
+        threads: intra-op threads, as for session(). Default None.
+        repeats: timed runs, an int >= 1. Default 20.
+        warmup: untimed runs first, an int >= 0. Default 3.
+
+    Returns:
+        The median seconds, a float.
+    """
     return interleaved([ort_runner(model_bytes, torch.randn(input_shape(input_size)), threads)], repeats,
                        warmup)[0]
 
 
 def compare_ort(dense, compact, input_size, threads=None, repeats=20, exporter=None):
     """Median onnxruntime latency (s) of the dense and the decomposed model at input_size, measured
-    alternately in rounds so that load changes on a shared machine affect both alike."""
+    alternately in rounds so that load changes on a shared machine affect both alike.
+
+    Args:
+        dense: the dense nn.Module.
+        compact: its decomposition.
+        input_size: (C, H, W) or (N, C, H, W) (a fixed batch: no dynamic axis is exported).
+        threads: intra-op threads, as for session(). Default None.
+        repeats: timed runs of each model, an int >= 1. Default 20.
+        exporter: "dynamo" or "torchscript". Default None: fast_exporter().
+
+    Returns:
+        [dense seconds, compact seconds], the median of each.
+    """
     exporter = exporter or fast_exporter()
     data = [onnx_bytes(m, input_size, False, exporter) for m in (dense, compact)]
     x = torch.randn(input_shape(input_size))
@@ -392,6 +482,7 @@ def compare_ort(dense, compact, input_size, threads=None, repeats=20, exporter=N
 
 
 def onnxruntime_available():
+    """Whether onnxruntime (the `deploy` extra) can be imported."""
     try:  # optional dependency (the deploy extra): a probe
         import onnxruntime  # noqa: F401
         return True

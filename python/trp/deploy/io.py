@@ -42,6 +42,14 @@ def _header(payload):
 
 
 def class_name(model):
+    """The qualified class name of `model`, "module.QualName", as trp.save records it.
+
+    Args:
+        model: the object (an nn.Module).
+
+    Returns:
+        The name, a str.
+    """
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
@@ -65,7 +73,16 @@ def arch_record(model, layers):
     """The architecture record trp.load can rebuild `model` from (with its factorized `layers` installed),
     or None: the first of trp.models.candidate_archs(model) whose fresh build has exactly the model's
     structure. A record that trp.models.build wrote but that no longer matches (the model was changed after
-    it was built) is dropped with a warning."""
+    it was built) is dropped with a warning.
+
+    Args:
+        model: the nn.Module to describe.
+        layers: its factorized layers' records, {name: config()}, installed on the fresh build before it is
+            compared with `model`.
+
+    Returns:
+        The architecture record (plain data), or None when no candidate rebuilds the model.
+    """
     candidates = models.candidate_archs(model)
     want = _structure(model)
     for arch in candidates:
@@ -112,17 +129,44 @@ def save(model, path):
 
 def seal(payload):
     """Sets payload["sha256"], the seal trp.save writes and trp.load checks, over the payload's records and
-    tensors (the records that its format version covers); returns the payload."""
+    tensors (the records that its format version covers).
+
+    Args:
+        payload: the model file's dict, as trp.save builds it (modified in place).
+
+    Returns:
+        The same payload.
+    """
     payload[SEAL] = digest(_header(payload), payload["state_dict"])
     return payload
 
 
 def is_model_file(obj):
+    """Whether `obj` looks like a trp.save payload (a dict with trp's format tag); nothing else is checked.
+
+    Args:
+        obj: the object loaded from a file.
+
+    Returns:
+        True or False.
+    """
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
 def verify_model_file(payload, path):
-    """`payload` (as loaded from `path`) if it is an intact trp.save file, else ValueError."""
+    """`payload` (as loaded from `path`) if it is an intact trp.save file.
+
+    Args:
+        payload: the object loaded from the file.
+        path: the file's path, for the messages.
+
+    Returns:
+        The payload, checked field by field.
+
+    Raises:
+        ValueError: when it is not a trp model file, has an unreadable format version, is damaged or
+            corrupted (the seal does not match), or holds a record trp cannot use.
+    """
     if not is_model_file(payload):
         raise ValueError(f"{path} is not a trp model file (written by trp.save)")
     if payload.get("version") not in READABLE:
@@ -141,7 +185,14 @@ def verify_model_file(payload, path):
 
 
 def model_state_dict(payload):
-    """The payload's state_dict with its `_metadata`, as load_state_dict wants it."""
+    """The payload's state_dict with its `_metadata`, as load_state_dict wants it.
+
+    Args:
+        payload: a verified trp.save payload.
+
+    Returns:
+        An OrderedDict of tensors with a `_metadata` attribute.
+    """
     state = collections.OrderedDict(payload["state_dict"])
     state._metadata = collections.OrderedDict(payload.get("metadata") or {})
     return state

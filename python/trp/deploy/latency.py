@@ -28,7 +28,16 @@ RUNTIMES = ("eager", "onnxruntime")
 
 
 def dense_layer(module):
-    """The dense nn.Conv2d (or nn.Linear) that a factorized module equals, with weight dense_weight()."""
+    """The dense nn.Conv2d (or nn.Linear) that a factorized module equals, with weight dense_weight().
+
+    Args:
+        module: a factorized module (ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d or
+            FactorizedLinear).
+
+    Returns:
+        A new nn.Linear or nn.Conv2d on the module's device and dtype, in its training mode; a conv with
+        asymmetric explicit padding is nn.Sequential(nn.ZeroPad2d, nn.Conv2d).
+    """
     w = module.dense_weight().detach()
     factory = {"device": w.device, "dtype": w.dtype}
     bias = module.bias
@@ -53,8 +62,20 @@ def dense_layer(module):
 
 
 def merge_back(model, names=None):
-    """A copy of `model` whose factorized layers named in `names` (default: all) are replaced by the dense
-    layers they equal (dense_layer)."""
+    """A copy of `model` whose factorized layers named in `names` are replaced by the dense layers they equal.
+
+    Each merged layer is dense_layer() of the factorized one: the same function. `model` is not modified.
+
+    Args:
+        model: an nn.Module with factorized layers (e.g. the result of trp.decompose).
+        names: the names of the factorized layers to merge back, an iterable of str. Default None: all.
+
+    Returns:
+        The merged deep copy of `model`.
+
+    Raises:
+        ValueError: when `names` holds a name that is not a factorized layer of the model.
+    """
     factorized = {n for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)}
     names = factorized if names is None else set(names)
     unknown = names - factorized
@@ -67,11 +88,25 @@ def merge_back(model, names=None):
 
 
 def round_ranks(model, multiple, dense=None):
-    """A copy of `model` whose factorized layers have their rank rounded up to a multiple of `multiple`
-    (capped at full rank), refactorized by SVD from the dense layer of the same name in `dense` (the model
-    that was decomposed: more energy kept) or, without it, from the layer's own dense_weight() (same
-    function, extra components zero). A layer whose rounded form would cost at least the dense MACs keeps
-    its rank. Wider ranks fill vector units / tensor cores better (8 on AVX2 float32, tensor-core tiles)."""
+    """A copy of `model` whose factorized layers have their rank rounded up to a multiple of `multiple`.
+
+    The rounded rank is capped at full rank. A layer whose rounded form would cost at least the dense MACs
+    keeps its rank. Wider ranks fill vector units / tensor cores better (8 on AVX2 float32, tensor-core
+    tiles). `model` is not modified.
+
+    Args:
+        model: an nn.Module with factorized layers (e.g. the result of trp.decompose).
+        multiple: the rank multiple, an int >= 1.
+        dense: the model that was decomposed; each rounded layer is refactorized by SVD from its dense layer
+            of the same name (more energy kept). Default None: from the layer's own dense_weight() (same
+            function, extra components zero).
+
+    Returns:
+        The rounded deep copy of `model`.
+
+    Raises:
+        ValueError: when multiple is not an int >= 1, or a layer of `dense` is not one TRP can factorize.
+    """
     multiple = integer(multiple, "multiple", 1)
     out = copy.deepcopy(model)
     for name, module in list(out.named_modules()):
@@ -119,6 +154,15 @@ class RuntimeTimer:
             raise ValueError("runtime='onnxruntime' measures on the CPU: move the model to the CPU")
 
     def callable(self, module, x):
+        """A function of no arguments that runs `module` on `x` once in this runtime.
+
+        Args:
+            module: the nn.Module to run (eager: it is put in eval mode; onnxruntime: it is exported).
+            x: the input tensor.
+
+        Returns:
+            The callable; under CUDA it synchronizes the device after each call.
+        """
         if self.runtime == "onnxruntime":
             return export_mod.ort_runner(export_mod.module_bytes(module, x, export_mod.fast_exporter()), x,
                                          self.threads)
@@ -133,7 +177,15 @@ class RuntimeTimer:
         return run
 
     def compare(self, modules, x):
-        """Median seconds per call of each module on input x, timed in alternation."""
+        """Median seconds per call of each module on input x, timed in alternation.
+
+        Args:
+            modules: the nn.Modules to compare, a list.
+            x: the input tensor they all take.
+
+        Returns:
+            A list of floats, the median seconds per call of each module, in the order of `modules`.
+        """
         fns = [self.callable(m, x) for m in modules]
         with _threads(self.threads if self.runtime == "eager" else None):
             return interleaved(fns, self.repeats)
@@ -160,8 +212,16 @@ def _layer_inputs(model, shape):
 
 
 class LatencyFit(Report):
-    """Per-layer rows and totals of fit_latency (as trp.Report: rows, totals, to_dict()); str() is its
-    markdown table."""
+    """Per-layer rows and totals of fit_latency (as trp.Report: rows, totals, to_dict()).
+
+    str() is its markdown table.
+
+    Args:
+        rows: the per-layer rows, a list of dicts (fit_latency writes the keys "layer", "scheme", "rank",
+            "input_shape", "macs_dense", "macs_factorized", "ms_dense", "ms_factorized" and "factorized").
+        totals: the totals, a dict (runtime, device, MACs, latencies and speed-ups: see fit_latency()).
+        skipped: {layer name: reason} of layers left dense. Default None: none.
+    """
 
     def __str__(self):
         t = self.totals
@@ -188,16 +248,36 @@ class LatencyFit(Report):
 
 def fit_latency(model, input_size, runtime="eager", batch_size=None, threads=None, repeats=20, margin=0.02,
                 multiple=None, dense=None):
-    """(fitted model, LatencyFit) for a decomposed `model` deployed in `runtime` ("eager": PyTorch on the
-    model's device, CPU or CUDA; "onnxruntime": ONNX Runtime on the CPU) at input_size ((C, H, W), with
-    batch_size, default 1, or (N, C, H, W)) and `threads` intra-op threads (None: the runtime default).
+    """Keeps each factorized layer of a decomposed `model` only where it is faster in `runtime`.
 
     Every factorized layer is timed against the dense layer it equals at its real input shape, alternately,
     `repeats` times each; it stays factorized only if its median time is below (1 - margin) x the dense
     one, else it is merged back exactly (dense_layer). Then the whole fitted network is timed against the
     dense one (every layer merged back); if it is not faster, the dense network is returned, so the result
-    is never slower than dense. multiple: first round ranks up to this multiple (round_ranks, from `dense`
-    when given). `model` is not modified."""
+    is never slower than dense. `model` is not modified.
+
+    Args:
+        model: the decomposed nn.Module (with factorized layers).
+        input_size: (C, H, W), with batch_size, or (N, C, H, W).
+        runtime: "eager" (PyTorch on the model's device, CPU or CUDA) or "onnxruntime" (ONNX Runtime on the
+            CPU). Default "eager".
+        batch_size: the batch size N with a (C, H, W) input_size, an int >= 1. Default None: 1.
+        threads: intra-op threads while timing, an int >= 1. Default None: the runtime's default.
+        repeats: timed calls per module, an int >= 1. Default 20.
+        margin: a layer stays factorized only if its median time is below (1 - margin) x the dense one's;
+            a float in [0, 1). Default 0.02.
+        multiple: first round ranks up to this multiple (round_ranks), an int >= 1. Default None: no
+            rounding.
+        dense: the model that was decomposed, from which round_ranks refactorizes. Default None.
+
+    Returns:
+        (fitted model, LatencyFit): the fitted copy and its per-layer timings and totals (MACs, median
+        latencies in seconds and speed-ups of the dense, decomposed and fitted networks).
+
+    Raises:
+        ValueError: when an argument is out of range, the batch size is given twice, the runtime is unknown
+            or unavailable on the model's device, or no factorized layer runs at this input size.
+    """
     shape = list(input_shape(input_size))
     if batch_size is not None:
         if len(tuple(input_size)) == 4:

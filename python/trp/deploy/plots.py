@@ -9,7 +9,16 @@ from trp.core.selection import select_targets
 def layer_spectra(dense, compact, scheme):
     """[(name, singular values (float64, descending), full rank, kept rank)] for the layers that
     decomposition works on; kept rank is the full rank where the layer stayed dense. nd has one spectrum
-    per filter: the layer's is their root mean square, sqrt(mean_i s_ij^2)."""
+    per filter: the layer's is their root mean square, sqrt(mean_i s_ij^2).
+
+    Args:
+        dense: the dense nn.Module that was decomposed.
+        compact: its decomposition (a layer's kept rank is the `rank` of the module of the same name).
+        scheme: "channel", "spatial" or "nd", the scheme of the decomposition.
+
+    Returns:
+        A list of (name, singular values, full rank, kept rank) tuples.
+    """
     compact_mods = dict(compact.named_modules())
     rows = []
     for target in select_targets(dense, scheme, warn=False):
@@ -23,8 +32,24 @@ def layer_spectra(dense, compact, scheme):
 
 
 def rank_spectrum(dense, compact, scheme, path, energy=None, threshold=None, target_speedup=None):
-    """Writes the PNG to `path` and returns `path`. Top: full vs kept rank per layer. Bottom: s_i / s_1
-    of every layer (log scale), a dot at the kept rank; with a threshold, s_i itself and the cutoff."""
+    """Writes a PNG of the ranks kept and the singular-value spectra to `path` (atomically).
+
+    Top: full vs kept rank per layer. Bottom: s_i / s_1 of every layer (log scale), a dot at the kept rank;
+    with a threshold, s_i itself and the cutoff. Needs matplotlib (the `plot` extra).
+
+    Args:
+        dense: the dense nn.Module that was decomposed.
+        compact: its decomposition.
+        scheme: "channel", "spatial" or "nd", the scheme of the decomposition.
+        path: the PNG file to write.
+        energy: the energy criterion of the decomposition, shown in the title. Default None.
+        threshold: the singular-value cutoff of the decomposition; when given, the spectra are drawn
+            unnormalized with the cutoff line. Default None.
+        target_speedup: the target speed-up of the decomposition, shown in the title. Default None.
+
+    Returns:
+        `path`.
+    """
     import matplotlib  # optional dependency (the plot extra): needed only to draw
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt

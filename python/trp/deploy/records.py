@@ -31,6 +31,16 @@ class RecordError(ValueError):
 
 
 def fail(path, field, why):
+    """A RecordError "PATH: FIELD: WHY" (returned, for the caller to raise).
+
+    Args:
+        path: the file's path.
+        field: the field of the record that is wrong.
+        why: what is wrong with it.
+
+    Returns:
+        The RecordError.
+    """
     return RecordError(f"{path}: {field}: {why}")
 
 
@@ -77,6 +87,21 @@ def plain(value, path, field, depth=0):
 
 
 def integer(value, path, field, low=0, high=None):
+    """Checks that a record's field is an int (not a bool) in [low, high].
+
+    Args:
+        value: the field's value.
+        path: the file's path, for the message.
+        field: the field's name, for the message.
+        low: the smallest valid value. Default 0.
+        high: the largest valid value. Default None: no bound.
+
+    Returns:
+        The value.
+
+    Raises:
+        RecordError: when value is not such an int.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f" in [{low}, {high}]" if high is not None else f" >= {low}"
         raise fail(path, field, f"must be an int{bound}, got {_name(value)}")
@@ -128,7 +153,17 @@ def check_finite(state, path, field):
 
 
 def all_tensors(obj, where, out, depth=0):
-    """{where-path: tensor} of every tensor in a nested record (at most MAX_DEPTH deep)."""
+    """{where-path: tensor} of every tensor in a nested record (at most MAX_DEPTH deep).
+
+    Args:
+        obj: the record: a tensor, or nested dicts, lists and tuples.
+        where: the path of `obj` in the record, the prefix of the keys (e.g. "state").
+        out: the dict to add to (modified in place).
+        depth: the nesting depth of `obj`. Default 0.
+
+    Returns:
+        `out`, with a key such as where['key'][0] per tensor.
+    """
     if depth > MAX_DEPTH:
         return out
     if isinstance(obj, torch.Tensor):
@@ -271,6 +306,14 @@ def check_layers(layers, state, path, field="layers"):
 
 
 def first_line(exc):
+    """The first line of an exception's message (at most 1000 characters), or its type's name when empty.
+
+    Args:
+        exc: the exception.
+
+    Returns:
+        A str.
+    """
     text = str(exc).strip()
     return text.splitlines()[0][:1000] if text else type(exc).__name__  # bounded: a crafted record may be huge
 

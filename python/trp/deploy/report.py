@@ -12,13 +12,26 @@ from trp.nn.modules import FACTORIZED_TYPES, FactorizedLinear
 
 
 class Report:
-    """Per-layer rows, totals and the layers left dense with their reasons (`skipped`: {name: reason}).
-    str() is a markdown table; to_dict() plain data (JSON-ready)."""
+    """Per-layer rows, totals and the layers left dense with their reasons.
+
+    str() is a markdown table; to_dict() plain data (JSON-ready).
+
+    Args:
+        rows: the per-layer rows, a list of dicts (report() writes the keys "layer", "type", "matrix", "rank",
+            "energy_kept", "macs_dense" and "macs_factorized").
+        totals: the totals, a dict (MACs, speed-up, parameters, latency: see report()).
+        skipped: {layer name: reason} of the candidate layers left dense. Default None: none.
+    """
 
     def __init__(self, rows, totals, skipped=None):
         self.rows, self.totals, self.skipped = rows, totals, dict(skipped or {})
 
     def to_dict(self):
+        """The report as plain data.
+
+        Returns:
+            {"layers": [row dicts], "totals": dict, "skipped": {name: reason}}, copies that json.dumps takes.
+        """
         return {"layers": [dict(r) for r in self.rows], "totals": dict(self.totals), "skipped": dict(self.skipped)}
 
     def __str__(self):
@@ -91,7 +104,7 @@ def _skipped(dense, compact):
 
 
 def report(dense, compact, input_size, latency=True, warmup=3, repeats=10, device=None):
-    """Compares a dense model with its decomposition at input_size ((C, H, W) or (N, C, H, W)).
+    """Compares a dense model with its decomposition at `input_size`.
 
     Rows: every conv layer (and factorized Linear) - matrix shape, rank, energy kept (fraction of the dense
     weight's squared singular values that the rank keeps; nd: of all its filters'), MACs dense / factorized.
@@ -100,7 +113,29 @@ def report(dense, compact, input_size, latency=True, warmup=3, repeats=10, devic
     For a transformer (a model with attention modules) the totals count convs, Linear layers and attention
     matmuls (totals["macs_counted"]), since its Linear layers are what TRP factorizes; for another model
     with factorized Linear-like layers, convs and Linear-like layers. `skipped` (and totals["layers_skipped"])
-    lists every candidate layer left dense with its reason (decompose records them)."""
+    lists every candidate layer left dense with its reason (decompose records them).
+
+    Args:
+        dense: the dense nn.Module that was decomposed.
+        compact: its decomposition (the result of trp.decompose, or a model with factorized layers of the
+            same names).
+        input_size: (C, H, W) for one input, or (N, C, H, W).
+        latency: also time both models' forward passes (measure_latency) and report the median latency
+            ratio. Default True.
+        warmup: unmeasured calls before timing, an int >= 0. Default 3.
+        repeats: timed calls per model, an int >= 1. Default 10.
+        device: where to time, a torch.device or str. Default None: the models' device.
+
+    Returns:
+        A Report: its rows, totals (keys "macs_dense", "macs_compact", "speedup", "params_dense",
+        "params_compact", "params_ratio", "layers_factorized", "layers_skipped", "macs_counted",
+        "latency_dense_s", "latency_compact_s", "latency_ratio", "latency_device"; the latency ones None
+        with latency=False) and skipped layers.
+
+    Raises:
+        ValueError: when input_size is malformed or does not run through a model, or the timing arguments
+            are out of range.
+    """
     transformer = bool(block_names(dense))
     wide = transformer or any(isinstance(m, FactorizedLinear) for m in compact.modules())
     md = macs_by_layer(dense, input_size, linear=True, attention=transformer)

@@ -45,7 +45,14 @@ def check_decompose_at_end(spec):
 
 
 def check_pruner_options(options):
-    """Raises TypeError naming an option that RankPruner(model, ...) does not take (before training)."""
+    """Raises TypeError naming an option that RankPruner(model, ...) does not take (before training).
+
+    Args:
+        options: the keyword arguments meant for RankPruner, a dict.
+
+    Raises:
+        TypeError: when an option is not a RankPruner parameter.
+    """
     try:
         inspect.signature(RankPruner).bind(None, **options)
     except TypeError as exc:
@@ -53,7 +60,14 @@ def check_pruner_options(options):
 
 
 def weights_digest(pruner):
-    """SHA-256 of the weights the pruner works on: ties a saved pruner state to the weights saved with it."""
+    """SHA-256 of the weights the pruner works on: ties a saved pruner state to the weights saved with it.
+
+    Args:
+        pruner: the RankPruner.
+
+    Returns:
+        The hex digest, a str.
+    """
     return digest(STATE_FORMAT, {t.name: t.read() for t in pruner.targets})
 
 
@@ -68,8 +82,8 @@ class StepDriver:
         decompose_at_end: see check_decompose_at_end.
 
     Raises:
-        ValueError, TypeError: both a pruner and options, a pruner that is not a RankPruner, an unknown
-            option or a bad decompose_at_end.
+        ValueError: when both a pruner and options are given, or decompose_at_end is bad.
+        TypeError: when the pruner is not a RankPruner, or an option is not a RankPruner option.
     """
 
     def __init__(self, owner, pruner=None, options=None, decompose_at_end=None):
@@ -146,18 +160,34 @@ class StepDriver:
 
     def state_payload(self, step):
         """The pruner's state for a checkpoint at optimizer step `step`, with the digest of the weights it
-        goes with, sealed by a SHA-256 of everything (plain data and tensors: weights_only-loadable)."""
+        goes with, sealed by a SHA-256 of everything (plain data and tensors: weights_only-loadable).
+
+        Args:
+            step: the optimizer step of the checkpoint, an int.
+
+        Returns:
+            The sealed payload, a dict.
+        """
         body = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": int(step),
                 "weights_sha256": weights_digest(self.pruner), "pruner": self.pruner.state_dict()}
         return {**body, SEAL: digest_tree(body)}
 
     def save_state(self, path, step):
-        """Writes state_payload(step) to `path` atomically (a crash leaves the old file or the new one)."""
+        """Writes state_payload(step) to `path` atomically (a crash leaves the old file or the new one).
+
+        Args:
+            path: the file to write.
+            step: the optimizer step of the checkpoint, an int.
+        """
         atomic_save(self.state_payload(step), path)
 
     def load_state(self, path, step):
         """Restores the pruner from the file save_state wrote, after checking that it is intact, that it was
         saved at optimizer step `step` and with the weights the model holds now.
+
+        Args:
+            path: the file save_state wrote.
+            step: the optimizer step the run resumes at, an int.
 
         Raises:
             FileNotFoundError: no such file.
@@ -178,8 +208,14 @@ class StepDriver:
         self.load_pruner_state(body.get("pruner"))
 
     def load_pruner_state(self, state):
-        """pruner.load_state_dict(state), its ValueError prefixed with the owner; the pruner is unchanged
-        on error."""
+        """pruner.load_state_dict(state), its ValueError prefixed with the owner.
+
+        Args:
+            state: a RankPruner.state_dict().
+
+        Raises:
+            ValueError: when the state does not fit the pruner (the pruner is unchanged).
+        """
         try:
             self.pruner.load_state_dict(state)
         except ValueError as exc:
@@ -215,7 +251,15 @@ class StepDriver:
 
 
 def decomposed_path(directory, path=None):
-    """`path` when given, else DECOMPOSED_FILE in `directory`."""
+    """`path` when given, else DECOMPOSED_FILE in `directory`.
+
+    Args:
+        directory: the run's output folder.
+        path: the user's file for the compact model, or None. Default None.
+
+    Returns:
+        The path, a str.
+    """
     return os.fspath(path) if path is not None else os.path.join(os.fspath(directory), DECOMPOSED_FILE)
 
 

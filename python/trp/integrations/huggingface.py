@@ -28,7 +28,14 @@ OWNER = "TRPTrainerCallback"
 
 def state_file(args):
     """The pruner state's file name inside a checkpoint folder: one per process when several train (each
-    keeps its own share of the warm-start bases), as the Trainer does with its RNG states."""
+    keeps its own share of the warm-start bases), as the Trainer does with its RNG states.
+
+    Args:
+        args: the Trainer's TrainingArguments (world_size and process_index are read).
+
+    Returns:
+        The file name, a str.
+    """
     return "trp_pruner.pt" if args.world_size <= 1 else f"trp_pruner_{args.process_index}.pt"
 
 
@@ -73,7 +80,8 @@ class TRPTrainerCallback(TrainerCallback):
             nuclear_every=, max_rank=, ...); `period` counts optimizer steps.
 
     Raises:
-        TypeError, ValueError: both a pruner and options, an unknown option, a bad decompose_at_end.
+        TypeError: when an option is not a RankPruner option.
+        ValueError: when both a pruner and options are given, or decompose_at_end is bad.
     """
 
     def __init__(self, pruner=None, *, decompose_at_end=None, decomposed_path=None, **options):
@@ -93,7 +101,18 @@ class TRPTrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """Builds (or checks) the pruner on the Trainer's model, now on its device. On a resumed run (the
         Trainer has loaded the checkpoint's weights and state, global_step > 0) the pruner state saved in
-        that checkpoint is restored: a resumed run continues exactly."""
+        that checkpoint is restored: a resumed run continues exactly.
+
+        Args:
+            args: the Trainer's TrainingArguments.
+            state: the Trainer's TrainerState (global_step: the optimizer steps done).
+            control: the Trainer's TrainerControl (not used).
+            model: the model being trained.
+            **kwargs: the Trainer's other callback arguments (not used).
+
+        Raises:
+            ValueError: when the Trainer setup is not supported, or the checkpoint has no usable pruner state.
+        """
         check_training_args(args, state)
         self.driver.attach(model)
         if state.global_step > 0:
@@ -113,22 +132,51 @@ class TRPTrainerCallback(TrainerCallback):
         self.driver.load_state(path, state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        """Called once per optimizer step, before the forward pass of its first micro-batch: step()."""
+        """Called once per optimizer step, before the forward pass of its first micro-batch: step().
+
+        Args:
+            args: the Trainer's TrainingArguments.
+            state: the Trainer's TrainerState (global_step: the optimizer steps done).
+            control: the Trainer's TrainerControl (not used).
+            **kwargs: the Trainer's other callback arguments (not used).
+        """
         self.driver.begin_step()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         """After the last micro-batch's backward, the unscaling and the clipping, right before
-        optimizer.step(): regularize(), once per optimizer step."""
+        optimizer.step(): regularize(), once per optimizer step.
+
+        Args:
+            args: the Trainer's TrainingArguments.
+            state: the Trainer's TrainerState (global_step: the optimizer steps done).
+            control: the Trainer's TrainerControl (not used).
+            **kwargs: the Trainer's other callback arguments (not used).
+        """
         self.driver.before_optimizer_step()
 
     def on_save(self, args, state, control, **kwargs):
         """After the Trainer wrote checkpoint-<global_step>: the pruner state into that folder (every
-        process its own file), written atomically."""
+        process its own file), written atomically.
+
+        Args:
+            args: the Trainer's TrainingArguments.
+            state: the Trainer's TrainerState (global_step: the optimizer steps done).
+            control: the Trainer's TrainerControl (not used).
+            **kwargs: the Trainer's other callback arguments (not used).
+        """
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self.driver.save_state(os.path.join(folder, state_file(args)), state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        """decompose_at_end: decomposes the final model (every process; the one that saves writes it)."""
+        """decompose_at_end: decomposes the final model (every process; the one that saves writes it).
+
+        Args:
+            args: the Trainer's TrainingArguments.
+            state: the Trainer's TrainerState (global_step: the optimizer steps done).
+            control: the Trainer's TrainerControl (not used).
+            model: the trained model.
+            **kwargs: the Trainer's other callback arguments (not used).
+        """
         path = decomposed_path(args.output_dir, self.decomposed_path) if args.should_save else None
         self.driver.finish(model, path)
 

@@ -69,7 +69,8 @@ class TRPLightningCallback(Callback):
             nuclear_every=, max_rank=, ...); `period` counts optimizer steps.
 
     Raises:
-        TypeError, ValueError: both a pruner and options, an unknown option, a bad decompose_at_end.
+        TypeError: when an option is not a RankPruner option.
+        ValueError: when both a pruner and options are given, or decompose_at_end is bad.
     """
 
     def __init__(self, pruner=None, *, decompose_at_end=None, decomposed_path=None, **options):
@@ -89,7 +90,15 @@ class TRPLightningCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         """Builds (or checks) the pruner: after the strategy's setup, so the module is on its device and the
-        optimizers exist; a checkpoint's pruner state restored before this point is applied now."""
+        optimizers exist; a checkpoint's pruner state restored before this point is applied now.
+
+        Args:
+            trainer: the lightning.pytorch.Trainer.
+            pl_module: the LightningModule it fits.
+
+        Raises:
+            ValueError: when the Trainer setup is not supported (check_trainer) or the pruner does not fit.
+        """
         check_trainer(trainer, pl_module)
         self.driver.attach(pl_module)
         if self._loaded is not None:
@@ -98,12 +107,25 @@ class TRPLightningCallback(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         """Called per micro-batch; step() runs on the first micro-batch of each optimizer step only, so that
-        `period` counts optimizer steps whatever accumulate_grad_batches is."""
+        `period` counts optimizer steps whatever accumulate_grad_batches is.
+
+        Args:
+            trainer: the lightning.pytorch.Trainer.
+            pl_module: the LightningModule it fits.
+            batch: the micro-batch (not used).
+            batch_idx: its index in the epoch, an int (not used).
+        """
         self.driver.begin_step()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         """Once the gradients of all micro-batches are accumulated and, under 16-mixed, unscaled, before
-        clipping and optimizer.step(): regularize(), once per optimizer step."""
+        clipping and optimizer.step(): regularize(), once per optimizer step.
+
+        Args:
+            trainer: the lightning.pytorch.Trainer.
+            pl_module: the LightningModule it fits.
+            optimizer: the optimizer about to step (not used).
+        """
         self.driver.before_optimizer_step()
 
     def state_dict(self):
@@ -112,14 +134,27 @@ class TRPLightningCallback(Callback):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         """Resuming a fit from a checkpoint without this callback's state would silently restart the pruner
-        (Lightning then never calls load_state_dict): refused."""
+        (Lightning then never calls load_state_dict): refused.
+
+        Args:
+            trainer: the lightning.pytorch.Trainer.
+            pl_module: the LightningModule it fits.
+            checkpoint: the checkpoint dict being loaded.
+
+        Raises:
+            ValueError: when the checkpoint holds no state of this callback.
+        """
         if trainer.state.fn == TrainerFn.FITTING and self.state_key not in (checkpoint.get("callbacks") or {}):
             raise ValueError(f"{OWNER}: the checkpoint has no pruner state (saved without TRPLightningCallback); "
                              "resuming would restart the pruner")
 
     def load_state_dict(self, state_dict):
         """Restores the pruner state of a checkpoint: now if the pruner exists (strategies that restore after
-        setup), else at on_fit_start."""
+        setup), else at on_fit_start.
+
+        Args:
+            state_dict: what state_dict() returned, {"pruner": RankPruner.state_dict()}.
+        """
         state = state_dict.get("pruner")
         if self.driver.pruner is None:
             self._loaded = state
@@ -127,7 +162,12 @@ class TRPLightningCallback(Callback):
             self.driver.load_pruner_state(state)
 
     def on_train_end(self, trainer, pl_module):
-        """decompose_at_end: decomposes the final module (every process; global zero writes it)."""
+        """decompose_at_end: decomposes the final module (every process; global zero writes it).
+
+        Args:
+            trainer: the lightning.pytorch.Trainer.
+            pl_module: the LightningModule it fits.
+        """
         path = decomposed_path(trainer.default_root_dir, self.decomposed_path) if trainer.is_global_zero else None
         self.driver.finish(pl_module, path)
 

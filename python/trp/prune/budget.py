@@ -22,14 +22,37 @@ from trp.cost.model import CostModel
 
 
 def check_reachable(model, scheme, target, input_size, name="target_speedup", layers=None, exclude=None):
-    """target as a float, or ValueError naming `name` if it is <= 1 or above what rank 1 everywhere gives."""
+    """Checks that a target speed-up is > 1 and reachable with the selected layers at rank 1.
+
+    Args:
+        model: the nn.Module.
+        scheme: "channel", "spatial" or "nd".
+        target: the target conv-MAC speed-up, a finite number.
+        input_size: (C, H, W) or (N, C, H, W), the input at which conv MACs are counted.
+        name: the argument's name in the error message. Default "target_speedup".
+        layers: the layers to select, as for RankPruner. Default None: the "default" preset.
+        exclude: layers to leave out, as for RankPruner. Default None.
+
+    Returns:
+        The target, as a float.
+
+    Raises:
+        ValueError: when target is <= 1 or above what rank 1 in every selected layer gives.
+    """
     return CostModel(model, scheme, select_layers(model, scheme, layers, exclude), input_size).check_target(
         target, name)
 
 
 def layer_gains(sigma):
     """Energy gain of each rank step of one layer: squared singular values (summed over the filters, for nd's
-    [n, K] per-filter spectra) as fractions of the layer's total (zeros for an all-zero layer)."""
+    [n, K] per-filter spectra) as fractions of the layer's total (zeros for an all-zero layer).
+
+    Args:
+        sigma: the layer's singular values, descending: a [K] tensor, or [n, K] per filter (or group).
+
+    Returns:
+        A list of K floats: the energy share of rank step i.
+    """
     s2 = sigma.detach().to(torch.float64).square().reshape(-1, sigma.shape[-1]).sum(0)
     total = float(s2.sum())
     return [0.0] * len(s2) if total == 0 else (s2 / total).tolist()
@@ -38,8 +61,19 @@ def layer_gains(sigma):
 def allocate(costs, spectra, target):
     """{name: rank, or None where the layer stays dense} meeting speed-up >= target, greedily: every layer
     starts at rank 1; the step (one more rank, or from the paying limit to dense) with the most normalised
-    energy per MAC is taken while it fits the budget. spectra: {name: singular values, descending}.
-    Deterministic: ties go to the earlier layer."""
+    energy per MAC is taken while it fits the budget. Deterministic: ties go to the earlier layer.
+
+    Args:
+        costs: the CostModel of the selected layers.
+        spectra: {name: singular values, descending} of every layer of `costs` (as spectra() gives).
+        target: the target conv-MAC speed-up, > 1 and reachable (CostModel.check_target).
+
+    Returns:
+        {name: rank (int), or None where the layer stays dense}.
+
+    Raises:
+        ValueError: when target is <= 1 or unreachable.
+    """
     target = costs.check_target(target)
     budget = costs.total_dense / target
     ranks = {n: (1 if costs.pay_rank[n] >= 1 else None) for n in costs.names}
@@ -102,7 +136,19 @@ class SpeedupController:
     smoothly: a law that switches between holding (1 - E ~ 0) and pruning hard makes ranks swing between full
     and a few within an epoch, which wrecks training (measured). The speed-up steered is the uncapped one
     (CostModel.speedup(capped=False)), which moves with every rank even above the paying rank, where the real
-    one is flat."""
+    one is flat.
+
+    Args:
+        costs: the CostModel of the pruned layers.
+        target: the target conv-MAC speed-up, > 1 and reachable (CostModel.check_target).
+        warmup: projections over which the goal ramps from 1 to target, an int >= 0. Default 0.
+        gain: the proportional gain, a float > 0. Default 1.0.
+        residual: the starting 1 - energy (and the trim's ceiling once the goal is reached), clamped to
+            RESIDUAL. Default 1e-4.
+
+    Raises:
+        ValueError: when an argument is out of range or the target is unreachable.
+    """
 
     RESIDUAL = (1e-6, 0.5)  # range of 1 - energy: near-exact projections .. half the energy dropped
 
@@ -122,16 +168,31 @@ class SpeedupController:
 
     @property
     def energy(self):
+        """The energy of the next projection, 1 - the current residual (a float in (0, 1))."""
         return 1.0 - math.exp(self.log_residual)
 
     def goal(self, updates=None):
-        """The speed-up aimed at after `updates` projections (default: now)."""
+        """The speed-up aimed at after `updates` projections.
+
+        Args:
+            updates: the number of projections, an int >= 0. Default None: the updates so far.
+
+        Returns:
+            The goal, a float in [1, target].
+        """
         t = self.updates if updates is None else updates
         ramp = 1.0 if self.warmup == 0 else min(1.0, t / self.warmup)
         return self.target ** ramp
 
     def update(self, ranks):
-        """The energy of the next projection, from the ranks the latest one gave ({name: rank})."""
+        """The energy of the next projection, from the ranks the latest one gave.
+
+        Args:
+            ranks: {layer name: rank} after the latest projection.
+
+        Returns:
+            The energy, a float.
+        """
         self.updates += 1
         costs = self.costs
         self.speedup = costs.speedup(ranks)
@@ -148,13 +209,27 @@ class SpeedupController:
         return self.energy
 
     def state_dict(self):
+        """The controller's state (plain data), which load_state_dict() restores.
+
+        Returns:
+            A dict with the keys "target", "warmup", "gain", "updates", "log_residual", "log_trim",
+            "last_macs" and "speedup".
+        """
         return {"target": self.target, "warmup": self.warmup, "gain": self.gain, "updates": self.updates,
                 "log_residual": self.log_residual, "log_trim": self.log_trim, "last_macs": self.last_macs,
                 "speedup": self.speedup}
 
     def load_state_dict(self, state):
-        """Restores state_dict(); ValueError (nothing changed) if it is malformed or for another target. A state
-        of the earlier integral law (no log_trim) resumes with its residual as the trim."""
+        """Restores what state_dict() saved.
+
+        A state of the earlier integral law (no log_trim) resumes with its residual as the trim.
+
+        Args:
+            state: a dict from state_dict() of a controller with the same target, warmup and gain.
+
+        Raises:
+            ValueError: when the state is malformed or for another target, warmup or gain (nothing changed).
+        """
         try:
             target, warmup, gain = state["target"], state["warmup"], state["gain"]
             updates, log_residual, speedup = state["updates"], state["log_residual"], state["speedup"]
@@ -178,7 +253,16 @@ class SpeedupController:
 
 def spectra(model, scheme, layers):
     """{name: singular values (float64, descending; nd: [n, K] per filter; a grouped conv: [g, K] per
-    group)} of the weights the selected layers compute with."""
+    group)} of the weights the selected layers compute with.
+
+    Args:
+        model: the nn.Module (not used: the layers are given).
+        scheme: "channel", "spatial" or "nd".
+        layers: the selected layers, a list of (name, module) pairs.
+
+    Returns:
+        {name: singular values tensor}.
+    """
     out = {}
     for name, m in layers:
         dense = eligibility.dense_equivalent(m, eligibility.resolve(m)[0])

@@ -42,7 +42,14 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 def unwrap(model):
     """The bare module of a DistributedDataParallel / DataParallel wrapper or a torch.compile'd model
-    (parameters are shared with the wrapper, so the pruner can work on the bare module's names)."""
+    (parameters are shared with the wrapper, so the pruner can work on the bare module's names).
+
+    Args:
+        model: the model, wrapped any number of times, or a bare nn.Module (returned as is).
+
+    Returns:
+        The bare module.
+    """
     while True:
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
@@ -54,7 +61,18 @@ def unwrap(model):
 
 def active_group(process_group=None):
     """The process group to shard over: `process_group` if given, else the default group when
-    torch.distributed is initialized; None when that group has a single process (nothing to shard)."""
+    torch.distributed is initialized; None when that group has a single process (nothing to shard).
+
+    Args:
+        process_group: a torch.distributed.ProcessGroup, or None (the default group, if initialized).
+            Default None.
+
+    Returns:
+        The ProcessGroup, or None.
+
+    Raises:
+        TypeError: when process_group is neither a ProcessGroup nor None.
+    """
     if process_group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return None
@@ -69,15 +87,30 @@ def active_group(process_group=None):
 
 def projection_cost(matrix_shape):
     """Estimated cost of projecting one layer whose matrix (stack) has shape [..., p, q]: the number of
-    matrices times p * q * min(p, q), the order of an SVD's flops."""
+    matrices times p * q * min(p, q), the order of an SVD's flops.
+
+    Args:
+        matrix_shape: the shape of the layer's matrix stack, [..., p, q].
+
+    Returns:
+        The estimated cost, an int.
+    """
     *lead, p, q = matrix_shape
     return math.prod(lead) * p * q * min(p, q)
 
 
 def split_heavy(groups, costs, world):
     """Splits each group (a list of layers) whose total cost exceeds the fair share (total / world) into up
-    to `world` contiguous pieces of whole layers; returns (pieces, piece costs). costs[i] is the per-layer
-    cost of group i."""
+    to `world` contiguous pieces of whole layers.
+
+    Args:
+        groups: the groups, each a list of layers.
+        costs: the per-layer cost of each group: costs[i] for every layer of groups[i].
+        world: the number of ranks, an int >= 1.
+
+    Returns:
+        (pieces, piece costs): the lists of layers, in order, and the total cost of each.
+    """
     total = sum(c * len(g) for g, c in zip(groups, costs))
     share = total / world
     pieces, piece_costs = [], []
@@ -93,7 +126,15 @@ def split_heavy(groups, costs, world):
 
 def assign(costs, world):
     """Owner rank of each item: heaviest first, each to the least loaded rank (ties: the lower rank, then
-    the item order), the classical longest-processing-time rule. Deterministic for every rank."""
+    the item order), the classical longest-processing-time rule. Deterministic for every rank.
+
+    Args:
+        costs: the cost of each item, a list of numbers.
+        world: the number of ranks, an int >= 1.
+
+    Returns:
+        The owner rank of each item, a list of ints in [0, world).
+    """
     load = [0.0] * world
     owner = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
@@ -104,13 +145,27 @@ def assign(costs, world):
 
 
 class Sharding:
-    """Which rank projects which of the pruner's groups, and the exchange of the results."""
+    """Which rank projects which of the pruner's groups, and the exchange of the results.
+
+    Args:
+        group: the torch.distributed process group.
+        owners: the owner rank of each group (assign()).
+        costs: the estimated cost of each group.
+    """
 
     def __init__(self, group, owners, costs):
         self.group, self.owners, self.costs = group, list(owners), list(costs)
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
 
     def owns(self, i):
+        """Whether this rank projects group `i`.
+
+        Args:
+            i: the group's index.
+
+        Returns:
+            True or False.
+        """
         return self.owners[i] == self.rank
 
     def loads(self):
@@ -121,11 +176,19 @@ class Sharding:
         return out
 
     def exchange(self, results, specs):
-        """results[i]: this rank's tuple of tensors for its own groups, None for the others'. specs[i]: the
-        (shape, dtype, device) of each tensor of group i's tuple (None for a result that is not produced).
-        Returns every group's tuple, as its owner computed it, bit for bit: each rank packs the bytes of its
-        results into one buffer (per device), and one all-gather exchanges them - one synchronisation per
-        projection, whatever the number of groups, dtypes and ranks."""
+        """Every group's results, as its owner computed them, bit for bit, on every rank.
+
+        Each rank packs the bytes of its results into one buffer (per device), and one all-gather exchanges
+        them - one synchronisation per projection, whatever the number of groups, dtypes and ranks.
+
+        Args:
+            results: results[i] is this rank's tuple of tensors for a group it owns, None for the others'.
+            specs: specs[i] is the (shape, dtype, device) of each tensor of group i's tuple (None for a result
+                that is not produced).
+
+        Returns:
+            A list with every group's results, a list of tensors (None where not produced) per group.
+        """
         out = [list(r) if r is not None else [None] * len(specs[i]) for i, r in enumerate(results)]
         layout = {}  # device -> owner -> [(group, index, shape, dtype, byte offset, bytes)]
         for i, group_specs in enumerate(specs):
@@ -168,7 +231,19 @@ def _aligned(nbytes, to=16):
 
 
 def make_sharding(group, groups, costs):
-    """(pieces, Sharding) for the pruner's groups (lists of layers) with per-layer costs."""
+    """(pieces, Sharding) for the pruner's groups (lists of layers) with per-layer costs.
+
+    Args:
+        group: the torch.distributed process group.
+        groups: the pruner's groups, each a list of layers.
+        costs: the per-layer cost of each group.
+
+    Returns:
+        (pieces, Sharding): the groups split by split_heavy() and which rank projects each piece.
+
+    Raises:
+        ValueError: when the processes selected different layers.
+    """
     world = dist.get_world_size(group)
     # every rank must share the same layers out the same way: a model that differs across ranks (another
     # selection or architecture) would otherwise exchange mismatched results or hang
@@ -193,21 +268,47 @@ def current():
 
 
 def all_gather_objects(obj, group=None):
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    """[obj of rank 0, obj of rank 1, ...] on every rank.
+
+    Args:
+        obj: this rank's picklable object.
+        group: the process group. Default None: the default group.
+
+    Returns:
+        The list of every rank's object.
+    """
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
 
 
 def all_reduce_sum(values, device, group=None):
-    """[sum over ranks of each value] (floats), one all-reduce in float64."""
+    """[sum over ranks of each value] (floats), one all-reduce in float64.
+
+    Args:
+        values: this rank's numbers, a list.
+        device: the device of the reduction (the backend's: CUDA for NCCL).
+        group: the process group. Default None: the default group.
+
+    Returns:
+        A list of floats.
+    """
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, group=group)
     return t.tolist()
 
 
 def all_true(flag, device, group=None):
-    """Whether `flag` holds on every rank (one all-reduce): lets all ranks take the same branch."""
+    """Whether `flag` holds on every rank (one all-reduce): lets all ranks take the same branch.
+
+    Args:
+        flag: this rank's bool.
+        device: the device of the reduction (the backend's: CUDA for NCCL).
+        group: the process group. Default None: the default group.
+
+    Returns:
+        True when every rank's flag is true.
+    """
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
@@ -216,7 +317,13 @@ def all_true(flag, device, group=None):
 @torch.no_grad()
 def broadcast_buffers(module, src=0, group=None):
     """Copies rank src's buffers (BatchNorm statistics) to every rank, so that evaluation and the
-    checkpoint see the same model everywhere."""
+    checkpoint see the same model everywhere.
+
+    Args:
+        module: the nn.Module whose buffers are overwritten in place.
+        src: the rank to copy from. Default 0.
+        group: the process group. Default None: the default group.
+    """
     for b in module.buffers():
         dist.broadcast(b, src, group=group)
 
@@ -225,6 +332,14 @@ def broadcast_buffers(module, src=0, group=None):
 
 @dataclasses.dataclass(frozen=True)
 class World:
+    """One process's place in a multi-process run.
+
+    Args:
+        rank: the global rank, an int in [0, world_size).
+        world_size: the number of processes.
+        local_rank: the rank on this machine (the GPU index).
+    """
+
     rank: int
     world_size: int
     local_rank: int
@@ -295,7 +410,20 @@ def check_nproc(nproc, device, source=""):
 
 
 def worker_device(device, local_rank, nproc):
-    """A worker's device: CUDA workers take one GPU each (cuda:LOCAL_RANK)."""
+    """A worker's device: CUDA workers take one GPU each (cuda:LOCAL_RANK).
+
+    Args:
+        device: the run's device, a torch.device or str ("cpu", "cuda").
+        local_rank: the worker's rank on this machine.
+        nproc: the number of processes per machine.
+
+    Returns:
+        The torch.device of the worker.
+
+    Raises:
+        ValueError: when a CUDA device index is given with several processes, or there is no GPU for this
+            local rank.
+    """
     device = torch.device(device)
     if device.type != "cuda" or nproc == 1:
         return device
@@ -309,13 +437,27 @@ def worker_device(device, local_rank, nproc):
 
 
 def backend_for(device):
+    """The torch.distributed backend for `device`: "nccl" for CUDA, else "gloo".
+
+    Args:
+        device: a torch.device or str.
+
+    Returns:
+        The backend name, a str.
+    """
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 @contextlib.contextmanager
 def process_group(world, device, init_method="env://"):
     """Initializes the default process group for `world` on `device` (gloo / NCCL) with the timeout, and
-    destroys it at the end."""
+    destroys it at the end (a context manager that yields `world`).
+
+    Args:
+        world: the World of this process.
+        device: the process's device (CUDA: it becomes the current device).
+        init_method: the rendezvous URL for torch.distributed.init_process_group. Default "env://".
+    """
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -23,7 +23,11 @@ from trp_kernels.project import finite_flag, finite_rows
 
 
 class Group:
-    """Targets sharing one matrix shape, dtype and device: projected by one batched call."""
+    """Targets sharing one matrix shape, dtype and device: projected by one batched call.
+
+    Args:
+        targets: the group's trp.core.targets.Target objects, a non-empty list of the same shape.
+    """
 
     def __init__(self, targets):
         self.targets = targets
@@ -36,10 +40,19 @@ class Group:
 
 
 class Engine:
-    """Projects the groups of `targets` under `scheme`; `pg`: the process group to shard over, or None.
+    """Projects the groups of `targets` under `scheme`.
 
     Attributes: groups ([Group]), sharding (distributed.Sharding or None), inplace (False: always the
-    stacked path, e.g. to compare), path (how the latest projection ran)."""
+    stacked path, e.g. to compare), path (how the latest projection ran).
+
+    Args:
+        targets: the selected trp.core.targets.Target objects.
+        scheme: "channel", "spatial" or "nd".
+        pg: the process group to shard the groups over, or None (no sharding). Default None.
+
+    Raises:
+        ValueError: when, under sharding, the processes selected different layers.
+    """
 
     def __init__(self, targets, scheme, pg=None):
         self.targets, self.scheme = targets, scheme
@@ -64,10 +77,26 @@ class Engine:
         return [g for i, g in enumerate(self.groups) if self.sharding is None or self.sharding.owns(i)]
 
     def matrices(self, group):
+        """The stacked matrices of a group's layers under the scheme.
+
+        Args:
+            group: one of the engine's Groups.
+
+        Returns:
+            A tensor [B, ...matrix] (a copy, or views where the scheme allows).
+        """
         return to_matrix(torch.stack([t.read() for t in group.targets]), self.scheme, group.groups)
 
     def ranks(self, per_filter=False):
-        """{layer name: rank} of the groups projected so far (per_filter: nd's and grouped convs' [ranks])."""
+        """{layer name: rank} of the groups projected so far.
+
+        Args:
+            per_filter: give nd's and grouped convs' per-filter (per-group) ranks as lists instead of the
+                largest. Default False.
+
+        Returns:
+            {layer name: int, or list of ints with per_filter}.
+        """
         out = {}
         for g in self.groups:
             if g.rank is not None:
@@ -89,12 +118,22 @@ class Engine:
         return {n: G.clone() for g in self.groups if g.G is not None for n, G in zip(g.names, g.G.unbind(0))}
 
     def warm_bases(self):
+        """{layer name: warm-start basis} of the groups this process projects (warm_state.warm_bases)."""
         return warm_bases(self.owned_groups())
 
     # --- projection ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def project(self, energy, max_rank, nuclear):
-        """Projects every group (all checked for NaN/Inf before any weight is written); sets path."""
+        """Projects every group (all checked for NaN/Inf before any weight is written); sets path.
+
+        Args:
+            energy: the fraction of squared singular values to keep, in (0, 1].
+            max_rank: a cap on every rank, or None.
+            nuclear: the nuclear-norm weight (> 0: the subgradients are computed too).
+
+        Raises:
+            ValueError: when a layer holds NaN or Inf values (no weight is modified).
+        """
         groups = self.inplace_groups()
         if groups is not None:
             self._project_inplace(groups, energy, max_rank, nuclear)
@@ -156,7 +195,12 @@ class Engine:
             g.rank, g.G = rank, (G[i] if want_g else None)
 
     def write_back(self, group, W_low):
-        """Copies a group's projected stack [B, ...matrix] into its layers' weights."""
+        """Copies a group's projected stack [B, ...matrix] into its layers' weights.
+
+        Args:
+            group: one of the engine's Groups.
+            W_low: its projected matrices, [B, ...matrix].
+        """
         torch._foreach_copy_([t.read() for t in group.targets],
                              list(from_matrix(W_low, self.scheme, group.shape, group.groups).unbind(0)))
 
@@ -217,7 +261,11 @@ class Engine:
     # --- the nuclear-norm term and restored states ---------------------------------------------------------
     @torch.no_grad()
     def add_subgradients(self, nuclear):
-        """Adds nuclear * U_k V_k^T of the latest projection to the weights' .grad (frozen weights skipped)."""
+        """Adds nuclear * U_k V_k^T of the latest projection to the weights' .grad (frozen weights skipped).
+
+        Args:
+            nuclear: the nuclear-norm weight, a float.
+        """
         for g in self.groups:
             if g.G is None:
                 continue
@@ -232,7 +280,20 @@ class Engine:
                 torch._foreach_add_(grads, updates, alpha=nuclear)
 
     def restored(self, g, ranks, subs):
-        """(rank, G) of group g from a saved state's per-layer ranks and subgradients (checked)."""
+        """(rank, G) of group g from a saved state's per-layer ranks and subgradients (checked).
+
+        Args:
+            g: one of the engine's Groups.
+            ranks: {layer name: rank} of the state.
+            subs: {layer name: subgradient tensor} of the state (empty or None: none).
+
+        Returns:
+            (rank, G): an int64 tensor [B] (None unless every layer of g has a rank) and a stacked
+            subgradient (None unless every layer has one).
+
+        Raises:
+            ValueError: when a rank is not an int >= 0 or a subgradient has the wrong shape.
+        """
         w = g.targets[0].read()
         rank = G = None
         if all(ranks.get(n) is not None for n in g.names):

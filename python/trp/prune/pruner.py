@@ -36,10 +36,34 @@ NUCLEAR_EVERY = ("projection", "step")
 
 
 def check_period(period, name="period"):
+    """Checks a projection period.
+
+    Args:
+        period: the value to check, an int >= 1 (project every `period` steps).
+        name: the argument's name in the error message. Default "period".
+
+    Returns:
+        The period.
+
+    Raises:
+        ValueError: when period is not an int >= 1.
+    """
     return checks.integer(period, name, 1, what=" (project every `period` steps)")
 
 
 def check_nuclear(nuclear, name="nuclear"):
+    """Checks a nuclear-norm weight.
+
+    Args:
+        nuclear: the value to check, a real number >= 0.
+        name: the argument's name in the error message. Default "nuclear".
+
+    Returns:
+        The weight, as a float.
+
+    Raises:
+        ValueError: when nuclear is not a real number >= 0.
+    """
     return checks.real(nuclear, name, 0.0, what=" (the nuclear-norm weight)")
 
 
@@ -55,23 +79,44 @@ def _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank=None)
 class RankPruner:
     """Periodic low-rank projection of the selected layers plus the nuclear-norm subgradient.
 
-    scheme: "channel", "spatial" or "nd" (trp.core.schemes; nd projects each filter's c x kh*kw matrix and a layer's
-    rank is the largest of its filters'). energy: fraction of squared singular values each projection
-    keeps, in (0, 1] (the released code's T = 0.9). period: project every `period` calls of step(), the
-    first call included (m in the paper). nuclear: weight lambda of the nuclear-norm term, >= 0.
-    layers / exclude: a preset ("default", "paper"), module names, regexes or types (default: the "default"
-    preset: dense, grouped and pointwise convs but the stem and depthwise ones, and the Linear-like matrices
-    of the network's repeated blocks: trp.core.selection). `skipped` says why each other layer is not pruned.
-    nuclear_every: "projection" (the released code: the subgradient is added on projection iterations
-    only) or "step" (every iteration, with U_k V_k^T of the latest projection).
-    max_rank: optional cap on every layer's rank.
-    process_group: under torch.distributed (default: the default group when it is initialized with more
-    than one process), each rank projects a cost-balanced share of the layers and receives the others'
-    results, so that every rank ends bit-identical (trp.prune.distributed). model may be DDP-wrapped or
+    `skipped` says why each other candidate layer is not pruned. The model may be DDP-wrapped or
     torch.compile'd: the pruner works on the bare module's parameters.
-    target_speedup: steer the network's conv-MAC speed-up (trp.count_macs at input_size, (C, H, W)) to this
-    instead of keeping a fixed energy: after each projection trp.prune.budget.SpeedupController sets the next
-    projection's energy, aiming at a goal that ramps from 1 to target_speedup over `warmup` projections."""
+
+    Args:
+        model: the nn.Module to prune (its parameters must be materialized, not on the meta device).
+        scheme: "channel", "spatial" or "nd" (trp.core.schemes; nd projects each filter's c x kh*kw matrix
+            and a layer's rank is the largest of its filters'). Default "channel".
+        energy: fraction of squared singular values each projection keeps, a float in (0, 1] (the released
+            code's T = 0.9). Default 0.9. With target_speedup it is only the starting value.
+        period: project every `period` calls of step(), the first call included (m in the paper); an
+            int >= 1. Default 1.
+        nuclear: weight lambda of the nuclear-norm term, a float >= 0 (0 turns regularize() off).
+            Default 3e-4.
+        layers: the layers to prune: a preset ("default", "paper"), module names, regexes or types.
+            Default None: the "default" preset (dense, grouped and pointwise convs but the stem and depthwise
+            ones, and the Linear-like matrices of the network's repeated blocks: trp.core.selection).
+        exclude: layers to leave out of the selection, given like `layers`. Default None.
+        nuclear_every: "projection" (the released code: the subgradient is added on projection iterations
+            only) or "step" (every iteration, with U_k V_k^T of the latest projection).
+            Default "projection".
+        max_rank: optional cap on every layer's rank, an int >= 1 or None (no cap). Default None.
+        process_group: the torch.distributed group to shard the projections over. Default None: the
+            default group when it is initialized with more than one process. Each rank projects a
+            cost-balanced share of the layers and receives the others' results, so that every rank ends
+            bit-identical (trp.prune.distributed).
+        target_speedup: steer the network's conv-MAC speed-up (trp.count_macs at input_size) to this
+            float > 1 instead of keeping a fixed energy: after each projection
+            trp.prune.budget.SpeedupController sets the next projection's energy, aiming at a goal that ramps
+            from 1 to target_speedup over `warmup` projections. Default None (a fixed energy).
+        input_size: (C, H, W), the input at which conv MACs are counted; required with target_speedup.
+            Default None.
+        warmup: number of projections over which the speed-up goal ramps from 1 to target_speedup, an
+            int >= 0. Default 0.
+
+    Raises:
+        ValueError: when an argument is out of range, no layer is selected, or target_speedup is given
+            without input_size.
+    """
 
     def __init__(self, model, scheme="channel", energy=0.9, period=1, nuclear=3e-4, layers=None,
                  exclude=None, nuclear_every="projection", max_rank=None, process_group=None,
@@ -106,6 +151,7 @@ class RankPruner:
 
     @property
     def layer_names(self):
+        """The names of the selected layers, in selection order (a list of str)."""
         return [n for n, _ in self.layers]
 
     @property
@@ -161,14 +207,26 @@ class RankPruner:
         """Projects every selected layer on its energy-rule low-rank approximation now (in place).
 
         All groups are checked and computed before any weight is written: if a layer holds NaN/Inf, a
-        ValueError names it and no layer is modified."""
+        ValueError names it and no layer is modified.
+
+        Raises:
+            ValueError: when a selected layer holds NaN or Inf values.
+        """
         self.engine.project(self.energy, self.max_rank, self.nuclear)
         if self.budget is not None:
             self.energy = self.budget.update(self.ranks)
 
     def step(self):
-        """Call once per training iteration, before the forward pass. Projects on the first call and
-        then every `period` calls; returns whether it projected."""
+        """Call once per training iteration, before the forward pass.
+
+        Projects on the first call and then every `period` calls.
+
+        Returns:
+            True when this call projected, False otherwise.
+
+        Raises:
+            ValueError: when a selected layer holds NaN/Inf at a projection (no layer is modified).
+        """
         self.last_projected = self.steps % self.period == 0
         if self.last_projected:
             self.project()
@@ -180,16 +238,30 @@ class RankPruner:
         """Adds nuclear * U_k V_k^T (the nuclear-norm subgradient at the latest projection) to the
         selected weights' .grad. Call after backward() and before optimizer.step() (with a GradScaler,
         after scaler.unscale_(optimizer)). A no-op when nuclear=0, before the first projection, and, with
-        nuclear_every="projection", on iterations that did not project."""
+        nuclear_every="projection", on iterations that did not project.
+
+        Returns:
+            None; the gradients are updated in place.
+        """
         if self.nuclear == 0 or (self.nuclear_every == "projection" and not self.last_projected):
             return
         self.engine.add_subgradients(self.nuclear)
 
     def nuclear_norm(self):
-        """sum over the selected layers of ||W_l||_* (float, for logging)."""
+        """The sum over the selected layers of their nuclear norms ||W_l||_*.
+
+        Returns:
+            A float, for logging.
+        """
         return self.engine.nuclear_norm()
 
     def config(self):
+        """The pruner's configuration, as state_dict() records it.
+
+        Returns:
+            A dict with the keys "scheme", "energy", "period", "nuclear", "nuclear_every", "max_rank" and
+            "layers" (the selected layer names).
+        """
         return {"scheme": self.scheme, "energy": self.energy, "period": self.period,
                 "nuclear": self.nuclear, "nuclear_every": self.nuclear_every, "max_rank": self.max_rank,
                 "layers": self.layer_names}
@@ -198,7 +270,12 @@ class RankPruner:
         """Step counter, configuration and current ranks; the subgradients too when nuclear_every="step"
         (they are needed by the iterations between projections), and the warm-start bases (per layer: its
         matrices' kept singular vectors, [matrices, n, m] float64), so that a resumed run continues exactly.
-        Under sharding only the bases of this process's groups (`trp train` gathers every rank's)."""
+        Under sharding only the bases of this process's groups (`trp train` gathers every rank's).
+
+        Returns:
+            A dict with the keys "steps", "last_projected", "config", "ranks", "warm_bases", plus
+            "subgradients" (nuclear_every="step") and "budget" (with target_speedup) when they apply.
+        """
         state = {"steps": self.steps, "last_projected": self.last_projected, "config": self.config(),
                  "ranks": self.ranks, "warm_bases": self.engine.warm_bases()}
         if self.nuclear_every == "step":
@@ -210,7 +287,15 @@ class RankPruner:
 
     def load_state_dict(self, state):
         """Restores what state_dict() saved. A state of another model or layer selection, or a malformed
-        one, raises ValueError and leaves the pruner as it was."""
+        one, raises ValueError and leaves the pruner as it was.
+
+        Args:
+            state: a dict returned by state_dict() of a pruner of the same model, scheme and layer selection.
+
+        Raises:
+            ValueError: when the state is malformed, or was saved for another model, scheme, layer selection
+                or speed-up setting (the pruner is left unchanged).
+        """
         where = "RankPruner.load_state_dict"
         try:
             cfg, steps, last = state["config"], state["steps"], state["last_projected"]

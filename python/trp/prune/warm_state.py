@@ -9,7 +9,14 @@ from trp_kernels.warm import is_basis
 
 
 def warm_bases(groups):
-    """{layer name: its rows of the group's basis, [matrices of the layer, n, m]} for every group with one."""
+    """{layer name: its rows of the group's basis, [matrices of the layer, n, m]} for every group with one.
+
+    Args:
+        groups: the projection groups (each with .names and .warm, a trp_kernels.WarmStart).
+
+    Returns:
+        {layer name: basis tensor}.
+    """
     out = {}
     for g in groups:
         basis = g.warm.basis
@@ -21,7 +28,18 @@ def warm_bases(groups):
 
 def restore_warm_basis(g, bases):
     """The group's basis from saved per-layer bases, or None when some layer has none or they do not stack
-    (different widths). A saved entry that is not a float64 tensor [matrices, n, m] raises ValueError."""
+    (different widths).
+
+    Args:
+        g: the projection group.
+        bases: {layer name: basis tensor}, as warm_bases() saved them.
+
+    Returns:
+        The group's basis on its weights' device, or None.
+
+    Raises:
+        ValueError: when bases is not a dict, or an entry is not a float64 tensor [matrices, n, m].
+    """
     if not isinstance(bases, dict):
         raise ValueError(f"warm_bases must be a dict of tensors, got {type(bases).__name__}")
     parts = [bases.get(n) for n in g.names]
