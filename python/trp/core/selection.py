@@ -20,7 +20,7 @@ trp.models' CIFAR ResNets do with "paper" to keep the paper's experiments as the
     names. A block is a child of an nn.ModuleList / nn.Sequential that has a sibling of identical structure
     (the same module types, parameter and buffer shapes: the repeated layers of Hugging Face, timm and
     torchvision models alike), or a module that holds an attention module trp knows
-    (trp.transformer). Skipped: tiny matrices, tied weights (a parameter shared by two modules, such as a
+    (trp.core.attention). Skipped: tiny matrices, tied weights (a parameter shared by two modules, such as a
     tied LM head: changing one changes the other) and those whose host cannot run factorized.
   Never: the stem, depthwise convs (one input channel per group: every matrix has rank 1), Linear-like
   layers outside the blocks (embeddings, the classifier head, patch merging, poolers), and the network's
@@ -394,7 +394,7 @@ def select_targets(model, scheme="channel", layers=None, exclude=None, warn=True
 def select_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
     """The layers to prune/decompose, as (name, module) pairs.
 
-    The default is documented in trp.selection and docs/guides/models.md; plan_layers(...) also says why each
+    The default is documented in trp.core.selection and docs/guides/models.md; plan_layers(...) also says why each
     other layer is skipped.
 
     Args:

@@ -5,7 +5,7 @@ count_macs counts the conv layers only (dense nn.Conv2d, other conv-kind layers 
 `input_size`, from the shapes seen in one forward pass; the paper's speed-up is the ratio of these counts
 (FC, BN and pooling ignored). With linear=True the Linear layers (and Linear-like ones with an adapter, such
 as transformers' Conv1D) count too, and with attention=True the
-attention matmuls (Q K^T and A V; trp.attention_macs) and the projections that an attention applies without
+attention matmuls (Q K^T and A V; trp.cost.attention) and the projections that an attention applies without
 calling a Linear module (the packed in_proj of nn.MultiheadAttention, torchvision Swin's qkv/proj): the
 count for transformers. count_flops uses torch.utils.flop_counter (so it agrees with it), with
 formulas registered for the trp_kernels factorized-conv ops (decoupled_conv included)."""

@@ -1,7 +1,7 @@
 # Over 300 lines: the schema of every record trp reads, checked field by field in one place.
 """Validation of the records trp reads back: `trp train` checkpoints, trp.save model files, --init weights.
 
-A SHA-256 seal (trp.integrity) proves that a file holds what its writer sealed, not that the writer was
+A SHA-256 seal (trp._utils.integrity) proves that a file holds what its writer sealed, not that the writer was
 trp: anyone can seal a crafted record. So every field of a loaded record is checked against a schema - its
 type, its range, and the sizes it implies against the file's own tensors - before anything is built from
 it, and one that does not fit is a RecordError naming the file and the field. Models are first built on
@@ -258,7 +258,7 @@ def check_layers(layers, state, path, field="layers"):
     and value types of its type's config(), and the module it describes, built on the meta device, has
     exactly the file's tensors under its name (so its rank and sizes are those of the file's weights). The
     geometry (stride, padding, dilation), which no tensor shows, is compared with the dense layer it
-    replaces when the model is built (trp.io).
+    replaces when the model is built (trp.deploy.io).
 
     Args:
         layers: {layer name: config dict}, as trp.save writes it.

@@ -53,7 +53,7 @@ class CifarResNet(nn.Module):
         ValueError: when depth is not 6n+2 with n >= 1.
     """
 
-    # TRP's default layers for these models (trp.selection): the paper's rule, whose results they reproduce
+    # TRP's default layers for these models (trp.core.selection): the paper's rule, whose results they reproduce
     # (the "default" preset would add the two 1x1 shortcut convs)
     trp_layers = "paper"
 

@@ -46,7 +46,7 @@ def _svd_factors(matrix, kind, value):
     (A [..., p, r], B [..., r, q], r, singular values: all of them, or the kept ones of a large matrix) in
     float64. A batch shares one r, the largest rank the criterion gives any of its matrices: all of them keep
     r components, since the layer computes r paths for every filter anyway and the extra components only add
-    accuracy. A single matrix whose short side is at least spectral.LARGE_N takes trp.spectral's routes (the
+    accuracy. A single matrix whose short side is at least spectral.LARGE_N takes trp.core.spectral's routes (the
     same truncated SVD without computing the long side's singular vectors)."""
     if matrix.dim() == 2 and min(matrix.shape) >= spectral.LARGE_N:
         return spectral.leading_factors(matrix, kind, value)
