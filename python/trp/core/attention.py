@@ -1,3 +1,4 @@
+# Over 300 lines with its docstrings: each attention host and its conversion belong together.
 """Host modules of factorized transformer projections.
 
 Some modules do not call their Linear layers but read the weights: nn.MultiheadAttention passes the packed

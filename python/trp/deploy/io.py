@@ -1,3 +1,4 @@
+# Over 300 lines: what trp.save writes and what trp.load checks and rebuilds read best side by side.
 """trp.save / trp.load: a (decomposed) model as plain data - its architecture record, the configuration of
 each factorized layer, a state_dict with its dtypes and its `_metadata` (the per-module versions that some
 _load_from_state_dict read), the model's class name and each module's train/eval flag, and a SHA-256 over all

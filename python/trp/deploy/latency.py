@@ -1,3 +1,4 @@
+# Over 300 lines: the latency fit, its timer and the merge back to dense layers are one measurement loop.
 """Latency-aware deployment: keep a factorized layer only where it is measurably faster than the dense layer
 it replaces, in the runtime the network will run in.
 

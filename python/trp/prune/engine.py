@@ -1,3 +1,4 @@
+# Over 300 lines with its docstrings: the three projection paths share the groups and the write-back.
 """The projection engine of RankPruner: the selected targets grouped by matrix shape, dtype and device, and the
 three ways a projection runs, with the same results:
 

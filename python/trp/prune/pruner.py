@@ -1,3 +1,5 @@
+# Over 300 lines with its docstrings: RankPruner's public configuration, schedule and state (the projection
+# paths live in engine.py).
 """RankPruner: Trained Rank Pruning in any training loop: periodic low-rank projection of the weights during
 SGD, and the nuclear-norm subgradient added to their gradients.
 
