@@ -139,7 +139,7 @@ def test_fit_latency_keeps_only_faster_layers(monkeypatch):
             return [1.0, 0.5 if modules[1].c_weight.shape == compact.b.c_weight.shape and
                     torch.equal(modules[1].c_weight, compact.b.c_weight) else 1.0]
         return [1.0, 1.2, 0.9][:len(modules)]
-    monkeypatch.setattr(deploy._Timer, "compare", compare)
+    monkeypatch.setattr(deploy.RuntimeTimer, "compare", compare)
     fitted, fit = trp.fit_latency(compact, (3, 12, 12), "eager", repeats=2)
     assert set(trp.factorized_layers(fitted)) == names
     assert [r["factorized"] for r in fit.rows] == [r["layer"] in names for r in fit.rows]
@@ -151,7 +151,7 @@ def test_fit_latency_keeps_only_faster_layers(monkeypatch):
     assert "| b | 3 |" in str(fit) and "1 of 2 factorized layers kept" in str(fit)
 
     # the fitted network measured slower than dense as a whole: the dense network is returned
-    monkeypatch.setattr(deploy._Timer, "compare", lambda self, modules, x: (
+    monkeypatch.setattr(deploy.RuntimeTimer, "compare", lambda self, modules, x: (
         compare(self, modules, x) if len(modules) == 2 else [1.0, 1.2, 1.05]))
     fitted, fit = trp.fit_latency(compact, (3, 12, 12), "eager", repeats=2)
     assert not trp.factorized_layers(fitted) and fit.totals["all_dense"]
