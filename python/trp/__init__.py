@@ -20,12 +20,19 @@ from trp.deploy.io import load, save
 from trp.deploy.latency import fit_latency, merge_back, round_ranks
 from trp.deploy.report import Report, report
 from trp.nn import modules
-from trp.nn.modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
+from trp.nn.modules import (
+                            ChannelFactorizedConv2d,
+                            DecoupledConv2d,
+                            DepthwiseDecoupledConv2d,
+                            FactorizedLinear,
+                            SpatialFactorizedConv2d,
+)
 from trp.prune.pruner import RankPruner
 
 __all__ = ["adapters", "eligibility", "integrations", "models", "modules", "rank", "schemes", "SCHEMES", "RankPruner",
            "decompose", "factorized_layers", "select_layers", "select_targets", "plan_layers", "Selection",
            "LayerAdapter", "register_layer_adapter", "register_weight_parametrization", "SplitMultiheadAttention",
-           "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear",
+           "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "DepthwiseDecoupledConv2d",
+           "FactorizedLinear",
            "save", "load", "count_macs", "count_flops", "count_params", "macs_by_layer", "measure_latency",
            "report", "Report", "export_onnx", "fit_latency", "merge_back", "round_ranks"]

@@ -208,7 +208,7 @@ def _preset_reason(preset, c, ctx):
                 return "1x1 conv (the 'paper' preset takes kxk convs only)"
             return None
         if kernel == (1, 1):
-            if scheme == "nd":
+            if scheme.startswith("nd"):
                 return "1x1 conv under nd (every filter is a rank-1 matrix: nothing to factorize)"
             if min(cin, cout) // groups < TINY:
                 return f"tiny 1x1 conv (a matrix side below {TINY})"
@@ -256,7 +256,7 @@ class Selection:
         targets: [trp.core.targets.Target], the matrices selected, in registration order.
         skipped: {layer name: reason} of every other candidate layer (convs, Linear-like layers, attention
             q/k/v), in registration order.
-        scheme: the scheme the selection was made for, "channel", "spatial" or "nd".
+        scheme: the scheme the selection was made for, one of trp.core.schemes.SCHEMES.
     """
 
     def __init__(self, targets, skipped, scheme):
@@ -280,7 +280,8 @@ class Selection:
 
     def __str__(self):
         lines = [f"selected for scheme {self.scheme!r}: {len(self.targets)} matrices"]
-        lines += [f"  {t.name}: {'x'.join(map(str, matrix_shape(t.shape, self.scheme, t.groups)))}"
+        lines += [f"  {t.name}: {'x'.join(map(str, matrix_shape(t.shape, t.scheme_for(self.scheme), t.groups)))}"
+                  + (f" ({t.scheme_for(self.scheme)})" if self.scheme == "nd" else "")
                   for t in self.targets]
         lines.append(f"skipped: {len(self.skipped)}")
         lines += [f"  {n}: {why}" for n, why in self.skipped.items()]
@@ -294,7 +295,7 @@ def plan_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
 
     Args:
         model: the nn.Module.
-        scheme: "channel", "spatial" or "nd"; default "channel".
+        scheme: "channel", "spatial", "nd", "nd_pointwise" or "nd_depthwise"; default "channel".
         layers: None (the model's `trp_layers`, else "default"), a preset ("default", "paper"), module names,
             regexes or module types, or a list mixing them; default None. Named layers are taken as given,
             and must be eligible.
@@ -374,7 +375,7 @@ def select_targets(model, scheme="channel", layers=None, exclude=None, warn=True
 
     Args:
         model: the nn.Module.
-        scheme: "channel", "spatial" or "nd"; default "channel".
+        scheme: "channel", "spatial", "nd", "nd_pointwise" or "nd_depthwise"; default "channel".
         layers: None (the model's `trp_layers`, else "default"), a preset ("default", "paper"), module names,
             regexes or module types, or a list mixing them (as plan_layers); default None.
         exclude: module names, regexes or types taken out of the selection; default None.
@@ -399,7 +400,7 @@ def select_layers(model, scheme="channel", layers=None, exclude=None, warn=True)
 
     Args:
         model: the nn.Module.
-        scheme: "channel", "spatial" or "nd"; default "channel".
+        scheme: "channel", "spatial", "nd", "nd_pointwise" or "nd_depthwise"; default "channel".
         layers: None (the model's `trp_layers`, else "default"), a preset ("default", "paper"), module names,
             regexes or module types, or a list mixing them (as plan_layers); default None.
         exclude: module names, regexes or types taken out of the selection; default None.

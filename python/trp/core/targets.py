@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from trp.core import eligibility
-from trp.core.schemes import to_matrix
+from trp.core.schemes import resolve, to_matrix
 
 QKV = ("q", "k", "v")
 
@@ -69,19 +69,32 @@ class Target:
         nn.Conv2d layout."""
         return self._view(self.param.detach())
 
+    def scheme_for(self, scheme):
+        """The reshape this matrix uses under `scheme` (trp.core.schemes.resolve: "nd" becomes this layer's
+        cheaper order).
+
+        Args:
+            scheme: a scheme of trp.core.schemes.SCHEMES.
+
+        Returns:
+            The layer's scheme, a str.
+        """
+        return resolve(scheme, self.shape, self.groups, getattr(self.module, "stride", 1) if self.rows is None else 1)
+
     def matrix(self, scheme):
         """read() as the scheme's matrix ([g, p, q] for a grouped conv under channel / spatial).
 
         Args:
-            scheme: "channel", "spatial" or "nd" (Linear-like targets: "channel" only).
+            scheme: a scheme of trp.core.schemes.SCHEMES ("nd" resolved for this layer; Linear-like targets:
+                "channel" only).
 
         Returns:
-            A detached view of the parameter, shaped as trp.schemes.to_matrix gives it.
+            A detached view of the parameter (or a copy), shaped as trp.schemes.to_matrix gives it.
 
         Raises:
             ValueError: when the scheme is unknown or does not apply to this matrix.
         """
-        return to_matrix(self.read(), scheme, self.groups)
+        return to_matrix(self.read(), self.scheme_for(scheme), self.groups)
 
     def bias(self):
         """The bias rows of this matrix (detached view) or None."""

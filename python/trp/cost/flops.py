@@ -21,7 +21,13 @@ from trp._utils.timing import call_seconds
 from trp.core import eligibility
 from trp.cost import attention as attention_macs
 from trp.cost.macs import conv_macs, input_shape
-from trp.nn.modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
+from trp.nn.modules import (
+    ChannelFactorizedConv2d,
+    DecoupledConv2d,
+    DepthwiseDecoupledConv2d,
+    FactorizedLinear,
+    SpatialFactorizedConv2d,
+)
 
 
 def _probe_input(model, shape):
@@ -102,7 +108,8 @@ def macs_by_layer(model, input_size, linear=False, attention=False):
     """
     example = input_size if isinstance(input_size, torch.Tensor) else None
     shape = None if example is not None else input_shape(input_size)
-    conv_types = (nn.Conv2d, ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d)
+    conv_types = (nn.Conv2d, ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d,
+                  DepthwiseDecoupledConv2d)
     inside_factorized_linear = {id(m.first) for m in model.modules() if isinstance(m, FactorizedLinear)} | \
         {id(m.second) for m in model.modules() if isinstance(m, FactorizedLinear)}
     counts, handles = {}, []

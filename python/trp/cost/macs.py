@@ -7,7 +7,7 @@ dense."""
 import torch.nn as nn
 
 from trp.core import eligibility
-from trp.nn.modules import ChannelFactorizedConv2d, DecoupledConv2d
+from trp.nn.modules import ChannelFactorizedConv2d, DecoupledConv2d, DepthwiseDecoupledConv2d
 
 
 def input_shape(input_size):
@@ -108,6 +108,8 @@ def conv_macs(module, x, y):
     r, c, m = module.rank, module.in_channels, module.out_channels
     if isinstance(module, ChannelFactorizedConv2d):  # with groups g too: g*r filters over c/g channels each
         return n * oh * ow * r * (c * kh * kw + m)
+    if isinstance(module, DepthwiseDecoupledConv2d):  # both convs at the output resolution
+        return n * oh * ow * r * c * (kh * kw + m // module.groups)
     if isinstance(module, DecoupledConv2d):
         # the 1 x 1 conv c/g -> m*r runs at the input resolution, the grouped kh x kw conv at the output's
         return n * (x.shape[2] * x.shape[3] * c // module.groups * m * r + oh * ow * m * r * kh * kw)

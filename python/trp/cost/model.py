@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from trp._utils import checks
 from trp.core import eligibility
-from trp.core.schemes import layer_matrix_shape
+from trp.core.schemes import layer_matrix_shape, layer_scheme
 from trp.cost.flops import count_macs, io_shapes
 from trp.cost.macs import conv_macs, dense_macs_per_output_pixel, input_shape, pay_rank
 from trp.nn.modules import FACTORIZED, FactorizedLinear, conv_padding4
@@ -44,7 +44,7 @@ class CostModel:
 
     Args:
         model: the nn.Module (run once at input_size).
-        scheme: "channel", "spatial" or "nd".
+        scheme: "channel", "spatial", "nd", "nd_pointwise" or "nd_depthwise".
         layers: the selected layers, a list of (name, module) pairs, as select_layers gives.
         input_size: (C, H, W) or (N, C, H, W).
 
@@ -74,9 +74,9 @@ class CostModel:
                 tokens = x.numel() // module.in_features
                 dense, per_rank = tokens * dense_macs_per_output_pixel(module), tokens * one.macs_per_output_pixel()
             else:
-                one = FACTORIZED[scheme](module.in_channels, module.out_channels, module.kernel_size, 1,
-                                         module.stride, conv_padding4(module), module.dilation, bias=False,
-                                         device="meta", groups=module.groups)
+                one = FACTORIZED[layer_scheme(scheme, module)](
+                    module.in_channels, module.out_channels, module.kernel_size, 1, module.stride,
+                    conv_padding4(module), module.dilation, bias=False, device="meta", groups=module.groups)
                 dense, per_rank = conv_macs(module, _meta(x), _meta(y)), conv_macs(one, _meta(x), _meta(y))
             dims = layer_matrix_shape(module, scheme)
             self.full_rank[name] = min(dims[-2:])

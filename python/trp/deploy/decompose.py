@@ -42,8 +42,9 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
               target_speedup=None, input_size=None):
     """A deep copy of `model` whose selected layers are replaced by factorized modules (`model` is untouched).
 
-    For nd the rank criterion picks each filter's rank and the layer keeps the largest; for a grouped conv,
-    each group's, likewise.
+    For network decoupling the rank criterion picks each filter's (pointwise order) or input channel's
+    (depthwise order) rank and the layer keeps the largest; for a grouped conv, each group's, likewise. "nd"
+    factorizes each layer in its cheaper order (trp.core.schemes.nd_order), as RankPruner projects it.
 
     A layer whose factorized form would cost at least the dense multiply-adds stays dense. The SVD runs in
     float64 per layer: deployment accuracy matters more than speed here. Each layer is factorized from the
@@ -54,9 +55,9 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
 
     Args:
         model: the (trained) nn.Module.
-        scheme: "channel", "spatial" or "nd".
+        scheme: "channel", "spatial", "nd", "nd_pointwise" or "nd_depthwise".
         energy: rank criterion: the fraction of squared singular values kept, a float in (0, 1]. Give exactly
-            one of energy, threshold and rank (or target_speedup). Default None (for nd: ND_DEFAULT_ENERGY,
+            one of energy, threshold and rank (or target_speedup). Default None (for nd*: ND_DEFAULT_ENERGY,
             as the released code).
         threshold: rank criterion: the absolute singular-value cutoff, a float (e.g. 0.05 after TRP
             training). Default None.
@@ -105,7 +106,7 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
         allocated = budget_mod.allocate(costs, budget_mod.spectra(model, scheme, chosen), target_speedup)
         rank = {n: r for n, r in allocated.items() if r is not None}  # a layer not in the map stays dense
         budget = {"target_speedup": float(target_speedup), "ranks": allocated}
-    if scheme == "nd" and energy is None and threshold is None and rank is None:
+    if scheme.startswith("nd") and energy is None and threshold is None and rank is None:
         energy = ND_DEFAULT_ENERGY
     kind, value = rank_rules.check_criterion(energy, threshold, rank)
     if kind == "rank" and isinstance(value, dict):
@@ -129,7 +130,7 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
         if isinstance(dense, nn.Linear):
             factorized = FactorizedLinear.from_linear(dense, **args)
         else:
-            factorized = FACTORIZED[scheme].from_conv(dense, **args)
+            factorized = FACTORIZED[t.scheme_for(scheme)].from_conv(dense, **args)
         if not pays(factorized, dense_macs_per_output_pixel(dense)):
             skipped[t.name] = (f"no saving at rank {factorized.rank}: the factorized form would cost at least "
                                "the dense multiply-adds")
@@ -160,8 +161,8 @@ def factorized_layers(model):
         model: the nn.Module to search, typically the result of decompose().
 
     Returns:
-        {name: module} of every ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d and
-        FactorizedLinear in the model, in named_modules() order.
+        {name: module} of every ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d,
+        DepthwiseDecoupledConv2d and FactorizedLinear in the model, in named_modules() order.
     """
     return {n: m for n, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)}
 

@@ -32,8 +32,8 @@ def dense_layer(module):
     """The dense nn.Conv2d (or nn.Linear) that a factorized module equals, with weight dense_weight().
 
     Args:
-        module: a factorized module (ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d or
-            FactorizedLinear).
+        module: a factorized module (ChannelFactorizedConv2d, SpatialFactorizedConv2d, DecoupledConv2d,
+            DepthwiseDecoupledConv2d or FactorizedLinear).
 
     Returns:
         A new nn.Linear or nn.Conv2d on the module's device and dtype, in its training mode; a conv with

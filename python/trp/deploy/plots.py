@@ -2,7 +2,6 @@
 import torch
 
 from trp._utils.storage import atomic_write
-from trp.core.schemes import to_matrix
 from trp.core.selection import select_targets
 
 
@@ -14,7 +13,7 @@ def layer_spectra(dense, compact, scheme):
     Args:
         dense: the dense nn.Module that was decomposed.
         compact: its decomposition (a layer's kept rank is the `rank` of the module of the same name).
-        scheme: "channel", "spatial" or "nd", the scheme of the decomposition.
+        scheme: the scheme of the decomposition (trp.core.schemes.SCHEMES).
 
     Returns:
         A list of (name, singular values, full rank, kept rank) tuples.
@@ -23,7 +22,7 @@ def layer_spectra(dense, compact, scheme):
     rows = []
     for target in select_targets(dense, scheme, warn=False):
         name = target.name
-        sigma = torch.linalg.svdvals(to_matrix(target.read().cpu(), scheme).to(torch.float64))
+        sigma = torch.linalg.svdvals(target.matrix(scheme).cpu().to(torch.float64))
         if sigma.dim() > 1:
             sigma = sigma.square().mean(0).sqrt()
         kept = getattr(compact_mods.get(name), "rank", None)
@@ -40,7 +39,7 @@ def rank_spectrum(dense, compact, scheme, path, energy=None, threshold=None, tar
     Args:
         dense: the dense nn.Module that was decomposed.
         compact: its decomposition.
-        scheme: "channel", "spatial" or "nd", the scheme of the decomposition.
+        scheme: the scheme of the decomposition (trp.core.schemes.SCHEMES).
         path: the PNG file to write.
         energy: the energy criterion of the decomposition, shown in the title. Default None.
         threshold: the singular-value cutoff of the decomposition; when given, the spectra are drawn

@@ -4,7 +4,9 @@
 ChannelFactorizedConv2d  kh x kw conv c -> rank, then 1 x 1 conv rank -> n (+ bias)   ("channel")
 SpatialFactorizedConv2d  kh x 1 conv c -> rank, then 1 x kw conv rank -> n (+ bias)   ("spatial")
 DecoupledConv2d          1 x 1 conv c -> n*rank, then grouped kh x kw conv n*rank -> n (groups n, + bias):
-                         rank parallel pointwise + depthwise paths per filter            ("nd")
+                         rank parallel pointwise + depthwise paths per filter            ("nd_pointwise")
+DepthwiseDecoupledConv2d depthwise kh x kw conv c -> c*rank (stride), then 1 x 1 conv c*rank -> n (+ bias):
+                         rank parallel depthwise + pointwise paths per input channel     ("nd_depthwise")
 FactorizedLinear         Linear in -> rank, then Linear rank -> out (+ bias)
 
 The convolutions forward through trp_kernels' fused factorized-conv ops. `from_conv` / `from_linear` build
@@ -374,8 +376,8 @@ class SpatialFactorizedConv2d(_FactorizedConv2d):
 
 
 class DecoupledConv2d(_FactorizedConv2d):
-    """Network decoupling: every filter W_i [c, kh*kw] ~= sum_j (s_ij^1/2 u_ij)(s_ij^1/2 v_ij)^T, i.e. rank
-    parallel paths of a pointwise conv c -> 1 and a depthwise kh x kw conv. As two standard layers: a 1 x 1
+    """Network decoupling, pointwise order: every filter W_i [c, kh*kw] ~= sum_j (s_ij^1/2 u_ij)(s_ij^1/2 v_ij)^T,
+    i.e. rank parallel paths of a pointwise conv c -> 1 and a depthwise kh x kw conv. As two standard layers: a 1 x 1
     conv c -> n*rank (pw_weight [n*rank, c, 1, 1], no bias), then a kh x kw conv with groups=n (dw_weight
     [n, rank, kh, kw]; stride, padding, dilation of the dense conv, bias). Group i reads the channels
     i*rank .. i*rank+rank-1, so pointwise channel i*rank+j is path j of filter i.
@@ -398,7 +400,7 @@ class DecoupledConv2d(_FactorizedConv2d):
         ValueError: when rank or groups is not an int >= 1, groups does not divide the channels, or the
             geometry (kernel_size, stride, padding, dilation) is invalid.
     """
-    scheme = "nd"
+    scheme = "nd_pointwise"
     _names = ("pw_weight", "dw_weight")
 
     def _factor_shapes(self):
@@ -434,6 +436,72 @@ class DecoupledConv2d(_FactorizedConv2d):
         y = F.conv2d(x, self.pw_weight, None, 1, 0, 1, self.groups)  # filter i's paths read group i's inputs
         y, padding = _pad(y, self.padding4)
         return F.conv2d(y, self.dw_weight, self.bias, self.stride, padding, self.dilation, self.out_channels)
+
+
+class DepthwiseDecoupledConv2d(_FactorizedConv2d):
+    """Network decoupling, depthwise order: the filters' slices on input channel j, M_j [n/g, kh*kw] (over the
+    n/g filters of j's group), are ~= sum_l (s_jl^1/2 u_jl)(s_jl^1/2 v_jl)^T: rank parallel paths of a depthwise
+    kh x kw conv on channel j and a pointwise conv to the filters. As two standard layers: a depthwise kh x kw
+    conv c -> c*rank (dw_weight [c*rank, 1, kh, kw], groups c; stride, padding, dilation of the dense conv, no
+    bias), then a 1 x 1 conv c*rank -> n (pw_weight [n, c/g*rank, 1, 1], groups g, bias). Depthwise channel
+    j*rank+l is path l of input channel j. Both convs run at the output resolution, so a strided layer pays
+    here where the pointwise order (DecoupledConv2d) runs its 1 x 1 conv on every input pixel.
+
+    Args:
+        in_channels: input channels c, an int >= 1 divisible by groups.
+        out_channels: output channels n, an int >= 1 divisible by groups.
+        kernel_size: the dense kernel (kh, kw), an int or a pair of ints >= 1.
+        rank: the number of parallel paths per input channel (in_channels * rank intermediate channels), an
+            int >= 1.
+        stride: the dense conv's stride, an int or a pair of ints >= 1; default 1.
+        padding: the dense conv's zero padding: an int, a pair (h, w), a (top, bottom, left, right) tuple, or
+            "same" / "valid" as nn.Conv2d takes them; default 0.
+        dilation: the dense conv's dilation, an int or a pair of ints >= 1; default 1.
+        bias: whether the layer adds a bias [out_channels]; default True.
+        device: the parameters' device; default None (torch's default).
+        dtype: the parameters' dtype; default None (torch's default).
+        groups: the dense conv's groups g, an int >= 1 that divides in_channels and out_channels; default 1.
+
+    Raises:
+        ValueError: when rank or groups is not an int >= 1, groups does not divide the channels, or the
+            geometry (kernel_size, stride, padding, dilation) is invalid.
+    """
+    scheme = "nd_depthwise"
+    _names = ("dw_weight", "pw_weight")
+
+    def _factor_shapes(self):
+        c, r = self.in_channels, self.rank
+        return (c * r, 1, *self.kernel_size), (self.out_channels, c // self.groups * r, 1, 1)
+
+    def _factors_from_matrices(self, A, B):
+        # A [c, n/g, r]: filter i of channel j's group, path l -> pw_weight[i, (j mod c/g)*r + l];
+        # B [c, r, kh*kw]: path l's taps -> dw_weight[j*r + l]
+        g, (c, m, r) = self.groups, A.shape
+        pw = A.reshape(g, c // g, m, r).permute(0, 2, 1, 3).reshape(self.pw_weight.shape)
+        return B.reshape(self.dw_weight.shape), pw
+
+    def dense_weight(self):
+        """The equivalent dense conv weight [out, in / groups, kh, kw]."""
+        g, c, r, n = self.groups, self.in_channels, self.rank, self.out_channels
+        pw = self.pw_weight.reshape(g, n // g, c // g, r)
+        dw = self.dw_weight.reshape(g, c // g, r, -1)
+        return torch.einsum("gmcr,gcrt->gmct", pw, dw).reshape(n, c // g, *self.kernel_size)
+
+    def macs_per_output_pixel(self):
+        """Multiply-accumulates of both convs per output pixel (all output channels).
+
+        Returns:
+            int: rank * in * (kh * kw + out / groups).
+        """
+        kh, kw = self.kernel_size
+        return self.rank * self.in_channels * (kh * kw + self.out_channels // self.groups)
+
+    def _conv(self, x):
+        x, padding = _pad(x, self.padding4)
+        y = F.conv2d(x, self.dw_weight, None, self.stride, padding, self.dilation, self.in_channels)
+        return F.conv2d(y, self.pw_weight, self.bias, 1, 0, 1, self.groups)
+
+    _grouped_conv = _conv
 
 
 class FactorizedWeight:
@@ -599,10 +667,12 @@ class FactorizedLinear(nn.Module):
         return self.second(self.first(x))
 
 
-FACTORIZED = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedConv2d, "nd": DecoupledConv2d,
-              "linear": FactorizedLinear}
-FACTORIZED_TYPES = tuple(FACTORIZED.values())
+# a layer scheme (trp.core.schemes.LAYER_SCHEMES, or "linear") -> its module type; also the "type" of a saved
+# layer's config, where "nd" is the pointwise order's name in files written before the two orders existed
+FACTORIZED = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedConv2d,
+              "nd_pointwise": DecoupledConv2d, "nd_depthwise": DepthwiseDecoupledConv2d, "linear": FactorizedLinear,
+              "nd": DecoupledConv2d}
+FACTORIZED_TYPES = tuple(dict.fromkeys(FACTORIZED.values()))
 
-__all__ = ["ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "FactorizedLinear", "conv_padding4",
-           "FactorizedWeight",
-           "FACTORIZED", "FACTORIZED_TYPES"]
+__all__ = ["ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "DepthwiseDecoupledConv2d",
+           "FactorizedLinear", "conv_padding4", "FactorizedWeight", "FACTORIZED", "FACTORIZED_TYPES"]

@@ -16,7 +16,7 @@ import torch
 
 from trp._utils import checks
 from trp.core import eligibility
-from trp.core.schemes import to_matrix
+from trp.core.schemes import layer_scheme, to_matrix
 from trp.core.selection import select_layers
 from trp.cost.model import CostModel
 
@@ -26,7 +26,7 @@ def check_reachable(model, scheme, target, input_size, name="target_speedup", la
 
     Args:
         model: the nn.Module.
-        scheme: "channel", "spatial" or "nd".
+        scheme: "channel", "spatial", "nd", "nd_pointwise" or "nd_depthwise".
         target: the target conv-MAC speed-up, a finite number.
         input_size: (C, H, W) or (N, C, H, W), the input at which conv MACs are counted.
         name: the argument's name in the error message. Default "target_speedup".
@@ -252,12 +252,12 @@ class SpeedupController:
 
 
 def spectra(model, scheme, layers):
-    """{name: singular values (float64, descending; nd: [n, K] per filter; a grouped conv: [g, K] per
-    group)} of the weights the selected layers compute with.
+    """{name: singular values (float64, descending; network decoupling: [n, K] per filter or [c, K] per
+    input channel; a grouped conv: [g, K] per group)} of the weights the selected layers compute with.
 
     Args:
         model: the nn.Module (not used: the layers are given).
-        scheme: "channel", "spatial" or "nd".
+        scheme: "channel", "spatial", "nd", "nd_pointwise" or "nd_depthwise".
         layers: the selected layers, a list of (name, module) pairs.
 
     Returns:
@@ -266,7 +266,8 @@ def spectra(model, scheme, layers):
     out = {}
     for name, m in layers:
         dense = eligibility.dense_equivalent(m, eligibility.resolve(m)[0])
-        out[name] = torch.linalg.svdvals(to_matrix(dense.weight.detach(), scheme, getattr(dense, "groups", 1))
+        own = layer_scheme(scheme, dense)
+        out[name] = torch.linalg.svdvals(to_matrix(dense.weight.detach(), own, getattr(dense, "groups", 1))
                                          .to(torch.float64))
     return out
 

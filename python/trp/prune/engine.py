@@ -28,10 +28,12 @@ class Group:
 
     Args:
         targets: the group's trp.core.targets.Target objects, a non-empty list of the same shape.
+        scheme: the reshape of the group's matrices, one of trp.core.schemes.LAYER_SCHEMES (the same for every
+            target: "nd" resolved per layer).
     """
 
-    def __init__(self, targets):
-        self.targets = targets
+    def __init__(self, targets, scheme):
+        self.targets, self.scheme = targets, scheme
         self.names = [t.name for t in targets]
         self.shape = targets[0].shape
         self.groups = targets[0].groups  # a grouped conv: `groups` matrices per layer
@@ -48,7 +50,7 @@ class Engine:
 
     Args:
         targets: the selected trp.core.targets.Target objects.
-        scheme: "channel", "spatial" or "nd".
+        scheme: a scheme of trp.core.schemes.SCHEMES ("nd": each layer in its own order, Target.scheme_for).
         pg: the process group to shard the groups over, or None (no sharding). Default None.
 
     Raises:
@@ -60,14 +62,15 @@ class Engine:
         groups = {}
         for t in targets:
             w = t.read()
-            key = (matrix_shape(t.shape, scheme, t.groups), t.shape, t.groups, w.dtype, w.device)
+            own = t.scheme_for(scheme)
+            key = (own, matrix_shape(t.shape, own, t.groups), t.shape, t.groups, w.dtype, w.device)
             groups.setdefault(key, []).append(t)
         self.sharding = None
         if pg is not None:  # heavy groups split, and all shared out by cost: fixed for the whole run
-            costs = [distributed.projection_cost(key[0]) for key in groups]
+            costs = [distributed.projection_cost(key[1]) for key in groups]
             pieces, self.sharding = distributed.make_sharding(pg, list(groups.values()), costs)
-            groups = dict(enumerate(pieces))
-        self.groups = [Group(ts) for ts in groups.values()]
+            groups = {i: piece for i, piece in enumerate(pieces)}  # pieces of a group share its scheme
+        self.groups = [Group(ts, ts[0].scheme_for(scheme)) for ts in groups.values()]
         self.inplace_cache = None  # (parameter addresses, _find_inplace_groups() for them)
         self.inplace = True
         self.path = None  # "in place", "staged" or "stacked"
@@ -86,7 +89,7 @@ class Engine:
         Returns:
             A tensor [B, ...matrix] (a copy, or views where the scheme allows).
         """
-        return to_matrix(torch.stack([t.read() for t in group.targets]), self.scheme, group.groups)
+        return to_matrix(torch.stack([t.read() for t in group.targets]), group.scheme, group.groups)
 
     def ranks(self, per_filter=False):
         """{layer name: rank} of the groups projected so far.
@@ -172,7 +175,7 @@ class Engine:
             mats = []
             for t in g.targets:
                 w = t.read()
-                m = to_matrix(w, self.scheme, t.groups)
+                m = to_matrix(w, g.scheme, t.groups)
                 if m.dim() != 2 or m.untyped_storage().data_ptr() != w.untyped_storage().data_ptr():
                     return None  # a copy (spatial), or nd's batch of filter matrices
                 mats.append(m)
@@ -203,7 +206,7 @@ class Engine:
             W_low: its projected matrices, [B, ...matrix].
         """
         torch._foreach_copy_([t.read() for t in group.targets],
-                             list(from_matrix(W_low, self.scheme, group.shape, group.groups).unbind(0)))
+                             list(from_matrix(W_low, group.scheme, group.shape, group.groups).unbind(0)))
 
     def _staged_inplace(self, stacks, energy, max_rank, nuclear):
         """The in-place op on the groups' stacked matrices, for layers whose matrix is a copy (spatial) on the
@@ -270,7 +273,7 @@ class Engine:
         for g in self.groups:
             if g.G is None:
                 continue
-            sub = from_matrix(g.G, self.scheme, g.shape, g.groups).unbind(0)
+            sub = from_matrix(g.G, g.scheme, g.shape, g.groups).unbind(0)
             grads, updates = [], []
             for t, s in zip(g.targets, sub):
                 grad = t.grad_view()  # None for a frozen weight
@@ -302,7 +305,7 @@ class Engine:
                                 dtype=torch.int64, device=w.device)
         if subs and all(n in subs for n in g.names):
             G = torch.stack([subs[n] for n in g.names]).to(device=w.device, dtype=w.dtype)
-            expected = (len(g.names), *to_matrix(w, self.scheme, g.groups).shape)
+            expected = (len(g.names), *to_matrix(w, g.scheme, g.groups).shape)
             if tuple(G.shape) != expected:
                 raise ValueError(f"subgradients of {', '.join(g.names)} have shape {tuple(G.shape)}, "
                                  f"expected {expected}")

@@ -14,9 +14,10 @@ SGD, and the nuclear-norm subgradient added to their gradients.
 The selected layers are grouped by (matrix shape, dtype, device); each group is one batched
 trp_kernels.lowrank_project call, which also returns the nuclear-norm subgradient U_k V_k^T, warm-started
 from the group's previous projection (trp_kernels.WarmStart: same results, less time); on the CPU one call of
-trp_kernels.inplace for all groups instead, with the same results (`path` says which ran). Under the nd
-scheme every filter is its own matrix, and under channel / spatial every group of a grouped conv: a group's
-call covers all filters (conv groups) of all its layers, and a layer's rank is the largest. A group holds
+trp_kernels.inplace for all groups instead, with the same results (`path` says which ran). Under network
+decoupling every filter (pointwise order) or every input channel (depthwise order) is its own matrix, and under
+channel / spatial every group of a grouped conv: a group's call covers all of them in all its layers, and a
+layer's rank is the largest. A group holds
 trp.core.targets.Target objects: a whole weight or a row block of one (the q, k, v rows of a packed attention
 in_proj_weight), read, written and regularized through the target's views of the parameter."""
 import copy
@@ -86,8 +87,10 @@ class RankPruner:
 
     Args:
         model: the nn.Module to prune (its parameters must be materialized, not on the meta device).
-        scheme: "channel", "spatial" or "nd" (trp.core.schemes; nd projects each filter's c x kh*kw matrix
-            and a layer's rank is the largest of its filters'). Default "channel".
+        scheme: "channel", "spatial", "nd", "nd_pointwise" or "nd_depthwise" (trp.core.schemes). nd_pointwise
+            projects each filter's c x kh*kw matrix, nd_depthwise each input channel's n x kh*kw matrix, and a
+            layer's rank is the largest of its matrices'; "nd" picks the cheaper order per layer (fixed by its
+            geometry). Default "channel".
         energy: fraction of squared singular values each projection keeps, a float in (0, 1] (the released
             code's T = 0.9). Default 0.9. With target_speedup it is only the starting value.
         period: project every `period` calls of step(), the first call included (m in the paper); an
@@ -163,9 +166,10 @@ class RankPruner:
 
     @property
     def filter_ranks(self):
-        """nd scheme: {layer name: [rank of each filter]} after the latest projection (None before it, and
-        for layers restored from a state, which records the layer ranks only); a grouped conv under channel /
-        spatial: [rank of each group]. Other layers: the ranks."""
+        """Network decoupling: {layer name: [rank of each filter (pointwise order) or input channel (depthwise
+        order)]} after the latest projection (None before it, and for layers restored from a state, which
+        records the layer ranks only); a grouped conv under channel / spatial: [rank of each group]. Other
+        layers: the ranks."""
         return {**{n: None for n in self.layer_names}, **self.engine.ranks(per_filter=True)}
 
     # what the projection engine holds, under the names the pruner had before it (tests read them)
