@@ -13,7 +13,7 @@ from cli_helpers import TINY, run_cli
 from trp.deploy import latency as deploy
 from trp.nn.modules import FACTORIZED
 
-CONV_SCHEMES = ("channel", "spatial", "nd")
+CONV_SCHEMES = ("channel", "spatial", "nd_pointwise", "nd_depthwise")
 
 
 def _close(a, b, tol=1e-5):
@@ -86,7 +86,7 @@ def _compact(scheme="channel", rank=3):
 
 @pytest.mark.parametrize("scheme", CONV_SCHEMES)
 def test_merge_back_is_exact(scheme):
-    _, compact = _compact(scheme, 1 if scheme == "nd" else 2)
+    _, compact = _compact(scheme, 1 if scheme.startswith("nd") else 2)
     x = torch.randn(2, 3, 12, 12)
     names = list(trp.factorized_layers(compact))
     assert names == ["b", "c"]  # the first conv is not selected by default

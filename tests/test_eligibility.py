@@ -13,9 +13,16 @@ from torch.nn.utils import parametrizations, parametrize
 import trp
 from trp.core.schemes import from_matrix, to_matrix
 from trp.deploy import export
-from trp.nn.modules import ChannelFactorizedConv2d, DecoupledConv2d, FactorizedLinear, SpatialFactorizedConv2d
+from trp.nn.modules import (
+    ChannelFactorizedConv2d,
+    DecoupledConv2d,
+    DepthwiseDecoupledConv2d,
+    FactorizedLinear,
+    SpatialFactorizedConv2d,
+)
 
-CLASSES = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedConv2d, "nd": DecoupledConv2d}
+CLASSES = {"channel": ChannelFactorizedConv2d, "spatial": SpatialFactorizedConv2d, "nd_pointwise": DecoupledConv2d,
+           "nd_depthwise": DepthwiseDecoupledConv2d}
 
 
 def rel(a, b):
@@ -281,7 +288,7 @@ def test_grouped_conv_decomposition_is_exact(scheme, geometry):
     conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias).double()
     shape = to_matrix(conv.weight, scheme, groups).shape
     lead, (p, q) = shape[:-2], shape[-2:]
-    r = min(1 if scheme == "nd" else 2, p, q)  # each group's matrices of rank r
+    r = min(1 if scheme.startswith("nd") else 2, p, q)  # each group's matrices of rank r
     low = torch.randn(*lead, p, r, dtype=torch.float64) @ torch.randn(*lead, r, q, dtype=torch.float64)
     with torch.no_grad():
         conv.weight.copy_(from_matrix(low, scheme, conv.weight.shape, groups))

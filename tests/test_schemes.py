@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from trp.core import rank as rank_rules
-from trp.core.schemes import SCHEMES, check_scheme, from_matrix, matrix_shape, to_matrix
+from trp.core.schemes import LAYER_SCHEMES, check_scheme, from_matrix, matrix_shape, to_matrix
 from trp_kernels.reference import energy_rank as kernel_energy_rank
 
 
@@ -19,7 +19,7 @@ def test_channel_and_spatial_layouts_match_the_paper():
     assert matrix_shape(W.shape, "channel") == (5, 24) and matrix_shape(W.shape, "spatial") == (6, 20)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", LAYER_SCHEMES)
 def test_round_trip_single_and_batched(scheme):
     W = torch.randn(7, 5, 3, 1, 4)  # a batch of 7 conv weights [5, 3, 1, 4]
     M = to_matrix(W, scheme)

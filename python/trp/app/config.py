@@ -130,8 +130,8 @@ class TrainConfig:
                              "(default 224)", metavar="N", type=positive_int)
     subset: int = option(None, "--subset", "use a fixed random N train and N test samples", metavar="N",
                          type=positive_int)
-    scheme: str = option("channel", "--scheme", "channel (default), spatial, nd (network decoupling, the cheaper order per layer), nd_pointwise or "
-                         "nd_depthwise (one order for every layer)",
+    scheme: str = option("channel", "--scheme", "channel (default), spatial, nd (network decoupling, the "
+                         "cheaper order per layer), nd_pointwise or nd_depthwise (one order for every layer)",
                          lambda v, flag: check_scheme(v), metavar="NAME")
     energy: float = option(0.9, "--energy", "fraction of squared singular values each projection keeps and "
                            "the final decomposition uses (default {default})", check_energy, metavar="E",
