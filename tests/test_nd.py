@@ -411,3 +411,26 @@ def test_depthwise_report_save_load_and_the_old_nd_type(tmp_path):
     # files written before the two orders existed name the pointwise order "nd"
     old = dict(trp.DecoupledConv2d(4, 6, 3, 2).config(), type="nd")
     assert type(FACTORIZED[old["type"]].from_config(old)) is trp.DecoupledConv2d
+
+
+def test_nd_state_records_the_orders_and_an_old_nd_state_resumes_only_per_filter():
+    pruner = trp.RankPruner(make_net(), "nd", energy=0.7, nuclear=1e-3, nuclear_every="step")
+    pruner.step()
+    state = pruner.state_dict()
+    assert state["config"]["orders"] == {"2": "nd_depthwise", "4": "nd_depthwise", "6": "nd_pointwise"}
+    again = trp.RankPruner(make_net(), "nd", energy=0.7, nuclear=1e-3, nuclear_every="step")
+    again.load_state_dict(state)
+    assert again.ranks == pruner.ranks
+    # a state written when "nd" meant the per-filter order for every layer: no "orders"
+    old = trp.RankPruner(make_net(), "nd_pointwise", energy=0.7, nuclear=1e-3, nuclear_every="step")
+    old.step()
+    old_state = old.state_dict()
+    old_state["config"] = dict(old_state["config"], scheme="nd")
+    with pytest.raises(ValueError, match="scheme='nd_pointwise'"):
+        trp.RankPruner(make_net(), "nd", energy=0.7).load_state_dict(old_state)
+    resumed = trp.RankPruner(make_net(), "nd_pointwise", energy=0.7, nuclear=1e-3, nuclear_every="step")
+    resumed.load_state_dict(old_state)
+    assert resumed.ranks == old.ranks
+    state["config"] = dict(state["config"], orders={**state["config"]["orders"], "6": "nd_depthwise"})
+    with pytest.raises(ValueError, match="orders differ"):
+        again.load_state_dict(state)

@@ -266,11 +266,17 @@ class RankPruner:
 
         Returns:
             A dict with the keys "scheme", "energy", "period", "nuclear", "nuclear_every", "max_rank" and
-            "layers" (the selected layer names).
+            "layers" (the selected layer names); under "nd" also "orders", {layer name: its order}.
         """
-        return {"scheme": self.scheme, "energy": self.energy, "period": self.period,
-                "nuclear": self.nuclear, "nuclear_every": self.nuclear_every, "max_rank": self.max_rank,
-                "layers": self.layer_names}
+        config = {"scheme": self.scheme, "energy": self.energy, "period": self.period,
+                  "nuclear": self.nuclear, "nuclear_every": self.nuclear_every, "max_rank": self.max_rank,
+                  "layers": self.layer_names}
+        if self.scheme == "nd":
+            config["orders"] = self._orders()
+        return config
+
+    def _orders(self):
+        return {t.name: t.scheme_for(self.scheme) for t in self.targets}
 
     def state_dict(self):
         """Step counter, configuration and current ranks; the subgradients too when nuclear_every="step"
@@ -310,6 +316,14 @@ class RankPruner:
             ranks, subs = state.get("ranks") or {}, state.get("subgradients") or {}
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{where}: not a RankPruner state (missing or malformed {exc})") from None
+        if scheme == "nd" and cfg.get("orders") is None:  # saved when "nd" decoupled every layer per filter
+            scheme = "nd_pointwise"
+            if self.scheme == "nd":
+                raise ValueError(f"{where}: the state was saved when scheme 'nd' decoupled every layer per filter; "
+                                 "load it into a pruner with scheme='nd_pointwise'")
+        if scheme == "nd" and cfg["orders"] != self._orders():
+            raise ValueError(f"{where}: the state's network-decoupling orders differ from this pruner's (another "
+                             "model)")
         if scheme != self.scheme or layers != self.layer_names:
             raise ValueError(f"{where}: the state was saved for another model or layer selection (scheme "
                              f"{scheme!r}, {len(layers)} layers; this pruner: {self.scheme!r}, "
