@@ -46,6 +46,9 @@ TRAINED = {  # row key -> (label, TrainConfig overrides)
     "trp_nu_spatial": ("TRP+Nu spatial", dict(scheme="spatial")),
     "trp_nd": ("TRP ND", dict(scheme="nd", nuclear=0.0)),
     "trp_nu_nd": ("TRP+Nu ND", dict(scheme="nd")),
+    # network decoupling with one order for every layer ("nd" picks the cheaper per layer)
+    "trp_nu_nd_pointwise": ("TRP+Nu ND pointwise first", dict(scheme="nd_pointwise")),
+    "trp_nu_nd_depthwise": ("TRP+Nu ND depthwise first", dict(scheme="nd_depthwise")),
     # budgeted TRP (trp.budget): trained towards and decomposed at --target-channel / --target-spatial
     "trp_channel_budget": ("TRP channel at target", dict(scheme="channel", nuclear=0.0, budget=True)),
     "trp_nu_channel_budget": ("TRP+Nu channel at target", dict(scheme="channel", budget=True)),
@@ -200,6 +203,12 @@ LABELS = {
     "datafree_nd_matched": "Baseline, data-free ND at TRP+Nu ND ranks",
     "trp_nd": "TRP ND",
     "trp_nu_nd": "TRP+Nu ND",
+    "datafree_nd_pointwise": "Baseline, data-free ND, pointwise first",
+    "datafree_nd_pointwise_matched": "Baseline, data-free ND pointwise first at TRP+Nu ranks",
+    "trp_nu_nd_pointwise": "TRP+Nu ND, pointwise first in every layer",
+    "datafree_nd_depthwise": "Baseline, data-free ND, depthwise first",
+    "datafree_nd_depthwise_matched": "Baseline, data-free ND depthwise first at TRP+Nu ranks",
+    "trp_nu_nd_depthwise": "TRP+Nu ND, depthwise first in every layer",
     "datafree_channel_budget": "Baseline, data-free channel at the target speed-up",
     "trp_channel_budget": "TRP channel, target speed-up",
     "trp_nu_channel_budget": "TRP+Nu channel, target speed-up",
