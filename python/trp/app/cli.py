@@ -97,7 +97,8 @@ def build_parser():
     dc = sub.add_parser("decompose", help="checkpoint -> decomposed model file (trp.save format)")
     dc.add_argument("checkpoint")
     dc.add_argument("--out", "-o", required=True, help="decomposed model file to write")
-    dc.add_argument("--scheme", help="channel, spatial or nd (default: the checkpoint's)")
+    dc.add_argument("--scheme", help="channel, spatial, nd, nd_pointwise or nd_depthwise (default: the "
+                                      "checkpoint's)")
     _add_criterion(dc, "default: the checkpoint's --threshold or --energy")
     _add_fit(dc)
 
@@ -114,7 +115,8 @@ def build_parser():
     rp.add_argument("checkpoint")
     rp.add_argument("--out", help="directory for report.json, ranks.png, decomposed.pt (default: the "
                                   "checkpoint's directory)")
-    rp.add_argument("--scheme", help="channel, spatial or nd (default: the checkpoint's)")
+    rp.add_argument("--scheme", help="channel, spatial, nd, nd_pointwise or nd_depthwise (default: the "
+                                      "checkpoint's)")
     _add_criterion(rp, "default: the checkpoint's --threshold or --energy")
     rp.add_argument("--device", default="cpu")
     _add_fit(rp)
@@ -133,7 +135,8 @@ def build_parser():
                                                                      "dynamo exporter writes 18 or later)")
     ex.add_argument("--threads", metavar="N", type=_positive_int,
                     help="onnxruntime threads for the latency comparison (default: all cores)")
-    ex.add_argument("--scheme", help="for a checkpoint: channel, spatial or nd (default: the checkpoint's)")
+    ex.add_argument("--scheme", help="for a checkpoint: channel, spatial, nd, nd_pointwise or nd_depthwise "
+                                     "(default: the checkpoint's)")
     _add_criterion(ex, "for a checkpoint; default: its --threshold or --energy")
     return parser
 
