@@ -18,6 +18,7 @@ from trp.deploy.decompose import decompose, factorized_layers
 from trp.deploy.export import export_onnx
 from trp.deploy.io import load, save
 from trp.deploy.latency import fit_latency, merge_back, round_ranks
+from trp.deploy.latency_budget import Runtime
 from trp.deploy.report import Report, report
 from trp.nn import modules
 from trp.nn.modules import (
@@ -35,4 +36,5 @@ __all__ = ["adapters", "eligibility", "integrations", "models", "modules", "rank
            "ChannelFactorizedConv2d", "SpatialFactorizedConv2d", "DecoupledConv2d", "DepthwiseDecoupledConv2d",
            "FactorizedLinear",
            "save", "load", "count_macs", "count_flops", "count_params", "macs_by_layer", "measure_latency",
-           "report", "Report", "export_onnx", "fit_latency", "merge_back", "round_ranks"]
+           "report", "Report", "export_onnx", "fit_latency", "merge_back", "round_ranks",
+           "Runtime"]

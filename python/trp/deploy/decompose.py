@@ -12,8 +12,9 @@ from trp.core import rank as rank_rules
 from trp.core.schemes import check_scheme
 from trp.core.selection import NOT_NAMED, Selection, plan_layers
 from trp.cost.flops import count_macs
-from trp.cost.macs import dense_macs_per_output_pixel, pays
+from trp.cost.macs import dense_macs_per_output_pixel, input_shape, pays
 from trp.cost.model import CostModel, check_target_speedup
+from trp.deploy import latency_budget
 from trp.nn.modules import FACTORIZED, FACTORIZED_TYPES, FactorizedLinear
 from trp.prune import budget as budget_mod
 
@@ -39,7 +40,7 @@ def _as_specs(layers):
 
 
 def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=None, rank=None,
-              target_speedup=None, input_size=None):
+              target_speedup=None, input_size=None, target_latency=None, runtime=None):
     """A deep copy of `model` whose selected layers are replaced by factorized modules (`model` is untouched).
 
     For network decoupling the rank criterion picks each filter's (pointwise order) or input channel's
@@ -71,8 +72,18 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
             (trp.prune.budget.allocate) so that the conv-MAC speed-up is at least the target, and as close
             as one rank step allows; the result's `trp_budget` attribute holds the target, the ranks and the
             speed-up achieved. Default None.
-        input_size: (C, H, W), the input at which conv MACs are counted; required with target_speedup.
+        input_size: (C, H, W), the input at which conv MACs are counted (target_speedup) or latency is
+            measured (target_latency, at runtime.batch_size); required with either. Default None.
+        target_latency: instead of a criterion, a float > 1: ranks are chosen so that the network runs at least
+            this many times faster than the dense one in `runtime`, by measurement
+            (trp.deploy.latency_budget: per-layer times at candidate ranks, a greedy allocation by energy per
+            second, then the whole network timed against the dense one and the allocation repeated if it fell
+            short). Raises before building anything when the measurements cannot reach it; warns when the
+            network built does not. The result's `trp_latency_budget` attribute holds the target, whether it
+            was met, the measured speed-up, the ranks and every attempt. Attention q/k/v rows stay dense.
             Default None.
+        runtime: where target_latency measures: a trp.Runtime, or a runtime name ("eager", "onnxruntime").
+            Default None: Runtime("eager").
 
     Returns:
         The decomposed copy. Its `trp_skipped` attribute is {layer name: reason} for every candidate layer
@@ -94,6 +105,13 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
             raise ValueError(f"trp.decompose: layer {t.name!r} has NaN or infinite weights (a diverged or "
                              "damaged model)")
     budget = None
+    if target_latency is not None:
+        if energy is not None or threshold is not None or rank is not None or target_speedup is not None:
+            raise ValueError("give target_latency= or one rank criterion (energy=, threshold=, rank=, "
+                             "target_speedup=), not several")
+        return _decompose_to_latency(model, scheme, selection, skipped, target_latency, input_size, runtime)
+    if runtime is not None:
+        raise ValueError("runtime= says where target_latency= measures: give target_latency= too")
     if target_speedup is not None:
         if energy is not None or threshold is not None or rank is not None:
             raise ValueError("give target_speedup= or one rank criterion (energy=, threshold=, rank=), not both")
@@ -114,6 +132,56 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
         if unknown:
             raise ValueError(f"rank= names layers that are not selected (excluded, or not a layer TRP can "
                              f"factorize): {sorted(unknown)}")
+    compact = _build(model, scheme, selected, skipped, kind, value)
+    if budget is not None:  # measured on the result, not predicted
+        budget["speedup"] = costs.total_dense / count_macs(compact, input_size, linear=costs.linear)
+        compact.trp_budget = budget
+    return compact
+
+
+def _decompose_to_latency(model, scheme, selection, skipped, target, input_size, runtime):
+    """decompose(target_latency=): the measured table, the allocation and its verification loop."""
+    target = checks.real(target, "target_latency", 1.0, low_open=True)
+    if input_size is None:
+        raise ValueError("target_latency needs input_size= (C, H, W), the input at which latency is measured")
+    runtime = latency_budget.Runtime(runtime) if runtime is None or isinstance(runtime, str) else runtime
+    if not isinstance(runtime, latency_budget.Runtime):
+        raise ValueError(f"runtime= takes a trp.Runtime or a runtime name, got {type(runtime).__name__}")
+    selected = [t for t in selection.targets if t.rows is None]
+    skipped = dict(skipped, **{t.name: "attention q/k/v rows: target_latency does not time them on their own"
+                               for t in selection.targets if t.rows is not None})
+    if not selected:
+        raise ValueError(f"target_latency: no layer to decompose (scheme {scheme!r}): {selection.summary()}")
+    table = latency_budget.LatencyTable(model, scheme, selected, input_size, runtime)
+    spectra = budget_mod.spectra(model, scheme, [(t.name, t.module) for t in selected])
+    shape = (runtime.batch_size, *input_shape(input_size)[1:])
+    param = next(model.parameters())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=param.device, dtype=param.dtype)
+
+    def build(ranks):
+        named = [t for t in selected if ranks[t.name] is not None]
+        dense = dict(skipped, **{t.name: "dense is faster at every measured rank, or the budget keeps it"
+                                 for t in selected if ranks[t.name] is None})
+        with warnings.catch_warnings():  # "factorized nothing" is reported in the record, not per attempt
+            warnings.simplefilter("ignore")
+            return _build(model, scheme, named, dense, "rank", {t.name: ranks[t.name] for t in named}).eval()
+
+    compact, record = latency_budget.fit_to_latency(table, spectra, target, build, runtime.timer_for(param.device),
+                                                    copy.deepcopy(model).eval(), x)
+    record.update(runtime=repr(runtime), input_shape=list(shape), total_dense_s=table.total_dense,
+                  layers={n: {"rank": record["ranks"][n], "ms_dense": table.dense[n] * 1e3,
+                              "ms_factorized": (None if record["ranks"][n] is None else
+                                                table.times[n][table.ranks[n].index(record["ranks"][n])] * 1e3)}
+                          for n in table.names})
+    compact.train(model.training)
+    compact.trp_latency_budget = record
+    return compact
+
+
+def _build(model, scheme, selected, skipped, kind, value):
+    """The decomposed copy of `model`: each of `selected` factorized by the criterion (kind, value) where it
+    pays; `skipped` ({name: reason}) is extended with the layers kept dense and becomes trp_skipped."""
+    skipped = dict(skipped)
     chosen, kept_dense = {}, []
     for t in selected:
         layer_value = value.get(t.name) if isinstance(value, dict) else value
@@ -148,9 +216,6 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
     for name, factorized in chosen.items():
         compact.set_submodule(name, factorized)
     compact.trp_skipped = {n: skipped[n] for n in skipped if n not in chosen}
-    if budget is not None:  # measured on the result, not predicted
-        budget["speedup"] = costs.total_dense / count_macs(compact, input_size, linear=costs.linear)
-        compact.trp_budget = budget
     return compact
 
 
