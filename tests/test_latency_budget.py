@@ -105,7 +105,7 @@ def test_the_loop_raises_the_goal_by_the_measured_shortfall():
 
 def test_an_unreachable_target_is_refused_before_anything_is_built():
     timer = FakeTimer(per_mac=1e-12, per_call=1e-3)  # every second conv costs more than any saving
-    with pytest.raises(ValueError, match="not reachable .* predicted 1.00x"):
+    with pytest.raises(ValueError, match="not reachable .* no speed-up"):
         trp.decompose(net(), "channel", target_latency=1.2, input_size=SIZE, runtime=runtime(timer))
     assert timer.calls == 3 + 1  # the three selected layers and the dense network timed; nothing decomposed
 
@@ -179,3 +179,24 @@ def test_nd_orders_and_a_real_eager_runtime_never_silently_miss():
     assert rec["met"] or any("not reached" in str(w.message) for w in caught)
     orders = {type(m).__name__ for m in trp.factorized_layers(compact).values()}
     assert orders <= {"DecoupledConv2d", "DepthwiseDecoupledConv2d"}
+
+
+def test_cli_decompose_to_a_latency_target(tmp_path, capsys, monkeypatch):
+    from cli_helpers import TINY, run_cli
+    monkeypatch.setattr(lb, "RuntimeTimer", lambda name, device, threads, repeats: FakeTimer())
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", *TINY, "--epochs", "1", "--no-report", "--out", run)[0] == 0
+    cache = tmp_path / "lat.json"
+    code, out, err = run_cli(capsys, "decompose", run / "checkpoint.pt", "-o", tmp_path / "d.pt",
+                             "--target-latency", "1.5", "--batch-size", "8", "--latency-cache", cache)
+    assert code == 0, err
+    assert "target 1.5x, measured" in out and "(met)" in out
+    assert all("batch=8" in k for k in json.loads(cache.read_text())["entries"])
+    compact = trp.load(tmp_path / "d.pt")
+    assert trp.factorized_layers(compact)
+    code, _, err = run_cli(capsys, "decompose", run / "checkpoint.pt", "-o", tmp_path / "e.pt", "--target-latency",
+                           "1.5", "--energy", "0.9")
+    assert code == 2 and "not allowed with argument" in err
+    code, _, err = run_cli(capsys, "decompose", run / "checkpoint.pt", "-o", tmp_path / "e.pt", "--target-latency",
+                           "50")
+    assert code != 0 and "not reachable" in err and not (tmp_path / "e.pt").exists()

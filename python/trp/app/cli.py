@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from trp._utils import storage
+from trp._utils import checks, storage
 from trp.app import checkpoint as ckpt
 from trp.app import config, runlock, setup
 from trp.app import data as data_mod
@@ -30,6 +30,7 @@ from trp.deploy import export, io
 from trp.deploy import latency as deploy
 from trp.deploy.decompose import factorized_layers
 from trp.deploy.latency import merge_back
+from trp.deploy.latency_budget import Runtime
 from trp.prune import distributed
 
 LATENCY_FIT = "latency_fit.json"  # what `trp report --fit-latency` adds to the report's directory
@@ -48,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{self.prog}: {message}")
 
 
-def _add_criterion(p, default_note):
+def _add_criterion(p, default_note, latency=False):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--energy", type=float, help=f"decompose keeping this fraction of squared singular values "
                                                 f"({default_note})")
@@ -56,6 +57,20 @@ def _add_criterion(p, default_note):
                                                    "(the released code uses 0.05 after TRP)")
     g.add_argument("--target-speedup", type=float, help="decompose at ranks allocated across the layers for "
                                                         "this conv-MAC speed-up instead")
+    if latency:
+        g.add_argument("--target-latency", type=float, metavar="S",
+                       help="decompose at ranks chosen so that the network runs S times faster than dense in "
+                            "--runtime, by measurement (verified end to end)")
+        p.add_argument("--runtime", choices=deploy.RUNTIMES, default="eager",
+                       help="where --target-latency measures: eager (PyTorch on --device) or onnxruntime (CPU) "
+                            "[eager]")
+        p.add_argument("--batch-size", type=_positive_int, default=1,
+                       help="the batch size --target-latency measures at [1]")
+        p.add_argument("--latency-threads", metavar="N", type=_positive_int,
+                       help="intra-op threads --target-latency measures with (default: the runtime's)")
+        p.add_argument("--latency-cache", metavar="FILE",
+                       help="a JSON file of measured layer latencies, read if it exists and updated (default: "
+                            "none)")
 
 
 def _add_fit(p):
@@ -99,7 +114,7 @@ def build_parser():
     dc.add_argument("--out", "-o", required=True, help="decomposed model file to write")
     dc.add_argument("--scheme", help="channel, spatial, nd, nd_pointwise or nd_depthwise (default: the "
                                       "checkpoint's)")
-    _add_criterion(dc, "default: the checkpoint's --threshold or --energy")
+    _add_criterion(dc, "default: the checkpoint's --threshold or --energy", latency=True)
     _add_fit(dc)
 
     ev = sub.add_parser("eval", help="accuracy of a training checkpoint or a decomposed model file")
@@ -327,10 +342,24 @@ def cmd_decompose(ns):
     out_dir = os.path.dirname(os.path.abspath(ns.out))
     if not os.path.isdir(out_dir):
         raise CLIError(f"directory {out_dir} does not exist")
+    runtime = None
+    if ns.target_latency is not None:
+        checks.real(ns.target_latency, "--target-latency", 1.0, low_open=True)
+        if ns.latency_cache is not None:
+            storage.check_output_file(ns.latency_cache)
+        runtime = Runtime(ns.runtime, batch_size=ns.batch_size, threads=ns.latency_threads, cache=ns.latency_cache)
     saved, model = _checkpoint_model(ns.checkpoint)
-    scheme, crit = _deploy_args(ns, saved["config"])
     size = (1, saved["arch"].get("in_channels", 3), *(2 * [_image_size(saved["config"])]))
-    compact = decompose_mod.decompose(model, scheme, **crit, input_size=size)
+    if runtime is None:
+        scheme, crit = _deploy_args(ns, saved["config"])
+        compact = decompose_mod.decompose(model, scheme, **crit, input_size=size)
+    else:
+        scheme, crit = ns.scheme or saved["config"]["scheme"], {"target_latency": ns.target_latency}
+        compact = decompose_mod.decompose(model, scheme, **crit, input_size=size, runtime=runtime)
+        rec = compact.trp_latency_budget
+        _log(f"latency on {ns.runtime} at batch {ns.batch_size}: target {rec['target']:g}x, measured "
+             f"{rec['measured']:.2f}x ({'met' if rec['met'] else 'NOT met'}) after {len(rec['attempts'])} "
+             f"allocation(s)")
     compact = _deploy_fit(ns, compact, model, size[1:])
     io.save(compact, ns.out)
     wide = bool(block_names(model))  # a transformer: count its Linear layers and attention too

@@ -297,9 +297,12 @@ def allocate_latency(table, spectra, target, margin=0.0):
     ranks = {n: (f[0][0] if f else None) for n, f in fronts.items()}
     spent, budget = table.seconds(ranks), table.total_dense / target
     if spent > budget:
+        best = table.total_dense / spent
+        reach = (f"at most {best:.2f}x: ask for at most that" if best > 1 else
+                 "no speed-up: no selected layer measured faster factorized than dense here")
         raise ValueError(f"target_latency={target:g} is not reachable in this runtime: with every selected layer "
-                         f"at its fastest measured rank the network is predicted {table.total_dense / spent:.2f}x "
-                         "faster than dense; ask for at most that, or select more layers")
+                         f"at its fastest measured rank the prediction is {reach} (or try another batch size, "
+                         "runtime or scheme)")
     gains = {n: layer_gains(spectra[n]) for n in table.names}
     state = {n: 0 for n in table.names}  # index into the layer's frontier; len(frontier): dense
     order = {n: i for i, n in enumerate(table.names)}
