@@ -200,3 +200,34 @@ def test_cli_decompose_to_a_latency_target(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(capsys, "decompose", run / "checkpoint.pt", "-o", tmp_path / "e.pt", "--target-latency",
                            "50")
     assert code != 0 and "not reachable" in err and not (tmp_path / "e.pt").exists()
+
+
+def test_latency_cost_interpolates_caps_and_steers_training():
+    model = net()
+    targets = trp.plan_layers(model, "channel").targets
+    cost = lb.LatencyCost(lb.LatencyTable(model, "channel", targets, SIZE, runtime()))
+    table = cost.table
+    r0, r1 = table.ranks["6"][:2]
+    mid = cost.layer_seconds("6", (r0 + r1) // 2)
+    assert min(table.times["6"][:2]) < mid < max(table.times["6"][:2])  # between the measured neighbours
+    assert cost.layer_seconds("6", 64) == table.dense["6"]  # above every candidate: dense
+    assert cost.layer_seconds("6", 64, capped=False) > cost.layer_seconds("6", 56, capped=False)
+    assert cost.speedup({n: None for n in cost.names}) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="not reachable"):
+        cost.check_target(50.0)
+    with pytest.raises(ValueError, match="give target_speedup"):
+        trp.RankPruner(model, "channel", costs=cost)
+    torch.manual_seed(0)
+    pruner = trp.RankPruner(model, "channel", nuclear=1e-4, target_speedup=1.6, costs=cost, warmup=20)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(32, *SIZE), torch.randint(0, 10, (32,))
+    model.train()
+    for step in range(50):
+        pruner.step()
+        loss = nn.functional.cross_entropy(model(x[step % 4::4]), y[step % 4::4])
+        opt.zero_grad()
+        loss.backward()
+        pruner.regularize()
+        opt.step()
+    assert pruner.budget.speedup == pytest.approx(cost.speedup(pruner.ranks))
+    assert abs(pruner.budget.speedup - 1.6) <= 0.2, pruner.ranks

@@ -274,6 +274,99 @@ class LatencyTable:
         return self.total_dense / self.seconds(fastest)
 
 
+class LatencyCost:
+    """A LatencyTable as the cost model of trp.prune.budget.SpeedupController (RankPruner(target_speedup=,
+    costs=)): the network's time at any ranks, each layer's by linear interpolation between its measured
+    candidates (and extrapolation beyond them), so that training can be steered to a latency speed-up.
+
+    Attributes: names, total_dense, fixed (as the table's).
+
+    Args:
+        table: the LatencyTable of the pruned layers.
+        margin: a layer counts as dense where its time is not below (1 - margin) x the dense one. Default 0.
+    """
+
+    def __init__(self, table, margin=0.0):
+        self.table, self.margin = table, checks.real(margin, "margin", 0.0, 1.0, high_open=True)
+        self.names, self.total_dense, self.fixed = table.names, table.total_dense, table.fixed
+
+    def layer_seconds(self, name, rank, capped=True):
+        """One layer's time at `rank`.
+
+        Args:
+            name: the layer's name.
+            rank: an int >= 1, or None (dense).
+            capped: count the dense time where the factorized time would not be below it (or the rank is above
+                every measured candidate). False: the interpolated time regardless (what the controller
+                steers: it moves with every rank). Default True.
+
+        Returns:
+            Seconds, a float.
+        """
+        dense, points = self.table.dense[name], list(zip(self.table.ranks[name], self.table.times[name]))
+        if rank is None or not points:
+            return dense
+        if len(points) == 1:
+            seconds = points[0][1] * rank / points[0][0]
+        else:
+            i = min(max(sum(r <= rank for r, _ in points) - 1, 0), len(points) - 2)
+            (r0, t0), (r1, t1) = points[i], points[i + 1]
+            seconds = t0 + (t1 - t0) * (rank - r0) / (r1 - r0)
+        seconds = max(seconds, 1e-12)
+        if capped and (rank > points[-1][0] or seconds >= dense * (1.0 - self.margin)):
+            return dense
+        return seconds
+
+    def macs(self, ranks, capped=True):
+        """The network's predicted time at `ranks` (the controller's cost; seconds here, not MACs).
+
+        Args:
+            ranks: {name: rank or None}; a layer it lacks is dense.
+            capped: as for layer_seconds. Default True.
+
+        Returns:
+            Seconds, a float.
+        """
+        return self.fixed + sum(self.layer_seconds(n, ranks.get(n), capped) for n in self.names)
+
+    def speedup(self, ranks, capped=True):
+        """The predicted latency speed-up at `ranks`.
+
+        Args:
+            ranks: {name: rank or None}.
+            capped: as for layer_seconds. Default True.
+
+        Returns:
+            A float.
+        """
+        return self.total_dense / self.macs(ranks, capped)
+
+    def max_speedup(self):
+        """The predicted speed-up with every layer at its fastest measured candidate (LatencyTable.max_speedup)."""
+        return self.table.max_speedup(self.margin)
+
+    def check_target(self, target, name="target_latency"):
+        """Checks that a latency speed-up is > 1 and reachable by the measurements.
+
+        Args:
+            target: the speed-up, a finite number.
+            name: the argument's name in the error message. Default "target_latency".
+
+        Returns:
+            The target, as a float.
+
+        Raises:
+            ValueError: when it is not > 1, or above max_speedup() (the message says what is reachable).
+        """
+        target = checks.real(target, name, 1.0, low_open=True)
+        best = self.max_speedup()
+        if target > best:
+            reach = f"at most {best:.2f}x" if best > 1 else "no speed-up: no layer measured faster factorized"
+            raise ValueError(f"{name}={target:g} is not reachable in this runtime: the measurements allow {reach} "
+                             "(try another batch size, runtime or scheme)")
+        return target
+
+
 def allocate_latency(table, spectra, target, margin=0.0):
     """{name: rank, or None where the layer stays dense} whose predicted latency speed-up is at least `target`,
     keeping the most energy: every layer starts at its fastest worthwhile candidate; the step (to its next
@@ -379,5 +472,5 @@ def fit_to_latency(table, spectra, target, build, timer, dense_model, x, attempt
     return net, {"target": float(target), "met": met, "measured": measured, "ranks": ranks, "attempts": tries}
 
 
-__all__ = ["Runtime", "LatencyTable", "allocate_latency", "fit_to_latency", "candidate_ranks", "read_cache",
-           "write_cache", "CACHE_VERSION"]
+__all__ = ["Runtime", "LatencyTable", "LatencyCost", "allocate_latency", "fit_to_latency", "candidate_ranks",
+           "read_cache", "write_cache", "CACHE_VERSION"]

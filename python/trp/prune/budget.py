@@ -198,7 +198,7 @@ class SpeedupController:
         self.speedup = costs.speedup(ranks)
         macs = costs.macs(ranks, capped=False)
         goal_macs = costs.total_dense / self.goal()
-        excess = (macs - goal_macs) / max(macs - costs.fixed, 1)
+        excess = (macs - goal_macs) / max(macs - costs.fixed, 1e-12 * costs.total_dense)  # any unit: MACs or s
         if excess <= 0:  # the goal is reached: what the dead zone added to the trim is spent
             self.log_trim = min(self.log_trim, self.log_start) - self.gain * math.log(goal_macs / macs)
         elif self.last_macs is not None:

@@ -117,6 +117,10 @@ class RankPruner:
             Default None.
         warmup: number of projections over which the speed-up goal ramps from 1 to target_speedup, an
             int >= 0. Default 0.
+        costs: what target_speedup counts, instead of conv MACs at input_size: a cost model with the interface
+            of trp.cost.model.CostModel's speedup(), macs(), total_dense, fixed and check_target();
+            trp.deploy.latency_budget.LatencyCost makes target_speedup a measured latency speed-up. Default
+            None.
 
     Raises:
         ValueError: when an argument is out of range, no layer is selected, or target_speedup is given
@@ -125,7 +129,7 @@ class RankPruner:
 
     def __init__(self, model, scheme="channel", energy=0.9, period=1, nuclear=3e-4, layers=None,
                  exclude=None, nuclear_every="projection", max_rank=None, process_group=None,
-                 target_speedup=None, input_size=None, warmup=0):
+                 target_speedup=None, input_size=None, warmup=0, costs=None):
         _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank)
         pg = distributed.active_group(process_group)
         model = distributed.unwrap(model)
@@ -144,11 +148,16 @@ class RankPruner:
                              f"{', '.join(PRESETS)}) to choose layers")
         self.engine = Engine(self.targets, scheme, pg)  # the groups and the projection paths
         self.budget = None  # the speed-up controller of target_speedup=
+        if costs is not None and target_speedup is None:
+            raise ValueError("RankPruner: costs= is what target_speedup= counts: give target_speedup= too")
         if target_speedup is not None:
-            if input_size is None:
+            if costs is None and input_size is None:
                 raise ValueError("RankPruner: target_speedup needs input_size= (C, H, W), the input at which "
                                  "conv MACs are counted")
-            costs = CostModel(model, scheme, self.layers, input_size)
+            if costs is None:
+                costs = CostModel(model, scheme, self.layers, input_size)
+            elif list(costs.names) != self.layer_names:
+                raise ValueError("RankPruner: costs= was built for other layers than the pruner selected")
             self.budget = SpeedupController(costs, target_speedup, warmup)
             self.energy = self.budget.energy
         self.steps = 0                 # number of step() calls so far
