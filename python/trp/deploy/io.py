@@ -268,11 +268,13 @@ def load(path, base=None):
             is used (it is not modified; the model keeps its device).
 
     Returns:
-        The model, its factorized layers installed and its weights loaded.
+        The model, its factorized layers installed and its weights loaded; the parameters that the model ties
+        (a language model's embedding and output head) stay one parameter.
 
     Raises:
         ValueError: no record and no base (the message names the class to pass), a file of another
-            architecture, or a damaged one; nothing is returned half-loaded.
+            architecture, a damaged one, or one with different values for weights the model ties; nothing is
+            returned half-loaded.
     """
     return from_payload(verify_model_file(read_torch(path), path), path, base)
 
