@@ -29,7 +29,9 @@ trp.models' CIFAR ResNets do with "paper" to keep the paper's experiments as the
 plan_layers returns a Selection: the targets and, for every other candidate layer, why it is skipped.
 Layers that look like a conv or a Linear but are not eligible (an nn.Conv2d subclass with its own forward,
 an unregistered parametrization, ...) are skipped with one warning naming them when a preset selects
-them, and refused with a ValueError when layers= names them."""
+them, and refused with a ValueError when layers= names them. So is a Linear-like layer with a tied weight
+named by layers= (a type such as nn.Linear matches a language model's tied output head): its factorized form
+would untie it from the embedding."""
 import re
 import warnings
 
@@ -187,6 +189,18 @@ def _conv_geometry(c):
         return None
 
 
+def _tied_reason(names):
+    return f"tied weight (shared as {', '.join(names)}): changing it changes every module that holds it"
+
+
+def _tied_linear(c, shared):
+    """The names sharing candidate c's weight when c is a Linear-like layer with a tied weight (a language
+    model's output head tied to its embedding), else None. Decomposing it would untie them."""
+    if c.target is None or not c.target.is_linear or c.target.rows is not None:
+        return None
+    return shared.get(id(c.target.param))
+
+
 def _preset_reason(preset, c, ctx):
     """Why the preset skips candidate c (a phrase), or None when it selects it."""
     scheme = ctx["scheme"]
@@ -227,7 +241,7 @@ def _preset_reason(preset, c, ctx):
         return None
     tied = ctx["shared"].get(id(c.target.param))
     if tied is not None and c.target.rows is None:
-        return f"tied weight (shared as {', '.join(tied)}): changing it changes every module that holds it"
+        return _tied_reason(tied)
     if min(c.target.shape) < TINY:
         return f"tiny Linear-like matrix (a side below {TINY})"
     why = transformer.unsupported_host(ctx["model"], c.name)
@@ -307,8 +321,8 @@ def plan_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
         A Selection (str() lists everything).
 
     Raises:
-        ValueError: a spec that matches nothing, a named layer that is not eligible, or a Linear-like
-            layer named under a scheme other than channel.
+        ValueError: a spec that matches nothing, a named layer that is not eligible, a Linear-like layer
+            named under a scheme other than channel, or a named Linear-like layer with a tied weight.
     """
     check_module(model)
     check_scheme(scheme)
@@ -344,6 +358,12 @@ def plan_layers(model, scheme="channel", layers=None, exclude=None, warn=True):
     if bad:
         raise ValueError("layers= names layers that TRP cannot reproduce exactly: " + "; ".join(bad)
                          + ". Exclude them (exclude=) or register an adapter (trp.register_layer_adapter)")
+    tied = [f"{n} ({_tied_reason(names)})" for n in dict.fromkeys(named_explicitly)
+            if n not in excluded and (names := _tied_linear(by_name[n], ctx["shared"])) is not None]
+    if tied:
+        raise ValueError("layers= names Linear-like layers with tied weights: " + "; ".join(tied) + ". Their "
+                         "factorized form would untie them (a language model's head from its embedding); exclude "
+                         "them (exclude=)")
     for n in named_explicitly:
         c = by_name[n]
         if n not in excluded and c.target is not None and c.target.is_linear and scheme != "channel":
@@ -386,8 +406,8 @@ def select_targets(model, scheme="channel", layers=None, exclude=None, warn=True
         [trp.core.targets.Target] in registration order.
 
     Raises:
-        ValueError: a spec that matches nothing, a named layer that is not eligible, or a Linear-like
-            layer named under a scheme other than channel.
+        ValueError: a spec that matches nothing, a named layer that is not eligible, a Linear-like layer
+            named under a scheme other than channel, or a named Linear-like layer with a tied weight.
     """
     return plan_layers(model, scheme, layers, exclude, warn).targets
 
@@ -412,8 +432,8 @@ def select_layers(model, scheme="channel", layers=None, exclude=None, warn=True)
             gives the matrices).
 
     Raises:
-        ValueError: a spec that matches nothing, a named layer that is not eligible, or a Linear-like
-            layer named under a scheme other than channel.
+        ValueError: a spec that matches nothing, a named layer that is not eligible, a Linear-like layer
+            named under a scheme other than channel, or a named Linear-like layer with a tied weight.
     """
     return [(t.name, t.module) for t in select_targets(model, scheme, layers, exclude, warn)]
 

@@ -2,6 +2,7 @@
 """ONNX export of (decomposed) models, checked in onnxruntime, and latency measured there.
 
     trp.export_onnx(compact, "model.onnx", (3, 32, 32))   # dynamic batch axis, verified in onnxruntime
+    trp.export_onnx(lm, "lm.onnx", (2, 16), vocab_size=lm.config.vocab_size)   # token ids in, logits out
 
 The factorized convolutions export as the standard convolutions they equal (trp_kernels.onnx), with either
 exporter: "dynamo" (torch.onnx.export(dynamo=True), needs onnxscript) or "torchscript" (the TorchScript-
@@ -88,6 +89,65 @@ def check_opset(opset, exporter="dynamo"):
     return opset
 
 
+def check_vocab_size(vocab_size):
+    """Checks export_onnx's vocab_size: None (float inputs) or an int >= 1 (token-id inputs).
+
+    Args:
+        vocab_size: the value to check.
+
+    Returns:
+        vocab_size.
+
+    Raises:
+        ValueError: neither None nor an int >= 1.
+    """
+    if vocab_size is not None:
+        checks.integer(vocab_size, "vocab_size", 1, what=" (token ids are drawn from [0, vocab_size))")
+    return vocab_size
+
+
+def example_shape(input_size, vocab_size=None):
+    """The shape of the exported model's input: input_shape(input_size) for float inputs; with vocab_size,
+    token ids: (L,) or (N, L), as (N, L).
+
+    Args:
+        input_size: (C, H, W) or (N, C, H, W); with vocab_size (L,) or (N, L).
+        vocab_size: None (float inputs) or the vocabulary size (token-id inputs).
+
+    Returns:
+        The shape, a tuple of ints with the batch size first.
+
+    Raises:
+        ValueError: a malformed input_size or vocab_size.
+    """
+    if check_vocab_size(vocab_size) is None:
+        return input_shape(input_size)
+    shape = tuple(int(s) for s in input_size)
+    if len(shape) == 1:
+        shape = (1,) + shape
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"with vocab_size, input_size must be (L,) or (N, L) token ids with positive sizes, got "
+                         f"{input_size}")
+    return shape
+
+
+def example_input(shape, vocab_size=None, generator=None):
+    """A random input of `shape`: standard normal floats, or with vocab_size token ids (int64) drawn
+    uniformly from [0, vocab_size).
+
+    Args:
+        shape: the input's shape.
+        vocab_size: None (float inputs) or the vocabulary size (token-id inputs).
+        generator: the torch.Generator to draw from. Default None: the global one.
+
+    Returns:
+        The tensor.
+    """
+    if vocab_size is None:
+        return torch.randn(shape, generator=generator)
+    return torch.randint(0, vocab_size, shape, generator=generator)
+
+
 def _cpu_eval_copy(model):
     """A float32 CPU copy in eval mode: what is exported (the caller's model is not touched)."""
     return copy.deepcopy(model).cpu().float().eval()
@@ -130,9 +190,12 @@ def output_leaves(out, name=OUTPUT_NAME):
             for field in dataclasses.fields(obj):
                 visit(getattr(obj, field.name), f"{path}.{field.name}")
         else:
+            hint = ""
+            if type(obj).__name__.endswith("Cache"):  # transformers' KV caches (DynamicCache, ...)
+                hint = "; a Hugging Face model returns its KV cache unless model.config.use_cache = False"
             raise ValueError(f"export_onnx: the model's output {path} is a {type(obj).__name__}; ONNX outputs "
                              "are tensors (dicts, tuples, lists, dataclasses and ModelOutputs of tensors or None "
-                             "are flattened)")
+                             f"are flattened){hint}")
 
     visit(out, name)
     if not leaves:
@@ -181,6 +244,7 @@ class _OutputSpec:
 
     def __init__(self, model, x, dynamic_batch):
         _check_single_input(model)
+        kind = "float32" if x.is_floating_point() else f"{str(x.dtype).removeprefix('torch.')} (token ids)"
         sizes = (x.shape[0], x.shape[0] + 1) if dynamic_batch else (x.shape[0],)
         runs = []
         for n in sizes:
@@ -189,10 +253,11 @@ class _OutputSpec:
                 with torch.no_grad():
                     out = model(xn)
             except Exception as exc:
-                raise ValueError(f"export_onnx: the model fails on one float32 input of shape {tuple(xn.shape)} "
+                raise ValueError(f"export_onnx: the model fails on one {kind} input of shape {tuple(xn.shape)} "
                                  f"({type(exc).__name__}: {exc}). export_onnx calls model(x) with one float "
-                                 "tensor of input_size; a model that takes token ids, several inputs or keyword "
-                                 "inputs needs a wrapper module whose forward takes that one tensor") from exc
+                                 "tensor of input_size, or with vocab_size= one tensor of token ids; a model that "
+                                 "takes several inputs or keyword inputs needs a wrapper module whose forward "
+                                 "takes that one tensor") from exc
             runs.append(output_leaves(out))
         self.single = isinstance(out, torch.Tensor)
         self.names = [n for n, _ in runs[0]]
@@ -207,27 +272,31 @@ class _OutputSpec:
         return model if self.single else _FlatOutputs(model)
 
 
-def onnx_bytes(model, input_size, dynamic_batch=True, exporter="dynamo", opset=18):
+def onnx_bytes(model, input_size, dynamic_batch=True, exporter="dynamo", opset=18, vocab_size=None):
     """The serialized ONNX model of `model` (eval mode, float32, CPU) for inputs of `input_size`.
 
     Args:
         model: the nn.Module to export (not modified: a CPU float32 copy is exported).
-        input_size: (C, H, W) or (N, C, H, W).
+        input_size: (C, H, W) or (N, C, H, W); with vocab_size, token ids: (L,) or (N, L).
         dynamic_batch: make the batch axis of the input and of the outputs symbolic. Default True.
         exporter: "dynamo" or "torchscript". Default "dynamo".
         opset: the ONNX opset to write, within opset_range(exporter). Default 18.
+        vocab_size: None (a float input) or the vocabulary size of a model that takes token ids (an int64
+            input). Default None.
 
     Returns:
         The ONNX model, bytes.
 
     Raises:
-        ValueError: as module_bytes, or a malformed input_size.
+        ValueError: as module_bytes, or a malformed input_size or vocab_size.
     """
-    return module_bytes(model, torch.randn(input_shape(input_size)), exporter, dynamic_batch, opset)
+    x = example_input(example_shape(input_size, vocab_size), vocab_size)
+    return module_bytes(model, x, exporter, dynamic_batch, opset)
 
 
 def module_bytes(module, x, exporter="dynamo", dynamic_batch=False, opset=18):
-    """The serialized ONNX model of `module` (eval mode, float32, CPU) for the example input x.
+    """The serialized ONNX model of `module` (eval mode, float32, CPU) for the example input x (a float input
+    is exported as float32, an integer one, such as token ids, with its dtype).
 
     The output may be one tensor (ONNX output "output") or any container of tensors: its tensors become the
     ONNX outputs in output_leaves' order and names. The checks that one eager forward allows (one input
@@ -250,7 +319,8 @@ def module_bytes(module, x, exporter="dynamo", dynamic_batch=False, opset=18):
     check_opset(opset, exporter)
     if not isinstance(dynamic_batch, bool):
         raise ValueError(f"dynamic_batch must be a bool, got {dynamic_batch!r}")
-    m, x = _cpu_eval_copy(module), x.detach().cpu().float()
+    m, x = _cpu_eval_copy(module), x.detach().cpu()
+    x = x.float() if x.is_floating_point() else x
     spec = _OutputSpec(m, x, dynamic_batch)
     m = spec.exportable(m)
     names = {"input_names": [INPUT_NAME], "output_names": spec.names}
@@ -343,7 +413,7 @@ def _pair_outputs(sess, outs, leaves):
     return [(n, torch.from_numpy(out), ref) for (n, ref), out in zip(leaves, outs)]
 
 
-def verify(model, model_bytes, input_size, batch_sizes=None, rtol=1e-4, seed=0):
+def verify(model, model_bytes, input_size, batch_sizes=None, rtol=1e-4, seed=0, vocab_size=None):
     """Runs the exported model in onnxruntime and eager `model` on the same random inputs, output by output.
 
     Every tensor of the model's output (a tensor, or a dict, tuple, list, dataclass or ModelOutput of them,
@@ -353,10 +423,11 @@ def verify(model, model_bytes, input_size, batch_sizes=None, rtol=1e-4, seed=0):
     Args:
         model: the eager model (a float32 CPU copy in eval mode is run; the model is not touched).
         model_bytes: the serialized ONNX model.
-        input_size: (C, H, W) or (N, C, H, W).
+        input_size: (C, H, W) or (N, C, H, W); with vocab_size, token ids: (L,) or (N, L).
         batch_sizes: the batch sizes to run (default: the input_size's; another one checks a dynamic axis).
         rtol: the largest relative error allowed on any output.
         seed: seed of the random inputs.
+        vocab_size: None (random normal float inputs) or the vocabulary size (random token ids). Default None.
 
     Returns:
         {batch size: the largest relative error over the outputs}.
@@ -364,13 +435,13 @@ def verify(model, model_bytes, input_size, batch_sizes=None, rtol=1e-4, seed=0):
     Raises:
         ValueError: another number of outputs, a shape or dtype that differs, or an error above rtol.
     """
-    shape = input_shape(input_size)
+    shape = example_shape(input_size, vocab_size)
     m = _cpu_eval_copy(model)
     sess = session(model_bytes, threads=1)
     gen = torch.Generator().manual_seed(seed)
     errors, worst = {}, {}
     for n in batch_sizes or (shape[0],):
-        x = torch.randn((n, *shape[1:]), generator=gen)
+        x = example_input((n, *shape[1:]), vocab_size, gen)
         with torch.no_grad():
             leaves = output_leaves(m(x))
         outs = sess.run(None, {INPUT_NAME: x.numpy()})
@@ -385,12 +456,14 @@ def verify(model, model_bytes, input_size, batch_sizes=None, rtol=1e-4, seed=0):
 
 
 def export_onnx(model, path, input_size, dynamic_batch=True, exporter="dynamo", opset=18, check=True,
-                rtol=1e-4):
+                rtol=1e-4, vocab_size=None):
     """Writes `model` (dense or decomposed) as ONNX to `path` (atomically) and, with check=True, verifies it
     in onnxruntime against eager, output by output (verify), at the given batch size and, with dynamic_batch,
     another.
 
-    The model is called as model(x) with one float tensor of input_size; its output may be a tensor or any
+    The model is called as model(x) with one float tensor of input_size, or with vocab_size= one int64 tensor
+    of token ids of input_size (N, L) (a Hugging Face causal LM: input_ids in, "output.logits" out; its
+    config.use_cache must be False, a KV cache is no tensor output); its output may be a tensor or any
     container of tensors (dicts such as torchvision segmentation's {"out": ...}, tuples, lists, dataclasses,
     Hugging Face ModelOutputs): each tensor is one ONNX output named by its path ("output", "output.out",
     "output.0", "output.logits"; output_leaves). Before the export, which can take minutes, the destination,
@@ -399,12 +472,14 @@ def export_onnx(model, path, input_size, dynamic_batch=True, exporter="dynamo", 
     Args:
         model: an nn.Module whose forward takes one input tensor.
         path: the .onnx file to write (its directory is created).
-        input_size: (C, H, W) or (N, C, H, W).
+        input_size: (C, H, W) or (N, C, H, W); with vocab_size, token ids: (L,) or (N, L).
         dynamic_batch: make the batch axis of the input and of the batched outputs symbolic.
         exporter: "dynamo" or "torchscript".
         opset: the ONNX opset.
         check: verify the file in onnxruntime before writing it.
         rtol: verify's tolerance.
+        vocab_size: None (a float input) or the vocabulary size of a model that takes token ids: the input is
+            then int64 and verify draws its ids from [0, vocab_size). Default None.
 
     Returns:
         {"path", "bytes", "exporter", "dynamic_batch", "errors" (verify's, or None), "outputs" (the file's
@@ -416,12 +491,12 @@ def export_onnx(model, path, input_size, dynamic_batch=True, exporter="dynamo", 
         IsADirectoryError, NotADirectoryError, PermissionError: a destination that cannot be written.
     """
     storage.check_writable(path)
-    shape = input_shape(input_size)
-    data = onnx_bytes(model, shape, dynamic_batch, exporter, opset)
+    shape = example_shape(input_size, vocab_size)
+    data = onnx_bytes(model, shape, dynamic_batch, exporter, opset, vocab_size)
     errors = None
     if check:
         batches = (shape[0], shape[0] + 2) if dynamic_batch else (shape[0],)
-        errors = verify(model, data, shape, batches, rtol)
+        errors = verify(model, data, shape, batches, rtol, vocab_size=vocab_size)
     storage.atomic_write(path, lambda f: f.write(data))
     return {"path": str(path), "bytes": len(data), "exporter": exporter, "dynamic_batch": dynamic_batch,
             "errors": errors, "outputs": output_names(data)}
@@ -501,4 +576,5 @@ def available_exporters():
 
 __all__ = ["export_onnx", "check_opset", "opset_range", "onnx_bytes", "module_bytes", "output_leaves",
            "output_names", "fast_exporter", "verify", "session", "ort_runner", "ort_latency", "compare_ort",
-           "EXPORTERS", "onnxruntime_available", "available_exporters"]
+           "EXPORTERS", "onnxruntime_available", "available_exporters", "check_vocab_size", "example_shape",
+           "example_input"]

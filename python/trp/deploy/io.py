@@ -235,6 +235,29 @@ def _install_layers(model, layers, path):
         model.set_submodule(name, factorized)
 
 
+def _ties(model):
+    """[[name, ...]] of the parameters that several names share (tied weights: a language model's embedding and
+    output head), as the model holds them before its weights are loaded."""
+    names = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie(model, ties, state, path):
+    """Makes every group of `ties` one parameter again: load_state_dict(assign=True) gives each name its own.
+    The file must hold one value for the group (it does when it was saved from the tied model)."""
+    for first, *others in ties:
+        for name in others:
+            if not torch.equal(state[name], state[first]):
+                raise ValueError(f"trp.load: {path} does not match the model: it holds different values for "
+                                 f"{first} and {name}, which the model ties (one parameter)")
+        shared = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, shared)
+
+
 def load(path, base=None):
     """The model stored at `path` by trp.save, with the dtypes and the train/eval mode it was saved in.
 
@@ -245,11 +268,13 @@ def load(path, base=None):
             is used (it is not modified; the model keeps its device).
 
     Returns:
-        The model, its factorized layers installed and its weights loaded.
+        The model, its factorized layers installed and its weights loaded; the parameters that the model ties
+        (a language model's embedding and output head) stay one parameter.
 
     Raises:
         ValueError: no record and no base (the message names the class to pass), a file of another
-            architecture, or a damaged one; nothing is returned half-loaded.
+            architecture, a damaged one, or one with different values for weights the model ties; nothing is
+            returned half-loaded.
     """
     return from_payload(verify_model_file(read_torch(path), path), path, base)
 
@@ -312,8 +337,10 @@ def _from_payload(payload, path, base=None):
     own = model.state_dict()
     for k, v in state.items():  # the model's devices, the file's dtypes (assign=True keeps them)
         state[k] = v.to(own[k].device) if k in own else v
+    ties = _ties(model)
     load_weights(model, state, f"trp.load: {path} does not match the model (another architecture?)",
                  error=ValueError, assign=True)
+    _retie(model, ties, state, path)
     _restore_modes(model, payload)
     if arch is not None:
         model.trp_arch = copy.deepcopy(arch)

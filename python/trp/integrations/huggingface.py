@@ -1,7 +1,7 @@
 """TRPTrainerCallback: Trained Rank Pruning inside a Hugging Face `transformers.Trainer` run.
 
     trainer = Trainer(model, args, train_dataset=..., callbacks=[
-        TRPTrainerCallback(energy=0.9, nuclear=3e-4, layers=nn.Linear, decompose_at_end="ranks")])
+        TRPTrainerCallback(energy=0.9, nuclear=3e-4, decompose_at_end="ranks")])  # the blocks' Linears
     trainer.train()                                  # or trainer.train(resume_from_checkpoint=True)
 
 Where each pruner call sits in the Trainer's loop (transformers >= 4.45; one optimizer step, with
