@@ -188,7 +188,7 @@ def test_cli_decompose_to_a_latency_target(tmp_path, capsys, monkeypatch):
     assert run_cli(capsys, "train", *TINY, "--epochs", "1", "--no-report", "--out", run)[0] == 0
     cache = tmp_path / "lat.json"
     code, out, err = run_cli(capsys, "decompose", run / "checkpoint.pt", "-o", tmp_path / "d.pt",
-                             "--target-latency", "1.5", "--batch-size", "8", "--latency-cache", cache)
+                             "--target-latency", "1.5", "--latency-batch-size", "8", "--latency-cache", cache)
     assert code == 0, err
     assert "target 1.5x, measured" in out and "(met)" in out
     assert all("batch=8" in k for k in json.loads(cache.read_text())["entries"])
@@ -231,3 +231,23 @@ def test_latency_cost_interpolates_caps_and_steers_training():
         opt.step()
     assert pruner.budget.speedup == pytest.approx(cost.speedup(pruner.ranks))
     assert abs(pruner.budget.speedup - 1.6) <= 0.2, pruner.ranks
+
+
+def test_trp_train_to_a_latency_target(tmp_path, capsys, monkeypatch):
+    from cli_helpers import TINY, run_cli
+    monkeypatch.setattr(lb, "RuntimeTimer", lambda name, device, threads, repeats: FakeTimer(per_call=1e-7))
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", *TINY, "--epochs", "2", "--target-latency", "1.3", "--out", out)
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    rec = rep["latency_budget"]
+    assert rep["target_latency"] == 1.3 and rep["runtime"] == "eager" and rec["met"] and rec["measured"] >= 1.3 * 0.97
+    assert "target 1.3x, measured" in stdout
+    assert json.loads((out / "latency.json").read_text())["entries"]  # the timings kept for the final decomposition
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["pruner"]["budget"]["target"] == 1.3  # the controller steered the training
+    code, _, err = run_cli(capsys, "train", *TINY, "--target-latency", "40", "--out", tmp_path / "far")
+    assert code != 0 and "not reachable" in err and not (tmp_path / "far" / "checkpoint.pt").exists()
+    code, _, err = run_cli(capsys, "train", *TINY, "--target-latency", "1.3", "--energy", "0.9", "--out",
+                           tmp_path / "both")
+    assert code != 0 and "drop --energy" in err

@@ -64,7 +64,7 @@ def _add_criterion(p, default_note, latency=False):
         p.add_argument("--runtime", choices=deploy.RUNTIMES, default="eager",
                        help="where --target-latency measures: eager (PyTorch on --device) or onnxruntime (CPU) "
                             "[eager]")
-        p.add_argument("--batch-size", type=_positive_int, default=1,
+        p.add_argument("--latency-batch-size", metavar="N", type=_positive_int, default=1,
                        help="the batch size --target-latency measures at [1]")
         p.add_argument("--latency-threads", metavar="N", type=_positive_int,
                        help="intra-op threads --target-latency measures with (default: the runtime's)")
@@ -178,6 +178,8 @@ def _train_config(ns):
         explicit["nuclear"] = 0.0
     if "target_speedup" in explicit and "energy" in explicit:
         raise CLIError("--target-speedup steers the projections' energy itself: drop --energy")
+    if "target_latency" in explicit and "energy" in explicit:
+        raise CLIError("--target-latency steers the projections' energy itself: drop --energy")
     config.check_preset(preset)
     if resume is None:
         cfg = config.resolve_config(explicit, preset)
@@ -302,8 +304,11 @@ def _train(ns, cfg, saved, init, start, resumed=None, rank=0):
         if ns.no_report or rank != 0:
             return 0
         try:
+            runtime = (setup.latency_runtime(cfg.runtime, cfg.latency_batch_size, run.out)
+                       if cfg.target_latency is not None else None)
             train_mod.final_report(run.model, run.bundle, run.report_loader, run.device, cfg.scheme,
-                                   **train_mod.decompose_criterion(cfg.energy, cfg.threshold, cfg.target_speedup),
+                                   **train_mod.decompose_criterion(cfg.energy, cfg.threshold, cfg.target_speedup,
+                                                                   cfg.target_latency, runtime),
                                    out=run.out, log=_log)
         except KeyboardInterrupt:
             raise Interrupted(f"training finished: {run.ckpt_path} is kept; `trp report {run.ckpt_path}` writes "
@@ -333,7 +338,11 @@ def _deploy_args(ns, cfg):
     scheme = ns.scheme or cfg["scheme"]
     if ns.energy is not None or ns.threshold is not None or ns.target_speedup is not None:
         return scheme, train_mod.decompose_criterion(ns.energy, ns.threshold, ns.target_speedup)
-    return scheme, train_mod.decompose_criterion(cfg["energy"], cfg.get("threshold"), cfg.get("target_speedup"))
+    runtime = None
+    if cfg.get("target_latency") is not None:  # measured again here: the run's timings may be of another machine
+        runtime = Runtime(cfg.get("runtime", "eager"), batch_size=cfg.get("latency_batch_size", 1))
+    return scheme, train_mod.decompose_criterion(cfg["energy"], cfg.get("threshold"), cfg.get("target_speedup"),
+                                                 cfg.get("target_latency"), runtime)
 
 
 def cmd_decompose(ns):
@@ -347,7 +356,8 @@ def cmd_decompose(ns):
         checks.real(ns.target_latency, "--target-latency", 1.0, low_open=True)
         if ns.latency_cache is not None:
             storage.check_output_file(ns.latency_cache)
-        runtime = Runtime(ns.runtime, batch_size=ns.batch_size, threads=ns.latency_threads, cache=ns.latency_cache)
+        runtime = Runtime(ns.runtime, batch_size=ns.latency_batch_size, threads=ns.latency_threads,
+                          cache=ns.latency_cache)
     saved, model = _checkpoint_model(ns.checkpoint)
     size = (1, saved["arch"].get("in_channels", 3), *(2 * [_image_size(saved["config"])]))
     if runtime is None:
@@ -357,7 +367,7 @@ def cmd_decompose(ns):
         scheme, crit = ns.scheme or saved["config"]["scheme"], {"target_latency": ns.target_latency}
         compact = decompose_mod.decompose(model, scheme, **crit, input_size=size, runtime=runtime)
         rec = compact.trp_latency_budget
-        _log(f"latency on {ns.runtime} at batch {ns.batch_size}: target {rec['target']:g}x, measured "
+        _log(f"latency on {ns.runtime} at batch {ns.latency_batch_size}: target {rec['target']:g}x, measured "
              f"{rec['measured']:.2f}x ({'met' if rec['met'] else 'NOT met'}) after {len(rec['attempts'])} "
              f"allocation(s)")
     compact = _deploy_fit(ns, compact, model, size[1:])

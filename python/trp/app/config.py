@@ -19,6 +19,7 @@ from trp.app import data as data_mod
 from trp.core.rank import check_energy, check_threshold
 from trp.core.schemes import check_scheme
 from trp.cost.model import check_target_speedup
+from trp.deploy.latency import RUNTIMES
 from trp.prune.pruner import check_nuclear, check_period
 
 SEED_LIMIT = 2 ** 63  # torch generators take 64 bits and the loaders also seed with seed + 1
@@ -180,6 +181,16 @@ class TrainConfig:
                                    "(ramped up over the first quarter of training) and decompose at it, instead "
                                    "of --energy (e.g. 2.2)", _optional(check_target_speedup), since_v2=True,
                                    metavar="S", type=float)
+    target_latency: float = option(None, "--target-latency", "steer the projections to this latency speed-up, "
+                                   "measured in --runtime at --latency-batch-size before training (ramped up over "
+                                   "the first quarter), and decompose at it by measurement, instead of --energy "
+                                   "(e.g. 1.5)", _optional(_real(low=1.0, low_open=True)), since_v2=True,
+                                   metavar="S", type=float)
+    runtime: str = option("eager", "--runtime", "where --target-latency measures: eager (PyTorch on --device) or "
+                          "onnxruntime (CPU) (default {default})", lambda v, flag: checks.choice(v, RUNTIMES, flag),
+                          since_v2=True, metavar="NAME")
+    latency_batch_size: int = option(1, "--latency-batch-size", "the batch size --target-latency measures at "
+                                     "(default {default})", _int(1), since_v2=True, metavar="N", type=positive_int)
     deterministic: bool = option(False, "--deterministic", "deterministic algorithms, one CPU thread, seeded "
                                  "workers: a rerun on the same machine reproduces every number", _bool,
                                  since_v2=True, action="store_true")
@@ -215,6 +226,11 @@ class TrainConfig:
         data_mod.check_options(self.data, self.image_size, self.subset)
         if self.target_speedup is not None and self.threshold is not None:
             raise ValueError("--target-speedup and --threshold are alternative decomposition criteria: give one")
+        if self.target_latency is not None and (self.target_speedup is not None or self.threshold is not None):
+            raise ValueError("--target-latency, --target-speedup and --threshold are alternative decomposition "
+                             "criteria: give one")
+        if self.target_latency is not None and self.nproc != 1:
+            raise ValueError("--target-latency measures in one process: it does not support --nproc > 1 yet")
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -1,6 +1,7 @@
 """The setup of a training run: its initial weights (--init), the seeds, deterministic mode, the budget
 controller's arguments and the checks of a resumed run's state."""
 import contextlib
+import copy
 import os
 import random
 
@@ -9,7 +10,9 @@ import torch
 
 from trp._utils.weights import load_weights
 from trp.app import checkpoint as ckpt
+from trp.core.selection import plan_layers
 from trp.deploy import io, records
+from trp.deploy.latency_budget import LatencyCost, LatencyTable, Runtime
 
 
 def file_id(path):
@@ -75,15 +78,42 @@ def load_initial_weights(model, state, path):
 
 # --target-speedup: the goal ramps from 1 to the target over this fraction of the run's projections
 BUDGET_WARMUP = 0.25
+LATENCY_CACHE = "latency.json"  # --target-latency's layer timings, in the run directory
 
 
-def budget_args(cfg, bundle):
-    """RankPruner's target_speedup / input_size / warmup for cfg (none without --target-speedup)."""
-    if cfg.target_speedup is None:
+def budget_args(cfg, bundle, latency_cost=None):
+    """RankPruner's target_speedup / input_size / warmup for cfg (none without --target-speedup or
+    --target-latency); with --target-latency, the measured `latency_cost` is what the target counts."""
+    if cfg.target_speedup is None and cfg.target_latency is None:
         return {}
     steps = -(-len(bundle.train) // cfg.batch_size)  # an upper bound: a last batch of one is dropped
-    return {"target_speedup": cfg.target_speedup, "input_size": bundle.input_size[1:],
-            "warmup": round(BUDGET_WARMUP * cfg.epochs * steps / cfg.period)}
+    warmup = round(BUDGET_WARMUP * cfg.epochs * steps / cfg.period)
+    if cfg.target_latency is not None:
+        return {"target_speedup": cfg.target_latency, "costs": latency_cost, "warmup": warmup}
+    return {"target_speedup": cfg.target_speedup, "input_size": bundle.input_size[1:], "warmup": warmup}
+
+
+def latency_runtime(runtime, batch_size, out):
+    """The trp.Runtime of --target-latency: `runtime` at `batch_size`, its layer timings cached in the run
+    directory `out` (LATENCY_CACHE), so that the final decomposition and a resumed run do not measure again."""
+    return Runtime(runtime, batch_size=batch_size, cache=os.path.join(out, LATENCY_CACHE))
+
+
+def latency_cost(cfg, model, bundle):
+    """The measured LatencyCost of --target-latency for the layers RankPruner selects by default (timed on a
+    CPU copy for onnxruntime); raises ValueError, before any training, when the target is unreachable or the
+    selection has attention q/k/v rows (not timed on their own)."""
+    runtime = latency_runtime(cfg.runtime, cfg.latency_batch_size, cfg.out)
+    source = copy.deepcopy(model).cpu() if cfg.runtime == "onnxruntime" else model
+    targets = plan_layers(source, cfg.scheme, warn=False).targets
+    rows = [t.name for t in targets if t.rows is not None]
+    if rows:
+        raise ValueError(f"--target-latency times whole layers, and this model's attention q/k/v ({rows[0]}, ...) "
+                         "are rows of one weight: use --target-speedup")
+    table = LatencyTable(source, cfg.scheme, targets, bundle.input_size[1:], runtime)
+    cost = LatencyCost(table)
+    cost.check_target(cfg.target_latency, "--target-latency")
+    return cost
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from trp.app.setup import (
     check_scheduler,
     deterministic_mode,
     file_id,
+    latency_cost,
     load_initial_weights,
     read_initial_weights,
     seed_everything,
@@ -129,10 +130,13 @@ class Run:
         if cfg.target_speedup is not None:  # reachable on this model? before any training
             check_reachable(self.model, cfg.scheme, cfg.target_speedup, self.bundle.input_size[1:],
                             "--target-speedup")
+        latency = None
+        if cfg.target_latency is not None:  # measured, and reachable? before any training
+            latency = latency_cost(cfg, self.model, self.bundle)
         self.pruner = None
         if cfg.trp:  # under torch.distributed: sharded over the default group
             self.pruner = RankPruner(self.model, cfg.scheme, cfg.energy, cfg.period, cfg.nuclear,
-                                     **budget_args(cfg, self.bundle))
+                                     **budget_args(cfg, self.bundle, latency))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.schedule, cfg.lr_decay)
@@ -346,31 +350,40 @@ class Run:
         return self
 
 
-def decompose_criterion(energy, threshold, target_speedup=None):
-    """The decompose() keyword of a run's criterion: a target speed-up, else a threshold, else the energy."""
+def decompose_criterion(energy, threshold, target_speedup=None, target_latency=None, runtime=None):
+    """The decompose() keywords of a run's criterion: a target latency (with the trp.Runtime it measures in), else
+    a target speed-up, else a threshold, else the energy."""
+    if target_latency is not None:
+        return {"target_latency": target_latency, "runtime": runtime}
     if target_speedup is not None:
         return {"target_speedup": target_speedup}
     return {"threshold": threshold} if threshold is not None else {"energy": energy}
 
 
 def final_report(model, bundle, test_loader, device, scheme, energy=None, threshold=None, out=None,
-                 log=print, latency_repeats=30, target_speedup=None):
+                 log=print, latency_repeats=30, target_speedup=None, target_latency=None, runtime=None):
     """Dense vs decomposed (no fine-tuning): accuracies, trp.report table, speed-up, params, CPU latency;
     writes report.json, decomposed.pt (trp.save) and ranks.png into `out` when given. Returns the dict."""
 
-    criterion = decompose_criterion(energy, threshold, target_speedup)
+    criterion = decompose_criterion(energy, threshold, target_speedup, target_latency, runtime)
     dense_acc = evaluate(model, test_loader, device)
-    compact = decompose_mod.decompose(model, scheme, **criterion, input_size=bundle.input_size[1:])
+    source = cpu_copy(model) if runtime is not None and runtime.name == "onnxruntime" else model
+    compact = decompose_mod.decompose(source, scheme, **criterion, input_size=bundle.input_size[1:]).to(device)
     compact_acc = evaluate(compact, test_loader, device)
     dense_cpu, compact_cpu = cpu_copy(model), cpu_copy(compact)
     rep = trp_report(dense_cpu, compact_cpu, bundle.input_size, latency=True, warmup=5,
                      repeats=latency_repeats, device="cpu")
     t = rep.totals
-    result = {"data": bundle.name, "input_size": list(bundle.input_size), "scheme": scheme, **criterion,
+    shown = dict(criterion, runtime=runtime.name) if runtime is not None else criterion
+    result = {"data": bundle.name, "input_size": list(bundle.input_size), "scheme": scheme, **shown,
               "dense_acc": dense_acc, "decomposed_acc": compact_acc, "speedup": t["speedup"],
               "params_dense": t["params_dense"], "params_decomposed": t["params_compact"],
               "latency_dense_ms": t["latency_dense_s"] * 1e3, "latency_decomposed_ms": t["latency_compact_s"] * 1e3,
               "report": rep.to_dict()}
+    if target_latency is not None:
+        result["latency_budget"] = rec = compact.trp_latency_budget
+        log(f"latency speed-up on {runtime.name} (batch {runtime.batch_size}): target {rec['target']:g}x, measured "
+            f"{rec['measured']:.2f}x ({'met' if rec['met'] else 'NOT met'})")
     ort = _onnxruntime_latency(dense_cpu, compact_cpu, bundle.input_size, latency_repeats, log)
     if ort is not None:
         result.update(onnxruntime_latency_dense_ms=ort[0] * 1e3, onnxruntime_latency_decomposed_ms=ort[1] * 1e3)
@@ -380,10 +393,10 @@ def final_report(model, bundle, test_loader, device, scheme, energy=None, thresh
         io.save(compact_cpu, os.path.join(out, "decomposed.pt"))
         result["plot"] = plots.rank_spectrum(dense_cpu, compact_cpu, scheme, os.path.join(out, "ranks.png"),
                                              energy=energy, threshold=threshold,
-                                             target_speedup=target_speedup)
+                                             target_speedup=target_speedup, target_latency=target_latency)
         text = json.dumps(result, indent=1, default=_json_default)
         storage.atomic_write(os.path.join(out, "report.json"), lambda f: f.write(text.encode()))
-    crit = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in criterion.items())
+    crit = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in shown.items())
     log(f"dense accuracy:      {dense_acc:.2f}%")
     log(f"decomposed accuracy: {compact_acc:.2f}%  (no fine-tuning; {scheme} scheme, {crit})")
     log(f"speed-up ({t['macs_counted']} MACs, as the paper counts): {t['speedup']:.2f}x  "

@@ -30,7 +30,8 @@ def layer_spectra(dense, compact, scheme):
     return rows
 
 
-def rank_spectrum(dense, compact, scheme, path, energy=None, threshold=None, target_speedup=None):
+def rank_spectrum(dense, compact, scheme, path, energy=None, threshold=None, target_speedup=None,
+                  target_latency=None):
     """Writes a PNG of the ranks kept and the singular-value spectra to `path` (atomically).
 
     Top: full vs kept rank per layer. Bottom: s_i / s_1 of every layer (log scale), a dot at the kept rank;
@@ -45,6 +46,7 @@ def rank_spectrum(dense, compact, scheme, path, energy=None, threshold=None, tar
         threshold: the singular-value cutoff of the decomposition; when given, the spectra are drawn
             unnormalized with the cutoff line. Default None.
         target_speedup: the target speed-up of the decomposition, shown in the title. Default None.
+        target_latency: the target latency speed-up of the decomposition, shown in the title. Default None.
 
     Returns:
         `path`.
@@ -62,7 +64,8 @@ def rank_spectrum(dense, compact, scheme, path, energy=None, threshold=None, tar
     ax_rank.set_xticks(list(xs), names, rotation=70, ha="right", fontsize=7)
     ax_rank.set_ylabel("rank")
     crit = (f"threshold {threshold}" if threshold is not None else
-            f"target speed-up {target_speedup}" if target_speedup is not None else f"energy {energy}")
+            f"target speed-up {target_speedup}" if target_speedup is not None else
+            f"target latency speed-up {target_latency}" if target_latency is not None else f"energy {energy}")
     ax_rank.set_title(f"rank per layer ({scheme} scheme, {crit})")
     ax_rank.legend()
     cmap = plt.get_cmap("viridis")
