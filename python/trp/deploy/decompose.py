@@ -85,9 +85,11 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
         calibration_method: with calibration=: "whiten" (S the Cholesky factor of the inputs' second moment
             E[x x^T]: the best rank-k factors for the mean squared output error on the calibration inputs; a
             numerically singular second moment, from fewer inputs than features or an always-zero feature,
-            gets a small ridge, calibration.RIDGE x its mean diagonal) or "scale" (S = diag(E|x_j|)^alpha per
-            input feature: cheaper, favours features of large magnitude). Default None: "whiten".
-        calibration_alpha: the exponent alpha of "scale", a float > 0. Default None: 0.5.
+            gets a small ridge, trp.deploy.calibration.RIDGE x its mean diagonal) or "scale"
+            (S = diag(E|x_j|)^alpha per input feature: cheaper, favours features of large magnitude).
+            Default None: "whiten".
+        calibration_alpha: the exponent alpha of "scale", a float > 0. Default None:
+            trp.deploy.calibration.DEFAULT_ALPHA (0.5).
 
     Returns:
         The decomposed copy. Its `trp_skipped` attribute is {layer name: reason} for every candidate layer
