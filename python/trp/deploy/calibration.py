@@ -1,3 +1,4 @@
+# Over 300 lines with its docstrings: the input statistics and the factors computed from them belong together.
 """Activation-aware decomposition: what the layers to factorize see on sample inputs, and factors that keep
 their outputs on such inputs rather than their weights.
 
