@@ -14,6 +14,7 @@ from trp.core.selection import NOT_NAMED, Selection, plan_layers
 from trp.cost.flops import count_macs
 from trp.cost.macs import dense_macs_per_output_pixel, input_shape, pays
 from trp.cost.model import CostModel, check_target_speedup
+from trp.deploy import calibration as calib
 from trp.deploy import latency_budget
 from trp.nn.modules import FACTORIZED, FACTORIZED_TYPES, FactorizedLinear
 from trp.prune import budget as budget_mod
@@ -40,7 +41,8 @@ def _as_specs(layers):
 
 
 def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=None, rank=None,
-              target_speedup=None, input_size=None, target_latency=None, runtime=None):
+              target_speedup=None, input_size=None, target_latency=None, runtime=None, calibration=None,
+              calibration_method=None, calibration_alpha=None):
     """A deep copy of `model` whose selected layers are replaced by factorized modules (`model` is untouched).
 
     For network decoupling the rank criterion picks each filter's (pointwise order) or input channel's
@@ -84,6 +86,22 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
             Default None.
         runtime: where target_latency measures: a trp.Runtime, or a runtime name ("eager", "onnxruntime").
             Default None: Runtime("eager").
+        calibration: activation-aware decomposition (trp.deploy.calibration): an iterable of sample model
+            inputs (a list of batches, a generator; each a tensor, a tuple of positional arguments or a dict
+            of keyword arguments for the model's forward), run through the model in eval mode to record the
+            inputs of the layers to factorize. Each layer then factorizes W S, S a scaling of its inputs, and
+            maps the factors back: the components kept are those that carry most of its output on such
+            inputs, not most of its weight. The criteria (energy, threshold, rank, target_speedup) read the
+            singular values of W S. Scheme "channel" only (Linear-like layers and convs; a conv's inputs are
+            its im2col patches). Default None: the plain SVD of the weights.
+        calibration_method: with calibration=: "whiten" (S the Cholesky factor of the inputs' second moment
+            E[x x^T]: the best rank-k factors for the mean squared output error on the calibration inputs; a
+            numerically singular second moment, from fewer inputs than features or an always-zero feature,
+            gets a small ridge, trp.deploy.calibration.RIDGE x its mean diagonal) or "scale"
+            (S = diag(E|x_j|)^alpha per input feature: cheaper, favours features of large magnitude).
+            Default None: "whiten".
+        calibration_alpha: the exponent alpha of "scale", a float > 0. Default None:
+            trp.deploy.calibration.DEFAULT_ALPHA (0.5).
 
     Returns:
         The decomposed copy. Its `trp_skipped` attribute is {layer name: reason} for every candidate layer
@@ -92,7 +110,10 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
 
     Raises:
         ValueError: when the criteria are bad (none or several, out of range, target_speedup without
-            input_size), layers do not exist or are not eligible, or a selected weight holds NaN/Inf.
+            input_size), layers do not exist or are not eligible, or a selected weight holds NaN/Inf; with
+            calibration=: a scheme other than "channel", a bad method or alpha, no inputs, inputs that do
+            not reach a layer to factorize, or non-finite or all-zero statistics (the model is left as it
+            was). calibration_method= or calibration_alpha= without calibration= is refused too.
     """
     check_scheme(scheme)
     selection = plan_layers(model, scheme, _implied_layers(layers, rank), exclude)
@@ -104,8 +125,18 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
         if not bool(torch.isfinite(t.read()).all()):
             raise ValueError(f"trp.decompose: layer {t.name!r} has NaN or infinite weights (a diverged or "
                              "damaged model)")
+    scalings = None
+    if calibration is not None:
+        layers = [t for t in selected if transformer.unsupported_host(model, t.name) is None
+                  and (not isinstance(rank, dict) or t.name in rank)]  # those that can be factorized
+        scalings = calib.calibrate(model, scheme, layers, calibration, calibration_method, calibration_alpha)
+    elif calibration_method is not None or calibration_alpha is not None:
+        raise ValueError("calibration_method= and calibration_alpha= apply only with calibration= (sample inputs)")
     budget = None
     if target_latency is not None:
+        if scalings is not None:
+            raise ValueError("target_latency= does not take calibration= yet: decompose by a criterion or a "
+                             "target_speedup= with calibration=")
         if energy is not None or threshold is not None or rank is not None or target_speedup is not None:
             raise ValueError("give target_latency= or one rank criterion (energy=, threshold=, rank=, "
                              "target_speedup=), not several")
@@ -121,7 +152,11 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
                              "counted")
         chosen = [(t.name, t.module) for t in selected]
         costs = CostModel(model, scheme, chosen, input_size)
-        allocated = budget_mod.allocate(costs, budget_mod.spectra(model, scheme, chosen), target_speedup)
+        spectra = budget_mod.spectra(model, scheme, chosen)
+        if scalings is not None:  # the calibrated layers' criteria read W S (the others stay dense anyway)
+            spectra.update({t.name: calib.scaled_spectrum(t.dense(), scalings[t.name])
+                            for t in selected if t.name in scalings})
+        allocated = budget_mod.allocate(costs, spectra, target_speedup)
         rank = {n: r for n, r in allocated.items() if r is not None}  # a layer not in the map stays dense
         budget = {"target_speedup": float(target_speedup), "ranks": allocated}
     if scheme.startswith("nd") and energy is None and threshold is None and rank is None:
@@ -132,7 +167,7 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
         if unknown:
             raise ValueError(f"rank= names layers that are not selected (excluded, or not a layer TRP can "
                              f"factorize): {sorted(unknown)}")
-    compact = _build(model, scheme, selected, skipped, kind, value)
+    compact = _build(model, scheme, selected, skipped, kind, value, scalings)
     if budget is not None:  # measured on the result, not predicted
         budget["speedup"] = costs.total_dense / count_macs(compact, input_size, linear=costs.linear)
         compact.trp_budget = budget
@@ -178,9 +213,10 @@ def _decompose_to_latency(model, scheme, selection, skipped, target, input_size,
     return compact
 
 
-def _build(model, scheme, selected, skipped, kind, value):
+def _build(model, scheme, selected, skipped, kind, value, scalings=None):
     """The decomposed copy of `model`: each of `selected` factorized by the criterion (kind, value) where it
-    pays; `skipped` ({name: reason}) is extended with the layers kept dense and becomes trp_skipped."""
+    pays (with `scalings`, {name: input scaling}, from calibrated factors); `skipped` ({name: reason}) is
+    extended with the layers kept dense and becomes trp_skipped."""
     skipped = dict(skipped)
     chosen, kept_dense = {}, []
     for t in selected:
@@ -195,7 +231,9 @@ def _build(model, scheme, selected, skipped, kind, value):
             continue
         dense = t.dense()
         args = {kind: layer_value}
-        if isinstance(dense, nn.Linear):
+        if scalings is not None:
+            factorized = calib.calibrated_layer(dense, scalings[t.name], kind, layer_value)
+        elif isinstance(dense, nn.Linear):
             factorized = FactorizedLinear.from_linear(dense, **args)
         else:
             factorized = FACTORIZED[t.scheme_for(scheme)].from_conv(dense, **args)
