@@ -251,3 +251,20 @@ def test_trp_train_to_a_latency_target(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(capsys, "train", *TINY, "--target-latency", "1.3", "--energy", "0.9", "--out",
                            tmp_path / "both")
     assert code != 0 and "drop --energy" in err
+
+
+def test_a_pessimistic_prediction_is_checked_by_measuring_the_fastest_allocation():
+    # the network runs factorized layers faster than the sum of their single-layer times says (in_network < 0):
+    # a target above the prediction is tried, measured, and met; one far above it is refused after measuring
+    timer = FakeTimer(in_network=-1e-4)
+    model = net()
+    table = lb.LatencyTable(model, "channel", trp.plan_layers(model, "channel").targets, SIZE, runtime(timer))
+    ceiling = table.max_speedup()
+    target = ceiling * 1.15
+    compact = trp.decompose(model, "channel", target_latency=target, input_size=SIZE, runtime=runtime(timer))
+    rec = compact.trp_latency_budget
+    assert rec["met"] and rec["measured"] >= target * 0.97
+    assert rec["attempts"][0]["goal"] == rec["attempts"][0]["predicted"] == pytest.approx(ceiling)  # the probe
+    assert rec["attempts"][1]["goal"] < ceiling  # rescaled by measured / predicted
+    with pytest.raises(ValueError, match="measured .* faster than dense \\(predicted"):
+        trp.decompose(model, "channel", target_latency=ceiling * 3, input_size=SIZE, runtime=runtime(timer))
