@@ -16,8 +16,8 @@ from pathlib import Path
 import conv_table  # first among the table scripts: they put the checkout on sys.path (harness)
 import deploy_table
 import distributed_projection
-import lowrank_table
 import latency_target
+import lowrank_table
 import paper_table
 import pruner_overhead_table
 import vit_table
