@@ -268,3 +268,7 @@ def test_a_pessimistic_prediction_is_checked_by_measuring_the_fastest_allocation
     assert rec["attempts"][1]["goal"] < ceiling  # rescaled by measured / predicted
     with pytest.raises(ValueError, match="measured .* faster than dense \\(predicted"):
         trp.decompose(model, "channel", target_latency=ceiling * 3, input_size=SIZE, runtime=runtime(timer))
+    # far faster in the network than predicted: the rescaled goal would fall below 1, and stays a valid goal
+    timer = FakeTimer(in_network=-4e-4)
+    compact = trp.decompose(model, "channel", target_latency=ceiling * 1.05, input_size=SIZE, runtime=runtime(timer))
+    assert compact.trp_latency_budget["met"] and compact.trp_latency_budget["attempts"][1]["goal"] > 1

@@ -81,8 +81,9 @@ def decompose(model, scheme, energy=None, threshold=None, layers=None, exclude=N
             (trp.deploy.latency_budget: per-layer times at candidate ranks, a greedy allocation by energy per
             second, then the whole network timed against the dense one and the allocation repeated if it fell
             short). Raises when the target is out of reach (before building anything where no layer is faster
-            factorized; else after measuring the fastest allocation); warns when the network built misses it. The result's `trp_latency_budget` attribute holds the target, whether it
-            was met, the measured speed-up, the ranks and every attempt. Attention q/k/v rows stay dense.
+            factorized; else after measuring the fastest allocation); warns when the network built misses it.
+            The result's `trp_latency_budget` attribute holds the target, whether it was met, the measured
+            speed-up, the ranks and every attempt. Attention q/k/v rows stay dense.
             Default None.
         runtime: where target_latency measures: a trp.Runtime, or a runtime name ("eager", "onnxruntime").
             Default None: Runtime("eager").

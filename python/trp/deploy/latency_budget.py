@@ -477,7 +477,7 @@ def fit_to_latency(table, spectra, target, build, timer, dense_model, x, attempt
                              f"than dense (predicted {ceiling:.2f}x); ask for at most that (or try another batch "
                              "size, runtime or scheme)")
         best = (net, ranks, measured)
-        goal = min(target * ceiling / measured, ceiling)
+        goal = min(max(target * ceiling / measured, 1.0 + 1e-9), ceiling)  # a goal > 1: the allocator's domain
     for _ in range(attempts):
         ranks = allocate_latency(table, spectra, goal, margin)
         net = build(ranks)
