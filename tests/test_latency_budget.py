@@ -272,3 +272,19 @@ def test_a_pessimistic_prediction_is_checked_by_measuring_the_fastest_allocation
     timer = FakeTimer(in_network=-4e-4)
     compact = trp.decompose(model, "channel", target_latency=ceiling * 1.05, input_size=SIZE, runtime=runtime(timer))
     assert compact.trp_latency_budget["met"] and compact.trp_latency_budget["attempts"][1]["goal"] > 1
+
+
+def test_per_call_overhead_in_single_layer_times_scales_the_prediction():
+    # every timed module pays a runtime call (per_module), once per network: the layers' times add up to more
+    # than the network's, and the prediction scales them down instead of calling the target unreachable
+    class Overhead(FakeTimer):
+        def seconds(self, module, x):
+            return super().seconds(module, x) + 2e-3
+
+    model = net()
+    table = lb.LatencyTable(model, "channel", trp.plan_layers(model, "channel").targets, SIZE, runtime(Overhead()))
+    assert table.fixed == 0 and table.scale == pytest.approx(table.total_dense / sum(table.dense.values()))
+    assert table.seconds({}) == pytest.approx(table.total_dense)
+    assert 1 < table.max_speedup()
+    compact = trp.decompose(model, "channel", target_latency=1.2, input_size=SIZE, runtime=runtime(Overhead()))
+    assert compact.trp_latency_budget["met"]

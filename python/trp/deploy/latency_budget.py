@@ -171,8 +171,11 @@ class LatencyTable:
     whole dense network, in one runtime.
 
     Attributes: names, dense ({name: seconds}), ranks ({name: [candidate ranks]}), times ({name: [seconds]}),
-    total_dense (the dense network's seconds), fixed (what the unselected rest costs: total_dense minus the
-    selected layers' dense times, at least 0), measured (how many times were measured, not read from the cache).
+    total_dense (the dense network's seconds), scale and fixed (the network's time is predicted as
+    fixed + scale x the sum of its selected layers' times: fixed = total_dense minus the selected layers' dense
+    times, scale = 1; where those times add up to more than the network's, as a per-call overhead in every
+    single-layer time makes them, fixed = 0 and scale = total_dense / their sum), measured (how many times were
+    measured, not read from the cache).
 
     Args:
         model: the dense nn.Module (eval mode is used; not modified).
@@ -224,7 +227,9 @@ class LatencyTable:
             self.ranks[t.name], self.times[t.name] = ranks, [cache[k] for k in keys[1:]]
         x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
         self.total_dense = float(timer.compare([model.eval()], x)[0])  # the network: never cached
-        self.fixed = max(self.total_dense - sum(self.dense.values()), 0.0)
+        layers = sum(self.dense.values())
+        self.fixed = max(self.total_dense - layers, 0.0)
+        self.scale = min(self.total_dense / layers, 1.0) if layers > 0 else 1.0
         if runtime.cache is not None and self.measured:
             write_cache(runtime.cache, cache)
 
@@ -247,7 +252,7 @@ class LatencyTable:
         return out[::-1]
 
     def seconds(self, ranks):
-        """The predicted seconds of the network at `ranks`: fixed + each layer's time.
+        """The predicted seconds of the network at `ranks`: fixed + scale x the sum of the layers' times.
 
         Args:
             ranks: {name: a rank of the layer's candidates, or None (dense)}; a layer it lacks is dense.
@@ -255,11 +260,11 @@ class LatencyTable:
         Returns:
             A float.
         """
-        total = self.fixed
+        total = 0.0
         for n in self.names:
             r = ranks.get(n)
             total += self.dense[n] if r is None else self.times[n][self.ranks[n].index(r)]
-        return total
+        return self.fixed + self.scale * total
 
     def fastest(self, margin=0.0):
         """Every layer at its fastest worthwhile candidate (dense where none).
@@ -289,7 +294,7 @@ class LatencyCost:
     costs=)): the network's time at any ranks, each layer's by linear interpolation between its measured
     candidates (and extrapolation beyond them), so that training can be steered to a latency speed-up.
 
-    Attributes: names, total_dense, fixed (as the table's).
+    Attributes: names, total_dense, fixed (as the table's: fixed + scale x the layers' times).
 
     Args:
         table: the LatencyTable of the pruned layers.
@@ -337,7 +342,8 @@ class LatencyCost:
         Returns:
             Seconds, a float.
         """
-        return self.fixed + sum(self.layer_seconds(n, ranks.get(n), capped) for n in self.names)
+        layers = sum(self.layer_seconds(n, ranks.get(n), capped) for n in self.names)
+        return self.fixed + self.table.scale * layers
 
     def speedup(self, ranks, capped=True):
         """The predicted latency speed-up at `ranks`.
@@ -401,7 +407,7 @@ def allocate_latency(table, spectra, target, margin=0.0):
     spent, budget = table.seconds(ranks), table.total_dense / target
     if spent > budget:
         best = table.total_dense / spent
-        reach = (f"at most {best:.2f}x: ask for at most that" if best > 1 else
+        reach = (f"at most {best:.2f}x: ask for at most that" if any(fronts.values()) else
                  "no speed-up: no selected layer measured faster factorized than dense here")
         raise ValueError(f"target_latency={target:g} is not reachable in this runtime: with every selected layer "
                          f"at its fastest measured rank the prediction is {reach} (or try another batch size, "
@@ -417,7 +423,7 @@ def allocate_latency(table, spectra, target, margin=0.0):
                 continue
             r, s = front[i]
             nxt_r, nxt_s = front[i + 1] if i + 1 < len(front) else (len(gains[n]), table.dense[n])
-            cost = nxt_s - s
+            cost = table.scale * (nxt_s - s)
             if spent + cost > budget * (1 + 1e-12):
                 continue
             score = (sum(gains[n][r:nxt_r]) / max(cost, 1e-12), -order[n])
@@ -465,7 +471,7 @@ def fit_to_latency(table, spectra, target, build, timer, dense_model, x, attempt
     checks.integer(attempts, "attempts", 1)
     goal, tries, best = float(target), [], None
     ceiling = table.max_speedup(margin)
-    if 1.0 < ceiling < target:  # predicted out of reach: ask the measurement
+    if ceiling < target and any(table.frontier(n, margin) for n in table.names):  # out of reach? measure it
         ranks = table.fastest(margin)
         net = build(ranks)
         t_dense, t_net = timer.compare([dense_model, net], x)
