@@ -67,7 +67,7 @@ def bench(results, net, batch, runtime, target, repeats, cache):
 def markdown(rows):
     def result(r):
         if not r["reachable"]:
-            return "refused before decomposing: " + r["error"].split(": ", 1)[-1].split(" (")[0]
+            return "refused: " + r["error"].split("rank the ", 1)[-1].split("; ask")[0].split(" (or")[0]
         return (f"{r['measured_in_loop']:.2f}x ({'met' if r['met'] else 'missed'}, {len(r['attempts'])} "
                 f"attempt{'s' if len(r['attempts']) > 1 else ''})")
     return harness.markdown_table(

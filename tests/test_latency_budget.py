@@ -266,7 +266,7 @@ def test_a_pessimistic_prediction_is_checked_by_measuring_the_fastest_allocation
     assert rec["met"] and rec["measured"] >= target * 0.97
     assert rec["attempts"][0]["goal"] == rec["attempts"][0]["predicted"] == pytest.approx(ceiling)  # the probe
     assert rec["attempts"][1]["goal"] < ceiling  # rescaled by measured / predicted
-    with pytest.raises(ValueError, match="measured .* faster than dense \\(predicted"):
+    with pytest.raises(ValueError, match="measured a speed-up of .* over dense \\(predicted"):
         trp.decompose(model, "channel", target_latency=ceiling * 3, input_size=SIZE, runtime=runtime(timer))
     # far faster in the network than predicted: the rescaled goal would fall below 1, and stays a valid goal
     timer = FakeTimer(in_network=-4e-4)
@@ -288,3 +288,15 @@ def test_per_call_overhead_in_single_layer_times_scales_the_prediction():
     assert 1 < table.max_speedup()
     compact = trp.decompose(model, "channel", target_latency=1.2, input_size=SIZE, runtime=runtime(Overhead()))
     assert compact.trp_latency_budget["met"]
+
+
+def test_train_config_refuses_latency_with_other_criteria_and_processes():
+    from trp.app import config
+    with pytest.raises(ValueError, match="alternative decomposition criteria"):
+        config.resolve_config({"target_latency": 1.5, "target_speedup": 2.0})
+    with pytest.raises(ValueError, match="--nproc > 1"):
+        config.resolve_config({"target_latency": 1.5, "nproc": 2})
+    with pytest.raises(ValueError, match="--runtime"):
+        config.resolve_config({"target_latency": 1.5, "runtime": "tensorrt"})
+    with pytest.raises(ValueError, match="--target-latency"):
+        config.resolve_config({"target_latency": 1.0})

@@ -479,9 +479,9 @@ def fit_to_latency(table, spectra, target, build, timer, dense_model, x, attempt
         tries.append({"goal": ceiling, "predicted": ceiling, "measured": measured})
         if measured < target * (1.0 - tolerance):
             raise ValueError(f"target_latency={target:g} is not reachable in this runtime: with every selected "
-                             f"layer at its fastest measured rank the network measured {measured:.2f}x faster "
-                             f"than dense (predicted {ceiling:.2f}x); ask for at most that (or try another batch "
-                             "size, runtime or scheme)")
+                             f"layer at its fastest measured rank the network measured a speed-up of "
+                             f"{measured:.2f}x over dense (predicted {ceiling:.2f}x); ask for at most that (or try "
+                             "another batch size, runtime or scheme)")
         best = (net, ranks, measured)
         goal = min(max(target * ceiling / measured, 1.0 + 1e-9), ceiling)  # a goal > 1: the allocator's domain
     for _ in range(attempts):
