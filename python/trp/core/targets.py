@@ -58,16 +58,26 @@ class Target:
     @property
     def shape(self):
         """The matrix's shape in nn.Linear / nn.Conv2d layout, a tuple of ints ([out, in] or [n, c, kh, kw])."""
-        return tuple(self.read().shape)
+        # from the parameter's shape alone: reading a sharded parameter's rows (FSDP2) would gather them
+        return tuple(self.view_of(torch.empty(self.param.shape, device="meta")).shape)
 
-    def _view(self, stored):
+    def view_of(self, stored):
+        """The target's matrix as a view of `stored`, a tensor shaped like the parameter (the parameter, its
+        gradient, or a whole copy of either), in nn.Linear / nn.Conv2d layout.
+
+        Args:
+            stored: a tensor of the parameter's shape.
+
+        Returns:
+            The view of `stored`: its rows of the target (q/k/v), through the adapter's layout.
+        """
         w = stored if self.adapter is None else self.adapter.layout(stored)
         return w if self.rows is None else w[self.rows]
 
     def read(self):
         """The matrix (a conv: its 4-d weight) as a detached view of the parameter, in nn.Linear /
         nn.Conv2d layout."""
-        return self._view(self.param.detach())
+        return self.view_of(self.param.detach())
 
     def scheme_for(self, scheme):
         """The reshape this matrix uses under `scheme` (trp.core.schemes.resolve: "nd" becomes this layer's
@@ -118,7 +128,7 @@ class Target:
             return None
         if self.param.grad is None:
             self.param.grad = torch.zeros_like(self.param)
-        return self._view(self.param.grad)
+        return self.view_of(self.param.grad)
 
     def effective(self):
         """The weight the layer computes with (eval mode), in nn.Linear / nn.Conv2d layout, detached: read()

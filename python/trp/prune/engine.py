@@ -9,7 +9,9 @@ three ways a projection runs, with the same results:
   group warm-started from its previous projection, then the write-back.
 
 Under torch.distributed the groups are sharded (trp.prune.distributed): each process projects its own and the
-results are exchanged, so that every process ends bit-identical."""
+results are exchanged, so that every process ends bit-identical. Weights sharded by FSDP2 (DTensors) take the
+stacked path: each group's whole matrices are gathered in turn and kept by the process that projects them, and the
+results are written into every process's shards (trp.prune.fsdp)."""
 import contextlib
 
 import torch
@@ -17,7 +19,7 @@ import torch
 import trp_kernels
 from trp._utils import checks
 from trp.core.schemes import from_matrix, matrix_shape, to_matrix
-from trp.prune import distributed
+from trp.prune import distributed, fsdp
 from trp.prune.warm_state import warm_bases
 from trp_kernels import inplace
 from trp_kernels.project import finite_flag, finite_rows
@@ -45,8 +47,9 @@ class Group:
 class Engine:
     """Projects the groups of `targets` under `scheme`.
 
-    Attributes: groups ([Group]), sharding (distributed.Sharding or None), inplace (False: always the
-    stacked path, e.g. to compare), path (how the latest projection ran).
+    Attributes: groups ([Group]), sharding (distributed.Sharding or None), sharded (whether some weight is a
+    DTensor, FSDP2: trp.prune.fsdp), inplace (False: always the stacked path, e.g. to compare), path (how the
+    latest projection ran).
 
     Args:
         targets: the selected trp.core.targets.Target objects.
@@ -61,9 +64,8 @@ class Engine:
         self.targets, self.scheme = targets, scheme
         groups = {}
         for t in targets:
-            w = t.read()
             own = t.scheme_for(scheme)
-            key = (own, matrix_shape(t.shape, own, t.groups), t.shape, t.groups, w.dtype, w.device)
+            key = (own, matrix_shape(t.shape, own, t.groups), t.shape, t.groups, t.param.dtype, t.param.device)
             groups.setdefault(key, []).append(t)
         self.sharding = None
         if pg is not None:  # heavy groups split, and all shared out by cost: fixed for the whole run
@@ -71,6 +73,7 @@ class Engine:
             pieces, self.sharding = distributed.make_sharding(pg, list(groups.values()), costs)
             groups = {i: piece for i, piece in enumerate(pieces)}  # pieces of a group share its scheme
         self.groups = [Group(ts, ts[0].scheme_for(scheme)) for ts in groups.values()]
+        self.sharded = fsdp.any_sharded(targets)
         self.inplace_cache = None  # (parameter addresses, _find_inplace_groups() for them)
         self.inplace = True
         self.path = None  # "in place", "staged" or "stacked"
@@ -81,7 +84,8 @@ class Engine:
         return [g for i, g in enumerate(self.groups) if self.sharding is None or self.sharding.owns(i)]
 
     def matrices(self, group):
-        """The stacked matrices of a group's layers under the scheme.
+        """The stacked matrices of a group's layers under the scheme. With FSDP2 (sharded) the whole matrices,
+        gathered: a collective that every process calls for the same group.
 
         Args:
             group: one of the engine's Groups.
@@ -89,7 +93,8 @@ class Engine:
         Returns:
             A tensor [B, ...matrix] (a copy, or views where the scheme allows).
         """
-        return to_matrix(torch.stack([t.read() for t in group.targets]), group.scheme, group.groups)
+        read = fsdp.gathered if self.sharded else (lambda t: t.read())
+        return to_matrix(torch.stack([read(t) for t in group.targets]), group.scheme, group.groups)
 
     def ranks(self, per_filter=False):
         """{layer name: rank} of the groups projected so far.
@@ -143,6 +148,11 @@ class Engine:
             self._project_inplace(groups, energy, max_rank, nuclear)
             self.path = "in place"
             return
+        if self.sharded:
+            stacks, bad = self._gathered_stacks()
+            self._project_stacked(stacks, energy, max_rank, nuclear, bad)
+            self.path = "stacked"
+            return
         stacks = [self.matrices(g) for g in self.groups]
         if self._staged_inplace(stacks, energy, max_rank, nuclear):
             self.path = "staged"
@@ -151,9 +161,9 @@ class Engine:
             self.path = "stacked"
 
     def _inplace_allowed(self):
-        """Whether the in-place op may project at all: switched on, and no sharding (each process projects only
-        its own groups, then exchanges them)."""
-        return self.inplace and self.sharding is None
+        """Whether the in-place op may project at all: switched on, no sharding (each process projects only
+        its own groups, then exchanges them) and no FSDP2 shards (the op projects the weights' own storage)."""
+        return self.inplace and self.sharding is None and not self.sharded
 
     def inplace_groups(self):
         """Each group's matrices as views of the layers' weights when the in-place CPU op takes them all
@@ -205,8 +215,11 @@ class Engine:
             group: one of the engine's Groups.
             W_low: its projected matrices, [B, ...matrix].
         """
-        torch._foreach_copy_([t.read() for t in group.targets],
-                             list(from_matrix(W_low, group.scheme, group.shape, group.groups).unbind(0)))
+        values = list(from_matrix(W_low, group.scheme, group.shape, group.groups).unbind(0))
+        if self.sharded:
+            fsdp.write_(group.targets, values)
+        else:
+            torch._foreach_copy_([t.read() for t in group.targets], values)
 
     def _staged_inplace(self, stacks, energy, max_rank, nuclear):
         """The in-place op on the groups' stacked matrices, for layers whose matrix is a copy (spatial) on the
@@ -223,9 +236,30 @@ class Engine:
             self.write_back(g, W)
         return True
 
-    def _project_stacked(self, stacks, energy, max_rank, nuclear):
-        """One lowrank_project call per group on its stacked matrices (sharded when a process group is set),
-        all groups checked for NaN/Inf first, then the copy back."""
+    def _gathered_stacks(self):
+        """FSDP2: every group's whole matrices gathered in turn (collectives, in the same order on every process);
+        a process keeps those of the groups it projects (None for the others'), and checks every group as it
+        passes by, so that every process names the same non-finite layers without another collective.
+
+        Returns:
+            (stacks, names of the layers holding NaN or Inf).
+        """
+        stacks, rows = [], []
+        for i, g in enumerate(self.groups):
+            W = self.matrices(g)
+            rows.append(finite_rows(W))
+            stacks.append(W if self.sharding is None or self.sharding.owns(i) else None)
+        by_device = {}  # one host sync per device
+        for i, r in enumerate(rows):
+            by_device.setdefault(r.device, []).append(i)
+        ok = {}
+        for items in by_device.values():
+            flags = iter(torch.cat([rows[i] for i in items]).tolist())
+            ok.update({i: [next(flags) for _ in self.groups[i].names] for i in items})
+        return stacks, [n for i, g in enumerate(self.groups) for n, good in zip(g.names, ok[i]) if not good]
+
+    def _non_finite_layers(self, stacks):
+        """The names of the layers holding NaN or Inf in the stacks."""
         # The op's cheap per-group flag, but one host sync per device for all groups; only a suspect device
         # pays for the exact test. The op is then told not to check (and sync) again.
         flags = {}
@@ -236,6 +270,23 @@ class Engine:
         bad = []
         for i in suspects:
             bad += [n for n, ok in zip(self.groups[i].names, finite_rows(stacks[i]).tolist()) if not ok]
+        return bad
+
+    def _stack_spec(self, i, W):
+        """(shape, dtype, device) of group i's stack W, or, where this process does not hold it (None), of the
+        stack its owner gathered."""
+        if W is not None:
+            return W.shape, W.dtype, W.device
+        g = self.groups[i]
+        param = g.targets[0].param
+        return torch.Size((len(g.targets), *matrix_shape(g.shape, g.scheme, g.groups))), param.dtype, param.device
+
+    def _project_stacked(self, stacks, energy, max_rank, nuclear, bad=None):
+        """One lowrank_project call per group on its stacked matrices (sharded when a process group is set),
+        all groups checked for NaN/Inf first, then the copy back. `bad`: the non-finite layers when the caller
+        checked already (FSDP2, whose stacks are None for the groups other processes project)."""
+        if bad is None:
+            bad = self._non_finite_layers(stacks)
         if bad:
             raise ValueError(f"RankPruner: non-finite weights (NaN or Inf) in layer(s) {', '.join(bad)}; "
                              "no layer was modified")
@@ -255,9 +306,10 @@ class Engine:
             W = stacks[i]
             results[i] = (W_low.view(W.shape), rank.view(W.shape[:-2]), G.view(W.shape) if G is not None else None)
         if self.sharding is not None:
+            specs = [self._stack_spec(i, W) for i, W in enumerate(stacks)]
             results = self.sharding.exchange(results, [
-                ((W.shape, W.dtype, W.device), (W.shape[:-2], torch.int64, W.device),
-                 (W.shape, W.dtype, W.device) if want_g else None) for W in stacks])
+                ((shape, dtype, device), (shape[:-2], torch.int64, device),
+                 (shape, dtype, device) if want_g else None) for shape, dtype, device in specs])
         for g, (W_low, rank, G) in zip(self.groups, results):
             self.write_back(g, W_low)
             g.rank, g.G = rank, G
@@ -274,6 +326,9 @@ class Engine:
             if g.G is None:
                 continue
             sub = from_matrix(g.G, g.scheme, g.shape, g.groups).unbind(0)
+            if self.sharded:
+                fsdp.add_to_grad_(g.targets, sub, nuclear)
+                continue
             grads, updates = [], []
             for t, s in zip(g.targets, sub):
                 grad = t.grad_view()  # None for a frozen weight
@@ -298,14 +353,14 @@ class Engine:
         Raises:
             ValueError: when a rank is not an int >= 0 or a subgradient has the wrong shape.
         """
-        w = g.targets[0].read()
+        param = g.targets[0].param  # not its matrix: a sharded one (FSDP2) would be gathered
         rank = G = None
         if all(ranks.get(n) is not None for n in g.names):
             rank = torch.tensor([checks.integer(ranks[n], f"ranks[{n!r}]", 0) for n in g.names],
-                                dtype=torch.int64, device=w.device)
+                                dtype=torch.int64, device=param.device)
         if subs and all(n in subs for n in g.names):
-            G = torch.stack([subs[n] for n in g.names]).to(device=w.device, dtype=w.dtype)
-            expected = (len(g.names), *to_matrix(w, g.scheme, g.groups).shape)
+            G = torch.stack([subs[n] for n in g.names]).to(device=param.device, dtype=param.dtype)
+            expected = (len(g.names), *matrix_shape(g.shape, g.scheme, g.groups))
             if tuple(G.shape) != expected:
                 raise ValueError(f"subgradients of {', '.join(g.names)} have shape {tuple(G.shape)}, "
                                  f"expected {expected}")

@@ -83,7 +83,9 @@ class RankPruner:
     """Periodic low-rank projection of the selected layers plus the nuclear-norm subgradient.
 
     `skipped` says why each other candidate layer is not pruned. The model may be DDP-wrapped or
-    torch.compile'd: the pruner works on the bare module's parameters.
+    torch.compile'd: the pruner works on the bare module's parameters. A model sharded with FSDP2 (fully_shard;
+    build the pruner after it) is projected group by group on whole gathered matrices and written back into
+    every rank's shards (trp.prune.fsdp).
 
     Args:
         model: the nn.Module to prune (its parameters must be materialized, not on the meta device).

@@ -49,4 +49,4 @@ def restore_warm_basis(g, bases):
             raise ValueError(f"warm_bases[{n!r}] must be a float64 tensor [matrices, n, m], got {got}")
     if any(b is None for b in parts) or len({tuple(b.shape) for b in parts}) != 1:
         return None
-    return torch.cat(parts).to(g.targets[0].read().device)
+    return torch.cat(parts).to(g.targets[0].param.device)
