@@ -125,10 +125,10 @@ def decompose(model, kind, ranks, calibration):
 
 
 def run(args, results):
+    """One results row per model, seed and table row, written as soon as it is measured (a cut run keeps them)."""
     train_data, held = corpus()
-    per = {}  # (model, row) -> [{ppl, train_s, decompose_s, params}]
-    for name in args.models:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for name in args.models:
             trained = {kind: train(args, name, seed, train_data, kind) for kind in ("dense", "trp", "trp_nu")}
             ranks = budget_ranks(trained["dense"][0], args.budget)
             gen = torch.Generator().manual_seed(2000 + seed)
@@ -140,15 +140,10 @@ def run(args, results):
                 net = model if row == "dense" else decompose(model, row, ranks, calibration)
                 dec_s = time.perf_counter() - t0
                 ppl = perplexity(net, held, args.seq)
-                per.setdefault((name, row), []).append(
-                    {"seed": seed, "ppl": ppl, "train_s": train_s, "decompose_s": dec_s,
-                     "params": trp.count_params(net)})
+                results.add({"model": name, "row": row, "seed": seed, "ppl": ppl, "train_s": train_s,
+                             "decompose_s": dec_s, "params": trp.count_params(net)})
                 print(f"{name} seed {seed} {LABELS[row]:28s}: held-out perplexity {ppl:.3f} "
                       f"(train {train_s:.0f} s, decompose {dec_s:.1f} s)", flush=True)
-    for (name, row), vals in per.items():
-        results.add({"model": name, "row": row, "label": LABELS[row], **{
-            k: summarize([v[k] for v in vals]) for k in ("ppl", "train_s", "decompose_s", "params")},
-            "seeds": [v["seed"] for v in vals]})
 
 
 def summarize(values):
@@ -158,12 +153,19 @@ def summarize(values):
 
 
 def markdown(rows):
-    def cell(s, fmt):
-        return fmt.format(s["mean"]) + (f" ± {fmt.format(s['std'])}" if len(s["values"]) > 1 else "")
+    """Per model and table row: mean ± std over the seeds the rows hold."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["row"]), []).append(r)
+
+    def cell(key, fmt, vals):
+        s = summarize([v[key] for v in vals])
+        return fmt.format(s["mean"]) + (f" ± {fmt.format(s['std'])}" if len(vals) > 1 else "")
     return harness.markdown_table(
-        ["model", "row", "held-out perplexity", "parameters", "training (s)", "decomposition (s)"],
-        [[r["model"], r["label"], cell(r["ppl"], "{:.3f}"), f"{r['params']['mean'] / 1e6:.3f}M",
-          cell(r["train_s"], "{:.0f}"), cell(r["decompose_s"], "{:.1f}")] for r in rows])
+        ["model", "row", "seeds", "held-out perplexity", "parameters", "training (s)", "decomposition (s)"],
+        [[name, LABELS[row], len(vals), cell("ppl", "{:.3f}", vals), f"{vals[0]['params'] / 1e6:.3f}M",
+          cell("train_s", "{:.0f}", vals), cell("decompose_s", "{:.1f}", vals)]
+         for (name, row), vals in groups.items()])
 
 
 def render(doc):
@@ -182,8 +184,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--energy", type=float, default=0.95)
-    p.add_argument("--period", type=int, default=2)
+    p.add_argument("--energy", type=float, default=0.98)
+    p.add_argument("--period", type=int, default=5)
     p.add_argument("--nuclear", type=float, default=1e-4)
     p.add_argument("--budget", type=float, default=0.5, help="fraction of each matrix's parameters kept")
     p.add_argument("--calibration-batches", type=int, default=8)

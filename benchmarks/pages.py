@@ -17,6 +17,7 @@ import conv_table  # first among the table scripts: they put the checkout on sys
 import deploy_table
 import distributed_projection
 import latency_target
+import lm_table
 import lowrank_table
 import paper_table
 import pruner_overhead_table
@@ -106,6 +107,16 @@ PAGES = {
           "the accuracy): the speed-up its verification loop measured, whether the target was met (within 3%), "
           "then dense and decomposed timed again afresh; a refused target with the reason the library gave.",
           latency_target.render)]),
+    "language-models.md": (
+        "Language models at a parameter budget",
+        "Small decoders (GPT-2 and Llama configurations from `transformers`, random initialization) trained "
+        "byte-level on the Python documentation topics that ship with every Python, a fixed tenth of the topics "
+        "held out; every decomposed row keeps the same parameter budget in each attention and MLP projection. "
+        "TRP trains the rank down while the model learns; SVD, ASVD (activation scaling) and SVD-LLM "
+        "(whitening) decompose the normally trained model afterwards (`trp.decompose(calibration=)`). Mean ± "
+        "standard deviation over the seeds; the training cost is the seconds of the training the row needs.",
+        [("lm_table.json", "Held-out perplexity", "Lower is better; the dense row is the reference.",
+          lm_table.render)]),
     "paper.md": (
         "Reproducing the paper on the embedded digits",
         "The paper's central comparison, run on scikit-learn's handwritten digits (3x16x16, nothing "
