@@ -257,6 +257,25 @@ def sketch_usable(shape: Sequence[int], device: str | torch.device, energy: floa
     return torch.device(device).type == "cpu" and min(shape[1:]) >= _warm.SKETCH_MIN_N and energy < 1.0
 
 
+def large_usable(basis: Tensor, shape: Sequence[int], device: str | torch.device) -> bool:
+    """Whether a warm step (warm_usable holds) skips the Gram matrix (trp_kernels.warm.large_step).
+
+    Large matrices (n >= LARGE_MIN_N) on the CPU with a narrow basis (m <= LARGE_MAX_FRACTION * n), where
+    products with the matrix cost less than its Gram matrix.
+
+    Args:
+        basis: the WarmStart's basis [B, n, m], usable (warm_usable).
+        shape: the matrices' shape (B, p, q); n = min(p, q).
+        device: the matrices' device.
+
+    Returns:
+        Whether the warm step runs without the Gram matrix.
+    """
+    n = min(shape[1:])
+    return (torch.device(device).type == "cpu" and n >= _warm.LARGE_MIN_N
+            and basis.shape[2] <= _warm.LARGE_MAX_FRACTION * n)
+
+
 def _compiled_warm(W, basis, max_rank, subgradient):
     """Whether the compiled warm step may run on W's device from `basis` (as _compiled: built and trusted). The
     shape class includes whether the basis is narrow enough for the Jacobi eigensolver of the Ritz step."""
@@ -309,9 +328,33 @@ def _warm_launch(W, basis, energy, max_rank, subgradient):
             W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient, cpp)
             return _Pending(W, energy, max_rank, subgradient, cpp,
                             (W_low, rank, G, full, rank.new_zeros(B, dtype=torch.bool)), warm=False)
-        step = _warm.compiled_step if cpp and _compiled_warm(W, basis, max_rank, subgradient) else _warm.step
+        if large_usable(basis, W.shape, W.device):
+            step = _warm.large_step
+        elif cpp and _compiled_warm(W, basis, max_rank, subgradient):
+            step = _warm.compiled_step
+        else:
+            step = _warm.step
         return _Pending(W, energy, max_rank, subgradient, cpp, step(W, basis, energy, max_rank, subgradient),
                         warm=True)
+
+
+def _fallback(W, energy, max_rank, subgradient, cpp):
+    """The solve of matrices whose warm step failed its certificate: the full solve with its basis, tried first
+    from certified random blocks where a cold call would (sketch_usable; large matrices on the CPU)."""
+    if not sketch_usable(W.shape, W.device, energy):
+        return _cold_with_basis(W, energy, max_rank, subgradient, cpp)
+    W_low, rank, G, X, ok = _warm.sketched_step(W, energy, max_rank, subgradient)
+    if bool(ok.all()):
+        return W_low, rank, G, X
+    cold = (~ok).nonzero().squeeze(1)
+    c_low, c_rank, c_G, c_basis = _cold_with_basis(W[cold], energy, max_rank, subgradient, cpp)
+    W_low[cold], rank[cold] = c_low, c_rank
+    if subgradient:
+        G[cold] = c_G
+    vectors = torch.zeros(*X.shape[:2], max(X.shape[-1], int(c_rank.max())), dtype=X.dtype, device=X.device)
+    vectors[..., :X.shape[-1]] = X
+    vectors[cold] = c_basis[..., :vectors.shape[-1]]  # the full solve's basis has n columns
+    return W_low, rank, G, vectors
 
 
 def _warm_finish(pending, top, fallbacks):
@@ -327,14 +370,16 @@ def _warm_finish(pending, top, fallbacks):
     B, n = W.shape[0], min(W.shape[1:])
     cold = (~ok).nonzero().squeeze(1)
     with precision.ieee_matmul(W.device.type):
-        c_low, c_rank, c_G, c_basis = _cold_with_basis(W[cold], energy, max_rank, subgradient, pending.cpp)
+        c_low, c_rank, c_G, c_basis = _fallback(W[cold], energy, max_rank, subgradient, pending.cpp)
     W_low[cold], rank[cold] = c_low, c_rank
     if subgradient:
         G[cold] = c_G
     vectors = torch.zeros(B, n, max(X.shape[-1], int(c_rank.max()) if c_rank.numel() else 0),
                           dtype=X.dtype, device=X.device)
     vectors[..., :X.shape[-1]] = X
-    vectors[cold] = c_basis[..., :vectors.shape[-1]]
+    width = min(vectors.shape[-1], c_basis.shape[-1])  # a fallback's basis holds at least its ranks
+    vectors[cold] = 0.0
+    vectors[cold, :, :width] = c_basis[..., :width]
     return W_low, rank, G, _warm.next_basis(vectors, rank), ok
 
 
