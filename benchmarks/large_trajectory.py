@@ -1,7 +1,7 @@
 """Large Linear layers along a short TRP trajectory: the time of each `RankPruner.step()` against a float64 SVD
 of the same matrix and `torch.svd_lowrank` at the same rank (which has no guarantee: its energy error is shown).
 
-    python benchmarks/large_trajectory.py [--shapes 2048x5504 2048x2048] [--steps 4] [--out PATH]
+    python benchmarks/large_trajectory.py [--shapes 2048x5504 2048x2048] [--steps 4] [--smoke] [--out PATH]
 
 Llama-shaped matrices scaled to a small CPU (an MLP projection and an attention projection of a 2048-wide
 model). Weights: rank 256 with decaying singular values plus a small dense part, as TRP leaves them; between
@@ -11,7 +11,9 @@ On the last step's weights, timed in the same process: the float64 SVD, from whi
 and truncation check the pruner's result, and svd_lowrank with `q = rank + 10`, two power iterations."""
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -94,10 +96,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["2048x5504", "2048x2048"], help="p x q of each layer")
     parser.add_argument("--steps", type=int, default=4, help="projections along the trajectory (>= 2)")
-    parser.add_argument("--out", default=str(harness.ROOT / "results" / "large_trajectory_cpu.json"))
+    parser.add_argument("--smoke", action="store_true",
+                        help="one 600 x 700 layer, 2 steps, into the temporary directory: checks the script works")
+    parser.add_argument("--out", default=None, help="default: results/large_trajectory_cpu.json")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (a cold step and a warm one)")
+    if args.smoke:
+        args.shapes, args.steps = ["600x700"], 2
+    if args.out is None:
+        args.out = str(Path(tempfile.gettempdir()) / "large_trajectory_cpu_smoke.json") if args.smoke \
+            else str(harness.ROOT / "results" / "large_trajectory_cpu.json")
     gen = torch.Generator().manual_seed(0)
     results = harness.Results(args.out, "large_trajectory", energy=ENERGY, update=UPDATE)
     for shape in args.shapes:
