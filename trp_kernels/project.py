@@ -296,7 +296,7 @@ class _Pending:
     """One batch's warm-start call between its launch (no host synchronisation) and its finish: the results so far
     and what the finish needs to know from the device (the largest rank; whether some matrix fell back)."""
 
-    def __init__(self, W, energy, max_rank, subgradient, cpp, results, warm):
+    def __init__(self, W, energy, max_rank, subgradient, cpp, results, warm):  # cpp None: not decided yet
         self.W, self.energy, self.max_rank, self.subgradient, self.cpp = W, energy, max_rank, subgradient, cpp
         self.results, self.warm = results, warm  # (W_low, rank, G, vectors, ok); warm: ok is meaningful
 
@@ -313,8 +313,19 @@ def _warm_launch(W, basis, energy, max_rank, subgradient):
     B, p, q = W.shape
     n = min(p, q)
     with precision.ieee_matmul(W.device.type):
+        key = _dispatch_key(W.device)
+        if backend_for(W.device) != "cpp" or _extension.has_kernel("lowrank_project_basis", key):
+            # the routes that run no compiled kernel: its self-check (a full solve of this shape on first use)
+            # waits until some matrix falls back (_warm_finish)
+            usable = warm_usable(basis, W.shape, W.device, energy)
+            if usable and large_usable(basis, W.shape, W.device):
+                return _Pending(W, energy, max_rank, subgradient, None,
+                                _warm.large_step(W, basis, energy, max_rank, subgradient), warm=True)
+            if not usable and sketch_usable(W.shape, W.device, energy):  # large and cold on the CPU
+                return _Pending(W, energy, max_rank, subgradient, None,
+                                _warm.sketched_step(W, energy, max_rank, subgradient), warm=True)
         cpp = _compiled(W, max_rank, subgradient)
-        if cpp and not _extension.has_kernel("lowrank_project_basis", _dispatch_key(W.device)):
+        if cpp and not _extension.has_kernel("lowrank_project_basis", key):
             # a compiled extension older than the warm start: its full solve, as without a state (and no state)
             W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
             no_state = W.new_zeros(B, n, 0, dtype=torch.float64)
@@ -322,18 +333,10 @@ def _warm_launch(W, basis, energy, max_rank, subgradient):
                                                                     no_state, rank.new_zeros(B, dtype=torch.bool)),
                             warm=False)
         if not warm_usable(basis, W.shape, W.device, energy):
-            if sketch_usable(W.shape, W.device, energy):  # large and cold on the CPU: certified random blocks
-                return _Pending(W, energy, max_rank, subgradient, cpp,
-                                _warm.sketched_step(W, energy, max_rank, subgradient), warm=True)
             W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient, cpp)
             return _Pending(W, energy, max_rank, subgradient, cpp,
                             (W_low, rank, G, full, rank.new_zeros(B, dtype=torch.bool)), warm=False)
-        if large_usable(basis, W.shape, W.device):
-            step = _warm.large_step
-        elif cpp and _compiled_warm(W, basis, max_rank, subgradient):
-            step = _warm.compiled_step
-        else:
-            step = _warm.step
+        step = _warm.compiled_step if cpp and _compiled_warm(W, basis, max_rank, subgradient) else _warm.step
         return _Pending(W, energy, max_rank, subgradient, cpp, step(W, basis, energy, max_rank, subgradient),
                         warm=True)
 
@@ -370,7 +373,8 @@ def _warm_finish(pending, top, fallbacks):
     B, n = W.shape[0], min(W.shape[1:])
     cold = (~ok).nonzero().squeeze(1)
     with precision.ieee_matmul(W.device.type):
-        c_low, c_rank, c_G, c_basis = _fallback(W[cold], energy, max_rank, subgradient, pending.cpp)
+        cpp = pending.cpp if pending.cpp is not None else _compiled(W, max_rank, subgradient)
+        c_low, c_rank, c_G, c_basis = _fallback(W[cold], energy, max_rank, subgradient, cpp)
     W_low[cold], rank[cold] = c_low, c_rank
     if subgradient:
         G[cold] = c_G
