@@ -76,7 +76,7 @@ SKETCH_MAX_FRACTION = 0.25  # the widest block, as a fraction of n: an attempt w
 # more than the float64 product it saves.
 LARGE_MIN_N = 3072          # below, the compiled Gram matrix (one triangle, at full GEMM speed) costs about as
                             # much as two narrow products and their QR (measured at n = 2048; at 4096 the
-                            # products take a third of its time)
+                            # Gram-free step took well under half the time of the Gram matrix's)
 LARGE_MAX_FRACTION = 0.1    # a wider basis takes the Gram matrix's warm step: its products, at about half the GEMM
                             # speed of the Gram matrix's, cost as much from there
 LARGE_MAX_STEPS = 6
