@@ -16,6 +16,7 @@ from pathlib import Path
 import conv_table  # first among the table scripts: they put the checkout on sys.path (harness)
 import deploy_table
 import distributed_projection
+import large_trajectory
 import latency_target
 import lm_table
 import lowrank_table
@@ -68,7 +69,16 @@ PAGES = {
           "One matrix per size, projected at several energies (basis widths), moved by a small update, then "
           "the full solve against the warm step at the same energy, one matrix on one thread. The warm step "
           "is used only up to `trp_kernels.warm.MAX_FRACTION` of n.",
-          lowrank_table.render)]),
+          lowrank_table.render),
+         ("large_trajectory_cpu.json", "Large layers along a TRP trajectory",
+          "`RankPruner.step()` on one Llama-shaped Linear layer at a time (energy 0.9; weights of rank 256 with "
+          "decaying singular values plus a small dense part; a small dense Gaussian update between steps): the "
+          "first step (no warm state: certified random blocks, else the full solve) and the later ones "
+          "(warm-started), against a float64 SVD of the last step's weights, which also gives the exact rank and "
+          "the projection error, and `torch.svd_lowrank` at that rank (q = rank + 10, two power iterations) with "
+          "its energy error: the exact kept energy minus the one its singular values give, relative to the total. "
+          "`docs/guides/large-layers.md` explains the routes.",
+          large_trajectory.render)]),
     "training.md": (
         "TRP in training: overhead and sharding (CPU)",
         "What TRP adds to a training step, and what sharding the projection over processes "

@@ -257,6 +257,25 @@ def sketch_usable(shape: Sequence[int], device: str | torch.device, energy: floa
     return torch.device(device).type == "cpu" and min(shape[1:]) >= _warm.SKETCH_MIN_N and energy < 1.0
 
 
+def large_usable(basis: Tensor, shape: Sequence[int], device: str | torch.device) -> bool:
+    """Whether a warm step (warm_usable holds) skips the Gram matrix (trp_kernels.warm.large_step).
+
+    Large matrices (n >= LARGE_MIN_N) on the CPU with a narrow basis (m <= LARGE_MAX_FRACTION * n), where
+    products with the matrix cost less than its Gram matrix.
+
+    Args:
+        basis: the WarmStart's basis [B, n, m], usable (warm_usable).
+        shape: the matrices' shape (B, p, q); n = min(p, q).
+        device: the matrices' device.
+
+    Returns:
+        Whether the warm step runs without the Gram matrix.
+    """
+    n = min(shape[1:])
+    return (torch.device(device).type == "cpu" and n >= _warm.LARGE_MIN_N
+            and basis.shape[2] <= _warm.LARGE_MAX_FRACTION * n)
+
+
 def _compiled_warm(W, basis, max_rank, subgradient):
     """Whether the compiled warm step may run on W's device from `basis` (as _compiled: built and trusted). The
     shape class includes whether the basis is narrow enough for the Jacobi eigensolver of the Ritz step."""
@@ -277,7 +296,7 @@ class _Pending:
     """One batch's warm-start call between its launch (no host synchronisation) and its finish: the results so far
     and what the finish needs to know from the device (the largest rank; whether some matrix fell back)."""
 
-    def __init__(self, W, energy, max_rank, subgradient, cpp, results, warm):
+    def __init__(self, W, energy, max_rank, subgradient, cpp, results, warm):  # cpp None: not decided yet
         self.W, self.energy, self.max_rank, self.subgradient, self.cpp = W, energy, max_rank, subgradient, cpp
         self.results, self.warm = results, warm  # (W_low, rank, G, vectors, ok); warm: ok is meaningful
 
@@ -294,8 +313,19 @@ def _warm_launch(W, basis, energy, max_rank, subgradient):
     B, p, q = W.shape
     n = min(p, q)
     with precision.ieee_matmul(W.device.type):
+        key = _dispatch_key(W.device)
+        if backend_for(W.device) != "cpp" or _extension.has_kernel("lowrank_project_basis", key):
+            # the routes that run no compiled kernel: its self-check (a full solve of this shape on first use)
+            # waits until some matrix falls back (_warm_finish)
+            usable = warm_usable(basis, W.shape, W.device, energy)
+            if usable and large_usable(basis, W.shape, W.device):
+                return _Pending(W, energy, max_rank, subgradient, None,
+                                _warm.large_step(W, basis, energy, max_rank, subgradient), warm=True)
+            if not usable and sketch_usable(W.shape, W.device, energy):  # large and cold on the CPU
+                return _Pending(W, energy, max_rank, subgradient, None,
+                                _warm.sketched_step(W, energy, max_rank, subgradient), warm=True)
         cpp = _compiled(W, max_rank, subgradient)
-        if cpp and not _extension.has_kernel("lowrank_project_basis", _dispatch_key(W.device)):
+        if cpp and not _extension.has_kernel("lowrank_project_basis", key):
             # a compiled extension older than the warm start: its full solve, as without a state (and no state)
             W_low, rank, G = torch.ops.trp_kernels_C.lowrank_project(W, energy, max_rank, subgradient)
             no_state = W.new_zeros(B, n, 0, dtype=torch.float64)
@@ -303,15 +333,31 @@ def _warm_launch(W, basis, energy, max_rank, subgradient):
                                                                     no_state, rank.new_zeros(B, dtype=torch.bool)),
                             warm=False)
         if not warm_usable(basis, W.shape, W.device, energy):
-            if sketch_usable(W.shape, W.device, energy):  # large and cold on the CPU: certified random blocks
-                return _Pending(W, energy, max_rank, subgradient, cpp,
-                                _warm.sketched_step(W, energy, max_rank, subgradient), warm=True)
             W_low, rank, G, full = _cold_with_basis(W, energy, max_rank, subgradient, cpp)
             return _Pending(W, energy, max_rank, subgradient, cpp,
                             (W_low, rank, G, full, rank.new_zeros(B, dtype=torch.bool)), warm=False)
         step = _warm.compiled_step if cpp and _compiled_warm(W, basis, max_rank, subgradient) else _warm.step
         return _Pending(W, energy, max_rank, subgradient, cpp, step(W, basis, energy, max_rank, subgradient),
                         warm=True)
+
+
+def _fallback(W, energy, max_rank, subgradient, cpp):
+    """The solve of matrices whose warm step failed its certificate: the full solve with its basis, tried first
+    from certified random blocks where a cold call would (sketch_usable; large matrices on the CPU)."""
+    if not sketch_usable(W.shape, W.device, energy):
+        return _cold_with_basis(W, energy, max_rank, subgradient, cpp)
+    W_low, rank, G, X, ok = _warm.sketched_step(W, energy, max_rank, subgradient)
+    if bool(ok.all()):
+        return W_low, rank, G, X
+    cold = (~ok).nonzero().squeeze(1)
+    c_low, c_rank, c_G, c_basis = _cold_with_basis(W[cold], energy, max_rank, subgradient, cpp)
+    W_low[cold], rank[cold] = c_low, c_rank
+    if subgradient:
+        G[cold] = c_G
+    vectors = torch.zeros(*X.shape[:2], max(X.shape[-1], int(c_rank.max())), dtype=X.dtype, device=X.device)
+    vectors[..., :X.shape[-1]] = X
+    vectors[cold] = c_basis[..., :vectors.shape[-1]]  # the full solve's basis has n columns
+    return W_low, rank, G, vectors
 
 
 def _warm_finish(pending, top, fallbacks):
@@ -327,14 +373,17 @@ def _warm_finish(pending, top, fallbacks):
     B, n = W.shape[0], min(W.shape[1:])
     cold = (~ok).nonzero().squeeze(1)
     with precision.ieee_matmul(W.device.type):
-        c_low, c_rank, c_G, c_basis = _cold_with_basis(W[cold], energy, max_rank, subgradient, pending.cpp)
+        cpp = pending.cpp if pending.cpp is not None else _compiled(W, max_rank, subgradient)
+        c_low, c_rank, c_G, c_basis = _fallback(W[cold], energy, max_rank, subgradient, cpp)
     W_low[cold], rank[cold] = c_low, c_rank
     if subgradient:
         G[cold] = c_G
     vectors = torch.zeros(B, n, max(X.shape[-1], int(c_rank.max()) if c_rank.numel() else 0),
                           dtype=X.dtype, device=X.device)
     vectors[..., :X.shape[-1]] = X
-    vectors[cold] = c_basis[..., :vectors.shape[-1]]
+    width = min(vectors.shape[-1], c_basis.shape[-1])  # a fallback's basis holds at least its ranks
+    vectors[cold] = 0.0
+    vectors[cold, :, :width] = c_basis[..., :width]
     return W_low, rank, G, _warm.next_basis(vectors, rank), ok
 
 

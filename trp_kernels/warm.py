@@ -35,6 +35,7 @@ This module is the executable specification (batched torch ops, any device) and 
 kernels (csrc/common/warm_driver.h, warm_certify.h: one launch sequence per batch on the GPU) run the same
 steps with the constants below. The host decides once per batch which matrices fall back
 (trp_kernels/project.py)."""
+import contextlib
 from typing import Optional
 
 import torch
@@ -63,6 +64,23 @@ SKETCH_FIRST_BLOCK = 128   # columns of the first random block; then SKETCH_GROW
 SKETCH_GROWTH = 4
 SKETCH_MAX_FRACTION = 0.25  # the widest block, as a fraction of n: an attempt with m columns costs about
                             # 12 n q m flops, so all of them together stay near the 2 n^2 q of the Gram matrix
+
+# A large matrix with a state, on the CPU (n >= LARGE_MIN_N and a basis of at most LARGE_MAX_FRACTION * n
+# columns), skips the Gram matrix too: subspace iteration from the previous basis with M applied as A (A^T X),
+# 4 n q m flops a product instead of the Gram matrix's n^2 q. Each product M Q of an orthonormal block Q gives a
+# Rayleigh-Ritz step and the certificate, and is also the next power step (M X = M Q S): the previous basis
+# itself (first order in the update, seldom proven), then span(M V0) (second order: an SGD step's update is
+# proven there, two products in all), and so on up to LARGE_MAX_STEPS products; a rank that outgrows the block
+# gets LARGE_GROWTH random columns more (up to SKETCH_MAX_FRACTION * n). All products run in float64: a float32
+# one's rounding (1e-7 of the subspace) shows in the certificate unless another product follows it, which costs
+# more than the float64 product it saves.
+LARGE_MIN_N = 3072          # below, the compiled Gram matrix (one triangle, at full GEMM speed) costs about as
+                            # much as two narrow products and their QR (measured at n = 2048; at 4096 the
+                            # Gram-free step took well under half the time of the Gram matrix's)
+LARGE_MAX_FRACTION = 0.1    # a wider basis takes the Gram matrix's warm step: its products, at about half the GEMM
+                            # speed of the Gram matrix's, cost as much from there
+LARGE_MAX_STEPS = 6
+LARGE_GROWTH = 0.25         # the fraction of its width a block grows by (at least 16 columns)
 
 
 def is_basis(t: object) -> bool:
@@ -421,27 +439,78 @@ def sketched_subspace(A: Tensor, A32: Tensor, energy: Optional[float] = None, ra
     return None
 
 
-def sketched_step(W: Tensor, energy: float, max_rank: Optional[int], subgradient: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The projection of W from random blocks (sketched_subspace), matrix by matrix.
+@contextlib.contextmanager
+def _one_thread():
+    """The small LAPACK calls of subspace_iteration (QR of n x m, eigh of m x m) on one thread: they gain nothing
+    from more, and where another process shares the cores, their threads' barriers cost up to 100 times the
+    work (measured: eigh of 107 x 107 on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def subspace_iteration(A: Tensor, start: Tensor, energy: float, max_rank: Optional[int]
+                       ) -> Optional[tuple[Tensor, Tensor, int]]:
+    """The kept subspace of one matrix by certified subspace iteration from `start`, or None.
+
+    See LARGE_MIN_N: products with the Gram matrix M of the short side, applied as A (A^T X), each followed by
+    a float64 Rayleigh-Ritz step and the certificate (certify), at most LARGE_MAX_STEPS products; the block
+    grows by LARGE_GROWTH random columns while its Ritz values cannot reach the energy threshold.
 
     Args:
-        W: floating-point tensor [B, p, q].
+        A: the matrix [p, q] float64.
+        start: the starting block [n, m] (n = min(p, q), m >= 1 linearly independent columns, e.g. the previous
+            call's kept singular vectors).
         energy: fraction of the squared singular values kept, in (0, 1].
         max_rank: None, or the largest rank kept (>= 1).
-        subgradient: whether G is computed.
 
     Returns:
-        A tuple (W_low, rank, G, X, ok): W_low in W's dtype and shape, rank int64 [B], G in W's dtype and shape
-            (an empty tensor without subgradient), X the kept Ritz vectors [B, n, largest rank] float64, ok bool
-            [B]; matrices with ok False (not certified) hold unspecified results (the caller solves them in full).
+        None when no step proves the subspace, else (theta [m'], Ritz vectors X [n, m'], r) with X[:, :r] the
+            exact top-r eigenvectors of the Gram matrix within SUBSPACE_TOL and r the energy rule's rank (capped
+            by max_rank).
     """
+    p, q = A.shape
+    n, left = min(p, q), p <= q
+    trace = torch.linalg.vector_norm(A).square().reshape(1)
+    if not bool(trace > 0) or start.shape[-1] < 1:
+        return None
+    nr = noise_rel(p, q)
+    op = _gram_op(A, left)
+    generator = torch.Generator(device=A.device).manual_seed(0)
+    Y = start.to(torch.float64)
+    for _ in range(LARGE_MAX_STEPS):
+        with _one_thread():
+            Q = torch.linalg.qr(Y).Q
+        MQ = op(Q)
+        H = Q.mT @ MQ
+        with _one_thread():
+            theta, S = torch.linalg.eigh((H + H.mT) * 0.5)
+        theta, S = theta.flip(-1), S.flip(-1)
+        X, MX = Q @ S, MQ @ S
+        res2 = (MX - X * theta).square().sum(0)
+        r, ok = certify(trace, theta[None], res2[None], energy, max_rank, nr)
+        if bool(ok) and int(r) > 0:
+            return theta, X, int(r)
+        Y = MX
+        m = Y.shape[-1]
+        capped = max_rank is not None and m >= max_rank
+        if not capped and float(theta.clamp_min(0).sum()) < energy * float(trace):  # threshold beyond the block
+            extra = max(16, int(LARGE_GROWTH * m))
+            if m + extra > SKETCH_MAX_FRACTION * n:
+                return None
+            G = torch.randn(n, extra, dtype=A.dtype, device=A.device, generator=generator)
+            Y = torch.cat([Y, op(G)], dim=-1)
+    return None
+
+
+def _assemble(W, found, subgradient):
+    """(W_low, rank, G, X, ok) of a batch from each matrix's (A float64, None or (theta, X, r)): the projection
+    on the leading r Ritz vectors where found, zeros and ok False elsewhere."""
     B, p, q = W.shape
     nr, left = noise_rel(p, q), p <= q
-    found = []
-    for b in range(B):
-        A = W[b].to(torch.float64)
-        found.append((A, sketched_subspace(A, W[b].float(), energy=energy, max_rank=max_rank)))
     m = max([1] + [f[2] for _, f in found if f is not None])
     W_low, rank = torch.zeros_like(W), torch.zeros(B, dtype=torch.int64, device=W.device)
     G = torch.zeros_like(W) if subgradient else W.new_empty(0)
@@ -457,6 +526,56 @@ def sketched_step(W: Tensor, energy: float, max_rank: Optional[int], subgradient
         if subgradient:
             G[b] = g[0].to(W.dtype)
     return W_low, rank, G, X, ok
+
+
+def large_step(W: Tensor, basis: Tensor, energy: float, max_rank: Optional[int], subgradient: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The warm step of large matrices without their Gram matrix (subspace_iteration), matrix by matrix.
+
+    An all-zero matrix is exact at rank 0; a matrix whose state holds no nonzero finite column is not certified.
+
+    Args:
+        W: floating-point tensor [B, p, q].
+        basis: the previous call's kept vectors [B, n, m] float64 (zero columns beyond each matrix's rank).
+        energy: fraction of the squared singular values kept, in (0, 1].
+        max_rank: None, or the largest rank kept (>= 1).
+        subgradient: whether G is computed.
+
+    Returns:
+        A tuple (W_low, rank, G, X, ok) as sketched_step's: matrices with ok False hold unspecified results (the
+            caller solves them otherwise).
+    """
+    found, zero = [], []
+    for b in range(W.shape[0]):
+        A = W[b].to(torch.float64)
+        start = torch.where(torch.isfinite(basis[b]), basis[b], torch.zeros_like(basis[b]))
+        start = start[:, start.norm(dim=0) > 0]
+        zero.append(not bool(A.any()))
+        found.append((A, None if zero[-1] else subspace_iteration(A, start, energy, max_rank)))
+    W_low, rank, G, X, ok = _assemble(W, found, subgradient)
+    return W_low, rank, G, X, ok | torch.tensor(zero, dtype=torch.bool, device=W.device)
+
+
+def sketched_step(W: Tensor, energy: float, max_rank: Optional[int], subgradient: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The projection of W from random blocks (sketched_subspace), matrix by matrix.
+
+    Args:
+        W: floating-point tensor [B, p, q].
+        energy: fraction of the squared singular values kept, in (0, 1].
+        max_rank: None, or the largest rank kept (>= 1).
+        subgradient: whether G is computed.
+
+    Returns:
+        A tuple (W_low, rank, G, X, ok): W_low in W's dtype and shape, rank int64 [B], G in W's dtype and shape
+            (an empty tensor without subgradient), X the kept Ritz vectors [B, n, largest rank] float64, ok bool
+            [B]; matrices with ok False (not certified) hold unspecified results (the caller solves them in full).
+    """
+    found = []
+    for b in range(W.shape[0]):
+        A = W[b].to(torch.float64)
+        found.append((A, sketched_subspace(A, W[b].float(), energy=energy, max_rank=max_rank)))
+    return _assemble(W, found, subgradient)
 
 
 def kernel_params() -> tuple[int, float, float, float]:
