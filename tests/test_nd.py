@@ -16,15 +16,21 @@ from trp.deploy.decompose import ND_DEFAULT_ENERGY
 from trp.nn.modules import FACTORIZED
 
 
+def truncated(M, energy):
+    """(k, the rank-k truncation) of one matrix by the energy rule, from its float64 SVD."""
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    s2 = S.square()
+    k = next(k for k in range(1, len(S) + 1) if s2[:k].sum() >= energy * s2.sum())
+    return k, (U[:, :k] * S[:k]) @ Vh[:k]
+
+
 def per_filter_truncation(W, energy):
     """Exact float64 reference: every filter's c x (kh*kw) matrix truncated by the energy rule, one by one."""
     ranks, out = [], torch.empty_like(W, dtype=torch.float64)
     for i in range(W.shape[0]):
-        U, S, Vh = torch.linalg.svd(W[i].reshape(W.shape[1], -1).double(), full_matrices=False)
-        s2 = S.square()
-        k = next(k for k in range(1, len(S) + 1) if s2[:k].sum() >= energy * s2.sum())
+        k, low = truncated(W[i].reshape(W.shape[1], -1), energy)
         ranks.append(k)
-        out[i] = ((U[:, :k] * S[:k]) @ Vh[:k]).reshape(W.shape[1:])
+        out[i] = low.reshape(W.shape[1:])
     return ranks, out
 
 
@@ -251,11 +257,9 @@ def per_channel_truncation(W, energy, groups=1):
     m, ranks, out = n // groups, [], torch.empty_like(W, dtype=torch.float64)
     for j in range(c * groups):
         rows = slice(j // c * m, j // c * m + m)
-        U, S, Vh = torch.linalg.svd(W[rows, j % c].reshape(m, -1).double(), full_matrices=False)
-        s2 = S.square()
-        k = next(k for k in range(1, len(S) + 1) if s2[:k].sum() >= energy * s2.sum())
+        k, low = truncated(W[rows, j % c].reshape(m, -1), energy)
         ranks.append(k)
-        out[rows, j % c] = ((U[:, :k] * S[:k]) @ Vh[:k]).reshape(m, *W.shape[2:])
+        out[rows, j % c] = low.reshape(m, *W.shape[2:])
     return ranks, out
 
 
