@@ -471,39 +471,37 @@ def fit_to_latency(table, spectra, target, build, timer, dense_model, x, attempt
     checks.integer(attempts, "attempts", 1)
     goal, tries, best = float(target), [], None
     ceiling = table.max_speedup(margin)
-    if ceiling < target and any(table.frontier(n, margin) for n in table.names):  # out of reach? measure it
-        ranks = table.fastest(margin)
-        net = build(ranks)
-        t_dense, t_net = timer.compare([dense_model, net], x)
-        measured = t_dense / t_net
-        tries.append({"goal": ceiling, "predicted": ceiling, "measured": measured})
-        if measured < target * (1.0 - tolerance):
-            raise ValueError(f"target_latency={target:g} is not reachable in this runtime: with every selected "
-                             f"layer at its fastest measured rank the network measured a speed-up of "
-                             f"{measured:.2f}x over dense (predicted {ceiling:.2f}x); ask for at most that (or try "
-                             "another batch size, runtime or scheme)")
-        best = (net, ranks, measured)
-        goal = min(max(target * ceiling / measured, 1.0 + 1e-9), ceiling)  # a goal > 1: the allocator's domain
-    for _ in range(attempts):
-        ranks = allocate_latency(table, spectra, goal, margin)
+    reached = lambda measured: measured >= target * (1.0 - tolerance)  # noqa: E731
+
+    def attempt(ranks, goal):
+        """(network, ranks, measured speed-up) of one allocation, recorded in `tries`."""
         net = build(ranks)
         t_dense, t_net = timer.compare([dense_model, net], x)
         measured = t_dense / t_net
         tries.append({"goal": goal, "predicted": table.total_dense / table.seconds(ranks), "measured": measured})
-        if best is None or measured > best[2]:
-            best = (net, ranks, measured)
-        if measured >= target * (1.0 - tolerance):
-            best = (net, ranks, measured)
+        return net, ranks, measured
+
+    if ceiling < target and any(table.frontier(n, margin) for n in table.names):  # out of reach? measure it
+        best = attempt(table.fastest(margin), ceiling)
+        measured = best[2]
+        if not reached(measured):
+            raise ValueError(f"target_latency={target:g} is not reachable in this runtime: with every selected "
+                             f"layer at its fastest measured rank the network measured a speed-up of "
+                             f"{measured:.2f}x over dense (predicted {ceiling:.2f}x); ask for at most that (or try "
+                             "another batch size, runtime or scheme)")
+        goal = min(max(target * ceiling / measured, 1.0 + 1e-9), ceiling)  # a goal > 1: the allocator's domain
+    for _ in range(attempts):
+        result = attempt(allocate_latency(table, spectra, goal, margin), goal)
+        if best is None or result[2] > best[2] or reached(result[2]):
+            best = result
+        if reached(result[2]) or goal >= ceiling:
             break
-        if goal >= ceiling:
-            break
-        goal = min(goal * target / measured, ceiling)
+        goal = min(goal * target / result[2], ceiling)
     net, ranks, measured = best
-    met = measured >= target * (1.0 - tolerance)
+    met = reached(measured)
     if not met:
         warnings.warn(f"target_latency={target:g} not reached: measured {measured:.2f}x after {len(tries)} "
-                      f"allocation(s) (the per-layer measurements allow at most {table.max_speedup(margin):.2f}x)",
-                      stacklevel=3)
+                      f"allocation(s) (the per-layer measurements allow at most {ceiling:.2f}x)", stacklevel=3)
     return net, {"target": float(target), "met": met, "measured": measured, "ranks": ranks, "attempts": tries}
 
 
