@@ -143,3 +143,82 @@ def test_loader_order_follows_its_generator():
     train.generator.set_state(state)
     assert [y.tolist() for _, y in train] == first
     assert [y.tolist() for _, y in train] != first  # a new epoch reshuffles
+
+
+def _write_arrays(path, x_train, y_train, x_test, y_test, **extra):
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, **extra)
+    return f"arrays:{path}"
+
+
+def _gray(n, side, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, side, side), dtype=np.uint8), rng.integers(0, 3, n)
+
+
+@pytest.mark.parametrize("layout", ["nhw", "nhwc", "nchw", "float"])
+def test_arrays_layouts_resize_and_normalize(tmp_path, layout):
+    x, y = _gray(30, 12, 0)
+    xt, yt = _gray(10, 12, 1)
+    y[0] = 4  # the largest label in the train set sets the number of classes
+    form = {"nhw": lambda a: a, "nhwc": lambda a: np.repeat(a[..., None], 3, -1),
+            "nchw": lambda a: a[:, None], "float": lambda a: a.astype(np.float32) / 255}[layout]
+    spec = _write_arrays(tmp_path / "d.npz", form(x), y, form(xt), yt)
+    native = data.load(spec)
+    assert (native.name, native.num_classes, native.image_size, native.in_channels) == ("arrays", 5, 12, 3)
+    assert native.classes == ["0", "1", "2", "3", "4"] and (len(native.train), len(native.test)) == (30, 10)
+    # the pixels, unscaled: what was stored, in [0, 1], gray repeated to three channels
+    assert torch.allclose(native.test.images[:, 1], torch.from_numpy(xt).float() / 255, atol=1e-6)
+    assert torch.equal(native.test.labels, torch.from_numpy(yt))
+    small = data.load(spec, image_size=6)
+    assert small.test[0][0].shape == small.train[0][0].shape == (3, 6, 6)
+    train_x = torch.stack([small.test.transform(small.train.images[i]) for i in range(30)])
+    assert abs(float(train_x.mean())) < 1e-4 and abs(float(train_x.std()) - 1) < 2e-2
+
+
+def test_arrays_class_names_and_non_square(tmp_path):
+    x, y = _gray(8, 10, 0)
+    spec = _write_arrays(tmp_path / "d.npz", x[:, :, :8], y, x[:4, :, :8], y[:4],
+                         classes=np.array(["shirt", "shoe", "bag", "coat"]))
+    with pytest.raises(data.DataError, match="10x8, not square: give --image-size"):
+        data.load(spec)
+    b = data.load(spec, image_size=8)
+    assert b.classes == ["shirt", "shoe", "bag", "coat"] and b.num_classes == 4
+    assert b.train[0][0].shape == (3, 8, 8)
+
+
+def test_arrays_bad_files_are_refused_with_what_was_expected(tmp_path):
+    x, y = _gray(6, 8, 0)
+    cases = {
+        "missing the array y_test": dict(x_train=x, y_train=y, x_test=x),
+        "uint8 \\(0..255\\) or float": dict(x_train=x.astype(np.int32), y_train=y, x_test=x, y_test=y),
+        "with C = 1 or 3": dict(x_train=x[:, None, None], y_train=y, x_test=x, y_test=y),
+        "outside \\[0, 1\\]": dict(x_train=x.astype(np.float32), y_train=y, x_test=x, y_test=y),
+        "must be 6 integer labels": dict(x_train=x, y_train=y[:5], x_test=x, y_test=y),
+        "integer labels": dict(x_train=x, y_train=y.astype(np.float32), x_test=x, y_test=y),
+        "labels outside": dict(x_train=x, y_train=y - 1, x_test=x, y_test=y),
+        "different image shapes": dict(x_train=x, y_train=y, x_test=x[:, :4], y_test=y),
+        "holds no images": dict(x_train=x[:0], y_train=y[:0], x_test=x, y_test=y),
+        "classes must be": dict(x_train=x, y_train=y, x_test=x, y_test=y, classes=np.array(["a"])),
+    }
+    for i, (match, arrays) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(data.DataError, match=match):
+            data.load(f"arrays:{path}")
+    np.save(tmp_path / "plain.npy", x)
+    with pytest.raises(data.DataError, match="not a .npz archive"):
+        data.load(f"arrays:{tmp_path / 'plain.npy'}")
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(data.DataError, match="not a readable .npz"):
+        data.load(f"arrays:{tmp_path / 'text.npz'}")
+    np.savez(tmp_path / "objects.npz", x_train=np.array([{"a": 1}] * 6, dtype=object), y_train=y, x_test=x,
+             y_test=y)
+    with pytest.raises(data.DataError, match="not a readable .npz"):  # a pickle is never loaded
+        data.load(f"arrays:{tmp_path / 'objects.npz'}")
+    with pytest.raises(data.DataError, match="needs a file"):
+        data.parse_spec("arrays")
+    with pytest.raises(data.DataError, match="absent.npz: no such file"):
+        data.load(f"arrays:{tmp_path / 'absent.npz'}")
+    os.mkfifo(tmp_path / "fifo.npz")
+    with pytest.raises(data.DataError, match="not a regular file"):
+        data.load(f"arrays:{tmp_path / 'fifo.npz'}")

@@ -9,11 +9,17 @@
   CIFAR-10 augmentation).
 - "imagefolder:DIR": DIR/train/<class>/*.png|jpg and DIR/val/<class>/... (ImageNet layout) via torchvision;
   random-resized crop + flip on train, resize + center crop on val.
+- "arrays:FILE": a NumPy .npz with x_train, y_train, x_test, y_test (Keras's load_data names), images
+  [N, H, W] (gray), [N, H, W, C] or [N, C, H, W] with C = 1 or 3, uint8 or float in [0, 1], integer labels
+  0..K-1, and optionally `classes` (K names). Resized bilinearly (antialiased) to image_size (default: the
+  images' side), gray repeated to 3 channels, and augmented as the digits (a random shift, no flip: the
+  data's symmetry is not known). Read without pickles.
 
 Augmentation draws from torch's global RNG and the loaders' shuffling from their own generators, so a
 training run that saves and restores both continues with exactly the same batches."""
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,11 +30,13 @@ from torch.utils.data.distributed import DistributedSampler
 
 from trp._utils import storage
 
-DATASETS = ("digits", "cifar10:DIR", "imagefolder:DIR")
+DATASETS = ("digits", "cifar10:DIR", "imagefolder:DIR", "arrays:FILE.npz")
+ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MAX_IMAGE_SIZE = 1024  # input side bound: above any classification resolution in use
+MAX_CLASSES = 100_000  # labels bound the classifier's width: above any classification data set in use
 MAX_DIGITS_SIZE = 64  # the digits are 8x8 scans: 8x upsampled at most (1,797 images of 3 x 64 x 64: 88 MB)
 
 
@@ -88,7 +96,8 @@ class TensorImages(Dataset):
 
 
 def parse_spec(spec):
-    """'digits' -> ('digits', None); 'cifar10:DIR' -> ('cifar10', DIR); unknown names list the valid ones."""
+    """'digits' -> ('digits', None); 'cifar10:DIR' -> ('cifar10', DIR); 'arrays:FILE' -> ('arrays', FILE);
+    unknown names list the valid ones."""
     if not isinstance(spec, str) or not spec:
         raise DataError(f"no data set given; valid: {', '.join(DATASETS)}")
     kind, sep, path = spec.partition(":")
@@ -97,6 +106,10 @@ def parse_spec(spec):
     if kind in ("cifar10", "imagefolder"):
         if not path:
             raise DataError(f"data set {kind!r} needs a directory: --data {kind}:DIR")
+        return kind, os.path.expanduser(path)
+    if kind == "arrays":
+        if not path:
+            raise DataError("data set 'arrays' needs a file: --data arrays:FILE.npz")
         return kind, os.path.expanduser(path)
     raise DataError(f"unknown data set {spec!r}; valid: {', '.join(DATASETS)}")
 
@@ -111,7 +124,7 @@ def check_options(spec, image_size=None, subset=None):
     can make the data take more memory than a real run needs.
 
     Args:
-        spec: the data set ("digits", "cifar10:DIR", "imagefolder:DIR").
+        spec: the data set ("digits", "cifar10:DIR", "imagefolder:DIR", "arrays:FILE").
         image_size: None or the input side.
         subset: None or the number of samples.
 
@@ -135,12 +148,15 @@ def check_options(spec, image_size=None, subset=None):
 
 def load(spec, image_size=None, subset=None, seed=0):
     """A DataBundle for `spec`. `subset` keeps a fixed random `subset` train and `subset` test samples
-    (seeded, for quick runs and tests); image_size applies to digits (default 16) and imagefolder (224)."""
+    (seeded, for quick runs and tests); image_size applies to digits (default 16), imagefolder (224) and arrays
+    (default: the images' side)."""
     kind, path = check_options(spec, image_size, subset)
     if kind == "digits":
         bundle = load_digits(image_size or 16)
     elif kind == "cifar10":
         bundle = load_cifar10(path)
+    elif kind == "arrays":
+        bundle = load_arrays(path, image_size)
     else:
         bundle = load_imagefolder(path, image_size or 224)
     if subset is not None:
@@ -238,6 +254,116 @@ def load_cifar10(root):
     return DataBundle("cifar10", train, test, 10, 3, 32, names)
 
 
+def _read_npz(path):
+    """{key: array} of ARRAY_KEYS (+ "classes" when present) from the .npz at path; no pickles."""
+    try:
+        f = storage.open_regular(path)  # a FIFO or a device is refused, not waited on
+    except OSError as exc:
+        raise DataError(f"arrays data: {exc}") from None
+    try:
+        with f:
+            z = np.load(f, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise DataError(f"{path}: not a .npz archive (expected the arrays {', '.join(ARRAY_KEYS)})")
+            with z:
+                return _npz_arrays(z, path)
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz of {', '.join(ARRAY_KEYS)} ({type(exc).__name__}: "
+                        f"{exc})") from None
+
+
+def _npz_arrays(z, path):
+    """{key: array} of ARRAY_KEYS (+ "classes" when present) in the open archive z."""
+    missing = [k for k in ARRAY_KEYS if k not in z.files]
+    if missing:
+        raise DataError(f"{path}: missing the array{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                        f"(expected {', '.join(ARRAY_KEYS)}, optionally classes)")
+    return {k: z[k] for k in ARRAY_KEYS + ("classes",) if k in z.files}
+
+
+def _array_images(x, name, path):
+    """x as float [N, C, H, W] in [0, 1] (see the module docstring for what is accepted)."""
+    if x.dtype == np.uint8:
+        t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255)
+    elif np.issubdtype(x.dtype, np.floating):
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if t.numel() and not (bool(torch.isfinite(t).all()) and float(t.min()) >= 0 and float(t.max()) <= 1):
+            raise DataError(f"{path}: {name} holds floats outside [0, 1] (or NaN/Inf); give uint8 0..255 or "
+                            f"floats in [0, 1]")
+    else:
+        raise DataError(f"{path}: {name} must be uint8 (0..255) or float in [0, 1], got {x.dtype}")
+    if t.ndim == 3:
+        t = t.unsqueeze(1)
+    elif t.ndim == 4 and t.shape[-1] in (1, 3):
+        t = t.permute(0, 3, 1, 2)
+    elif not (t.ndim == 4 and t.shape[1] in (1, 3)):
+        raise DataError(f"{path}: {name} must be [N, H, W], [N, H, W, C] or [N, C, H, W] with C = 1 or 3, got "
+                        f"shape {tuple(x.shape)}")
+    if t.shape[0] == 0:
+        raise DataError(f"{path}: {name} holds no images")
+    return t
+
+
+def _array_labels(y, name, n, path):
+    if y.ndim != 1 or len(y) != n or not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        raise DataError(f"{path}: {name} must be {n} integer labels (a 1-D array), got {y.dtype} of shape "
+                        f"{tuple(y.shape)}")
+    y = torch.from_numpy(y.astype(np.int64))
+    if int(y.min()) < 0 or int(y.max()) >= MAX_CLASSES:
+        raise DataError(f"{path}: {name} has labels outside 0..{MAX_CLASSES - 1}; labels are 0..K-1")
+    return y
+
+
+def load_arrays(path, image_size=None):
+    """The arrays:FILE data set (see the module docstring).
+
+    Args:
+        path: the .npz file.
+        image_size: the input side; default None: the images' own side (square images only).
+
+    Returns:
+        A DataBundle named "arrays".
+
+    Raises:
+        DataError: a missing or malformed file or array, named with what was expected.
+    """
+    path = os.path.abspath(path)
+    arrays = _read_npz(path)
+    images = {s: _array_images(arrays[f"x_{s}"], f"x_{s}", path) for s in ("train", "test")}
+    labels = {s: _array_labels(arrays[f"y_{s}"], f"y_{s}", len(images[s]), path) for s in ("train", "test")}
+    if images["train"].shape[1:] != images["test"].shape[1:]:
+        raise DataError(f"{path}: x_train and x_test have different image shapes "
+                        f"({tuple(images['train'].shape[1:])} vs {tuple(images['test'].shape[1:])})")
+    height, width = images["train"].shape[-2:]
+    if image_size is None:
+        if height != width:
+            raise DataError(f"{path}: the images are {height}x{width}, not square: give --image-size N")
+        image_size = height
+    if not 4 <= image_size <= MAX_IMAGE_SIZE:
+        raise DataError(f"{path}: the images are {height}x{width}; give --image-size N in [4, {MAX_IMAGE_SIZE}]")
+    num_classes = max(int(labels[s].max()) for s in labels) + 1
+    names = [str(i) for i in range(num_classes)]
+    if "classes" in arrays:
+        given = arrays["classes"]
+        if given.ndim != 1 or given.dtype.kind not in "UT" or len(given) < num_classes:
+            raise DataError(f"{path}: classes must be a 1-D array of at least {num_classes} names (the labels "
+                            f"go up to {num_classes - 1}), got {given.dtype} of shape {tuple(given.shape)}")
+        names = [str(c) for c in given]
+        num_classes = len(names)
+    for s, t in images.items():
+        if (height, width) != (image_size, image_size):
+            t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                              antialias=image_size < max(height, width))
+        images[s] = t.clamp_(0, 1).expand(-1, 3, -1, -1).contiguous()
+    mean = tuple(images["train"].mean(dim=(0, 2, 3)).tolist())
+    std = tuple(images["train"].std(dim=(0, 2, 3)).clamp(min=1e-6).tolist())
+    train = TensorImages(images["train"], labels["train"], PadCropFlip(max(1, image_size // 8), False, mean, std))
+    test = TensorImages(images["test"], labels["test"], PadCropFlip(0, False, mean, std))
+    return DataBundle("arrays", train, test, num_classes, 3, image_size, names)
+
+
 def load_imagefolder(root, image_size=224):
     try:  # optional dependency (the vision extra)
         from torchvision import datasets
@@ -294,6 +420,6 @@ def make_loaders(bundle, batch_size, seed=0, workers=0, rank=0, world_size=1):
     return train, test
 
 
-__all__ = ["DATASETS", "MAX_IMAGE_SIZE", "MAX_DIGITS_SIZE",
+__all__ = ["DATASETS", "ARRAY_KEYS", "MAX_IMAGE_SIZE", "MAX_DIGITS_SIZE",
            "DataBundle", "DataError", "load", "parse_spec", "check_options", "load_digits", "load_cifar10",
-           "load_imagefolder", "make_loaders"]
+           "load_imagefolder", "load_arrays", "make_loaders"]
