@@ -130,6 +130,19 @@ def test_trajectory_4096_square_without_the_gram_matrix(monkeypatch):
 
 
 @pytest.mark.slow
+def test_trajectory_8192_square(monkeypatch):
+    """n = 8192, the largest Llama-7B-like matrix the contract covers: a cold call (certified random blocks),
+    then one warm step without the Gram matrix; the exact rank and truncation at both."""
+    used = []
+    real = warm.large_step
+    monkeypatch.setattr(warm, "large_step", lambda *a: used.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(4)
+    for t, state, _ in trajectory(8192, 8192, 1, gen):
+        assert bool(state.warm[0])
+    assert len(used) == 1
+
+
+@pytest.mark.slow
 def test_rank_growing_beyond_the_basis_widens_the_block(large_from, monkeypatch):
     """A call at a lower energy, then one at ENERGY on the same spectrum, slightly turned: the rank outgrows the
     basis, the block gets random columns (or the fallbacks run); the rank and truncation stay exact."""
