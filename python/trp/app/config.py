@@ -20,7 +20,8 @@ from trp.core.rank import check_energy, check_threshold
 from trp.core.schemes import check_scheme
 from trp.cost.model import check_target_speedup
 from trp.deploy.latency import RUNTIMES
-from trp.prune.pruner import check_nuclear, check_period
+from trp.prune.budget import SpeedupController
+from trp.prune.pruner import NUCLEAR, check_nuclear, check_period, default_nuclear
 
 SEED_LIMIT = 2 ** 63  # torch generators take 64 bits and the loaders also seed with seed + 1
 
@@ -107,14 +108,17 @@ def _device_name(v, flag):
             raise ValueError(f"{flag} must be cpu, cuda, cuda:N or auto, got {v!r}")
 
 
-def option(default, flag, help, check=None, resume=False, record_check=None, since_v2=False, **argparse_kw):
+def option(default, flag, help, check=None, resume=False, record_check=None, since_v2=False, absent=None,
+           **argparse_kw):
     """A TrainConfig field. help may use {default}; resume=True: a resumed run may change it.
     record_check: the rule for the value a checkpoint holds, when it differs from `check` (which may ask the
-    machine); since_v2: added after the first checkpoints of format 2, which lack it (it reads as default)."""
+    machine); since_v2: added after the first checkpoints of format 2, which lack it (it reads as `absent`);
+    absent: what a record without the option ran with, when that is not the default (None: the default)."""
     return dataclasses.field(default=default, metadata={"flag": flag, "help": help, "check": check,
                                                          "resume": resume, "argparse": argparse_kw,
                                                          "record_check": record_check or check,
-                                                         "since_v2": since_v2})
+                                                         "since_v2": since_v2,
+                                                         "absent": default if absent is None else absent})
 
 
 # Defaults tuned for the embedded digits at 16x16 (make demo): a few minutes on a 2-core CPU; lr 0.05 rather
@@ -126,9 +130,10 @@ class TrainConfig:
                         "(default {default})",
                         lambda v, flag: models.check_name(v), metavar="NAME")
     data: str = option("digits", "--data", "digits (embedded, default) | cifar10:DIR (python batches) | "
-                       "imagefolder:DIR (DIR/train, DIR/val)", metavar="SPEC")
-    image_size: int = option(None, "--image-size", "input side for digits (default 16) and imagefolder "
-                             "(default 224)", metavar="N", type=positive_int)
+                       "imagefolder:DIR (DIR/train, DIR/val) | arrays:FILE.npz (x_train, y_train, x_test, y_test)",
+                       metavar="SPEC")
+    image_size: int = option(None, "--image-size", "input side for digits (default 16), imagefolder "
+                             "(default 224) and arrays (default: the images' side)", metavar="N", type=positive_int)
     subset: int = option(None, "--subset", "use a fixed random N train and N test samples", metavar="N",
                          type=positive_int)
     scheme: str = option("channel", "--scheme", "channel (default), spatial, nd (network decoupling, the "
@@ -139,7 +144,8 @@ class TrainConfig:
                            type=float)
     period: int = option(1, "--period", "project every PERIOD iterations (default {default})", check_period,
                          metavar="M", type=int)
-    nuclear: float = option(3e-4, "--nuclear", "nuclear-norm weight lambda (default {default})", check_nuclear,
+    nuclear: float = option(None, "--nuclear", f"nuclear-norm weight lambda (default {NUCLEAR}; 0 with "
+                            "--target-speedup or --target-latency)", _optional(check_nuclear),
                             metavar="L", type=float)
     trp: bool = option(True, "--no-trp", "train the plain baseline", lambda v, flag: _bool(v, "trp"),
                        action="store_false")
@@ -178,12 +184,12 @@ class TrainConfig:
                               "cutoff instead of --energy", _optional(check_threshold), resume=True, metavar="T",
                               type=float)
     target_speedup: float = option(None, "--target-speedup", "steer the projections to this conv-MAC speed-up "
-                                   "(ramped up over the first quarter of training) and decompose at it, instead "
+                                   "(ramped up over --budget-ramp of training) and decompose at it, instead "
                                    "of --energy (e.g. 2.2)", _optional(check_target_speedup), since_v2=True,
                                    metavar="S", type=float)
     target_latency: float = option(None, "--target-latency", "steer the projections to this latency speed-up, "
                                    "measured in --runtime at --latency-batch-size before training (ramped up over "
-                                   "the first quarter), and decompose at it by measurement, instead of --energy "
+                                   "--budget-ramp), and decompose at it by measurement, instead of --energy "
                                    "(e.g. 1.5)", _optional(_real(low=1.0, low_open=True)), since_v2=True,
                                    metavar="S", type=float)
     runtime: str = option("eager", "--runtime", "where --target-latency measures: eager (PyTorch on --device) or "
@@ -191,6 +197,14 @@ class TrainConfig:
                           since_v2=True, metavar="NAME")
     latency_batch_size: int = option(1, "--latency-batch-size", "the batch size --target-latency measures at "
                                      "(default {default})", _int(1), since_v2=True, metavar="N", type=positive_int)
+    budget_ramp: float = option(0.5, "--budget-ramp", "with --target-speedup or --target-latency: the fraction "
+                                "of training over which the goal ramps from 1x to the target (default {default}: "
+                                "the first lr decay of the default --schedule)", _real(low=0.0, high=1.0),
+                                since_v2=True, absent=0.25, metavar="F", type=float)
+    budget_gain: float = option(SpeedupController.GAIN, "--budget-gain", "with --target-speedup or "
+                                "--target-latency: the share of the cost above the goal one projection removes "
+                                "(default {default})", _real(low=0.0, high=1.0, low_open=True), since_v2=True,
+                                absent=1.0, metavar="G", type=float)
     deterministic: bool = option(False, "--deterministic", "deterministic algorithms, one CPU thread, seeded "
                                  "workers: a rerun on the same machine reproduces every number", _bool,
                                  since_v2=True, action="store_true")
@@ -207,6 +221,9 @@ class TrainConfig:
             self.schedule = sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
         elif isinstance(self.schedule, tuple):
             self.schedule = list(self.schedule)
+        if self.nuclear is None:  # a record holds the weight the run used
+            target = self.target_speedup if self.target_speedup is not None else self.target_latency
+            self.nuclear = default_nuclear(target)
         self.validate()
 
     def validate(self, record=False):
@@ -238,8 +255,8 @@ class TrainConfig:
     @classmethod
     def from_record(cls, d):
         """The config a checkpoint holds, checked: a dict with every option (those added after the first
-        checkpoints of format 2 may be missing: their defaults), no unknown one, each valid by its record
-        rule.
+        checkpoints of format 2 may be missing: what the run had before they were options, see option()), no
+        unknown one, each valid by its record rule.
 
         Args:
             d: the checkpoint's "config" record.
@@ -261,7 +278,7 @@ class TrainConfig:
                                 "another trp?)" if unknown else ""))
         cfg = object.__new__(cls)  # no __post_init__: a record's schedule is given, its checks are record rules
         for f in FIELDS:
-            setattr(cfg, f.name, d.get(f.name, f.default))
+            setattr(cfg, f.name, d.get(f.name, f.metadata["absent"]))
         cfg.validate(record=True)
         return cfg
 

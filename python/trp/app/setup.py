@@ -76,21 +76,20 @@ def load_initial_weights(model, state, path):
                  error=ckpt.CheckpointError)
 
 
-# --target-speedup: the goal ramps from 1 to the target over this fraction of the run's projections
-BUDGET_WARMUP = 0.25
 LATENCY_CACHE = "latency.json"  # --target-latency's layer timings, in the run directory
 
 
 def budget_args(cfg, bundle, latency_cost=None):
-    """RankPruner's target_speedup / input_size / warmup for cfg (none without --target-speedup or
-    --target-latency); with --target-latency, the measured `latency_cost` is what the target counts."""
+    """RankPruner's target_speedup / input_size / warmup / gain for cfg (none without --target-speedup or
+    --target-latency): the goal ramps over --budget-ramp of the run's projections; with --target-latency, the
+    measured `latency_cost` is what the target counts."""
     if cfg.target_speedup is None and cfg.target_latency is None:
         return {}
     steps = -(-len(bundle.train) // cfg.batch_size)  # an upper bound: a last batch of one is dropped
-    warmup = round(BUDGET_WARMUP * cfg.epochs * steps / cfg.period)
+    steer = {"warmup": round(cfg.budget_ramp * cfg.epochs * steps / cfg.period), "gain": cfg.budget_gain}
     if cfg.target_latency is not None:
-        return {"target_speedup": cfg.target_latency, "costs": latency_cost, "warmup": warmup}
-    return {"target_speedup": cfg.target_speedup, "input_size": bundle.input_size[1:], "warmup": warmup}
+        return {"target_speedup": cfg.target_latency, "costs": latency_cost, **steer}
+    return {"target_speedup": cfg.target_speedup, "input_size": bundle.input_size[1:], **steer}
 
 
 def latency_runtime(runtime, batch_size, out):
@@ -151,5 +150,5 @@ def seed_everything(seed):
     random.seed(seed)
 
 
-__all__ = ["read_initial_weights", "load_initial_weights", "budget_args", "BUDGET_WARMUP", "deterministic_mode",
+__all__ = ["read_initial_weights", "load_initial_weights", "budget_args", "deterministic_mode",
            "seed_worker", "seed_everything", "check_scheduler", "file_id"]

@@ -36,6 +36,23 @@ from trp.prune.warm_state import restore_warm_basis
 from trp_kernels.project import check_max_rank
 
 NUCLEAR_EVERY = ("projection", "step")
+NUCLEAR = 3e-4  # the paper's lambda
+
+
+def default_nuclear(target=None):
+    """The nuclear-norm weight a pruner takes when none is given: NUCLEAR for a fixed energy, 0 with a target.
+
+    With a target speed-up the controller's projections remove what SGD adds, so the term is not needed to
+    bring the ranks down; its subgradient then only shrinks every kept singular value, which cost ResNet-20 on
+    the digits accuracy (measured: benchmarks/recipe_table.py).
+
+    Args:
+        target: the target speed-up (target_speedup, or trp train's --target-latency), or None.
+
+    Returns:
+        The weight, a float.
+    """
+    return NUCLEAR if target is None else 0.0
 
 
 def check_period(period, name="period"):
@@ -98,7 +115,8 @@ class RankPruner:
         period: project every `period` calls of step(), the first call included (m in the paper); an
             int >= 1. Default 1.
         nuclear: weight lambda of the nuclear-norm term, a float >= 0 (0 turns regularize() off).
-            Default 3e-4.
+            Default None: default_nuclear(target_speedup), NUCLEAR (3e-4, the paper's lambda) for a fixed
+            energy and 0 with a target speed-up.
         layers: the layers to prune: a preset ("default", "paper"), module names, regexes or types.
             Default None: the "default" preset (dense, grouped and pointwise convs but the stem and depthwise
             ones, and the Linear-like matrices of the network's repeated blocks: trp.core.selection).
@@ -119,6 +137,9 @@ class RankPruner:
             Default None.
         warmup: number of projections over which the speed-up goal ramps from 1 to target_speedup, an
             int >= 0. Default 0.
+        gain: the speed-up controller's proportional gain, a float > 0: about the share of the cost above
+            the goal that one projection removes (SpeedupController). Default
+            SpeedupController.GAIN (0.2).
         costs: what target_speedup counts, instead of conv MACs at input_size: a cost model with the interface
             of trp.cost.model.CostModel's speedup(), macs(), total_dense, fixed and check_target();
             trp.deploy.latency_budget.LatencyCost makes target_speedup a measured latency speed-up. Default
@@ -129,9 +150,11 @@ class RankPruner:
             without input_size.
     """
 
-    def __init__(self, model, scheme="channel", energy=0.9, period=1, nuclear=3e-4, layers=None,
+    def __init__(self, model, scheme="channel", energy=0.9, period=1, nuclear=None, layers=None,
                  exclude=None, nuclear_every="projection", max_rank=None, process_group=None,
-                 target_speedup=None, input_size=None, warmup=0, costs=None):
+                 target_speedup=None, input_size=None, warmup=0, costs=None, gain=SpeedupController.GAIN):
+        if nuclear is None:
+            nuclear = default_nuclear(target_speedup)
         _check_config(scheme, energy, period, nuclear, nuclear_every, max_rank)
         pg = distributed.active_group(process_group)
         model = distributed.unwrap(model)
@@ -160,7 +183,7 @@ class RankPruner:
                 costs = CostModel(model, scheme, self.layers, input_size)
             elif list(costs.names) != self.layer_names:
                 raise ValueError("RankPruner: costs= was built for other layers than the pruner selected")
-            self.budget = SpeedupController(costs, target_speedup, warmup)
+            self.budget = SpeedupController(costs, target_speedup, warmup, gain)
             self.energy = self.budget.energy
         self.steps = 0                 # number of step() calls so far
         self.last_projected = False    # whether the latest step() projected
@@ -378,4 +401,4 @@ class RankPruner:
                 f"layers={len(self.layers)}, groups={len(self._groups)}, steps={self.steps})")
 
 
-__all__ = ["RankPruner", "NUCLEAR_EVERY"]
+__all__ = ["RankPruner", "NUCLEAR_EVERY", "NUCLEAR", "default_nuclear"]
