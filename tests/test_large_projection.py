@@ -118,28 +118,18 @@ def test_trajectory_2048_by_3000(gram_free, large_from, monkeypatch):
 
 
 @pytest.mark.slow
-def test_trajectory_4096_square_without_the_gram_matrix(monkeypatch):
-    """n = 4096: every warm step takes large_step (n >= LARGE_MIN_N, a narrow basis) and is certified."""
+@pytest.mark.parametrize("n,steps,seed", [(4096, 2, 2), (8192, 1, 4)])
+def test_square_trajectory_without_the_gram_matrix(n, steps, seed, monkeypatch):
+    """n = 4096 and 8192 (Llama-7B-like; the largest the contract covers): a cold call (certified random
+    blocks), then warm steps that take large_step (n >= LARGE_MIN_N, a narrow basis), each certified: the exact
+    rank and truncation at every step."""
     used = []
     real = warm.large_step
     monkeypatch.setattr(warm, "large_step", lambda *a: used.append(1) or real(*a))
-    gen = torch.Generator().manual_seed(2)
-    for t, state, _ in trajectory(4096, 4096, 2, gen):
+    gen = torch.Generator().manual_seed(seed)
+    for t, state, _ in trajectory(n, n, steps, gen):
         assert bool(state.warm[0])
-    assert len(used) == 2
-
-
-@pytest.mark.slow
-def test_trajectory_8192_square(monkeypatch):
-    """n = 8192, the largest Llama-7B-like matrix the contract covers: a cold call (certified random blocks),
-    then one warm step without the Gram matrix; the exact rank and truncation at both."""
-    used = []
-    real = warm.large_step
-    monkeypatch.setattr(warm, "large_step", lambda *a: used.append(1) or real(*a))
-    gen = torch.Generator().manual_seed(4)
-    for t, state, _ in trajectory(8192, 8192, 1, gen):
-        assert bool(state.warm[0])
-    assert len(used) == 1
+    assert len(used) == steps
 
 
 @pytest.mark.slow
