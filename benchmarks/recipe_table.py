@@ -95,7 +95,7 @@ def summary(rows):
         mine = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["seed"])
         paired = [r for r in mine if r["seed"] in base]
         costs = [base[r["seed"]] - r["acc_after"] for r in paired]
-        out[recipe] = {"seeds": [r["seed"] for r in mine], "rows": mine, "before": [r["acc_before"] for r in mine],
+        out[recipe] = {"seeds": [r["seed"] for r in mine], "before": [r["acc_before"] for r in mine],
                        "acc": [r["acc_after"] for r in mine], "cost": costs,
                        "trained": [r["trained_speedup"] for r in mine if "trained_speedup" in r],
                        "speedup": [r["speedup"] for r in mine],

@@ -181,16 +181,24 @@ def load_digits(image_size=16, test_fraction=0.25, split_seed=0):
     d = sk_digits()
     images = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # [N, 1, 8, 8], values 0..16
     images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
     idx_train, idx_test = train_test_split(range(len(d.target)), test_size=test_fraction,
                                            stratify=d.target, random_state=split_seed)
-    train_x = images[idx_train]
-    mean = tuple(train_x.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(train_x.std(dim=(0, 2, 3)).tolist())
     labels = torch.from_numpy(d.target)
-    train = TensorImages(train_x, labels[idx_train], PadCropFlip(max(1, image_size // 8), False, mean, std))
-    test = TensorImages(images[idx_test], labels[idx_test], PadCropFlip(0, False, mean, std))
-    return DataBundle("digits", train, test, 10, 3, image_size, [str(i) for i in range(10)])
+    return _shifted_bundle("digits", images[idx_train], labels[idx_train], images[idx_test], labels[idx_test],
+                           [str(i) for i in range(10)])
+
+
+def _shifted_bundle(name, train_x, train_y, test_x, test_y, classes):
+    """The DataBundle of small images [N, 1 or 3, S, S] (float, clamped to [0, 1]; gray repeated to 3 channels):
+    normalized by the training images' per-channel mean and std, and trained with a random shift of up to S/8
+    pixels and no flip (the digits' and the arrays' preprocessing)."""
+    train_x, test_x = (x.clamp(0, 1).expand(-1, 3, -1, -1).contiguous() for x in (train_x, test_x))
+    side = train_x.shape[-1]
+    mean = tuple(train_x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(train_x.std(dim=(0, 2, 3)).clamp(min=1e-6).tolist())  # a constant channel: no division by 0
+    train = TensorImages(train_x, train_y, PadCropFlip(max(1, side // 8), False, mean, std))
+    test = TensorImages(test_x, test_y, PadCropFlip(0, False, mean, std))
+    return DataBundle(name, train, test, len(classes), 3, side, list(classes))
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -351,17 +359,10 @@ def load_arrays(path, image_size=None):
             raise DataError(f"{path}: classes must be a 1-D array of at least {num_classes} names (the labels "
                             f"go up to {num_classes - 1}), got {given.dtype} of shape {tuple(given.shape)}")
         names = [str(c) for c in given]
-        num_classes = len(names)
-    for s, t in images.items():
-        if (height, width) != (image_size, image_size):
-            t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False,
-                              antialias=image_size < max(height, width))
-        images[s] = t.clamp_(0, 1).expand(-1, 3, -1, -1).contiguous()
-    mean = tuple(images["train"].mean(dim=(0, 2, 3)).tolist())
-    std = tuple(images["train"].std(dim=(0, 2, 3)).clamp(min=1e-6).tolist())
-    train = TensorImages(images["train"], labels["train"], PadCropFlip(max(1, image_size // 8), False, mean, std))
-    test = TensorImages(images["test"], labels["test"], PadCropFlip(0, False, mean, std))
-    return DataBundle("arrays", train, test, num_classes, 3, image_size, names)
+    if (height, width) != (image_size, image_size):
+        images = {s: F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                                   antialias=image_size < max(height, width)) for s, t in images.items()}
+    return _shifted_bundle("arrays", images["train"], labels["train"], images["test"], labels["test"], names)
 
 
 def load_imagefolder(root, image_size=224):
