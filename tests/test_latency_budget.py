@@ -213,9 +213,6 @@ def test_latency_cost_interpolates_caps_and_steers_training():
     assert cost.layer_seconds("6", 64) == table.dense["6"]  # above every candidate: dense
     assert cost.layer_seconds("6", 64, capped=False) > cost.layer_seconds("6", 56, capped=False)
     assert cost.speedup({n: None for n in cost.names}) == pytest.approx(1.0)
-    step = cost.layer_seconds("6", r1, capped=False) - cost.layer_seconds("6", r1 - 1, capped=False)
-    assert cost.rank_step("6", r1) == pytest.approx(table.scale * step) and step > 0  # the controller's dead zone
-    assert cost.rank_step("6", 1) == cost.rank_step("6", None) == 0
     with pytest.raises(ValueError, match="not reachable"):
         cost.check_target(50.0)
     with pytest.raises(ValueError, match="give target_speedup"):

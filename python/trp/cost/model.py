@@ -100,18 +100,6 @@ class CostModel:
             return self.dense[name]
         return max(int(rank), 1) * self.per_rank[name]
 
-    def rank_step(self, name, rank):
-        """What one rank fewer saves in one layer, uncapped (the smallest move a projection can make there).
-
-        Args:
-            name: the layer's name.
-            rank: its rank, an int, or None (dense).
-
-        Returns:
-            MACs, an int: 0 at rank <= 1 or dense.
-        """
-        return 0 if rank is None or rank <= 1 else self.per_rank[name]
-
     def macs(self, ranks, capped=True):
         """Conv MACs of the network with the selected layers at `ranks`.
 

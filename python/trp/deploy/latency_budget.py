@@ -332,21 +332,6 @@ class LatencyCost:
             return dense
         return seconds
 
-    def rank_step(self, name, rank):
-        """What one rank fewer saves in one layer, uncapped (the smallest move a projection can make there).
-
-        Args:
-            name: the layer's name.
-            rank: its rank, an int, or None (dense).
-
-        Returns:
-            Seconds, a float: 0 at rank <= 1 or dense.
-        """
-        if rank is None or rank <= 1:
-            return 0.0
-        saved = self.layer_seconds(name, rank, capped=False) - self.layer_seconds(name, rank - 1, capped=False)
-        return max(self.table.scale * saved, 0.0)
-
     def macs(self, ranks, capped=True):
         """The network's predicted time at `ranks` (the controller's cost; seconds here, not MACs).
 

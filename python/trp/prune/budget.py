@@ -135,11 +135,6 @@ class SpeedupController:
       past the goal, 2.24x for a target of 2 in tests/test_budget.py) and shrinks by the factor (g / s)^gain,
       and stays the residual that removes what SGD adds between projections (with E -> 1 the ranks would
       grow back to full within a few steps: measured).
-    - dead zone: closer to the goal than one rank of the cheapest layer (CostModel.rank_step) counts as at the
-      goal. One energy for every layer cannot close such a gap: once the projections have removed the small
-      components, the trim grows until the smallest left falls, and that projection takes a rank off nearly
-      every layer (ResNet-20 on the digits: 2.198x against a goal of 2.2x, then 2.41x for the rest of the run,
-      at a learning rate too low to grow the ranks back).
 
     1 - E = gain * max(excess, 0) + trim, in RESIDUAL.
 
@@ -218,14 +213,9 @@ class SpeedupController:
         self.speedup = costs.speedup(ranks)
         macs = costs.macs(ranks, capped=False)
         goal_macs = costs.total_dense / self.goal()
-        # closer to the goal than one rank of the cheapest layer counts as there: no projection closes that gap
-        # without overshooting, and one at a larger residual takes a rank off every layer at once (measured)
-        step = min((s for s in (costs.rank_step(n, r) for n, r in ranks.items()) if s > 0), default=0)
-        reached = macs - goal_macs < step
-        excess = 0.0 if reached else \
-            (macs - goal_macs) / max(macs - costs.fixed, 1e-12 * costs.total_dense)  # any unit: MACs or s
-        if reached:  # what the dead zone added to the trim is spent
-            self.log_trim = min(self.log_trim, self.log_start) - self.gain * math.log(max(goal_macs / macs, 1.0))
+        excess = (macs - goal_macs) / max(macs - costs.fixed, 1e-12 * costs.total_dense)  # any unit: MACs or s
+        if excess <= 0:  # the goal is reached: what the dead zone added to the trim is spent
+            self.log_trim = min(self.log_trim, self.log_start) - self.gain * math.log(goal_macs / macs)
         elif self.last_macs is not None:  # below the goal: did the latest projection close enough of the gap?
             slow = self.last_macs - macs < self.PROGRESS * (self.last_macs - goal_macs)
             self.log_trim += math.log(2.0) if slow else -math.log(2.0)

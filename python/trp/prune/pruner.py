@@ -141,7 +141,7 @@ class RankPruner:
             the goal that one projection removes (SpeedupController). Default
             SpeedupController.GAIN (0.2).
         costs: what target_speedup counts, instead of conv MACs at input_size: a cost model with the interface
-            of trp.cost.model.CostModel's speedup(), macs(), rank_step(), total_dense, fixed and check_target();
+            of trp.cost.model.CostModel's speedup(), macs(), total_dense, fixed and check_target();
             trp.deploy.latency_budget.LatencyCost makes target_speedup a measured latency speed-up. Default
             None.
 
