@@ -35,14 +35,14 @@ RECIPES = {
     "ramp": {"budget_ramp": 0.5, "budget_gain": 1.0, "nuclear": 3e-4},
     "gain": {"budget_ramp": 0.25, "budget_gain": 0.2, "nuclear": 3e-4},
     "both": {"budget_ramp": 0.5, "budget_gain": 0.2, "nuclear": 3e-4},
-    "half": {"budget_ramp": 0.5, "budget_gain": 0.2, "nuclear": 0.0},  # the defaults before the ramp of 0.3
     "defaults": {},
     "period10": {"period": 10},
+    "ramp03": {"budget_ramp": 0.3, "budget_gain": 0.2, "nuclear": 0.0},  # tried as a default, not kept
 }
 NAMES = {"baseline": "Baseline (no TRP)", "before": "TRP+Nu at the first defaults' settings, today's trim",
          "ramp": "TRP+Nu, slower ramp", "gain": "TRP+Nu, lower gain", "both": "TRP+Nu, slower ramp and lower gain",
-         "half": "TRP, the goal reached at half the run",
-         "defaults": "TRP, the defaults", "period10": "TRP, the defaults, projecting every 10 steps"}
+         "defaults": "TRP, the defaults", "period10": "TRP, the defaults, projecting every 10 steps",
+         "ramp03": "TRP, the goal reached at 30% of the run"}
 
 
 def parse_args(argv=None):

@@ -244,11 +244,11 @@ def test_controller_law_gain_and_progress_trim():
 def test_recipe_options_reach_the_pruner_and_old_records_keep_theirs():
     base = dict(data="digits", image_size=8, subset=48, batch_size=16, epochs=4, target_speedup=1.5)
     cfg = config.resolve_config(base)
-    assert (cfg.budget_ramp, cfg.budget_gain) == (0.3, budget.SpeedupController.GAIN)
+    assert (cfg.budget_ramp, cfg.budget_gain) == (0.5, budget.SpeedupController.GAIN)
     tuned = config.resolve_config({**base, "budget_ramp": 0.25, "budget_gain": 0.5})
     bundle = trp.app.data.load("digits", 8, 48)
     assert setup.budget_args(tuned, bundle)["warmup"] == 3 and setup.budget_args(tuned, bundle)["gain"] == 0.5
-    assert setup.budget_args(cfg, bundle)["warmup"] == 4  # 0.3 of 4 epochs of 3 steps, rounded
+    assert setup.budget_args(cfg, bundle)["warmup"] == 6  # half of 4 epochs of 3 steps
     record = cfg.to_dict()
     del record["budget_ramp"], record["budget_gain"]  # a checkpoint from before the options
     old = config.TrainConfig.from_record(record)

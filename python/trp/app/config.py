@@ -197,10 +197,9 @@ class TrainConfig:
                           since_v2=True, metavar="NAME")
     latency_batch_size: int = option(1, "--latency-batch-size", "the batch size --target-latency measures at "
                                      "(default {default})", _int(1), since_v2=True, metavar="N", type=positive_int)
-    budget_ramp: float = option(0.3, "--budget-ramp", "with --target-speedup or --target-latency: the fraction "
+    budget_ramp: float = option(0.5, "--budget-ramp", "with --target-speedup or --target-latency: the fraction "
                                 "of training over which the goal ramps from 1x to the target (default {default}: "
-                                "a fifth of the run at the full lr and the final ranks before the first decay of "
-                                "the default --schedule)", _real(low=0.0, high=1.0),
+                                "the first lr decay of the default --schedule)", _real(low=0.0, high=1.0),
                                 since_v2=True, absent=0.25, metavar="F", type=float)
     budget_gain: float = option(SpeedupController.GAIN, "--budget-gain", "with --target-speedup or "
                                 "--target-latency: the share of the cost above the goal one projection removes "
