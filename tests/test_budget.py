@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import trp
 from trp.app import config, setup, train
+from trp.core.schemes import to_matrix
 from trp.core.selection import select_layers
 from trp.prune import budget
 
@@ -216,29 +217,148 @@ class OneLayerCosts:
         return self.total_dense / self.macs(ranks)
 
 
-def test_controller_law_gain_and_progress_trim():
-    """1 - E = gain * excess + trim; below the goal the trim doubles after a projection that closed less than a
-    tenth of the gap (standing still or creeping), halves after one that closed more, and falls back once the
-    goal is met."""
+def test_controller_law_gain_progress_cut_and_trim():
+    """1 - E = gain * excess + trim; below the goal, a projection that closed less than a tenth of the gap (standing
+    still or creeping) asks for a cut of gain x the gap where it costs least, and the energy follows the ranks
+    after the cut; once the goal is met the trim falls back to its start."""
     c = budget.SpeedupController(OneLayerCosts(), 2.0, gain=0.2, residual=1e-4)
     assert c.gain == budget.SpeedupController.GAIN == 0.2
     residual = lambda: 1 - c.energy  # noqa: E731
     c.update({"a": 10})  # 1000 MACs against a goal of 500: an excess of half the MACs
-    assert residual() == pytest.approx(0.2 * 0.5 + 1e-4)
-    c.update({"a": 10})  # no progress: the trim doubles
-    assert residual() == pytest.approx(0.1 + 2e-4)
-    c.update({"a": 9})  # 100 MACs less, more than a tenth of the 500-MAC gap: the trim halves
-    assert residual() == pytest.approx(0.2 * (400 / 900) + 1e-4)
-    for _ in range(3):
-        c.update({"a": 9})  # stalled: 2e-4, 4e-4, 8e-4
-    assert residual() == pytest.approx(0.2 * (400 / 900) + 8e-4)
+    assert residual() == pytest.approx(0.2 * 0.5 + 1e-4) and c.cut is None  # no progress to judge yet
+    c.update({"a": 10})  # no progress: a cut to 1000 - 0.2 * 500 MACs; the trim stays
+    assert c.cut == pytest.approx(900) and residual() == pytest.approx(0.1 + 1e-4)
+    c.after_cut({"a": 9})  # the energy of the ranks after the cut, whose MACs the next progress counts from
+    assert c.cut is None and residual() == pytest.approx(0.2 * (400 / 900) + 1e-4) and c.speedup == 1000 / 900
     c.update({"a": 8.9})  # creeping: 10 MACs of a 400-MAC gap
-    assert residual() == pytest.approx(0.2 * (390 / 890) + 1.6e-3)
+    assert c.cut == pytest.approx(890 - 0.2 * 390)
+    c.after_cut({"a": 8})
+    c.update({"a": 7.5})  # 50 MACs of a 300-MAC gap: enough, no cut
+    assert c.cut is None and residual() == pytest.approx(0.2 * (250 / 750) + 1e-4)
     c.update({"a": 5})  # the goal is met: the trim falls back to its start and no excess is asked for
-    assert residual() == pytest.approx(1e-4)
+    assert c.cut is None and residual() == pytest.approx(1e-4)
+    c.update({"a": 4})  # above it, the trim shrinks by (goal / speed-up)^gain
+    assert residual() == pytest.approx(1e-4 * (400 / 500) ** 0.2)
     gain_one = budget.SpeedupController(OneLayerCosts(), 2.0, gain=1.0)
     gain_one.update({"a": 8})
     assert 1 - gain_one.energy == pytest.approx(300 / 800 + 1e-4)  # the whole excess in one projection
+
+
+class LayerCosts:
+    """Layers with the given MACs per rank (uncapped), 10 fixed MACs (the controller's cost interface)."""
+    fixed = 10.0
+
+    def __init__(self, per_rank, full):
+        self.per_rank, self.names = per_rank, list(per_rank)
+        self.total_dense = self.fixed + sum(per_rank[n] * full for n in self.names)
+
+    def macs(self, ranks, capped=True):
+        return self.fixed + sum(self.per_rank[n] * ranks[n] for n in self.names)
+
+
+def test_trim_removes_the_components_worth_least_per_mac_until_the_budget():
+    costs = LayerCosts({"a": 10.0, "b": 30.0, "c": 20.0}, full=4)
+    spectra = {"a": torch.tensor([4.0, 2.0, 1.0, 0.5]),  # shares of the 4th: 0.25 / 21.25, 3rd: 1 / 21.25
+               "b": torch.tensor([3.0, 3.0, 3.0, 3.0]),  # 0.25 each: worth 0.25 / 30 per MAC
+               "c": torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]])}  # per filter: the 3rd is empty
+    ranks = {"a": 4, "b": 4, "c": 3}
+    spent = costs.macs(ranks)  # 10 + 40 + 120 + 60
+    assert budget.cut_to(costs, spectra, ranks, spent) == {}  # nothing to do
+    assert budget.cut_to(costs, spectra, ranks, spent - 1) == {"c": 2}  # the empty component first
+    assert budget.cut_to(costs, spectra, ranks, spent - 21) == {"c": 2, "a": 3}  # 0.0118 / 10 < 0.25 / 30
+    assert budget.cut_to(costs, spectra, ranks, spent - 31) == {"c": 2, "a": 2}  # a's 3rd: 0.047 / 10 < 0.0083
+    # then b's 4th (0.25 / 30) before a's 2nd (0.19 / 10)
+    assert budget.cut_to(costs, spectra, ranks, spent - 41) == {"c": 2, "a": 2, "b": 3}
+    assert budget.cut_to(costs, spectra, ranks, 0.0) == {"a": 1, "b": 1, "c": 1}  # never below rank 1
+
+
+def clean_low_rank_net(rank=4):
+    """Convs whose weights have `rank` equal singular values: every kept component holds the same share of its
+    layer, so a uniform energy drops one from every layer at once or none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 24, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
+    with torch.no_grad():
+        for m in list(model)[2::2]:
+            if isinstance(m, nn.Conv2d):
+                n, q = m.weight.shape[0], m.weight[0].numel()
+                U = torch.linalg.qr(torch.randn(n, rank))[0]
+                V = torch.linalg.qr(torch.randn(q, rank))[0]
+                m.weight.copy_((U @ V.T).reshape(m.weight.shape))
+    return model
+
+
+def test_the_last_step_to_the_goal_is_one_rank_where_it_costs_least():
+    """Clean spectra (no training): the energy cannot make a small step; the cut removes single components, the
+    cheapest first, and the goal is met with the fewest."""
+    model = clean_low_rank_net()
+    size = (3, 8, 8)
+    costs = budget.CostModel(model, "channel", select_layers(model, "channel", ["2", "4", "6"]), size)
+    start = {"2": 4, "4": 4, "6": 4}
+    target = costs.total_dense / (costs.macs(start, capped=False) - 1)  # just above what rank 4 gives
+    pruner = trp.RankPruner(model, "channel", layers=["2", "4", "6"], target_speedup=target, input_size=size)
+    seen = []
+    for _ in range(12):
+        pruner.step()
+        seen.append(dict(pruner.ranks))
+    assert seen[0] == start  # the first projection: nothing to judge progress by
+    # equal shares: a component is worth least per MAC in the layer whose rank costs most
+    assert seen[-1] == {**start, max(start, key=lambda n: costs.per_rank[n]): 3}, seen  # one, in one layer
+    assert pruner.budget.speedup >= target and costs.speedup(seen[-1]) >= target
+
+
+def test_a_cut_truncates_each_matrix_to_its_svd_at_the_new_rank():
+    """Every scheme and path: a cut layer's matrices equal their truncated SVD (float64), the other layers are
+    untouched bit for bit, the ranks and the nuclear subgradient follow."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 12, 3, stride=2, padding=2,
+                                                                               dilation=2),
+                          nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1, groups=3), nn.ReLU(), nn.Conv2d(12, 10, 3),
+                          nn.Flatten(), nn.LazyLinear(5))
+    model(torch.randn(1, 3, 9, 9))
+    for scheme in ("channel", "spatial", "nd_pointwise", "nd_depthwise"):
+        for inplace in (True, False):
+            net = copy.deepcopy(model)
+            pruner = trp.RankPruner(net, scheme, energy=0.999, nuclear=1e-3)
+            pruner.inplace = inplace
+            pruner.project()
+            before = {n: m.weight.detach().clone() for n, m in pruner.layers}
+            ranks, filter_ranks = pruner.ranks, pruner.filter_ranks
+            victims = pruner.layer_names[:2]
+            seen = {}
+
+            def decide(spectra):
+                seen.update(spectra)
+                return {n: ranks[n] - 2 for n in victims}
+
+            assert pruner.engine.cut(decide) == {n: ranks[n] - 2 for n in victims}
+            assert set(seen) == set(pruner.layer_names)
+            for t in pruner.targets:
+                n, w = t.name, t.module.weight.detach()
+                if n not in victims:
+                    assert torch.equal(w, before[n]) and pruner.ranks[n] == ranks[n], (scheme, n)
+                    continue
+                own = t.scheme_for(scheme)
+                M = to_matrix(before[n].double(), own, t.groups)
+                U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+                torch.testing.assert_close(seen[n], S, rtol=1e-10, atol=1e-12)
+                k = ranks[n] - 2
+                want = (U[..., :k] * S[..., None, :k]) @ Vh[..., :k, :]
+                torch.testing.assert_close(to_matrix(w.double(), own, t.groups), want, rtol=1e-5, atol=1e-6)
+                assert pruner.ranks[n] == k, (scheme, n)
+                per = pruner.filter_ranks[n]
+                if isinstance(per, list):
+                    assert per == [min(r, k) for r in filter_ranks[n]]
+            G = {n: Gn for g in pruner._groups for n, Gn in zip(g.names, g.G.unbind(0))}
+            for t in pruner.targets:
+                if t.name in victims:
+                    own = t.scheme_for(scheme)
+                    U, S, Vh = torch.linalg.svd(to_matrix(before[t.name].double(), own, t.groups),
+                                                full_matrices=False)
+                    k = ranks[t.name] - 2
+                    torch.testing.assert_close(G[t.name].double(), U[..., :k] @ Vh[..., :k, :], rtol=1e-5,
+                                               atol=1e-6)
 
 
 def test_recipe_options_reach_the_pruner_and_old_records_keep_theirs():

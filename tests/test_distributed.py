@@ -107,6 +107,20 @@ def same_on_every_rank(tensors, what):
         assert torch.equal(other, flat), f"{what}: rank {dist.get_rank()} differs from rank {r}"
 
 
+def cut_one_rank(pruner):
+    """Cuts one rank off every layer above rank 1 (RankPruner's budget cut with a fixed decision), checking that
+    every process is given the same spectra."""
+    ranks = pruner.ranks
+
+    def decide(spectra):
+        if dist.is_initialized():
+            same_on_every_rank([spectra[n] for n in pruner.layer_names], "spectra")
+        return {n: r - 1 for n, r in ranks.items() if r > 1}
+
+    pruner.engine.cut(decide)
+    assert pruner.ranks == {n: max(r - 1, 1) for n, r in ranks.items()}
+
+
 def _check_resnet(rank):
     """ResNet-20 (BatchNorm), different data per rank: bit-identical weights and gradient additions on
     every rank, and every projected layer exactly of the rank the pruner reports."""
@@ -128,7 +142,12 @@ def _check_resnet(rank):
                 assert int(k) == pruner.ranks[name], name
         else:
             same_on_every_rank([p.grad for _, m in pruner.layers for p in [m.weight]], "gradients")
-    same_on_every_rank(list(model.parameters()), "weights at the end")
+    cut_one_rank(pruner)  # the budget's cut: spectra exchanged, every rank decides and ends the same
+    same_on_every_rank(list(model.parameters()), "weights after a cut")
+    assert distributed.all_gather_objects(pruner.ranks) == [pruner.ranks] * 2
+    for name, module in pruner.layers:
+        k = torch.linalg.matrix_rank(to_matrix(module.weight.detach().double(), "channel"), rtol=1e-5)
+        assert int(k) == pruner.ranks[name], name
     with pytest.raises(ValueError, match="different layers"):  # every rank refuses, none hangs
         trp.RankPruner(net, "channel", exclude=["layer3.2.conv2"] if rank else None)
 
@@ -142,6 +161,7 @@ def _tiny_ddp(rank, out):
     halves = [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in global_batches()]
     for _ in sgd_trp_steps(net, model, pruner, halves):
         pass
+    cut_one_rank(pruner)
     same_on_every_rank(list(model.parameters()), "tiny net")
     state = pruner.state_dict()  # the whole state on every rank, and it loads on every rank
     same_on_every_rank(list(state["subgradients"].values()), "subgradients of state_dict()")
@@ -171,6 +191,7 @@ def test_two_processes_project_sharded_and_match_one_process(tmp_path):
     pruner = trp.RankPruner(model, "nd", energy=0.8, nuclear=1e-3, nuclear_every="step")
     for _ in sgd_trp_steps(model, model, pruner, global_batches()):
         pass
+    cut_one_rank(pruner)
     assert ddp["pruner"]["ranks"] == pruner.ranks
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ddp["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trp
-from test_distributed import global_batches, same_on_every_rank
+from test_distributed import cut_one_rank, global_batches, same_on_every_rank
 from trp.prune import distributed
 
 fsdp_api = pytest.importorskip("torch.distributed.fsdp", reason="torch.distributed is not available")
@@ -65,6 +65,8 @@ def train(model, scheme, layers, sharded):
             assert distributed.all_gather_objects(pruner.ranks) == [pruner.ranks] * 2
             same_on_every_rank(list(pruner.state_dict()["subgradients"].values()), "subgradients")
     record.append({"weights": whole(dict(model.named_parameters()))})
+    cut_one_rank(pruner)  # the budget's cut on sharded weights: gathered, truncated by the owner, written back
+    record.append({"weights": whole(dict(model.named_parameters())), "ranks": pruner.ranks})
     return record, pruner
 
 
@@ -118,7 +120,7 @@ def test_fsdp2_sharded_pruning_matches_one_process(tmp_path):
     for scheme, layers in CASES:
         torch.manual_seed(0)
         expected, _ = train(conv_net(), scheme, layers, sharded=False)
-        assert len(sharded[scheme]) == len(expected) == STEPS + RESUMED + 1
+        assert len(sharded[scheme]) == len(expected) == STEPS + RESUMED + 2
         for step, (got, want) in enumerate(zip(sharded[scheme], expected)):
             assert got.get("ranks") == want.get("ranks"), (scheme, step)
             for what in ("weights", "grads"):

@@ -305,14 +305,79 @@ class Engine:
         for i, (W_low, rank, G) in zip(owned, out):
             W = stacks[i]
             results[i] = (W_low.view(W.shape), rank.view(W.shape[:-2]), G.view(W.shape) if G is not None else None)
+        self._finish(stacks, results, range(len(stacks)), want_g)
+
+    def _finish(self, stacks, results, changed, want_g):
+        """Every process's results of the groups `changed` (exchanged under sharding), written back; each a
+        (W_low, rank, G) tuple for the groups this process owns, None for the others'."""
+        changed = list(changed)
         if self.sharding is not None:
             specs = [self._stack_spec(i, W) for i, W in enumerate(stacks)]
             results = self.sharding.exchange(results, [
-                ((shape, dtype, device), (shape[:-2], torch.int64, device),
-                 (shape, dtype, device) if want_g else None) for shape, dtype, device in specs])
-        for g, (W_low, rank, G) in zip(self.groups, results):
-            self.write_back(g, W_low)
-            g.rank, g.G = rank, G
+                ((shape, dtype, device), (shape[:-2], torch.int64, device), (shape, dtype, device) if want_g else None)
+                if i in changed else () for i, (shape, dtype, device) in enumerate(specs)])
+        for i in changed:
+            W_low, rank, G = results[i]
+            self.write_back(self.groups[i], W_low)
+            self.groups[i].rank, self.groups[i].G = rank, G
+
+    @torch.no_grad()
+    def cut(self, decide):
+        """Truncates layers below the ranks of the latest projection, as `decide` says from their spectra: the
+        budget's step of one rank in the layers where a component is worth least (trp.prune.budget.cut_to),
+        which a uniform energy cannot make. Under sharding each group's owner computes its SVD, the spectra
+        are exchanged so that every process decides the same, and the truncated groups are exchanged as a
+        projection's are.
+
+        Args:
+            decide: a function of {layer name: singular values in float64, descending ([K]; [n, K] per filter
+                or group)} returning {layer name: its new rank}, at most its rank (a layer it lacks keeps its
+                own). Every matrix of a layer keeps at most that many components.
+
+        Returns:
+            What decide returned.
+        """
+        if self.sharded:
+            stacks, _ = self._gathered_stacks()
+        else:
+            stacks = [self.matrices(g) for g in self.groups]
+        owned = [i for i in range(len(stacks)) if self.sharding is None or self.sharding.owns(i)]
+        results = [None] * len(stacks)
+        with contextlib.ExitStack() as no_autocast:
+            for device_type in {stacks[i].device.type for i in owned}:
+                no_autocast.enter_context(torch.autocast(device_type, enabled=False))
+            sigmas = [(torch.linalg.svdvals(W.to(torch.float64)),) if i in owned else None
+                      for i, W in enumerate(stacks)]
+            if self.sharding is not None:
+                sigmas = self.sharding.exchange(sigmas, [
+                    ((shape[:-2] + (min(shape[-2:]),), torch.float64, device),)
+                    for shape, dtype, device in (self._stack_spec(i, W) for i, W in enumerate(stacks))])
+            caps = decide({n: S for g, (S,) in zip(self.groups, sigmas) for n, S in zip(g.names, S.unbind(0))})
+            changed = [i for i, g in enumerate(self.groups)
+                       if any(caps.get(n, r) < r for n, r in zip(g.names, self.ranks_of(g)))]
+            for i in changed:
+                if i in owned:  # the vectors, of the groups cut only
+                    results[i] = self._truncated(self.groups[i], stacks[i], caps)
+        self._finish(stacks, results, changed, any(g.G is not None for g in self.groups))
+        return caps
+
+    @staticmethod
+    def ranks_of(group):
+        """The layer ranks of a projected group (nd, grouped convs: the largest of each layer's matrices)."""
+        return group.rank.reshape(len(group.names), -1).amax(1).tolist()
+
+    @staticmethod
+    def _truncated(group, W, caps):
+        """(W_low, rank, G) of a group whose layers keep at most caps[name] components per matrix: the float64
+        SVD truncated where a matrix is above its cap, the other matrices as they are, bit for bit."""
+        U, S, Vh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
+        cap = torch.tensor([caps.get(n, min(W.shape[-2:])) for n in group.names], device=group.rank.device)
+        rank = torch.minimum(group.rank, cap.view(-1, *[1] * (group.rank.dim() - 1)))
+        keep = (torch.arange(S.shape[-1], device=S.device) < rank.to(S.device).unsqueeze(-1)).to(S.dtype)
+        cut = (rank < group.rank).to(W.device)[..., None, None]
+        W_low = torch.where(cut, ((U * (S * keep).unsqueeze(-2)) @ Vh).to(W.dtype), W)
+        G = None if group.G is None else torch.where(cut, ((U * keep.unsqueeze(-2)) @ Vh).to(group.G.dtype), group.G)
+        return W_low, rank, G
 
     # --- the nuclear-norm term and restored states ---------------------------------------------------------
     @torch.no_grad()

@@ -30,7 +30,7 @@ from trp.core.schemes import check_scheme
 from trp.core.selection import PRESETS, plan_layers
 from trp.cost.model import CostModel
 from trp.prune import distributed
-from trp.prune.budget import SpeedupController
+from trp.prune.budget import SpeedupController, cut_to
 from trp.prune.engine import Engine
 from trp.prune.warm_state import restore_warm_basis
 from trp_kernels.project import check_max_rank
@@ -132,7 +132,9 @@ class RankPruner:
         target_speedup: steer the network's conv-MAC speed-up (trp.count_macs at input_size) to this
             float > 1 instead of keeping a fixed energy: after each projection
             trp.prune.budget.SpeedupController sets the next projection's energy, aiming at a goal that ramps
-            from 1 to target_speedup over `warmup` projections. Default None (a fixed energy).
+            from 1 to target_speedup over `warmup` projections, and after a projection that fell short the
+            components worth least per MAC are cut (trp.prune.budget.cut_to; one float64 SVD of the selected
+            matrices). Default None (a fixed energy).
         input_size: (C, H, W), the input at which conv MACs are counted; required with target_speedup.
             Default None.
         warmup: number of projections over which the speed-up goal ramps from 1 to target_speedup, an
@@ -244,7 +246,8 @@ class RankPruner:
 
     @torch.no_grad()
     def project(self):
-        """Projects every selected layer on its energy-rule low-rank approximation now (in place).
+        """Projects every selected layer on its energy-rule low-rank approximation now (in place); with
+        target_speedup, then cuts the components worth least per MAC when the controller asks for it.
 
         All groups are checked and computed before any weight is written: if a layer holds NaN/Inf, a
         ValueError names it and no layer is modified.
@@ -253,8 +256,13 @@ class RankPruner:
             ValueError: when a selected layer holds NaN or Inf values.
         """
         self.engine.project(self.energy, self.max_rank, self.nuclear)
-        if self.budget is not None:
-            self.energy = self.budget.update(self.ranks)
+        if self.budget is None:
+            return
+        self.energy = self.budget.update(self.ranks)
+        if self.budget.cut is not None:
+            ranks, costs, cost = self.ranks, self.budget.costs, self.budget.cut
+            self.engine.cut(lambda spectra: cut_to(costs, spectra, ranks, cost))
+            self.energy = self.budget.after_cut(self.ranks)
 
     def step(self):
         """Call once per training iteration, before the forward pass.
