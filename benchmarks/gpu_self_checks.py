@@ -21,7 +21,8 @@ from trp_kernels import conv, probes, selfcheck  # noqa: E402
 PROJECTIONS = [(4, 48, 80, torch.float32, 12), (3, 96, 150, torch.float32, 20), (2, 64, 576, torch.bfloat16, 10),
                (2, 40, 60, torch.float64, 8), (2, 200, 300, torch.float32, 90)]
 CONVS = [("channel", torch.float16), ("channel", torch.float32), ("spatial", torch.float16),
-         ("decoupled", torch.float16)]
+         ("decoupled", torch.float16), ("depthwise_decoupled", torch.float16)]
+OPS = {"decoupled": trp_kernels.decoupled_conv, "depthwise_decoupled": trp_kernels.depthwise_decoupled_conv}
 
 
 def projections(device):
@@ -39,10 +40,11 @@ def convolutions(device):
     gen = torch.Generator().manual_seed(0)
     for kind, dtype in CONVS:
         shapes = {"channel": ((16, 32, 3, 3), (64, 16, 1, 1)), "spatial": ((16, 32, 3, 1), (64, 16, 1, 3)),
-                  "decoupled": ((64 * 4, 32, 1, 1), (64, 4, 3, 3))}[kind]
+                  "decoupled": ((64 * 4, 32, 1, 1), (64, 4, 3, 3)),
+                  "depthwise_decoupled": ((32 * 4, 1, 3, 3), (64, 32 * 4, 1, 1))}[kind]
         x = torch.randn(8, 32, 16, 16, generator=gen).to(device, dtype)
         w1, w2 = (torch.randn(*s, generator=gen).to(device, dtype) for s in shapes)
-        fn = trp_kernels.decoupled_conv if kind == "decoupled" else getattr(trp_kernels, f"factorized_conv_{kind}")
+        fn = OPS.get(kind) or getattr(trp_kernels, f"factorized_conv_{kind}")
         fn(x, w1, w2, None, padding=1)
         print(f"conv {kind} {dtype}: {conv.backend_info()['last'][kind]}", flush=True)
 

@@ -65,7 +65,8 @@ T0=$SECONDS
 : > "$WORK/steps.jsonl"
 LOWRANK_TESTS=(tests/test_lowrank_project.py tests/test_lowrank_project_cuda.py tests/test_warm_projection.py
                tests/test_tf32_guard.py)
-CONV_TESTS=(tests/test_factorized_conv.py tests/test_decoupled_conv.py tests/test_modules.py tests/test_decompose.py)
+CONV_TESTS=(tests/test_factorized_conv.py tests/test_decoupled_conv.py tests/test_depthwise_decoupled_conv.py
+            tests/test_modules.py tests/test_decompose.py)
 BUILD_TESTS=(tests/test_cuda_build.py)
 SCRIPTS=(benchmarks/gpu_self_checks.py benchmarks/sanitize_jacobi.py benchmarks/lowrank_table.py
          benchmarks/pruner_overhead_table.py benchmarks/conv_table.py benchmarks/gpu_suite_summary.py setup.py)

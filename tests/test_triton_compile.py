@@ -35,6 +35,12 @@ def _shapes(kind, dtype):
     decoupled kernel the rank is the number of paths per filter: at most kh*kw = 9 (larger kernels run as two
     convolutions)."""
     import torch
+    if kind == "depthwise_decoupled":  # r paths per input channel, up to kh*kw; a 7 x 7 kernel unrolls 49 taps
+        return [("cifar", 128, 32, 16, 16, 4, 32, 3, 1, 1),
+                ("r50-28x28-full-rank", 32, 128, 28, 28, 9, 128, 3, 1, 1),
+                ("r50-56x56-s2-full-rank", 32, 64, 56, 56, 9, 64, 3, 2, 1),
+                ("r50-14x14-c256-full-rank", 32, 256, 14, 14, 9, 256, 3, 1, 1),
+                ("7x7-kernel", 32, 64, 28, 28, 8, 64, 7, 1, 3)]
     if kind == "decoupled":
         return [("cifar", 128, 32, 16, 16, 4, 32, 3, 1, 1),
                 ("r50-28x28-full-rank", 32, 128, 28, 28, 9, 128, 3, 1, 1),
@@ -61,9 +67,10 @@ def _cases(all_configs=False):
     import triton
 
     from trp_kernels import geometry
-    from trp_kernels.triton import channel, decoupled, spatial
+    from trp_kernels.triton import channel, decoupled, depthwise_decoupled, spatial
     cases = []
-    for kind, mod in (("channel", channel), ("spatial", spatial), ("decoupled", decoupled)):
+    for kind, mod in (("channel", channel), ("spatial", spatial), ("decoupled", decoupled),
+                      ("depthwise_decoupled", depthwise_decoupled)):
         kernel = getattr(mod, f"_{kind}_kernel")
         for dtype_name in DTYPES:
             dtype = getattr(torch, dtype_name)
@@ -74,6 +81,8 @@ def _cases(all_configs=False):
                     w1, w2 = torch.empty(r, c, k, k, **meta), torch.empty(n, r, 1, 1, **meta)
                 elif kind == "spatial":
                     w1, w2 = torch.empty(r, c, k, 1, **meta), torch.empty(n, r, 1, k, **meta)
+                elif kind == "depthwise_decoupled":  # depthwise [c*r, 1, k, k], pointwise [n, c*r, 1, 1]
+                    w1, w2 = torch.empty(c * r, 1, k, k, **meta), torch.empty(n, c * r, 1, 1, **meta)
                 else:  # pointwise [n*r, c, 1, 1], depthwise [n, r, k, k]
                     w1, w2 = torch.empty(n * r, c, 1, 1, **meta), torch.empty(n, r, k, k, **meta)
                 bias = torch.empty(n, **meta)
@@ -132,18 +141,18 @@ def _compile(case, cuobjdump):
 
 
 def _label(case):
-    keys = ("BLOCK_M", "M_TARGET", "BLOCK_Q", "BLOCK_C", "BLOCK_N")
+    keys = ("BLOCK_M", "M_TARGET", "BLOCK_Q", "BLOCK_C", "BLOCK_N", "BLOCK_K")
     tile = "/".join(f"{k}={case['consts'][k]}" for k in keys if k in case["consts"])
-    return (f"{case['kind']} {case['dtype']} {case['shape']} sm_{case['arch']} R_PAD={case['consts']['R_PAD']} "
+    return (f"{case['kind']} {case['dtype']} {case['shape']} sm_{case['arch']} R_PAD={case['consts'].get('R_PAD', '-')} "
             f"{tile} warps={case['num_warps']} stages={case['num_stages']}")
 
 
 def _words_per_thread(case):
-    """The pruning's register estimate (channel and spatial kernels; the decoupled kernel prunes by tile
-    sizes alone, so it reports 0 here)."""
+    """The pruning's register estimate (channel and spatial kernels; the decoupled kernels prune by tile
+    sizes alone, so they report 0 here)."""
     import torch
     k, dtype = case["consts"], getattr(torch, case["dtype"])
-    if case["kind"] == "decoupled":
+    if case["kind"] in ("decoupled", "depthwise_decoupled"):
         return 0.0
     if case["kind"] == "channel":
         words = case["mod"].live_words(k["R_PAD"], k["BLOCK_M"], k["BLOCK_C"], k["BLOCK_N"], case["num_stages"], dtype)
@@ -210,12 +219,14 @@ def _meta_call(kind, x_format, w_format):
     import torch
 
     from trp_kernels import geometry
-    from trp_kernels.triton import channel, decoupled, spatial
-    mod = {"channel": channel, "spatial": spatial, "decoupled": decoupled}[kind]
+    from trp_kernels.triton import channel, decoupled, depthwise_decoupled, spatial
+    mod = {"channel": channel, "spatial": spatial, "decoupled": decoupled,
+           "depthwise_decoupled": depthwise_decoupled}[kind]
     meta = dict(device="meta", dtype=torch.float16)
     x = torch.empty(4, 32, 14, 14, **meta).to(memory_format=x_format)
     shapes = {"channel": ((16, 32, 3, 3), (32, 16, 1, 1)), "spatial": ((16, 32, 3, 1), (32, 16, 1, 3)),
-              "decoupled": ((32 * 4, 32, 1, 1), (32, 4, 3, 3))}[kind]
+              "decoupled": ((32 * 4, 32, 1, 1), (32, 4, 3, 3)),
+              "depthwise_decoupled": ((32 * 4, 1, 3, 3), (32, 32 * 4, 1, 1))}[kind]
     w1, w2 = (torch.empty(*shape, **meta).to(memory_format=w_format) for shape in shapes)
     conv = ([1, 1], [1] * 4, [1, 1])
     y = geometry.empty_output(kind, x, w1, w2, *conv)
@@ -223,7 +234,7 @@ def _meta_call(kind, x_format, w_format):
     return mod, dict(zip(getattr(mod, f"_{kind}_kernel").arg_names, args)), consts
 
 
-@pytest.mark.parametrize("kind", ["channel", "spatial", "decoupled"])
+@pytest.mark.parametrize("kind", ["channel", "spatial", "decoupled", "depthwise_decoupled"])
 def test_the_autotune_key_tells_the_input_layouts_apart(kind):
     """NCHW and channels_last inputs of the same shapes want different tiles: the autotuner's key must differ,
     also when a channels_last weight makes both outputs channels_last (y's strides alone do not tell)."""

@@ -106,7 +106,7 @@ _auto_timing = {}       # call signature -> (triton ms, torch ms) or the error t
 # Serialises measure-and-store: threads sharing a model must not time (and autotune) the same signature
 # at once; timing two signatures concurrently would also disturb both measurements.
 _auto_lock = threading.Lock()
-_last_backend = {"channel": None, "spatial": None, "decoupled": None}
+_last_backend = {"channel": None, "spatial": None, "decoupled": None, "depthwise_decoupled": None}
 
 
 def _on_device(device):
@@ -166,7 +166,7 @@ def choose_backend(kind: str, x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[
     """The backend of one call under the current TRP_CONV_BACKEND (may measure, see the module docstring).
 
     Args:
-        kind: "channel", "spatial" or "decoupled".
+        kind: "channel", "spatial", "decoupled" or "depthwise_decoupled".
         x: the input [N, c, H, W].
         w1: the first weight.
         w2: the second weight.

@@ -140,18 +140,18 @@ def kernel_hw(kind: str, w1_shape: Sequence[int], w2_shape: Sequence[int]) -> tu
     """(kh, kw) of the dense convolution a factorized pair of weights replaces.
 
     Args:
-        kind: "channel", "spatial" or "decoupled".
+        kind: "channel", "spatial", "decoupled" or "depthwise_decoupled".
         w1_shape: the first weight's shape: channel [r, c, kh, kw], spatial [r, c, kh, 1], decoupled
-            [n*r, c, 1, 1].
+            [n*r, c, 1, 1], depthwise_decoupled [c*r, 1, kh, kw].
         w2_shape: the second weight's shape: channel [n, r, 1, 1], spatial [n, r, 1, kw], decoupled
-            [n, r, kh, kw].
+            [n, r, kh, kw], depthwise_decoupled [n, c*r, 1, 1].
 
     Returns:
         The pair (kh, kw).
     """
     if kind == "decoupled":
         return (w2_shape[2], w2_shape[3])
-    return (w1_shape[2], w1_shape[3] if kind == "channel" else w2_shape[3])
+    return (w1_shape[2], w2_shape[3] if kind == "spatial" else w1_shape[3])
 
 
 def out_hw(kind: str, x_shape: Sequence[int], w1_shape: Sequence[int], w2_shape: Sequence[int],
@@ -159,7 +159,7 @@ def out_hw(kind: str, x_shape: Sequence[int], w1_shape: Sequence[int], w2_shape:
     """(OH, OW) of a factorized convolution.
 
     Args:
-        kind: "channel", "spatial" or "decoupled".
+        kind: "channel", "spatial", "decoupled" or "depthwise_decoupled".
         x_shape: the input's shape [N, c, H, W].
         w1_shape: the first weight's shape (see kernel_hw).
         w2_shape: the second weight's shape (see kernel_hw).
@@ -180,7 +180,7 @@ def out_shape(kind: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, st
     """Output shape [N, n, OH, OW] of a factorized convolution.
 
     Args:
-        kind: "channel", "spatial" or "decoupled".
+        kind: "channel", "spatial", "decoupled" or "depthwise_decoupled".
         x: the input [N, c, H, W].
         w1: the first weight (see kernel_hw).
         w2: the second weight [n, ...].
@@ -219,7 +219,7 @@ def empty_output(kind: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     """The uninitialised output of a factorized convolution (shape, dtype, device, memory format).
 
     Args:
-        kind: "channel", "spatial" or "decoupled".
+        kind: "channel", "spatial", "decoupled" or "depthwise_decoupled".
         x: the input [N, c, H, W].
         w1: the first weight (see kernel_hw).
         w2: the second weight [n, ...].

@@ -35,7 +35,7 @@ def lowered(kind: str, x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor]
     """A factorized convolution as the two convolutions it equals (trp_kernels.reference), for the exporters.
 
     Args:
-        kind: "channel", "spatial" or "decoupled".
+        kind: "channel", "spatial", "decoupled" or "depthwise_decoupled".
         x: input [N, c, H, W].
         w1: the first weight (c_weight, v_weight or pw_weight of the op).
         w2: the second weight (p_weight, h_weight or dw_weight of the op).
@@ -55,11 +55,11 @@ def _pads(top, bottom, left, right):
 
 
 def custom_translation_table() -> dict[object, Callable]:
-    """ONNX translations of the three trp_kernels ops, for torch.onnx.export(..., custom_translation_table=...).
+    """ONNX translations of the four trp_kernels conv ops, for torch.onnx.export(..., custom_translation_table=...).
 
     Returns:
-        A dict {torch op overload: onnxscript function} for factorized_conv_channel, factorized_conv_spatial
-            and decoupled_conv, each giving standard Conv nodes (opset 18).
+        A dict {torch op overload: onnxscript function} for factorized_conv_channel, factorized_conv_spatial,
+            decoupled_conv and depthwise_decoupled_conv, each giving standard Conv nodes (opset 18).
 
     Raises:
         ImportError: onnxscript is not installed.
@@ -85,16 +85,22 @@ def custom_translation_table() -> dict[object, Callable]:
         y = conv(x, pw_weight, None, (1, 1), (0, 0, 0, 0), (1, 1))
         return conv(y, dw_weight, bias, stride, _pads(*padding), dilation, group=_static_dim(dw_weight, 0))
 
+    def depthwise_decoupled(x, dw_weight, pw_weight, bias, stride, padding, dilation):
+        # dw_weight [c*r, 1, kh, kw] is a depthwise conv weight with groups = c, read from x's static shape
+        y = conv(x, dw_weight, None, stride, _pads(*padding), dilation,
+                 group=_static_dim(x, 1, "depthwise_decoupled_conv", "x"))
+        return conv(y, pw_weight, bias, (1, 1), (0, 0, 0, 0), (1, 1))
+
     ops = torch.ops.trp_kernels
     return {ops.factorized_conv_channel.default: channel, ops.factorized_conv_spatial.default: spatial,
-            ops.decoupled_conv.default: decoupled}
+            ops.decoupled_conv.default: decoupled, ops.depthwise_decoupled_conv.default: depthwise_decoupled}
 
 
-def _static_dim(value, axis):
+def _static_dim(value, axis, op="decoupled_conv", name="dw_weight"):
     shape = getattr(value, "shape", None)
     dim = shape[axis] if shape is not None else None
     if not isinstance(dim, int):
-        raise ValueError("decoupled_conv: ONNX lowering needs the static shape of dw_weight")
+        raise ValueError(f"{op}: ONNX lowering needs the static shape of {name}")
     return dim
 
 

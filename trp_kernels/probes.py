@@ -226,7 +226,7 @@ def convolution(kind: str, y: Tensor, x: Tensor, w1: Tensor, w2: Tensor, bias: O
     doubled.
 
     Args:
-        kind: "channel", "spatial" or "decoupled".
+        kind: "channel", "spatial", "decoupled" or "depthwise_decoupled".
         y: the kernel's output [N, n, OH, OW].
         x: the call's input [N, c, H, W].
         w1: the call's first weight.

@@ -165,3 +165,25 @@ def factorized_conv_decoupled(x: Tensor, pw_weight: Tensor, dw_weight: Tensor, b
     y = F.conv2d(x, pw_weight)
     return _pad_and_conv(y, dw_weight, bias, tuple(stride), tuple(padding), tuple(dilation),
                          groups=dw_weight.shape[0])
+
+
+def factorized_conv_depthwise_decoupled(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, bias: Optional[Tensor],
+                                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+                                        ) -> Tensor:
+    """Network decoupling, depthwise order: a kh x kw conv c -> c*r with groups=c (stride, padding, dilation), then a
+    1 x 1 conv c*r -> n with bias, as two conv2d calls.
+
+    Args:
+        x: input [N, c, H, W].
+        dw_weight: weight of the depthwise conv [c*r, 1, kh, kw]; channel j*r + l is path l of input channel j.
+        pw_weight: weight of the pointwise conv [n, c*r, 1, 1].
+        bias: None, or the output bias [n].
+        stride: (vertical, horizontal) stride, ints >= 1.
+        padding: (top, bottom, left, right) zero padding, ints >= 0.
+        dilation: (vertical, horizontal) dilation, ints >= 1.
+
+    Returns:
+        The output [N, n, OH, OW] in x's dtype.
+    """
+    y = _pad_and_conv(x, dw_weight, None, tuple(stride), tuple(padding), tuple(dilation), groups=x.shape[1])
+    return F.conv2d(y, pw_weight, bias)

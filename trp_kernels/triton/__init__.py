@@ -1,4 +1,5 @@
-"""Triton kernels of the fused factorized convolutions (trp_kernels::factorized_conv_channel/spatial).
+"""Triton kernels of the fused factorized convolutions (trp_kernels::factorized_conv_channel/spatial,
+decoupled_conv and depthwise_decoupled_conv).
 
 Imported lazily by trp_kernels.conv, so that `import trp_kernels` works without triton and so that
 TRITON_INTERPRET is read at first use. `supported()` says whether a call can run here, and why not."""
@@ -6,13 +7,15 @@ from typing import Optional
 
 import torch
 
-from . import decoupled
+from . import decoupled, depthwise_decoupled
 from ._common import MAX_RANK_PAD, common_unsupported, interpreting, last_config, max_offset, rank_pad
 from .channel import factorized_conv_channel
 from .decoupled import factorized_conv_decoupled
+from .depthwise_decoupled import factorized_conv_depthwise_decoupled
 from .spatial import factorized_conv_spatial
 
-__all__ = ["factorized_conv_channel", "factorized_conv_spatial", "factorized_conv_decoupled", "supported",
+__all__ = ["factorized_conv_channel", "factorized_conv_spatial", "factorized_conv_decoupled",
+           "factorized_conv_depthwise_decoupled", "supported",
            "interpreting", "last_config"]
 
 
@@ -21,7 +24,7 @@ def supported(kind: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bi
     """Why the Triton kernel of `kind` cannot run this call, or None when it can.
 
     Args:
-        kind: "channel", "spatial" or "decoupled".
+        kind: "channel", "spatial", "decoupled" or "depthwise_decoupled".
         x: the input [N, c, H, W].
         w1: the first weight.
         w2: the second weight.
@@ -33,6 +36,8 @@ def supported(kind: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bi
     """
     if kind == "decoupled":
         return decoupled.supported(x, w1, w2, bias, out_hw)
+    if kind == "depthwise_decoupled":
+        return depthwise_decoupled.supported(x, w1, w2, bias, out_hw)
     why = common_unsupported(x, [x, w1, w2] + ([bias] if bias is not None else []), out_hw)
     if why is not None:
         return why

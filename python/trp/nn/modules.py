@@ -445,7 +445,8 @@ class DepthwiseDecoupledConv2d(_FactorizedConv2d):
     conv c -> c*rank (dw_weight [c*rank, 1, kh, kw], groups c; stride, padding, dilation of the dense conv, no
     bias), then a 1 x 1 conv c*rank -> n (pw_weight [n, c/g*rank, 1, 1], groups g, bias). Depthwise channel
     j*rank+l is path l of input channel j. Both convs run at the output resolution, so a strided layer pays
-    here where the pointwise order (DecoupledConv2d) runs its 1 x 1 conv on every input pixel.
+    here where the pointwise order (DecoupledConv2d) runs its 1 x 1 conv on every input pixel. Not grouped, the
+    layer runs them as one op, trp_kernels.depthwise_decoupled_conv (a fused Triton kernel on CUDA).
 
     Args:
         in_channels: input channels c, an int >= 1 divisible by groups.
@@ -497,11 +498,13 @@ class DepthwiseDecoupledConv2d(_FactorizedConv2d):
         return self.rank * self.in_channels * (kh * kw + self.out_channels // self.groups)
 
     def _conv(self, x):
+        return trp_kernels.depthwise_decoupled_conv(x, self.dw_weight, self.pw_weight, self.bias, self.stride,
+                                                    self.padding4, self.dilation)
+
+    def _grouped_conv(self, x):  # the 1 x 1 conv is grouped: two convolutions
         x, padding = _pad(x, self.padding4)
         y = F.conv2d(x, self.dw_weight, None, self.stride, padding, self.dilation, self.in_channels)
         return F.conv2d(y, self.pw_weight, self.bias, 1, 0, 1, self.groups)
-
-    _grouped_conv = _conv
 
 
 class FactorizedWeight:
