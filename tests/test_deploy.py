@@ -39,7 +39,7 @@ def test_drop_in_for_nn_conv2d(scheme, padding):
     assert set(m.state_dict()) == {f"{n}" for n in m._names} | {"bias"}
 
 
-@pytest.mark.parametrize("kind", ["channel", "spatial", "decoupled"])
+@pytest.mark.parametrize("kind", ["channel", "spatial", "decoupled", "depthwise_decoupled"])
 def test_ops_take_string_padding(kind):
     torch.manual_seed(0)
     c, n, r, (kh, kw), dil = 3, 5, 2, (2, 3), (2, 1)
@@ -50,10 +50,14 @@ def test_ops_take_string_padding(kind):
     elif kind == "spatial":
         w1, w2 = torch.randn(r, c, kh, 1), torch.randn(n, r, 1, kw)
         op = trp_kernels.factorized_conv_spatial
-    else:
+    elif kind == "decoupled":
         w1, w2 = torch.randn(n * r, c, 1, 1), torch.randn(n, r, kh, kw)
         op = trp_kernels.decoupled_conv
-    dense = FACTORIZED["nd" if kind == "decoupled" else kind](c, n, (kh, kw), r, dilation=dil, bias=False)
+    else:
+        w1, w2 = torch.randn(c * r, 1, kh, kw), torch.randn(n, c * r, 1, 1)
+        op = trp_kernels.depthwise_decoupled_conv
+    scheme = {"decoupled": "nd_pointwise", "depthwise_decoupled": "nd_depthwise"}.get(kind, kind)
+    dense = FACTORIZED[scheme](c, n, (kh, kw), r, dilation=dil, bias=False)
     with torch.no_grad():
         dense.load_state_dict(dict(zip(dense._names, (w1, w2))), strict=False)
         w = dense.dense_weight()
