@@ -646,3 +646,47 @@ def test_geometry_out_hw_matches_the_two_convs(kind):
         x, w1, w2, b = make(kind, 1, 2, h, w, 2, 3, k, k, False)
         ref = ref_fn(kind)(x, w1, w2, None, s, p, d)
         assert g.out_shape(kind, x, w1, w2, s, p, d) == tuple(ref.shape)
+
+
+# ---- eager CPU calls: the two convolutions without the op's dispatch
+def _four_kinds(kind):
+    """(public function, op, x, w1, w2, bias) of each factorized conv, small and odd-sized."""
+    c, n, r = 5, 7, 3
+    shapes = {"channel": ((r, c, 3, 3), (n, r, 1, 1)), "spatial": ((r, c, 3, 1), (n, r, 1, 3)),
+              "decoupled": ((n * r, c, 1, 1), (n, r, 3, 3)), "depthwise_decoupled": ((c * r, 1, 3, 3), (n, c * r, 1, 1))}
+    public = {"decoupled": trp_kernels.decoupled_conv, "depthwise_decoupled": trp_kernels.depthwise_decoupled_conv}
+    name = {"decoupled": "decoupled_conv", "depthwise_decoupled": "depthwise_decoupled_conv"}.get(
+        kind, f"factorized_conv_{kind}")
+    w1, w2 = (torch.randn(*s) for s in shapes[kind])
+    return (public.get(kind) or getattr(trp_kernels, name), getattr(torch.ops.trp_kernels, name).default,
+            torch.randn(2, c, 9, 8), w1, w2, torch.randn(n))
+
+
+@pytest.mark.parametrize("kind", ["channel", "spatial", "decoupled", "depthwise_decoupled"])
+def test_eager_cpu_calls_run_the_convolutions_without_the_op(kind, backend, monkeypatch):
+    """On CPU tensors the op would run the two convolutions anyway; its dispatch costs as much as a small layer, so
+    eager calls skip it, with the same result bit for bit, conv2d's gradients and the promised layout. Compiled
+    code and the triton setting still go through the op."""
+    torch.manual_seed(0)
+    fn, op, x, w1, w2, b = _four_kinds(kind)
+    args = ([2, 1], [1, 0, 2, 1], [1, 2])
+    backend("torch")
+    expected = op(x, w1, w2, b, *args)
+    calls, run = [], conv._run
+    monkeypatch.setattr(conv, "_run", lambda *a: calls.append(a[0]) or run(*a))
+    for setting in ("auto", "torch"):
+        backend(setting)
+        conv._last_backend[kind] = None
+        y = fn(x, w1, w2, b, stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2))
+        assert torch.equal(y, expected) and y.stride() == expected.stride() and calls == []
+        assert conv._last_backend[kind] == "torch"
+    xl = x.to(memory_format=torch.channels_last)
+    assert fn(xl, w1, w2, b, stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2)).is_contiguous(
+        memory_format=torch.channels_last)
+    leaves = [t.clone().double().requires_grad_() for t in (x, w1, w2, b)]
+    assert torch.autograd.gradcheck(lambda *t: fn(*t, stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2)),
+                                    leaves, fast_mode=True)
+    compiled = torch.compile(lambda *t: fn(*t, stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2)),
+                             backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w1, w2, b), expected)
+    assert calls == [kind]  # the compiled graph holds the op

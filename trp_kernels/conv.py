@@ -11,7 +11,8 @@ Backends (env TRP_CONV_BACKEND, read at every call):
 - auto (default): CUDA tensors run the fused Triton kernel when it supports the call and, for that exact
   call signature (shapes, strides, dtype, conv parameters), a one-time measurement in this process found it
   faster than the two cuDNN convolutions; otherwise the two convolutions. CPU tensors: two convolutions
-  (oneDNN). While a CUDA graph is being captured nothing is measured: an unmeasured shape runs two convs.
+  (oneDNN), called directly in eager mode (see _call). While a CUDA graph is being captured nothing is
+  measured: an unmeasured shape runs two convs.
 - triton: always the Triton kernel; on CPU tensors only under TRITON_INTERPRET=1, else RuntimeError.
 - torch: always the two convolutions (the reference).
 
@@ -49,10 +50,25 @@ def _op_padding(kind, padding, w1, w2, stride, dilation):
 
 
 def _call(kind, op, x, w1, w2, bias, stride, padding, dilation):
-    """The custom op, or while torch.onnx.export traces the model the convolutions it equals (onnx.py)."""
+    """The custom op; while torch.onnx.export traces the model, the convolutions it equals (onnx.py); and in eager
+    mode on CPU tensors, where the op would choose them too (TRP_CONV_BACKEND auto or torch), the two
+    convolutions called directly: the op's dispatch costs tens of microseconds per call, as much as a small
+    layer's two convolutions at batch 1 (measured), which a deployed model would pay at every layer. Autograd
+    and autocast are conv2d's own there, which the op's registrations reproduce."""
     if onnx.exporting():
         return onnx.lowered(kind, x, w1, w2, bias, stride, padding, dilation)
+    if _eager_cpu(x, w1, w2, bias):
+        _last_backend[kind] = "torch"
+        y = getattr(reference, f"factorized_conv_{kind}")(x, w1, w2, bias, stride, padding, dilation)
+        return y.contiguous(memory_format=geometry.output_memory_format(x, w1, w2))
     return op(x, w1, w2, bias, stride, padding, dilation)
+
+
+def _eager_cpu(x, w1, w2, bias):
+    """Whether a call may skip the op: every tensor on the CPU, not being compiled, and a backend setting that
+    runs the two convolutions there (the triton setting runs the interpreter on CPU tensors)."""
+    return (all(t.device.type == "cpu" for t in (x, w1, w2) + ((bias,) if bias is not None else ()))
+            and not torch.compiler.is_compiling() and requested_backend() != "triton")
 
 
 def _check_common(name, x, w1, w2, bias, stride, dilation):
