@@ -6,6 +6,8 @@ seed and schedule. The cost of a recipe is the baseline's accuracy minus the dec
     python benchmarks/recipe_table.py --jobs 2                                   # the digits, the sweep
     python benchmarks/recipe_table.py --jobs 2 --data arrays:data/fashion.npz \\
         --recipes baseline before both defaults --stem recipe_table_fashion     # a data set never tuned on
+    python benchmarks/recipe_table.py --jobs 2 --seeds 10 11 12 13 14 \\
+        --recipes baseline defaults --stem recipe_table_selection               # the seeds the recipe was chosen on
 
 The recipes differ in how the controller steers the ranks (trp.prune.budget.SpeedupController): the share of
 training over which the goal ramps to the target (--budget-ramp) and the proportional gain (--budget-gain); and
@@ -39,7 +41,7 @@ RECIPES = {
     "period10": {"period": 10},
     "ramp03": {"budget_ramp": 0.3, "budget_gain": 0.2, "nuclear": 0.0},  # tried as a default, not kept
 }
-NAMES = {"baseline": "Baseline (no TRP)", "before": "TRP+Nu at the first defaults' settings, today's trim",
+NAMES = {"baseline": "Baseline (no TRP)", "before": "TRP+Nu at the first defaults' settings, today's controller",
          "ramp": "TRP+Nu, slower ramp", "gain": "TRP+Nu, lower gain", "both": "TRP+Nu, slower ramp and lower gain",
          "defaults": "TRP, the defaults", "period10": "TRP, the defaults, projecting every 10 steps",
          "ramp03": "TRP, the goal reached at 30% of the run"}

@@ -43,8 +43,8 @@ def default_nuclear(target=None):
     """The nuclear-norm weight a pruner takes when none is given: NUCLEAR for a fixed energy, 0 with a target.
 
     With a target speed-up the controller's projections remove what SGD adds, so the term is not needed to
-    bring the ranks down; its subgradient then only shrinks every kept singular value, which cost ResNet-20 on
-    the digits accuracy (measured: benchmarks/recipe_table.py).
+    bring the ranks down; its subgradient then only shrinks every kept singular value, which did not pay on
+    ResNet-20 on the digits or Fashion-MNIST (measured: benchmarks/recipe_table.py).
 
     Args:
         target: the target speed-up (target_speedup, or trp train's --target-latency), or None.
