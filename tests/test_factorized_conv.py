@@ -653,7 +653,8 @@ def _four_kinds(kind):
     """(public function, op, x, w1, w2, bias) of each factorized conv, small and odd-sized."""
     c, n, r = 5, 7, 3
     shapes = {"channel": ((r, c, 3, 3), (n, r, 1, 1)), "spatial": ((r, c, 3, 1), (n, r, 1, 3)),
-              "decoupled": ((n * r, c, 1, 1), (n, r, 3, 3)), "depthwise_decoupled": ((c * r, 1, 3, 3), (n, c * r, 1, 1))}
+              "decoupled": ((n * r, c, 1, 1), (n, r, 3, 3)),
+              "depthwise_decoupled": ((c * r, 1, 3, 3), (n, c * r, 1, 1))}
     public = {"decoupled": trp_kernels.decoupled_conv, "depthwise_decoupled": trp_kernels.depthwise_decoupled_conv}
     name = {"decoupled": "decoupled_conv", "depthwise_decoupled": "depthwise_decoupled_conv"}.get(
         kind, f"factorized_conv_{kind}")

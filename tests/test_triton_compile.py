@@ -143,7 +143,8 @@ def _compile(case, cuobjdump):
 def _label(case):
     keys = ("BLOCK_M", "M_TARGET", "BLOCK_Q", "BLOCK_C", "BLOCK_N", "BLOCK_K")
     tile = "/".join(f"{k}={case['consts'][k]}" for k in keys if k in case["consts"])
-    return (f"{case['kind']} {case['dtype']} {case['shape']} sm_{case['arch']} R_PAD={case['consts'].get('R_PAD', '-')} "
+    r_pad = case["consts"].get("R_PAD", "-")
+    return (f"{case['kind']} {case['dtype']} {case['shape']} sm_{case['arch']} R_PAD={r_pad} "
             f"{tile} warps={case['num_warps']} stages={case['num_stages']}")
 
 

@@ -12,8 +12,8 @@ from .project import WarmStart, lowrank_project, lowrank_project_many
 from .selfcheck import SelfCheckError
 
 __all__ = ["lowrank_project", "lowrank_project_many", "WarmStart", "factorized_conv_channel",
-           "factorized_conv_spatial", "decoupled_conv", "depthwise_decoupled_conv", "backend_info", "inplace", "reference", "selfcheck",
-           "SelfCheckError"]
+           "factorized_conv_spatial", "decoupled_conv", "depthwise_decoupled_conv", "backend_info", "inplace",
+           "reference", "selfcheck", "SelfCheckError"]
 
 
 def backend_info() -> dict:

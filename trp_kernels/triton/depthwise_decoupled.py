@@ -101,7 +101,11 @@ def _useful(configs, a):
     keep = [cfg for cfg in configs if cfg.kwargs["BLOCK_N"] <= max(MIN_DOT, next_pow2(a["NOUT"]))
             and cfg.kwargs["BLOCK_K"] <= max(MIN_DOT, next_pow2(a["K"]))
             and cfg.kwargs["BLOCK_M"] <= max(32, next_pow2(a["M"]))]
-    return keep or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_M"] * (cfg.kwargs["BLOCK_N"] + cfg.kwargs["BLOCK_K"]))]
+    return keep or [min(configs, key=_tile_area)]
+
+
+def _tile_area(cfg):
+    return cfg.kwargs["BLOCK_M"] * (cfg.kwargs["BLOCK_N"] + cfg.kwargs["BLOCK_K"])
 
 
 TUNING = TileSpace(
