@@ -263,7 +263,7 @@ class SpeedupController:
             self.log_trim = self._clamp(min(self.log_trim, self.log_start) - self.gain * math.log(goal_macs / macs))
         elif self.last_macs is not None and self.last_macs - macs < self.PROGRESS * (self.last_macs - goal_macs):
             self.cut = macs - self.gain * (macs - goal_macs)  # too slow: cut where it costs least
-        return self._steer(ranks, goal_macs)
+        return self._steer(ranks, goal_macs, macs)
 
     def after_cut(self, ranks):
         """The energy of the next projection, from the ranks after the cut that update() asked for.
@@ -275,12 +275,12 @@ class SpeedupController:
             The energy, a float.
         """
         self.cut = None
-        return self._steer(ranks, self.costs.total_dense / self.goal())
+        return self._steer(ranks, self.costs.total_dense / self.goal(), self.costs.macs(ranks, capped=False))
 
-    def _steer(self, ranks, goal_macs):
+    def _steer(self, ranks, goal_macs, macs):
+        """The energy of the next projection from the ranks and their uncapped cost `macs`."""
         costs = self.costs
         self.speedup = costs.speedup(ranks)
-        macs = costs.macs(ranks, capped=False)
         excess = (macs - goal_macs) / max(macs - costs.fixed, 1e-12 * costs.total_dense)  # any unit: MACs or s
         self.log_residual = self._clamp(math.log(self.gain * max(excess, 0.0) + math.exp(self.log_trim)))
         self.last_macs = macs

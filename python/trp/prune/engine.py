@@ -109,9 +109,7 @@ class Engine:
         out = {}
         for g in self.groups:
             if g.rank is not None:
-                # nd (a grouped conv): the layer needs the largest rank of its filters (groups)
-                rank = g.rank if per_filter or g.rank.dim() == 1 else g.rank.amax(dim=1)
-                out.update(zip(g.names, rank.tolist()))
+                out.update(zip(g.names, g.rank.tolist() if per_filter else self.ranks_of(g)))
         return out
 
     def nuclear_norm(self):
@@ -363,7 +361,8 @@ class Engine:
 
     @staticmethod
     def ranks_of(group):
-        """The layer ranks of a projected group (nd, grouped convs: the largest of each layer's matrices)."""
+        """The layer ranks of a projected group: nd and grouped convs need the largest rank of their filters
+        (groups)."""
         return group.rank.reshape(len(group.names), -1).amax(1).tolist()
 
     @staticmethod
